@@ -1,0 +1,114 @@
+"""Loading official-layout checkpoints: a local directory or a hub id, safetensors only, strict config keys.
+
+diffusers silently ignores unknown ``config.json`` keys and happily unpickles ``.bin`` weights; for
+checkpoints that come from the internet we want the opposite on both counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ultraflux_model.errors import UltraFluxError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HASH_CACHE = ".ultraflux-fingerprint.json"
+
+
+def _component_dir(path: str | os.PathLike, subfolder: str | None) -> Path:
+    return Path(path) / subfolder if subfolder else Path(path)
+
+
+def check_local_component(directory: Path, weights_name: str) -> None:
+    """Fail clearly when a local component directory lacks config or safetensors weights."""
+    if not directory.is_dir():
+        raise UltraFluxError(f"checkpoint directory {directory} does not exist")
+    if not (directory / "config.json").is_file():
+        raise UltraFluxError(f"{directory} has no config.json: expected a diffusers-layout component directory")
+    has_safetensors = any(directory.glob(f"{weights_name}*.safetensors")) or any(
+        directory.glob(f"{weights_name}.safetensors.index.json")
+    )
+    if has_safetensors:
+        return
+    pickled = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise UltraFluxError(
+            f"{directory} only has pickled weights ({', '.join(pickled)}); refusing to unpickle them. "
+            "Convert them to safetensors (safetensors.torch.save_file) from a trusted environment."
+        )
+    raise UltraFluxError(f"{directory} has no {weights_name}.safetensors (or sharded index): weights are missing")
+
+
+def unknown_config_keys(cls: type, config: dict[str, Any], accepted: frozenset[str] = frozenset()) -> list[str]:
+    """Keys of ``config`` that ``cls.__init__`` does not take (private ``_*`` keys are metadata, always allowed)."""
+    expected = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    return sorted(k for k in config if not k.startswith("_") and k not in expected and k not in accepted)
+
+
+class StrictPretrainedMixin:
+    """``from_pretrained`` that refuses unknown config keys and pickled weights, with messages that name the file.
+
+    Works for a local directory and for a hub id (the config is fetched first, then validated).
+    """
+
+    weights_name = "diffusion_pytorch_model"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):  # type: ignore[override]
+        subfolder = kwargs.get("subfolder")
+        local = _component_dir(pretrained_model_name_or_path, subfolder)
+        is_local = Path(pretrained_model_name_or_path).exists() or str(pretrained_model_name_or_path).startswith((".", "/"))
+        if is_local:
+            check_local_component(local, cls.weights_name)
+            config = json.loads((local / "config.json").read_text())
+        else:
+            try:
+                config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder)  # type: ignore[attr-defined]
+            except Exception as err:  # hub errors come in many types; the message is what matters
+                raise UltraFluxError(
+                    f"could not fetch {pretrained_model_name_or_path!r}"
+                    f"{'/' + subfolder if subfolder else ''}/config.json: {err}. "
+                    "Pass a local checkpoint directory, or make the hub reachable (HF_HUB_OFFLINE=0)."
+                ) from err
+        unknown = unknown_config_keys(cls, config, getattr(cls, "accepted_foreign_keys", frozenset()))
+        if unknown:
+            raise UltraFluxError(
+                f"{pretrained_model_name_or_path}{'/' + subfolder if subfolder else ''}/config.json has keys that "
+                f"{cls.__name__} does not know: {', '.join(unknown)}. Remove them or fix their spelling."
+            )
+        kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)  # type: ignore[misc]
+
+
+def fingerprint(directory: Path) -> str:
+    """sha256 over every file of a checkpoint directory (names + contents), cached by (size, mtime).
+
+    Used to key latent/text caches and to record which weights produced an image; content-based so a
+    fine-tuned VAE with unchanged shapes still gets a new key.
+    """
+    directory = Path(directory)
+    cache_path = directory / _HASH_CACHE
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != _HASH_CACHE)
+    stamp = [[str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    try:
+        cached = json.loads(cache_path.read_text())
+        if cached.get("stamp") == stamp:
+            return str(cached["sha256"])
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(directory)).encode())
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                digest.update(chunk)
+    value = digest.hexdigest()
+    try:
+        cache_path.write_text(json.dumps({"stamp": stamp, "sha256": value}))
+    except OSError:  # read-only checkpoints are fine: we just recompute next time
+        pass
+    return value
