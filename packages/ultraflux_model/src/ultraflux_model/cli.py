@@ -15,7 +15,9 @@ from ultraflux_model.config import (
     dump_config,
     load_config,
 )
+from ultraflux_model.data.commands import app as data_app
 from ultraflux_model.errors import UltraFluxError
+from ultraflux_model.training.commands import train_app
 
 app = typer.Typer(
     help="UltraFlux: native-4K text-to-image generation, data, training.",
@@ -24,6 +26,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and validate the config tree (params.yaml + presets).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")  # ultraflux_model/data/commands.py
+app.add_typer(train_app)  # train, vae-train (ultraflux_model/training/commands.py)
 
 
 @config_app.command("dump")

@@ -81,7 +81,20 @@ class StrictPretrainedMixin:
                 f"{cls.__name__} does not know: {', '.join(unknown)}. Remove them or fix their spelling."
             )
         kwargs["use_safetensors"] = True
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)  # type: ignore[misc]
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(  # type: ignore[misc]
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        # diffusers would silently random-initialise missing tensors; a checkpoint that does not cover the
+        # model exactly is a broken checkpoint.
+        problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+        if problems:
+            detail = "; ".join(f"{k}: {', '.join(map(str, v[:5]))}{' ...' if len(v) > 5 else ''}" for k, v in problems.items())
+            raise UltraFluxError(
+                f"weights in {pretrained_model_name_or_path}{'/' + subfolder if subfolder else ''} do not match "
+                f"{cls.__name__} built from its config.json ({detail})"
+            )
+        return (model, info) if wants_info else model
 
 
 def fingerprint(directory: Path) -> str:
