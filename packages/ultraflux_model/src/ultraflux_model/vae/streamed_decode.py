@@ -28,34 +28,42 @@ OFFICIAL_PARTITIONED: Padding = (2, 0, 2, 0)
 
 
 def group_stats(x: torch.Tensor, num_groups: int, eps: float, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(sample, group) mean and 1/std of ``x [B, C, H, W]``, accumulated over row stripes in float64.
+    """Per-(sample, group) mean and 1/std of ``x [B, C, H, W]`` (biased variance, as GroupNorm).
 
+    Each stripe's ``var_mean`` (float32, numerically stable) is merged into running float64 moments with
+    Chan's parallel update, so the result does not depend on the stripe height beyond float rounding.
     Returns two float64 tensors ``[B, G]``.
     """
-    b, c, h, _ = x.shape
-    total = torch.zeros(b, num_groups, dtype=torch.float64, device=x.device)
-    total_sq = torch.zeros_like(total)
-    for r0 in range(0, h, rows):
-        part = x[:, :, r0 : r0 + rows].to(torch.float64).reshape(b, num_groups, -1)
-        total += part.sum(-1)
-        total_sq += part.square().sum(-1)
-    count = c // num_groups * h * x.shape[-1]
-    mean = total / count
-    var = (total_sq / count - mean.square()).clamp_min(0)
-    return mean, (var + eps).rsqrt()
+    b = x.shape[0]
+    count = torch.zeros((), dtype=torch.float64)
+    mean = torch.zeros(b, num_groups, dtype=torch.float64, device=x.device)
+    m2 = torch.zeros_like(mean)
+    for r0 in range(0, x.shape[2], rows):
+        part = x[:, :, r0 : r0 + rows].reshape(b, num_groups, -1)
+        var_i, mean_i = torch.var_mean(part.float(), dim=-1, correction=0)
+        n_i = float(part.shape[-1])
+        delta = mean_i.double() - mean
+        total = count + n_i
+        mean = mean + delta * (n_i / total)
+        m2 = m2 + var_i.double() * n_i + delta.square() * (count * n_i / total)
+        count = total
+    return mean, (m2 / count + eps).rsqrt()
 
 
 def group_norm_rows(x: torch.Tensor, norm: nn.GroupNorm, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Apply ``norm`` to a stripe ``x [B, C, h, W]`` with whole-image statistics from :func:`group_stats`."""
+    """Apply ``norm`` to a stripe ``x [B, C, h, W]`` with whole-image statistics from :func:`group_stats`.
+
+    Folded into one multiply-add per element: ``x·(γ·rstd) + (β − mean·γ·rstd)``.
+    """
     mean, rstd = stats
     b, c = x.shape[:2]
-    g = norm.num_groups
-    scale = (rstd.repeat_interleave(c // g, dim=1)).to(x.dtype).view(b, c, 1, 1)
-    shift = (mean.repeat_interleave(c // g, dim=1)).to(x.dtype).view(b, c, 1, 1)
-    y = (x - shift) * scale
+    per_channel = c // norm.num_groups
+    scale = rstd.repeat_interleave(per_channel, dim=1)
+    shift = -mean.repeat_interleave(per_channel, dim=1) * scale
     if norm.affine:
-        y = y * norm.weight.view(1, c, 1, 1) + norm.bias.view(1, c, 1, 1)
-    return y
+        scale = scale * norm.weight.double()
+        shift = shift * norm.weight.double() + norm.bias.double()
+    return torch.addcmul(shift.to(x.dtype).view(b, c, 1, 1), x, scale.to(x.dtype).view(b, c, 1, 1))
 
 
 def conv_rows(
@@ -80,11 +88,22 @@ def conv_rows(
         r1 = min(out.shape[2], r0 + rows)
         lo, hi = r0 - top, r1 - top + k - 1
         a, b = max(lo, 0), min(hi, height)
-        y = F.conv2d(F.pad(rows_of_input(a, b), (left, right, a - lo, hi - b)), conv.weight, conv.bias)
+        stripe = rows_of_input(a, b)
+        if left == right:  # symmetric columns: let the conv pad them, pad rows only at the image border
+            if a > lo or hi > b:
+                stripe = F.pad(stripe, (0, 0, a - lo, hi - b))
+            y = F.conv2d(stripe, conv.weight, conv.bias, padding=(0, left))
+        else:
+            y = F.conv2d(F.pad(stripe, (left, right, a - lo, hi - b)), conv.weight, conv.bias)
         if residual is not None:
             y = (residual(r0, r1) + y) / divisor
         out[:, :, r0:r1] = y
     return out
+
+
+def _act_(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """In-place activation on a fresh stripe tensor (SiLU is the only activation of Flux VAEs)."""
+    return F.silu(x, inplace=True) if isinstance(act, nn.SiLU) else act(x)
 
 
 def _resnet(block: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -97,13 +116,13 @@ def _resnet(block: nn.Module, x: torch.Tensor, rows: int) -> torch.Tensor:
     h = x.shape[2]
     stats1 = group_stats(x, block.norm1.num_groups, block.norm1.eps, rows)
     mid = x.new_empty(x.shape[0], block.conv1.out_channels, h, x.shape[3])
-    conv_rows(block.conv1, lambda a, b: act(group_norm_rows(x[:, :, a:b], block.norm1, stats1)), h, mid, rows)
+    conv_rows(block.conv1, lambda a, b: _act_(act, group_norm_rows(x[:, :, a:b], block.norm1, stats1)), h, mid, rows)
     stats2 = group_stats(mid, block.norm2.num_groups, block.norm2.eps, rows)
     shortcut = block.conv_shortcut
     out = torch.empty_like(mid) if shortcut is not None else x
     return conv_rows(
         block.conv2,
-        lambda a, b: act(group_norm_rows(mid[:, :, a:b], block.norm2, stats2)),
+        lambda a, b: _act_(act, group_norm_rows(mid[:, :, a:b], block.norm2, stats2)),
         h,
         out,
         rows,
@@ -147,7 +166,7 @@ def streamed_decode(
             height = sample.shape[2] * 2
             out = sample.new_empty(sample.shape[0], upsampler.conv.out_channels, height, sample.shape[3] * 2)
             sample = conv_rows(upsampler.conv, _upsample_rows(sample), height, out, _rows_for(out, tile_pixels))
-    norm, act = decoder.conv_norm_out, nn.functional.silu
+    norm, act = decoder.conv_norm_out, nn.SiLU()
     rows = _rows_for(sample, tile_pixels)
     stats = group_stats(sample, norm.num_groups, norm.eps, rows)
     left, right, top, bottom = conv_out_padding
@@ -156,7 +175,7 @@ def streamed_decode(
                            sample.shape[3] * stride + left + right - 2)
 
     def head(t: torch.Tensor) -> torch.Tensor:
-        return act(group_norm_rows(t, norm, stats))
+        return _act_(act, group_norm_rows(t, norm, stats))
 
     if stride == 1:
         rows_of: RowFn = lambda a, b: head(sample[:, :, a:b])  # noqa: E731
