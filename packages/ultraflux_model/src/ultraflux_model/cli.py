@@ -90,7 +90,8 @@ def generate(
         if not prompts_file.is_file():
             raise UltraFluxError(f"prompts file {prompts_file} does not exist")
         prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
-    base = _resolve(config, set_).generate.model_dump()
+    resolved = _resolve(config, set_)
+    base = resolved.generate.model_dump()
     flags = {
         "model": model, "steps": steps, "guidance": guidance, "seed": seed, "dtype": dtype, "offload": offload,
         "vae_decode": vae_decode, "out": out, "prompts": tuple(prompts) or None,
@@ -102,7 +103,7 @@ def generate(
     cfg = config_from_dict(
         {"generate": {**base, **{k: v for k, v in flags.items() if v is not None}}}, source="generate options"
     )
-    for image in generate_from_config(cfg.generate):
+    for image in generate_from_config(cfg.generate, rope_kernel=resolved.kernels.rope):
         typer.echo(f"{image.path}  ({image.width}x{image.height}, seed {image.seed})")
 
 

@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-from ultraflux_model.config import Dtype, GenerateConfig, Offload, check_image_size
+from ultraflux_model.config import Dtype, GenerateConfig, KernelChoice, Offload, check_image_size
 from ultraflux_model.diffusion.latents import image_ids, latent_hw, pack_latents, text_ids, unpack_latents
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
@@ -103,10 +103,12 @@ def load_pipeline(
     device: str | torch.device | None = None,
     offload: Offload = "none",
     transformer: UltraFluxTransformer2DModel | None = None,
+    rope_kernel: KernelChoice = "auto",
 ) -> UltraFluxPipeline:
     """Load every component (safetensors only) and place it per ``offload``.
 
-    ``transformer`` replaces the checkpoint's own (e.g. a freshly exported training checkpoint).
+    ``transformer`` replaces the checkpoint's own (e.g. a freshly exported training checkpoint);
+    ``rope_kernel`` selects eager or fused RoPE in its attention layers.
     """
     root = resolve_checkpoint(model)
     _check_layout(root)
@@ -124,6 +126,7 @@ def load_pipeline(
         tokenizer_2=T5TokenizerFast.from_pretrained(root / "tokenizer_2"),
         transformer=transformer or UltraFluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=torch_dtype),
     )
+    pipe.transformer.set_rope_kernel(rope_kernel)
     pipe.checkpoint_root = root  # type: ignore[attr-defined]
     pipe.set_progress_bar_config(disable=True)
     if offload == "model":
@@ -243,6 +246,7 @@ def generate(
     device: str | None = None,
     pipe: UltraFluxPipeline | None = None,
     progress: bool = True,
+    rope_kernel: KernelChoice = "auto",
 ) -> list[GeneratedImage]:
     """Generate every (prompt, size) pair; image ``k`` uses seed ``seed + k``. Writes PNG + JSON sidecar each.
 
@@ -256,7 +260,7 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    pipe = pipe or load_pipeline(model, dtype=dtype, device=device, offload=offload)
+    pipe = pipe or load_pipeline(model, dtype=dtype, device=device, offload=offload, rope_kernel=rope_kernel)
     load_s = time.perf_counter() - started
     root: Path = pipe.checkpoint_root  # type: ignore[attr-defined]
     model_hash = fingerprint(root)
