@@ -88,13 +88,12 @@ def conv_rows(
         r1 = min(out.shape[2], r0 + rows)
         lo, hi = r0 - top, r1 - top + k - 1
         a, b = max(lo, 0), min(hi, height)
-        stripe = rows_of_input(a, b)
-        if left == right:  # symmetric columns: let the conv pad them, pad rows only at the image border
-            if a > lo or hi > b:
-                stripe = F.pad(stripe, (0, 0, a - lo, hi - b))
-            y = F.conv2d(stripe, conv.weight, conv.bias, padding=(0, left))
+        if padding == (k // 2,) * 4:
+            # Symmetric "same" padding: convolve the stripe with its halo as is and drop the halo rows' outputs
+            # (they saw zero padding instead of their neighbours); no padded copy of the stripe is made.
+            y = F.conv2d(rows_of_input(a, b), conv.weight, conv.bias, padding=k // 2)[:, :, r0 - a : r0 - a + r1 - r0]
         else:
-            y = F.conv2d(F.pad(stripe, (left, right, a - lo, hi - b)), conv.weight, conv.bias)
+            y = F.conv2d(F.pad(rows_of_input(a, b), (left, right, a - lo, hi - b)), conv.weight, conv.bias)
         if residual is not None:
             y = (residual(r0, r1) + y) / divisor
         out[:, :, r0:r1] = y
