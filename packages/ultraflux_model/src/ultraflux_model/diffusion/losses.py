@@ -21,9 +21,6 @@ from ultraflux_model.config import KernelChoice, LossConfig
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.kernels.dispatch import use_triton
 
-SUBBANDS = ("A", "H", "V", "D")  # channel-block order of haar_dwt2: pywt.dwt2's (cA, (cH, cV, cD))
-
-
 def _check_even_image(x: torch.Tensor, name: str) -> None:
     if x.dim() != 4:
         raise UltraFluxError(f"{name} must be [B, C, H, W], got shape {tuple(x.shape)}")
@@ -60,6 +57,14 @@ def pseudo_huber(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return r.square() / (torch.sqrt(1.0 + (r / c).square()) + 1.0)
 
 
+def check_loss_params(*, gamma: float, alpha: float, beta: float, c_min: float, c_max: float, t_clamp: float) -> None:
+    """Raise ``UltraFluxError`` for hyper-parameters outside :class:`~ultraflux_model.config.LossConfig`'s ranges."""
+    try:
+        LossConfig(gamma=gamma, alpha=alpha, beta=beta, c_min=c_min, c_max=c_max, t_clamp=t_clamp)
+    except ValueError as err:  # pydantic's ValidationError lists every offending field
+        raise UltraFluxError(f"invalid loss parameters: {err}") from err
+
+
 def snr_weights(
     t: torch.Tensor,
     *,
@@ -77,10 +82,7 @@ def snr_weights(
     Returns:
         ``(omega, c)``, each ``[B]`` in ``t``'s floating dtype (float32 at least).
     """
-    if c_min > c_max:
-        raise UltraFluxError(f"c_min ({c_min}) must not exceed c_max ({c_max})")
-    if not 0.0 < t_clamp < 0.5:
-        raise UltraFluxError(f"t_clamp must lie in (0, 0.5), got {t_clamp}")
+    check_loss_params(gamma=gamma, alpha=alpha, beta=beta, c_min=c_min, c_max=c_max, t_clamp=t_clamp)
     t = t.to(torch.promote_types(t.dtype, torch.float32)).clamp(t_clamp, 1.0 - t_clamp)
     capped = torch.clamp(((1.0 - t) / t).square(), max=gamma)  # min(SNR, γ)
     omega = t / (1.0 - t) * capped.pow(beta)

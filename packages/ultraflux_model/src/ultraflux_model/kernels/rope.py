@@ -24,8 +24,11 @@ import triton.language as tl
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.kernels.launch import check_launchable
 
-_TILE_ELEMENTS = 2048  # elements of x per head per program: 16 rows of D=128, enough to saturate HBM
-_HEADS_PER_PROGRAM = 4  # cos/sin reuse vs. parallelism; 24 heads -> 6 head groups per sequence block
+# (elements of x per head per program, heads per program) by device type. On CUDA: 16 rows of D=128 per
+# head, 4 heads sharing one cos/sin block (24 heads -> 6 groups per sequence block). Triton's interpreter
+# (CPU tensors) runs programs one after another at a fixed cost of milliseconds each, so there one program
+# takes as much as fits comfortably in memory. Tests swap in the CUDA tiling to cover multi-program grids.
+_TILING = {"cuda": (2048, 4), "cpu": (65536, 1 << 16)}
 
 
 @triton.jit
@@ -35,6 +38,7 @@ def _rope_kernel(
     sin_ptr,
     out_ptr,
     num_heads,
+    head_groups,
     seq_len,
     head_dim,
     stride_xb,
@@ -57,7 +61,6 @@ def _rope_kernel(
     """Grid ``(B * cdiv(H, HEADS), cdiv(S, BLOCK_S))``; head groups vary fastest so neighbours share cos/sin in L2."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
-    head_groups = tl.cdiv(num_heads, HEADS)
     batch = pid_bh // head_groups
     head0 = (pid_bh % head_groups) * HEADS
 
@@ -93,13 +96,15 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, transpose: bo
     out = torch.empty_like(x)  # keeps x's strides, so a transposed view comes back transposed
     if out.numel() == 0:
         return out
+    tile, heads_per_program = _TILING[x.device.type]
     block_d = triton.next_power_of_2(dim)
-    block_s = min(triton.next_power_of_2(seq), max(1, _TILE_ELEMENTS // block_d))
-    group = min(_HEADS_PER_PROGRAM, heads)
-    grid = (batch * triton.cdiv(heads, group), triton.cdiv(seq, block_s))
+    block_s = min(triton.next_power_of_2(seq), max(1, tile // block_d))
+    group = min(heads_per_program, heads)
+    head_groups = triton.cdiv(heads, group)
+    grid = (batch * head_groups, triton.cdiv(seq, block_s))
     _rope_kernel[grid](
         x, cos, sin, out,
-        heads, seq, dim,
+        heads, head_groups, seq, dim,
         *x.stride(), *out.stride(), *cos.stride(), *sin.stride(),
         BLOCK_S=block_s, BLOCK_D=block_d, HEADS=group, TRANSPOSE=transpose,
         num_warps=4,
