@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+import pandas as pd
 from PIL import Image
-from torch.utils.data import Sampler
 
 from ultraflux_model.config import TOKEN_PX
 from ultraflux_model.errors import UltraFluxError
@@ -40,7 +40,7 @@ BUCKETS_4K: tuple[Bucket, ...] = (
     Bucket(4608, 3648), Bucket(3648, 4608),
     Bucket(4992, 3328), Bucket(3328, 4992),
     Bucket(5440, 3072), Bucket(3072, 5440),
-    Bucket(5760, 2880), Bucket(2880, 5760),
+    Bucket(5792, 2880), Bucket(2880, 5792),
     Bucket(6336, 2624), Bucket(2624, 6336),
     Bucket(6144, 2752), Bucket(2752, 6144),
 )
@@ -93,6 +93,22 @@ def resize_center_crop(image: Image.Image, bucket: Bucket | tuple[int, int]) -> 
     return src.crop((left, top, left + width, top + height))
 
 
+def add_bucket_columns(frame: pd.DataFrame, family: str) -> pd.DataFrame:
+    """``frame`` (with ``width``, ``height``) plus ``bucket_width``, ``bucket_height`` and ``bucket`` ("WxH")."""
+    buckets = [assign_bucket(int(w), int(h), family) for w, h in zip(frame["width"], frame["height"], strict=True)]
+    out = frame.copy()
+    out["bucket_width"] = [b.width for b in buckets]
+    out["bucket_height"] = [b.height for b in buckets]
+    out["bucket"] = [f"{b.width}x{b.height}" for b in buckets]
+    return out
+
+
+def bucket_counts(frame: pd.DataFrame, family: str) -> dict[str, int]:
+    """Images per bucket of ``family`` in table order (empty buckets included, so plots are comparable)."""
+    counts = frame["bucket"].value_counts().to_dict() if len(frame) else {}
+    return {f"{b.width}x{b.height}": int(counts.get(f"{b.width}x{b.height}", 0)) for b in family_buckets(family)}
+
+
 def bucket_histogram_png(counts: dict[str, int], out: Path | str, title: str = "images per bucket") -> Path:
     """Bar chart of ``{"WxH": count}`` written as a PNG (matplotlib, headless backend)."""
     import matplotlib
@@ -114,8 +130,8 @@ def bucket_histogram_png(counts: dict[str, int], out: Path | str, title: str = "
     return out
 
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of dataset indices where every batch holds one bucket only.
+class BucketBatchSampler:
+    """Batches of dataset indices where every batch holds one bucket only (a ``DataLoader`` ``batch_sampler``).
 
     Order is a pure function of ``(seed, epoch)``: within each bucket the indices are shuffled, cut into batches
     of ``batch_size`` (a short tail is dropped when ``drop_last``), and the batches of all buckets are shuffled

@@ -79,18 +79,20 @@ def sniff_image_type(head: bytes) -> str | None:
     return None
 
 
-def check_url(url: str, allow_private: bool) -> None:
-    """Raise ``_Refused`` unless ``url`` is http(s) and (unless allowed) resolves only to public addresses."""
+def check_url(url: str, allow_private: bool, private_hosts: tuple[str, ...] = ()) -> None:
+    """Raise ``_Refused`` unless ``url`` is http(s) and resolves only to public addresses (unless
+    ``allow_private``, or the host is listed in ``private_hosts``)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise _Refused(f"scheme {parts.scheme or '(none)'!r} is not allowed (http/https only)")
     host = parts.hostname
     if not host:
         raise _Refused("URL has no host")
-    if allow_private:
+    if allow_private or host in private_hosts:
         return
     try:
-        infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
         raise _Transient(f"cannot resolve {host}: {err}") from err
     for info in infos:
@@ -98,7 +100,7 @@ def check_url(url: str, allow_private: bool) -> None:
         if not address.is_global or address.is_multicast:
             raise _Refused(
                 f"{host} resolves to non-public address {address} (loopback/private/link-local are blocked; "
-                "set data.download.allow_private=true to allow them)"
+                "list the host in data.download.private_hosts or set allow_private=true to allow it)"
             )
 
 
@@ -109,7 +111,7 @@ def _fetch_once(client: httpx.Client, url: str, cfg: DownloadConfig, dest: Path)
     """
     current = url
     for _ in range(cfg.max_redirects + 1):
-        check_url(current, cfg.allow_private)
+        check_url(current, cfg.allow_private, cfg.private_hosts)
         try:
             with client.stream("GET", current) as response:
                 if response.status_code in _REDIRECTS:
@@ -231,8 +233,8 @@ def download_urls(urls: Iterable[str], out_dir: Path | str, cfg: DownloadConfig 
     limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     results: dict[str, DownloadResult] = {u: store.done[u] for u in unique if u in store.done}
     headers = {"user-agent": "ultraflux-data/0.1 (+https://github.com/)"}
-    with httpx.Client(timeout=timeout, limits=limits, follow_redirects=False, trust_env=False, headers=headers) as client, \
-            ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
+    client = httpx.Client(timeout=timeout, limits=limits, follow_redirects=False, trust_env=False, headers=headers)
+    with client, ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
         bar = tqdm(total=len(todo), desc="download", unit="img", disable=not progress or not todo)
         for result in pool.map(lambda u: _download_one(client, u, cfg, store), todo):
             store.record(result)

@@ -1,6 +1,6 @@
 """Ingest with quarantine: every input becomes one manifest row, ``ok`` or ``quarantined`` with a reason.
 
-Sources: ``synthetic`` (written first by :mod:`ultraflux_model.data.synthetic`), a folder of images (captions
+Sources: a folder of images (captions
 from a ``metadata.{jsonl,parquet,csv}`` at its top, matched by ``file_name``), or a metadata file whose
 ``image_url``s are http(s) (downloaded safely), ``file://`` URLs or paths relative to the file.
 
@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import struct
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -34,7 +35,6 @@ from ultraflux_eval.scores import load_rgb
 from ultraflux_model.config import DataConfig, IngestConfig
 from ultraflux_model.data.download import download_urls
 from ultraflux_model.data.metadata import METADATA_SUFFIXES, SampleRecord, read_metadata
-from ultraflux_model.data.synthetic import write_synthetic_dataset
 from ultraflux_model.errors import UltraFluxError
 
 MANIFEST = "manifest.parquet"
@@ -79,8 +79,10 @@ def normalise_image(path: Path, cfg: IngestConfig) -> tuple[Image.Image, list[st
             raise Quarantine(f"decompression bomb: {err}") from err
         except UnidentifiedImageError as err:
             raise Quarantine("not an image: no known image format") from err
-        except (OSError, ValueError, SyntaxError) as err:
+        except (PermissionError, FileNotFoundError, IsADirectoryError) as err:
             raise Quarantine(f"unreadable: {err}") from err
+        except (OSError, ValueError, SyntaxError, struct.error) as err:  # header cut short or malformed
+            raise Quarantine(f"corrupt: {err}") from err
         with opened:
             width, height = opened.size
             if width * height > cfg.max_pixels:
@@ -90,11 +92,11 @@ def normalise_image(path: Path, cfg: IngestConfig) -> tuple[Image.Image, list[st
             if min(width, height) < cfg.min_side:
                 raise Quarantine(f"tiny: {width}x{height}, shorter side below min_side={cfg.min_side}")
             if opened.mode not in _SUPPORTED_MODES:
-                raise Quarantine(f"unsupported pixel mode {opened.mode} (convert to 8- or 16-bit RGB/greyscale)")
+                raise Quarantine(f"unsupported pixel mode: {opened.mode} (convert to 8- or 16-bit RGB/greyscale)")
             fmt = opened.format or ""
             try:
                 opened.load()
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as err:
                 raise Quarantine(f"corrupt: {err}") from err
             steps: list[str] = []
             image: Image.Image = opened
@@ -131,17 +133,22 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _folder_inputs(folder: Path) -> list[tuple[str, Path | None, SampleRecord | None, str]]:
-    """``(source, local_path, record, failure)`` for every file of a folder (metadata file excluded)."""
+def _folder_inputs(folder: Path, out: Path) -> list[tuple[str, Path | None, SampleRecord | None, str]]:
+    """``(source, local_path, record, failure)`` for every file of a folder (metadata file, hidden files and the
+    output folder, if it lies inside, excluded)."""
     metadata = next((folder / f"metadata{s}" for s in METADATA_SUFFIXES if (folder / f"metadata{s}").is_file()), None)
     by_name: dict[str, SampleRecord] = {}
     if metadata is not None:
         records, _ = read_metadata(metadata)
         by_name = {r.file_name or r.image_url or "": r for r in records}
+    # An output folder inside the source must not be read back as input on a re-run.
+    skip = out.resolve() if out.resolve().is_relative_to(folder.resolve()) else None
     inputs = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if path == metadata or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        if skip is not None and path.resolve().is_relative_to(skip):
             continue
         inputs.append((rel, path, by_name.get(rel), ""))
     return inputs
@@ -172,20 +179,6 @@ def _metadata_inputs(meta_path: Path, out: Path, data_cfg: DataConfig,
     return inputs
 
 
-def prepare_source(data_cfg: DataConfig) -> Path:
-    """The input folder or metadata file of ``data_cfg.source``; ``synthetic`` is written under ``root`` first."""
-    if data_cfg.source == "synthetic":
-        syn = data_cfg.synthetic
-        return write_synthetic_dataset(data_cfg.root / "synthetic", n=syn.n, seed=syn.seed, base_side=syn.base_side)
-    source = Path(data_cfg.source)
-    if not source.exists():
-        raise UltraFluxError(
-            f"data source {source} does not exist: set data.source to 'synthetic', a folder of images or a "
-            f"metadata file ({', '.join(METADATA_SUFFIXES)})"
-        )
-    return source
-
-
 def _row(source: str, record: SampleRecord | None) -> dict[str, Any]:
     row: dict[str, Any] = {"source": source, "key": None, "path": None, "status": "quarantined", "reason": "",
                            "width": None, "height": None, "format": None, "normalised": ""}
@@ -205,7 +198,7 @@ def ingest(source: Path | str, out_dir: Path | str, data_cfg: DataConfig | None 
     source, out = Path(source), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if source.is_dir():
-        inputs = _folder_inputs(source)
+        inputs = _folder_inputs(source, out)
     elif source.is_file():
         inputs = _metadata_inputs(source, out, data_cfg, progress)
     else:
@@ -231,7 +224,7 @@ def ingest(source: Path | str, out_dir: Path | str, data_cfg: DataConfig | None 
                 data, ext = path.read_bytes(), _KEEP_FORMATS[fmt]
             key = _sha256(data)
             if key in seen:
-                raise Quarantine(f"duplicate of {seen[key]}")
+                raise Quarantine(f"duplicate: same content as {seen[key]}")
             seen[key] = src
             rel = f"images/{key[:2]}/{key}.{ext}"
             if not (out / rel).is_file():

@@ -9,7 +9,6 @@ A row that does not validate never aborts the read: it lands in the report with 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,13 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from ultraflux_model.errors import UltraFluxError
 
 METADATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def is_missing(value: Any) -> bool:
+    """pandas gives NaN/NA/None for empty cells and csv gives ''; all mean "missing"."""
+    if isinstance(value, str):
+        return not value.strip()
+    return value is None or (not isinstance(value, (list, tuple, dict)) and bool(pd.isna(value)))
 
 
 def _alias(name: str, *others: str) -> Any:
@@ -47,13 +53,6 @@ class SampleRecord(BaseModel):
     photographer: str | None = _alias("photographer", "author", "artist")
     photographer_url: str | None = _alias("photographer_url", "author_url", "artist_url")
 
-    @field_validator("*", mode="before")
-    @classmethod
-    def _missing_to_none(cls, value: Any) -> Any:
-        """pandas gives NaN/None for empty cells and csv gives ''; all mean "missing"."""
-        if value is None or (isinstance(value, float) and math.isnan(value)) or (isinstance(value, str) and not value.strip()):
-            return None
-        return value
 
     @field_validator("character", mode="before")
     @classmethod
@@ -142,6 +141,9 @@ def read_metadata(path: Path | str) -> tuple[list[SampleRecord], MetadataReport]
         if not isinstance(row, dict):
             invalid.append(RowError(row=number, reason="not a JSON object"))
             continue
+        # Drop missing cells first: a table has every column on every row, and an empty `image_url` cell
+        # must not hide the `url` alias of the same row.
+        row = {str(k): v for k, v in row.items() if not is_missing(v)}
         try:
             record = SampleRecord.model_validate(row)
         except ValidationError as err:

@@ -52,7 +52,7 @@ def _background(rng: np.random.Generator, width: int, height: int, texture: str)
         img += 30.0 * np.sin(2 * np.pi * xx / period)[..., None]
     elif texture == "checkered":
         img += 25.0 * (((xx // period) + (yy // period)) % 2 * 2 - 1)[..., None]
-    img += rng.normal(0.0, 14.0, img.shape)
+    img += rng.normal(0.0, 20.0, img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 

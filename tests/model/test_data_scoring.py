@@ -1,0 +1,148 @@
+"""Scoring: values come from ultraflux_eval's one implementation, runs in spawned processes, resumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from ultraflux_eval.scores import flat_percentage, load_rgb, shannon_entropy
+from ultraflux_model.config import FilterConfig, ScoringConfig
+from ultraflux_model.data.filters import apply_filters, select_subsets
+from ultraflux_model.data.ingest import ingest, read_manifest
+from ultraflux_model.data.qalign import TinyQAlign, qalign_readout
+from ultraflux_model.data.scoring import score_images, score_manifest, scoring_hash
+
+
+def constant_scorers(cfg: ScoringConfig) -> dict:
+    """Module-level (spawn-importable) injected scorers: cheap and exactly predictable."""
+    return {
+        "qalign_score": lambda images: np.array([1.0 + 4.0 * (im.mean() / 255.0) for im in images]),
+        "aesthetics_score": lambda images: np.array([float(im.shape[1]) for im in images]),
+    }
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory):
+    src = tmp_path_factory.mktemp("src")
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        w, h = 64 + 16 * i, 96 - 8 * i
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8) if i % 3 else np.full((h, w, 3), 40 * i, np.uint8)
+        Image.fromarray(pixels).save(src / f"im{i}.png")
+    out = tmp_path_factory.mktemp("ingest")
+    ingest(src, out, progress=False)
+    return out
+
+
+def test_scores_match_the_eval_package(ingested, tmp_path):
+    cfg = ScoringConfig(flat_patch=32, qalign="none", aesthetics="none")
+    summary = score_manifest(ingested, tmp_path / "scores.parquet", cfg, progress=False)
+    scores = pd.read_parquet(tmp_path / "scores.parquet")
+    manifest = read_manifest(ingested)
+    assert summary.images == len(manifest) == len(scores) and list(scores["key"]) == list(manifest["key"])
+    for _, row in scores.merge(manifest[["key", "path"]], on="key").iterrows():
+        rgb = load_rgb(ingested / row["path"])
+        assert row["flat_percentage"] == flat_percentage(rgb, patch=32, threshold=800.0)
+        assert row["shannon_entropy"] == shannon_entropy(rgb)
+        assert (row["width"], row["height"]) == (rgb.shape[1], rgb.shape[0])
+        assert np.isnan(row["qalign_score"]) and np.isnan(row["aesthetics_score"])
+    assert set(scores["flat_percentage"]) >= {0.0, 1.0}  # noise is never flat, constants always are
+
+
+def test_parallel_processes_equal_one_process_and_resume(ingested, tmp_path):
+    one = ScoringConfig(flat_patch=32, chunk_size=2, workers=1)
+    two = one.model_copy(update={"workers": 2})
+    score_manifest(ingested, tmp_path / "a.parquet", one, progress=False, scorer_factory=constant_scorers)
+    summary = score_manifest(ingested, tmp_path / "b.parquet", two, progress=False, scorer_factory=constant_scorers)
+    a, b = pd.read_parquet(tmp_path / "a.parquet"), pd.read_parquet(tmp_path / "b.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    assert summary.scored_now == len(a) and (a["aesthetics_score"] == a["width"]).all()
+    assert (a["learned_from"] == "qalign_score:model,aesthetics_score:model").all()
+    # everything scored: a rerun scores nothing and leaves the file as it was
+    again = score_manifest(ingested, tmp_path / "b.parquet", two, progress=False, scorer_factory=constant_scorers)
+    assert again.scored_now == 0 and again.reused == len(a)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "b.parquet"), a)
+
+
+def test_killed_run_resumes_with_the_missing_chunks_only(ingested, tmp_path):
+    cfg = ScoringConfig(flat_patch=32, chunk_size=3)
+    out = tmp_path / "s.parquet"
+    score_manifest(ingested, out, cfg, progress=False, scorer_factory=constant_scorers)
+    full = pd.read_parquet(out)
+    # Simulate a kill after the first chunk: only its part file exists, no final parquet.
+    parts = out.with_name(out.name + ".parts") / scoring_hash(cfg, constant_scorers)
+    parts.mkdir(parents=True)
+    full.iloc[:3].to_parquet(parts / "part-first.parquet", index=False)
+    out.unlink()
+    summary = score_manifest(ingested, out, cfg, progress=False, scorer_factory=constant_scorers)
+    assert summary.reused == 3 and summary.scored_now == len(full) - 3
+    pd.testing.assert_frame_equal(pd.read_parquet(out), full)
+    assert not parts.exists()
+    # other settings → other hash → nothing reused
+    changed = score_manifest(ingested, out, cfg.model_copy(update={"flat_patch": 16}), progress=False,
+                             scorer_factory=constant_scorers)
+    assert changed.scored_now == len(full)
+
+
+def test_metadata_scores_are_reused_and_tiny_scorers_run(tmp_path):
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(3)]
+    known = [{"qalign_score": 4.5, "aesthetics_score": 7.0}, {"qalign_score": 2.0}, {}]
+    rows = score_images(images, ScoringConfig(flat_patch=16), known)
+    assert rows[0]["qalign_score"] == 4.5 and rows[0]["aesthetics_score"] == 7.0
+    assert rows[1]["qalign_score"] == 2.0 and np.isfinite(rows[1]["aesthetics_score"])
+    assert 1.0 <= rows[2]["qalign_score"] <= 5.0 and np.isfinite(rows[2]["aesthetics_score"])
+    assert rows[1]["learned_from"] == "qalign_score:metadata,aesthetics_score:model"
+
+
+def test_qalign_readout_is_the_expected_level():
+    import torch
+
+    logits = torch.tensor([[50.0, 0, 0, 0, 0], [0, 0, 0, 0, 50.0], [0.0, 0, 0, 0, 0]])
+    assert torch.allclose(qalign_readout(logits), torch.tensor([5.0, 1.0, 3.0]))
+    scores = TinyQAlign()(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert scores.shape == (4,) and ((scores >= 1) & (scores <= 5)).all() and scores.std() > 0
+
+
+def _scores_frame() -> pd.DataFrame:
+    n = 20
+    return pd.DataFrame({
+        "key": [f"k{i:02d}" for i in range(n)],
+        "width": [4096] * 18 + [1920, 3840], "height": [2304] * 18 + [1080, 2160],
+        "flat_percentage": [i / 40 for i in range(n)][:-2] + [0.0, 0.6],
+        "shannon_entropy": [7.5] * 17 + [6.9, 7.5, 7.5],
+        "qalign_score": [4.5] * 16 + [4.0, 4.5, 4.5, 4.5],
+        "aesthetics_score": [float(i) for i in range(n)],
+    })
+
+
+def test_official_filters_and_subsets():
+    cfg = FilterConfig(min_long_side=3840, min_short_side=2160, max_flat=0.5, min_entropy=7.0, min_qalign=4.0,
+                       aesthetics_top=0.3, stage2_top=0.05, vae_least_flat=0.5)
+    out = apply_filters(_scores_frame(), cfg).set_index("key")
+    assert not out.loc["k18", "pass_resolution"] and out.loc["k19", "pass_resolution"]  # 3840x2160 is enough
+    assert not out.loc["k19", "pass_flat"] and out.loc["k18", "pass_flat"]  # 0.6 > 0.5 dropped
+    assert not out.loc["k16", "pass_qalign"]  # Q-Align must be > 4.0
+    assert not out.loc["k17", "pass_entropy"]  # 6.9 < 7.0
+    assert out.loc["k19", "drop_reason"] == "flat" and out.loc["k18", "drop_reason"] == "resolution"
+    passed = out[out["passed"]]
+    assert list(passed.index) == [f"k{i:02d}" for i in range(16)]
+    train = out[out["in_train"]].sort_values("aesthetics_score", ascending=False)
+    assert list(train.index) == ["k15", "k14", "k13", "k12", "k11"]  # ceil(0.3 * 16) = 5, best aesthetics
+    assert list(out[out["in_stage2"]].index) == ["k15"]  # ceil(0.05 * 5) = 1
+    assert sorted(out[out["in_vae"]].index) == ["k11", "k12", "k13"]  # least flat 3 of 5
+    assert out["in_stage2"].le(out["in_train"]).all() and out["in_vae"].le(out["in_train"]).all()
+
+
+def test_select_subsets_writes_parquets(tmp_path):
+    scores = _scores_frame()
+    scores.to_parquet(tmp_path / "scores.parquet")
+    manifest = scores[["key", "width", "height"]].assign(path=[f"images/{k}.png" for k in scores["key"]],
+                                                          caption_en="c", status="ok")
+    summary = select_subsets(tmp_path / "scores.parquet", manifest, tmp_path / "subsets",
+                             FilterConfig(min_long_side=3840, min_short_side=2160, min_qalign=4.0, aesthetics_top=0.3,
+                                          stage2_top=0.05))
+    assert summary.subsets == {"train": 5, "stage2": 1, "vae": 3} and summary.passed["passed"] == 16
+    train = pd.read_parquet(tmp_path / "subsets" / "train.parquet")
+    assert list(train["key"]) == ["k15", "k14", "k13", "k12", "k11"] and "path" in train and "caption_en" in train
