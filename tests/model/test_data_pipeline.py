@@ -104,7 +104,7 @@ def test_cache_entries_equal_direct_encoding_and_are_reused(pipeline, tiny_check
         mean = vae.encode(torch.from_numpy(np.array(sample.image)).permute(2, 0, 1)[None].float() / 127.5 - 1)
         expected = (mean.latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
         torch.testing.assert_close(item["latents"], expected[0], rtol=1e-5, atol=1e-5)
-        embeds, pooled = encode_prompts(text, [sample.meta["caption"]], 8)
+        embeds, pooled = encode_prompts(text, [sample.meta["caption"]], 8, device="cpu", dtype=torch.float32)
         torch.testing.assert_close(item["prompt_embeds"], embeds[0])
         torch.testing.assert_close(item["pooled"], pooled[0])
         assert item["prompt_embeds"].shape == (8, embeds.shape[-1])

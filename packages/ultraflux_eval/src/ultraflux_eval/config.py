@@ -71,9 +71,7 @@ class BenchmarkConfig(Section):
         "clip_score",
         "aesthetic",
         "pickscore",
-        "fid",
-        "patch_fid",
-    )
+    )  # fid / patch_fid also need reference_dir (configs/4k.yaml sets both)
     reference_dir: Path | None = Field(None, description="real images for FID / patch-FID (skipped when unset)")
     fid_size: int = Field(64, ge=16, description="side the whole image is resized to for FID (299 for Inception)")
     patch_size: int = Field(64, ge=16, description="native-resolution crop side for patch-FID (299 at 4K)")
@@ -148,3 +146,45 @@ class EvalConfig(Section):
                 f"benchmark.metrics {list(self.benchmark.metrics)}"
             )
         return self
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_eval_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
+    """The ``eval`` section of a ``params.yaml``-style file (or a file holding only that section), then
+    ``key=value`` overrides relative to the section (``benchmark.seeds=[0,1]``; values parsed as YAML)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from ultraflux_eval.errors import EvalError
+
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise EvalError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise EvalError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise EvalError(f"config file {path} must hold a mapping")
+        data = loaded.get("eval", {}) if "eval" in loaded or not set(loaded) <= set(EvalConfig.model_fields) else loaded
+    for item in overrides:
+        if "=" not in item:
+            raise EvalError(f"override {item!r} must look like section.key=value (e.g. benchmark.seeds=[0,1])")
+        dotted, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        for key in reversed(dotted.strip().removeprefix("eval.").split(".")):
+            value = {key: value}
+        data = _merge(data, value)
+    try:
+        return EvalConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [f"  eval.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise EvalError("invalid eval config:\n" + "\n".join(lines)) from err

@@ -5,8 +5,9 @@ One implementation of each score, shared by the evaluation (DESIGN §4) and the 
 - :func:`flat_percentage` — UltraFlux's flatness filter: share of flat 240×240 grayscale patches.
 - :func:`shannon_entropy` — base-2 entropy of the grayscale histogram.
 - :func:`resolution` / :func:`aspect_ratio` — pixel size after EXIF orientation.
-- :func:`glcm_score` — Diffusion-4K's GLCM score: mean over 64×64 tiles of the entropy of the tile's co-occurrence matrices.
-- :func:`compression_ratio` — Diffusion-4K's compression ratio: raw RGB bytes over JPEG-q95 bytes, over a set of images.
+- :func:`glcm_score` — Diffusion-4K's GLCM score: mean over 64×64 tiles of the entropy of the tile's
+  co-occurrence matrices.
+- :func:`compression_ratio` — Diffusion-4K's compression ratio: raw RGB bytes over JPEG-q95 bytes, over a set.
 
 Grayscale is OpenCV's fixed-point luminance (the official code reads BGR with ``cv2.imread`` and uses
 ``COLOR_BGR2GRAY``; on our RGB arrays ``COLOR_RGB2GRAY`` applies the same weights to the same channels, so the
@@ -20,17 +21,16 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy.stats import entropy as scipy_entropy
 from skimage.feature import graycomatrix
-from skimage.measure import shannon_entropy as _skimage_entropy
 
 from ultraflux_eval.errors import EvalError
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 FLAT_PATCH = 240  # official patch side of the flatness filter
 FLAT_VARIANCE = 800.0  # a patch whose Sobel gradient-magnitude variance is below this is flat
@@ -51,7 +51,7 @@ def _pil_to_rgb(img: Image.Image) -> np.ndarray:
         return np.repeat(high[..., None], 3, axis=2)
     if img.mode != "RGB":
         img = img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8)
+    return np.array(img, dtype=np.uint8)  # writable (torch.from_numpy warns on read-only buffers)
 
 
 def load_rgb(image: ImageLike) -> np.ndarray:
@@ -174,14 +174,33 @@ def shannon_entropy(image: ImageLike) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
+def matrix_entropy(matrix: np.ndarray) -> float:
+    """``skimage.measure.shannon_entropy(matrix)`` (base-2 entropy of the distribution of the array's values),
+    value for value, without sorting the zeros.
+
+    A normalised GLCM is mostly zeros (at most 4,032 of each 4,096-entry slice are non-zero) and skimage's
+    ``np.unique`` sorts all 65,536 entries. Zero is the smallest value a GLCM holds, so ``np.unique`` lists it
+    first: the zero count followed by the counts of the unique non-zero values is the very array skimage passes
+    to ``scipy.stats.entropy`` (same values, order and dtype), hence the same float — 2-5× faster on the
+    smooth tiles that make up most photographs.
+    """
+    nonzero = matrix[matrix != 0]
+    _, counts = np.unique(nonzero, return_counts=True)
+    zeros = matrix.size - nonzero.size
+    if zeros:
+        counts = np.concatenate([np.array([zeros], dtype=counts.dtype), counts])
+    return float(scipy_entropy(counts, base=2))
+
+
 def glcm_score(image: ImageLike) -> float:
     """Diffusion-4K GLCM score: mean over the full non-overlapping 64×64 tiles of the entropy of each tile's
     grey-level co-occurrence matrices.
 
     Per tile: grey // 4 (64 levels), ``skimage.feature.graycomatrix`` with distances 1-4 and angles
     0, π/4, π/2, 3π/4, ``levels=64, normed=True, symmetric=False`` → ``[64, 64, 4, 4]``, scored by
-    ``skimage.measure.shannon_entropy`` of the whole matrix. Partial edge tiles are skipped, so any aspect ratio
-    works and non-square images are scored on the same tile grid. Raises ``EvalError`` below 64×64.
+    ``skimage.measure.shannon_entropy`` of the whole matrix (computed by :func:`matrix_entropy`, equal value for
+    value). Partial edge tiles are skipped, so any aspect ratio works and non-square images are scored on the
+    same tile grid. Raises ``EvalError`` below 64×64.
     """
     gray = to_gray(image)
     tiles = _full_patches(gray // 4, GLCM_TILE)
@@ -191,8 +210,8 @@ def glcm_score(image: ImageLike) -> float:
             f"glcm_score needs at least one full {GLCM_TILE}x{GLCM_TILE} tile, the image is "
             f"{gray.shape[1]}x{gray.shape[0]}"
         )
-    scores = [
-        _skimage_entropy(
+    entropies = [
+        matrix_entropy(
             graycomatrix(
                 np.ascontiguousarray(tiles[r, :, c, :]),
                 distances=GLCM_DISTANCES,
@@ -205,7 +224,7 @@ def glcm_score(image: ImageLike) -> float:
         for r in range(rows)
         for c in range(cols)
     ]
-    return float(np.mean(scores))
+    return float(np.mean(entropies))
 
 
 def jpeg_size(image: ImageLike, quality: int = JPEG_QUALITY) -> int:
@@ -213,6 +232,16 @@ def jpeg_size(image: ImageLike, quality: int = JPEG_QUALITY) -> int:
     buffer = io.BytesIO()
     Image.fromarray(load_rgb(image)).save(buffer, format="JPEG", quality=quality)
     return buffer.tell()
+
+
+def ratio_from_sizes(raw_bytes: Sequence[int], jpeg_bytes: Sequence[int]) -> float:
+    """Σ raw ÷ Σ JPEG bytes: the compression ratio of a set from per-image sizes (lets one encode per image
+    serve every grouping, e.g. per aspect ratio and overall)."""
+    if len(raw_bytes) == 0 or len(raw_bytes) != len(jpeg_bytes):
+        raise EvalError(
+            f"compression ratio needs matching, non-empty size lists, got {len(raw_bytes)} and {len(jpeg_bytes)}"
+        )
+    return sum(raw_bytes) / sum(jpeg_bytes)
 
 
 def compression_ratio(images: Sequence[ImageLike] | ImageLike) -> float:
@@ -224,10 +253,6 @@ def compression_ratio(images: Sequence[ImageLike] | ImageLike) -> float:
         images = [images]
     if len(images) == 0:
         raise EvalError("compression_ratio needs at least one image")
-    raw = 0
-    compressed = 0
-    for image in images:
-        rgb = load_rgb(image)
-        raw += rgb.shape[0] * rgb.shape[1] * 3
-        compressed += jpeg_size(rgb)
-    return raw / compressed
+    rgbs = (load_rgb(image) for image in images)
+    raw, compressed = zip(*((rgb.size, jpeg_size(rgb)) for rgb in rgbs), strict=True)
+    return ratio_from_sizes(raw, compressed)

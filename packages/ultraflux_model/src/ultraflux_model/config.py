@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ultraflux_eval.config import EvalConfig
 from ultraflux_model.errors import UltraFluxError
 
 Dtype = Literal["bf16", "fp16", "fp32"]
@@ -121,7 +122,8 @@ class DownloadConfig(Section):
     read_timeout_s: float = Field(30.0, gt=0.0)
     max_bytes: int = Field(64 * 2**20, ge=1, description="larger bodies are aborted")
     max_redirects: int = Field(5, ge=0)
-    allow_private: bool = Field(False, description="allow loopback/private/link-local targets (tests, intranets)")
+    allow_private: bool = Field(False, description="allow loopback/private/link-local targets everywhere")
+    private_hosts: tuple[str, ...] = Field((), description="host names/IPs allowed to be non-public (a mirror)")
     content_types: tuple[str, ...] = (
         "image/jpeg", "image/png", "image/webp", "image/tiff", "image/bmp", "image/gif", "application/octet-stream",
     )
@@ -143,8 +145,14 @@ class ScoringConfig(Section):
     chunk_size: int = Field(16, ge=1, description="images per task (and per resumable part file)")
     flat_patch: int = Field(64, ge=8, description="flatness patch side (official 240)")
     flat_threshold: float = Field(800.0, gt=0.0, description="Sobel-magnitude variance below this is flat")
-    learned: bool = Field(True, description="also compute Q-Align and aesthetics")
-    backbones: str = Field("tiny", description="'tiny' (seeded random backbones) or a local weights directory")
+    qalign: Literal["tiny", "metadata", "none"] = Field(
+        "tiny", description="tiny: seeded random stand-in; metadata: only the metadata's qalign_score"
+    )
+    aesthetics: Literal["tiny", "local", "metadata", "none"] = Field(
+        "tiny", description="tiny: random CLIP + LAION head; local: eval weights_dir (clip, aesthetic_head)"
+    )
+    weights_dir: Path = Field(Path("storage/eval-weights"), description="eval weights folder (manifest.yaml)")
+    device: str = "cpu"
     batch_size: int = Field(8, ge=1)
     reuse_metadata_scores: bool = Field(True, description="take qalign/aesthetics from the metadata when present")
 
@@ -156,7 +164,9 @@ class FilterConfig(Section):
     min_short_side: int = Field(144, ge=1, description="official 2160")
     max_flat: float = Field(0.5, ge=0.0, le=1.0, description="drop if flat share is above this")
     min_entropy: float = Field(7.0, ge=0.0, le=8.0, description="keep if grayscale Shannon entropy ≥ this")
-    min_qalign: float = Field(0.0, description="keep if Q-Align > this (official 4.0)")
+    min_qalign: float | None = Field(
+        1.0, description="keep if Q-Align > this (official 4.0; Q-Align lies in [1, 5]); null skips the rule"
+    )
     aesthetics_top: float = Field(0.75, gt=0.0, le=1.0, description="training set: top share by aesthetics (0.30)")
     stage2_top: float = Field(0.4, gt=0.0, le=1.0, description="SACL stage 2: top share of the training set (0.05)")
     vae_least_flat: float = Field(0.5, gt=0.0, le=1.0, description="VAE post-training: least-flat share (0.5)")
@@ -216,8 +226,8 @@ class StageConfig(Section):
     """One Stage-wise Aesthetic Curriculum stage (DESIGN §3 SACL)."""
 
     name: str = Field("stage1", pattern=r"^[A-Za-z0-9_.-]+$", description="folder name of the stage's outputs")
-    aesthetic_top: float = Field(
-        1.0, gt=0.0, le=1.0, description="train on this top share of the cache by aesthetics (stage 2: 0.05)"
+    subset: Literal["all", "stage2"] = Field(
+        "all", description="cache subset: everything, or the stage-2 members (top data.filter.stage2_top by aesthetics)"
     )
     t_min: float = Field(0.0, ge=0.0, lt=1.0, description="lower end of the timestep band (stage 2: 0.541)")
     t_max: float = Field(1.0, gt=0.0, le=1.0, description="upper end of the timestep band")
@@ -257,7 +267,7 @@ class DeepSpeedConfig(Section):
 class CheckpointConfig(Section):
     """Resumable checkpoints (DeepSpeed state + trainer state) and the consolidated export."""
 
-    every: int = Field(4, ge=1, description="save every N optimizer steps (and always at the end of a stage)")
+    every: int = Field(10, ge=1, description="save every N optimizer steps (and always at the end of a stage)")
     keep_last: int = Field(2, ge=1, description="older step checkpoints are deleted")
 
 
@@ -275,8 +285,8 @@ class TrainConfig(Section):
     cache_dir: Path = Field(Path("artifacts/data/cache"), description="latent + text-embedding cache")
     run_dir: Path = Field(Path("artifacts/train"), description="checkpoints, exports and metrics go here")
     stages: tuple[StageConfig, ...] = (
-        StageConfig(name="stage1", steps=8, lr=1e-4),
-        StageConfig(name="stage2", aesthetic_top=0.4, t_min=0.541, steps=4, lr=5e-5),
+        StageConfig(name="stage1", steps=40, lr=1e-3),
+        StageConfig(name="stage2", subset="stage2", t_min=0.541, steps=10, lr=5e-4, batch_size=1, grad_accum=2),
     )
     timesteps: TimestepConfig = TimestepConfig()
     loss: LossConfig = LossConfig()
@@ -319,7 +329,7 @@ class VaeTrainConfig(Section):
     """F16 VAE decoder post-training (encoder frozen; DESIGN §3)."""
 
     model: str = Field("artifacts/tiny-ultraflux", description="checkpoint whose vae/ is post-trained")
-    images: Path = Field(Path("artifacts/data/synthetic"), description="folder of training images (recursive)")
+    images: Path = Field(Path("artifacts/data/ingest/images"), description="folder of training images (recursive)")
     out: Path = Field(Path("artifacts/vae-post"), description="exported vae/ and the before/after report")
     crop: int = Field(64, ge=32, description="square crop side (paper 512); a multiple of 32")
     least_flat: float = Field(0.5, gt=0.0, le=1.0, description="train on this least-flat share of the images")
@@ -331,9 +341,11 @@ class VaeTrainConfig(Section):
     w_l2: float = Field(1.0, ge=0.0)
     w_wavelet: float = Field(0.2, ge=0.0, description="L1 on the high-frequency Haar sub-bands")
     w_lpips: float = Field(0.1, ge=0.0)
-    lpips_weights: Literal["pretrained", "random"] = Field(
-        "random", description="LPIPS AlexNet trunk: torchvision weights from TORCH_HOME, or seeded random (CI)"
+    lpips_alexnet: Path | None = Field(
+        None, description="torchvision AlexNet state dict (safetensors) for the LPIPS trunk; None: seeded random (CI)"
     )
+    backbones: str = Field("tiny", description="rFID features: 'tiny' (seeded random) or an ultraflux-eval weights dir")
+    flat_patch: int = Field(64, ge=8, description="flatness patch side used to rank images (official 240)")
     seed: int = 0
     device: str = "cpu"
 
@@ -363,6 +375,7 @@ class UltraFluxConfig(Section):
     train: TrainConfig = TrainConfig()
     vae_train: VaeTrainConfig = VaeTrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -17,8 +17,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -36,6 +35,9 @@ from ultraflux_model.data.ingest import MANIFEST, read_manifest
 from ultraflux_model.data.shards import INDEX as SHARD_INDEX
 from ultraflux_model.data.shards import iter_shards
 from ultraflux_model.errors import UltraFluxError
+
+if TYPE_CHECKING:
+    from ultraflux_model.inference.pipeline import TextEncoders
 
 INDEX = "index.parquet"
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
@@ -61,23 +63,6 @@ class _Sample:
         return self.image.size
 
 
-@dataclass
-class TextEncoders:
-    """CLIP-L + T5 with their tokenizers, shaped like the generation pipeline for ``encode_prompts``.
-
-    ``encode_prompts`` reads ``tokenizer``/``text_encoder``/``tokenizer_2``/``text_encoder_2``,
-    ``_execution_device`` and ``transformer.dtype`` (the output dtype); this holder provides exactly those so the
-    caches use the same text conditioning code as generation without loading the transformer.
-    """
-
-    tokenizer: Any
-    text_encoder: Any
-    tokenizer_2: Any
-    text_encoder_2: Any
-    _execution_device: torch.device
-    transformer: Any
-
-
 def model_hash(model_dir: Path | str, max_sequence_length: int, dtype: Dtype) -> str:
     """Hash of everything that changes cache values: VAE, text encoders, tokenizers, text length, dtype."""
     from ultraflux_model.pretrained import fingerprint
@@ -93,26 +78,12 @@ def model_hash(model_dir: Path | str, max_sequence_length: int, dtype: Dtype) ->
 
 
 def _load_models(model_dir: Path, dtype: Dtype, device: str) -> tuple[Any, TextEncoders]:
-    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-    from ultraflux_model.inference.pipeline import TORCH_DTYPES
-    from ultraflux_model.pretrained import check_local_component
+    """The VAE and the text encoders only: the transformer is never needed for caches."""
+    from ultraflux_model.inference.pipeline import TORCH_DTYPES, load_text_encoders
     from ultraflux_model.vae.autoencoder import UltraFluxAutoencoderKL
 
-    torch_dtype = TORCH_DTYPES[dtype]
-    check_local_component(model_dir / "text_encoder", "model")
-    check_local_component(model_dir / "text_encoder_2", "model")
-    vae = UltraFluxAutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch_dtype).to(device).eval()
-    common = {"torch_dtype": torch_dtype, "use_safetensors": True}
-    text = TextEncoders(
-        tokenizer=CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(model_dir / "text_encoder", **common).to(device).eval(),
-        tokenizer_2=T5TokenizerFast.from_pretrained(model_dir / "tokenizer_2"),
-        text_encoder_2=T5EncoderModel.from_pretrained(model_dir / "text_encoder_2", **common).to(device).eval(),
-        _execution_device=torch.device(device),
-        transformer=SimpleNamespace(dtype=torch_dtype),
-    )
-    return vae, text
+    vae = UltraFluxAutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=TORCH_DTYPES[dtype]).to(device).eval()
+    return vae, load_text_encoders(model_dir, dtype=dtype, device=device)
 
 
 @torch.no_grad()
@@ -177,13 +148,14 @@ def build_caches(shard_or_manifest: Path | str, model_dir: Path | str, out_dir: 
 
     def flush(group: list[tuple[_Sample, Path]]) -> None:
         nonlocal models, encoded
-        from ultraflux_model.inference.pipeline import encode_prompts
+        from ultraflux_model.inference.pipeline import TORCH_DTYPES, encode_prompts
 
         if models is None:
             models = _load_models(model_dir, dtype, device)
         vae, text = models
         latents = encode_images(vae, [s.image for s, _ in group])
-        embeds, pooled = encode_prompts(text, [s.caption for s, _ in group], max_sequence_length)
+        embeds, pooled = encode_prompts(text, [s.caption for s, _ in group], max_sequence_length,
+                                        device=device, dtype=TORCH_DTYPES[dtype])
         for i, (sample, path) in enumerate(group):
             tensors = {"latents": latents[i].contiguous(), "prompt_embeds": embeds[i].cpu().contiguous(),
                        "pooled": pooled[i].cpu().contiguous()}

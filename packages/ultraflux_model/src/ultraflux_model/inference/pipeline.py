@@ -92,8 +92,6 @@ def _check_layout(root: Path) -> None:
         )
     check_local_component(root / "transformer", "diffusion_pytorch_model")
     check_local_component(root / "vae", "diffusion_pytorch_model")
-    check_local_component(root / "text_encoder", "model")
-    check_local_component(root / "text_encoder_2", "model")
 
 
 def load_pipeline(
@@ -116,14 +114,14 @@ def load_pipeline(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if offload != "none" and device.type != "cuda":
         raise UltraFluxError(f"--offload {offload} moves weights between CPU and a GPU; there is no GPU here (use none)")
-    common = {"torch_dtype": torch_dtype, "use_safetensors": True}
+    text = load_text_encoders(root, dtype=dtype)
     pipe = UltraFluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
         vae=UltraFluxAutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch_dtype),
-        text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder", **common),
-        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
-        text_encoder_2=T5EncoderModel.from_pretrained(root / "text_encoder_2", **common),
-        tokenizer_2=T5TokenizerFast.from_pretrained(root / "tokenizer_2"),
+        text_encoder=text.text_encoder,
+        tokenizer=text.tokenizer,
+        text_encoder_2=text.text_encoder_2,
+        tokenizer_2=text.tokenizer_2,
         transformer=transformer or UltraFluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=torch_dtype),
     )
     pipe.transformer.set_rope_kernel(rope_kernel)
@@ -138,24 +136,55 @@ def load_pipeline(
     return pipe
 
 
+@dataclass(frozen=True)
+class TextEncoders:
+    """CLIP-L and T5 with their tokenizers: all that text conditioning needs (the caches load only these)."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    tokenizer_2: T5TokenizerFast
+    text_encoder_2: T5EncoderModel
+
+
+def load_text_encoders(root: Path, *, dtype: Dtype = "bf16", device: str | torch.device | None = None) -> TextEncoders:
+    """Load the two text encoders and tokenizers of a checkpoint directory (safetensors only)."""
+    check_local_component(root / "text_encoder", "model")
+    check_local_component(root / "text_encoder_2", "model")
+    common = {"torch_dtype": TORCH_DTYPES[dtype], "use_safetensors": True}
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", **common).eval()
+    text_encoder_2 = T5EncoderModel.from_pretrained(root / "text_encoder_2", **common).eval()
+    if device is not None:
+        text_encoder, text_encoder_2 = text_encoder.to(device), text_encoder_2.to(device)
+    return TextEncoders(
+        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        text_encoder=text_encoder,
+        tokenizer_2=T5TokenizerFast.from_pretrained(root / "tokenizer_2"),
+        text_encoder_2=text_encoder_2,
+    )
+
+
 @torch.no_grad()
 def encode_prompts(
-    pipe: UltraFluxPipeline, prompts: list[str], max_sequence_length: int = 512
+    text: TextEncoders | UltraFluxPipeline,
+    prompts: list[str],
+    max_sequence_length: int = 512,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Text conditioning as Flux: T5 sequence ``[B, L, D_t5]`` and CLIP pooled ``[B, D_clip]``.
+    """Text conditioning as Flux: T5 sequence ``[B, L, D_t5]`` and CLIP pooled ``[B, D_clip]`` in ``dtype``.
 
+    ``text`` is anything holding the two tokenizers and encoders (a pipeline or :class:`TextEncoders`);
     ``L`` is ``max_sequence_length`` (padded, truncated), as in the official pipeline.
     """
-    device = pipe._execution_device
-    clip_ids = pipe.tokenizer(
+    clip_ids = text.tokenizer(
         prompts, padding="max_length", max_length=CLIP_MAX_TOKENS, truncation=True, return_tensors="pt"
     ).input_ids
-    pooled = pipe.text_encoder(clip_ids.to(device), output_hidden_states=False).pooler_output
-    t5_ids = pipe.tokenizer_2(
+    pooled = text.text_encoder(clip_ids.to(device), output_hidden_states=False).pooler_output
+    t5_ids = text.tokenizer_2(
         prompts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
     ).input_ids
-    sequence = pipe.text_encoder_2(t5_ids.to(device), output_hidden_states=False)[0]
-    dtype = pipe.transformer.dtype
+    sequence = text.text_encoder_2(t5_ids.to(device), output_hidden_states=False)[0]
     return sequence.to(dtype), pooled.to(dtype)
 
 
@@ -273,7 +302,9 @@ def generate(
         if exec_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(exec_device)
         t0 = time.perf_counter()
-        prompt_embeds, pooled = encode_prompts(pipe, [prompt], max_sequence_length)
+        prompt_embeds, pooled = encode_prompts(
+            pipe, [prompt], max_sequence_length, device=exec_device, dtype=pipe.transformer.dtype
+        )
         t1 = time.perf_counter()
         z = sample_latents(
             pipe, prompt_embeds, pooled, width, height, steps=steps, guidance=guidance, shift=shift, seed=image_seed,

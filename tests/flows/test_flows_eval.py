@@ -1,0 +1,160 @@
+"""The evaluation flow and its scheduled deployment.
+
+Against a Prefect API server on loopback with its own ``PREFECT_HOME`` and a SQLite MLflow under ``tmp_path``,
+the flow runs once on a directory of procedurally generated images and once generating with the tiny checkpoint
+(register + promote); then ``prefect deploy`` reads ``prefect.yaml`` and the nightly deployment runs once on a
+process work pool (``from_registry``: re-evaluates the latest registered version).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+
+DRIVER = """
+import json, sys
+from flows.eval_flow import eval_flow
+args = json.loads(sys.argv[1])
+common = dict(overrides=args["overrides"])
+out = {}
+out["dir"] = eval_flow(images_dir=args["images_dir"], prompts_file=args["prompts_file"], out=args["out"] + "/dir",
+                      **common)
+out["model"] = eval_flow(model=args["model"], out=args["out"] + "/model", **common)
+json.dump(out, open(args["result"], "w"), default=str)
+"""
+
+
+def test_prefect_yaml_declares_a_cron_deployment_whose_entrypoint_resolves():
+    from prefect.flows import load_flow_from_entrypoint
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deployment = next(d for d in spec["deployments"] if d["name"] == "eval-latest-nightly")
+    assert deployment["schedules"][0]["cron"] == "0 3 * * *"
+    assert deployment["work_pool"]["name"] == "ultraflux-process"
+    assert deployment["parameters"]["from_registry"] is True
+    flow = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
+    assert flow.name == "ultraflux-eval"
+    # every deployment parameter is a parameter of the flow
+    assert set(deployment["parameters"]) <= set(flow.parameters.properties)
+
+
+@pytest.fixture()
+def prefect_api(tmp_path) -> Iterator[dict[str, str]]:
+    """A Prefect server on a free loopback port; yields the environment that points clients at it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    log = open(tmp_path / "prefect-server.log", "w")  # noqa: SIM115 - closed below
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log_text = (tmp_path / "prefect-server.log").read_text()
+                    pytest.fail(f"prefect server did not start: {log_text[-2000:]}")
+                time.sleep(1)
+        yield env
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def _prefect(env: dict[str, str], *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_eval_flow_and_nightly_deployment(tmp_path, tiny_checkpoint, prefect_api):
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = [(128, 128), (224, 128), (256, 128), (128, 256), (320, 128)]
+    for i, (w, h) in enumerate(sizes * 2):
+        rgb = np.clip(128 + rng.normal(0, 10 + 8 * i, (h, w, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(rgb).save(images_dir / f"{i:02d}.png")
+    (tmp_path / "prompts.txt").write_text("".join(f"prompt {i}\n" for i in range(10)))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = {
+        "images_dir": str(images_dir),
+        "prompts_file": str(tmp_path / "prompts.txt"),
+        "model": str(tiny_checkpoint),
+        "out": str(tmp_path / "out"),
+        "result": str(tmp_path / "result.json"),
+        "overrides": [
+            f"eval.tracking.tracking_uri={uri}",
+            "eval.benchmark.prompts=[a red fox in snow]",
+            "eval.benchmark.metrics=[glcm,compression_ratio,shannon_entropy,clip_score]",
+            "generate.steps=2",
+            "generate.dtype=fp32",
+        ],
+    }
+    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], cwd=REPO, env=prefect_api,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((tmp_path / "result.json").read_text())
+
+    # the declared deployment, exactly as `prefect deploy` reads it, run once by a process worker
+    _prefect(prefect_api, "work-pool", "create", "ultraflux-process", "--type", "process")
+    _prefect(prefect_api, "--no-prompt", "deploy", "--name", "eval-latest-nightly")
+    inspected = _prefect(prefect_api, "deployment", "inspect", "ultraflux-eval/eval-latest-nightly")
+    assert "0 3 * * *" in inspected
+    nightly_params = {"overrides": args["overrides"], "out": str(tmp_path / "out" / "nightly")}
+    _prefect(prefect_api, "deployment", "run", "ultraflux-eval/eval-latest-nightly", "--params",
+             json.dumps(nightly_params))
+    _prefect(prefect_api, "worker", "start", "--pool", "ultraflux-process", "--run-once")
+
+    from ultraflux_eval.tracking import client_for
+
+    client = client_for(uri)
+    aspects = ["1:1", "16:9", "2:1", "1:2", "2.39:1", "overall"]
+    version = client.get_model_version_by_alias("ultraflux", "champion")
+    nightly_run = client.get_run(version.tags["eval_run_id"])  # the deployment re-pointed v1 at its run
+    assert nightly_run.info.run_id not in (out["dir"]["run_id"], out["model"]["run_id"])
+    assert nightly_run.data.params["model_version"] == "1"
+    out["nightly"] = {"run_id": nightly_run.info.run_id}
+    for key in ("dir", "model", "nightly"):
+        metrics = client.get_run(out[key]["run_id"]).data.metrics
+        assert {f"{m}/{a}" for m in ("glcm", "clip_score", "compression_ratio") for a in aspects} <= set(metrics)
+    assert "registry" not in out["dir"]  # a directory of images has no model to register
+    assert out["dir"]["table"]["overall"]["n_images"] == 10
+    assert out["model"]["table"]["overall"]["n_images"] == 5  # one prompt x five aspect ratios
+    assert out["model"]["registry"]["promoted"] and out["model"]["registry"]["version"] == "1"
+    # the nightly run re-evaluated the latest version: same model, same seeds -> same numbers, alias stays
+    first = out["model"]["table"]["overall"]["clip_score"]
+    assert nightly_run.data.metrics["clip_score/overall"] == pytest.approx(first)
+    assert str(version.version) == "1" and version.source == str(tiny_checkpoint.resolve())
+    assert {"git_sha", "dvc_data_hash", "config_hash"} <= set(version.tags)
+    assert len(list((tmp_path / "out" / "nightly" / "images").rglob("*.png"))) == 5
+    grids = {f.path for f in client.list_artifacts(out["model"]["run_id"], "grids")}
+    assert len(grids) == 5
+    generated = sorted((tmp_path / "out" / "model" / "images").rglob("*.png"))
+    assert len(generated) == 5 and all(p.with_suffix(".json").is_file() for p in generated)
