@@ -10,12 +10,20 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 from ultraflux_model.errors import UltraFluxError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+CHECKPOINT_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+MODEL_PARTS = {
+    "transformer": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
 _HASH_CACHE = ".ultraflux-fingerprint.json"
 
 
@@ -61,7 +69,9 @@ class StrictPretrainedMixin:
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):  # type: ignore[override]
         subfolder = kwargs.get("subfolder")
         local = _component_dir(pretrained_model_name_or_path, subfolder)
-        is_local = Path(pretrained_model_name_or_path).exists() or str(pretrained_model_name_or_path).startswith((".", "/"))
+        is_local = Path(pretrained_model_name_or_path).exists() or str(pretrained_model_name_or_path).startswith(
+            (".", "/")
+        )
         if is_local:
             check_local_component(local, cls.weights_name)
             config = json.loads((local / "config.json").read_text())
@@ -89,12 +99,96 @@ class StrictPretrainedMixin:
         # model exactly is a broken checkpoint.
         problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
         if problems:
-            detail = "; ".join(f"{k}: {', '.join(map(str, v[:5]))}{' ...' if len(v) > 5 else ''}" for k, v in problems.items())
+            detail = "; ".join(
+                f"{k}: {', '.join(map(str, v[:5]))}{' ...' if len(v) > 5 else ''}" for k, v in problems.items()
+            )
             raise UltraFluxError(
                 f"weights in {pretrained_model_name_or_path}{'/' + subfolder if subfolder else ''} do not match "
                 f"{cls.__name__} built from its config.json ({detail})"
             )
         return (model, info) if wants_info else model
+
+
+def resolve_checkpoint(model: str | Path) -> Path:
+    """A local checkpoint directory, or a hub id fetched (or found in the HF cache) as a snapshot.
+
+    Only safetensors, JSON and tokenizer files are fetched: pickled weights are never downloaded.
+    """
+    path = Path(model).expanduser()
+    if path.exists() or str(model).startswith((".", "/", "~")):
+        if not path.is_dir():
+            raise UltraFluxError(f"checkpoint {path} does not exist (expected a directory with model_index.json)")
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                str(model), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*/*"]
+            )
+        )
+    except Exception as err:  # offline, unknown repo, auth: the hub raises many types
+        raise UltraFluxError(
+            f"could not get checkpoint {model!r} from the hub ({type(err).__name__}: {err}). "
+            "Pass a local directory, or allow hub access (unset HF_HUB_OFFLINE, log in for gated repos)."
+        ) from err
+
+
+def check_checkpoint_layout(root: Path) -> None:
+    """Fail clearly unless ``root`` holds every component directory, with safetensors weights for the models."""
+    missing = [part for part in CHECKPOINT_PARTS if not (root / part).is_dir()]
+    if missing:
+        raise UltraFluxError(
+            f"{root} is not a complete UltraFlux checkpoint: missing {', '.join(missing)}/ "
+            f"(expected {', '.join(CHECKPOINT_PARTS)}; `ultraflux init-tiny DIR` writes a complete tiny one)"
+        )
+    for part, weights in MODEL_PARTS.items():
+        check_local_component(root / part, weights)
+
+
+def assemble_checkpoint(base: Path | str, out: Path | str, replace: dict[str, Path | str | None]) -> Path:
+    """A complete checkpoint at ``out``: ``base``'s components with some replaced (e.g. a trained transformer/).
+
+    ``replace`` maps component names to diffusers-layout directories (``None`` keeps the base one). Files are
+    copied (hard-linked where possible) into a temporary sibling first and renamed into place, so ``out`` is
+    either the previous complete checkpoint or the new one, never a mix.
+    """
+    root = resolve_checkpoint(base)
+    check_checkpoint_layout(root)
+    out = Path(out)
+    for part, source in replace.items():
+        if part not in MODEL_PARTS:
+            raise UltraFluxError(f"cannot replace {part!r}: replaceable components are {', '.join(MODEL_PARTS)}")
+        if source is not None:
+            check_local_component(Path(source), MODEL_PARTS[part])
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for part in CHECKPOINT_PARTS:
+        shutil.copytree(
+            Path(replace.get(part) or root / part),
+            tmp / part,
+            copy_function=_link_or_copy,
+            ignore=shutil.ignore_patterns(_HASH_CACHE),
+        )
+    if (root / "model_index.json").is_file():
+        shutil.copy2(root / "model_index.json", tmp / "model_index.json")
+    check_checkpoint_layout(tmp)
+    old = out.with_name(out.name + ".old")
+    if out.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+        return dst
+    except OSError:  # other filesystem, or links not allowed
+        return shutil.copy2(src, dst)
 
 
 def fingerprint(directory: Path) -> str:

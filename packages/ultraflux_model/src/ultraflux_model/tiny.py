@@ -70,19 +70,37 @@ def tiny_clip() -> tuple[CLIPTextModel, CLIPTokenizer]:
         vocab.setdefault(ch + "</w>", len(vocab))
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[])
     config = CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=POOLED_DIM, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=77, projection_dim=POOLED_DIM,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vocab_size=len(vocab),
+        hidden_size=POOLED_DIM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=POOLED_DIM,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
     return CLIPTextModel(config), tokenizer
 
 
 def tiny_t5() -> tuple[T5EncoderModel, T5TokenizerFast]:
-    pieces = ["<pad>", "</s>", "<unk>", "▁"] + [f"▁{c}" for c in string.ascii_lowercase] + list(string.ascii_lowercase + string.digits)
+    pieces = (
+        ["<pad>", "</s>", "<unk>", "▁"]
+        + [f"▁{c}" for c in string.ascii_lowercase]
+        + list(string.ascii_lowercase + string.digits)
+    )
     tokenizer = T5TokenizerFast(vocab=[(p, -float(i)) for i, p in enumerate(pieces)], extra_ids=0)
     config = T5Config(
-        vocab_size=len(pieces), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        vocab_size=len(pieces),
+        d_model=TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
     )
     return T5EncoderModel(config), tokenizer
 

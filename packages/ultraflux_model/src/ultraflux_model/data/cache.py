@@ -132,7 +132,7 @@ def build_caches(shard_or_manifest: Path | str, model_dir: Path | str, out_dir: 
 
     Entries that already exist for this model hash are reused without loading any model.
     """
-    from ultraflux_model.inference.pipeline import resolve_checkpoint
+    from ultraflux_model.pretrained import resolve_checkpoint
 
     source, out = Path(shard_or_manifest), Path(out_dir)
     if not source.exists():

@@ -28,11 +28,10 @@ from ultraflux_model.config import Dtype, GenerateConfig, KernelChoice, Offload,
 from ultraflux_model.diffusion.latents import image_ids, latent_hw, pack_latents, text_ids, unpack_latents
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
-from ultraflux_model.pretrained import check_local_component, fingerprint
+from ultraflux_model.pretrained import check_checkpoint_layout, check_local_component, fingerprint, resolve_checkpoint
 from ultraflux_model.vae.autoencoder import DecodeMode, UltraFluxAutoencoderKL
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-CHECKPOINT_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 CLIP_MAX_TOKENS = 77
 
 
@@ -53,45 +52,14 @@ class UltraFluxPipeline(DiffusionPipeline):
     ) -> None:
         super().__init__()
         self.register_modules(
-            scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-            text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
         )
-
-
-def resolve_checkpoint(model: str | Path) -> Path:
-    """A local checkpoint directory, or a hub id fetched (or found in the HF cache) as a snapshot.
-
-    Only safetensors, JSON and tokenizer files are fetched: pickled weights are never downloaded.
-    """
-    path = Path(model).expanduser()
-    if path.exists() or str(model).startswith((".", "/", "~")):
-        if not path.is_dir():
-            raise UltraFluxError(f"checkpoint {path} does not exist (expected a directory with model_index.json)")
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(
-                str(model), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*/*"]
-            )
-        )
-    except Exception as err:  # offline, unknown repo, auth: the hub raises many types
-        raise UltraFluxError(
-            f"could not get checkpoint {model!r} from the hub ({type(err).__name__}: {err}). "
-            "Pass a local directory, or allow hub access (unset HF_HUB_OFFLINE, log in for gated repos)."
-        ) from err
-
-
-def _check_layout(root: Path) -> None:
-    missing = [part for part in CHECKPOINT_PARTS if not (root / part).is_dir()]
-    if missing:
-        raise UltraFluxError(
-            f"{root} is not a complete UltraFlux checkpoint: missing {', '.join(missing)}/ "
-            f"(expected {', '.join(CHECKPOINT_PARTS)}; `ultraflux init-tiny DIR` writes a complete tiny one)"
-        )
-    check_local_component(root / "transformer", "diffusion_pytorch_model")
-    check_local_component(root / "vae", "diffusion_pytorch_model")
 
 
 def load_pipeline(
@@ -109,11 +77,13 @@ def load_pipeline(
     ``rope_kernel`` selects eager or fused RoPE in its attention layers.
     """
     root = resolve_checkpoint(model)
-    _check_layout(root)
+    check_checkpoint_layout(root)
     torch_dtype = TORCH_DTYPES[dtype]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if offload != "none" and device.type != "cuda":
-        raise UltraFluxError(f"--offload {offload} moves weights between CPU and a GPU; there is no GPU here (use none)")
+        raise UltraFluxError(
+            f"--offload {offload} moves weights between CPU and a GPU; there is no GPU here (use none)"
+        )
     text = load_text_encoders(root, dtype=dtype)
     pipe = UltraFluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
@@ -122,7 +92,8 @@ def load_pipeline(
         tokenizer=text.tokenizer,
         text_encoder_2=text.text_encoder_2,
         tokenizer_2=text.tokenizer_2,
-        transformer=transformer or UltraFluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=torch_dtype),
+        transformer=transformer
+        or UltraFluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=torch_dtype),
     )
     pipe.transformer.set_rope_kernel(rope_kernel)
     pipe.checkpoint_root = root  # type: ignore[attr-defined]
@@ -232,7 +203,9 @@ def sample_latents(
     txt_ids = text_ids(prompt_embeds.shape[1], device=device)
     guidance_t = torch.full((1,), guidance, device=device) if transformer.config.guidance_embeds else None
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift, use_dynamic_shifting=False)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, shift=shift, use_dynamic_shifting=False
+    )
     scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).tolist(), device=device)
     for t in tqdm(scheduler.timesteps, desc=f"{width}x{height}", leave=False, disable=not progress):
         velocity = transformer(
@@ -307,7 +280,15 @@ def generate(
         )
         t1 = time.perf_counter()
         z = sample_latents(
-            pipe, prompt_embeds, pooled, width, height, steps=steps, guidance=guidance, shift=shift, seed=image_seed,
+            pipe,
+            prompt_embeds,
+            pooled,
+            width,
+            height,
+            steps=steps,
+            guidance=guidance,
+            shift=shift,
+            seed=image_seed,
             progress=progress,
         )
         t2 = time.perf_counter()
@@ -342,15 +323,23 @@ def generate(
         image.save(tmp)
         tmp.replace(path)  # atomic: a killed run never leaves a half-written PNG under the final name
         path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
-        results.append(GeneratedImage(path=path, prompt=prompt, width=width, height=height, seed=image_seed, sidecar=sidecar))
+        results.append(
+            GeneratedImage(path=path, prompt=prompt, width=width, height=height, seed=image_seed, sidecar=sidecar)
+        )
     return results
 
 
 def generate_from_config(cfg: GenerateConfig, **overrides: Any) -> list[GeneratedImage]:
     """:func:`generate` with every argument taken from a :class:`GenerateConfig` (the CLI and flows use this)."""
     kwargs: dict[str, Any] = {
-        "steps": cfg.steps, "guidance": cfg.guidance, "shift": cfg.shift, "seed": cfg.seed, "dtype": cfg.dtype,
-        "offload": cfg.offload, "vae_decode": cfg.vae_decode, "max_sequence_length": cfg.max_sequence_length,
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "shift": cfg.shift,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "offload": cfg.offload,
+        "vae_decode": cfg.vae_decode,
+        "max_sequence_length": cfg.max_sequence_length,
         "out_dir": cfg.out,
     }
     kwargs.update(overrides)

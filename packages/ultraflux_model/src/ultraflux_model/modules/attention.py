@@ -32,7 +32,7 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernel: Kernel
 
 
 class UltraFluxAttnProcessor:
-    """Attention processor for both Flux block kinds (dual-stream with ``encoder_hidden_states``, single-stream without)."""
+    """Processor for both Flux block kinds: dual-stream (with ``encoder_hidden_states``) and single-stream."""
 
     _attention_backend = None
     _parallel_config = None
@@ -55,7 +55,9 @@ class UltraFluxAttnProcessor:
 
         joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
         if joint:
-            query = torch.cat([attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, heads)), query], 1)
+            query = torch.cat(
+                [attn.norm_added_q(attn.add_q_proj(encoder_hidden_states).unflatten(-1, heads)), query], 1
+            )
             key = torch.cat([attn.norm_added_k(attn.add_k_proj(encoder_hidden_states).unflatten(-1, heads)), key], 1)
             value = torch.cat([attn.add_v_proj(encoder_hidden_states).unflatten(-1, heads), value], 1)
 
@@ -65,7 +67,12 @@ class UltraFluxAttnProcessor:
             key = rotate(key, cos, sin, self.rope_kernel)
 
         out = dispatch_attention_fn(
-            query, key, value, attn_mask=attention_mask, backend=self._attention_backend, parallel_config=self._parallel_config
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
         )
         out = out.flatten(2, 3).to(query.dtype)
         if not joint:

@@ -31,7 +31,9 @@ AxisOrder = Literal["t-h-w", "t-w-h"]
 RopeMethod = Literal["yarn", "base"]
 
 
-def _correction_bounds(rotations_lo: float, rotations_hi: float, dim: int, theta: float, train_len: int) -> tuple[float, float]:
+def _correction_bounds(
+    rotations_lo: float, rotations_hi: float, dim: int, theta: float, train_len: int
+) -> tuple[float, float]:
     """Pair-index range whose wavelengths make between ``rotations_hi`` and ``rotations_lo`` turns in ``train_len``.
 
     The index is ``dim·ln(L / (2π·rot)) / (2 ln θ)``, floored/ceiled, clamped to ``[0, dim/2]``.

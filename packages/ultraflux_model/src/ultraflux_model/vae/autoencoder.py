@@ -108,8 +108,9 @@ class UltraFluxAutoencoderKL(StrictPretrainedMixin, AutoencoderKL):
         padding = OFFICIAL_PARTITIONED if mode == "official" else SAME
         decoded = torch.cat(
             [
-                streamed_decode(self.decoder, zi, stride=self.config.stride, tile_pixels=tile_pixels,
-                                conv_out_padding=padding)
+                streamed_decode(
+                    self.decoder, zi, stride=self.config.stride, tile_pixels=tile_pixels, conv_out_padding=padding
+                )
                 for zi in z.split(1)
             ]
         )

@@ -170,8 +170,12 @@ def streamed_decode(
     stats = group_stats(sample, norm.num_groups, norm.eps, rows)
     left, right, top, bottom = conv_out_padding
     height = sample.shape[2] * stride
-    out = sample.new_empty(sample.shape[0], decoder.conv_out.out_channels, height + top + bottom - 2,
-                           sample.shape[3] * stride + left + right - 2)
+    out = sample.new_empty(
+        sample.shape[0],
+        decoder.conv_out.out_channels,
+        height + top + bottom - 2,
+        sample.shape[3] * stride + left + right - 2,
+    )
 
     def head(t: torch.Tensor) -> torch.Tensor:
         return _act_(act, group_norm_rows(t, norm, stats))
