@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("full", "tiled", "official")
@@ -40,8 +41,6 @@ def predicted_full_gb(size: int, bytes_per: int = 4) -> float:
 
 
 def run_one(mode: str, size: int, device: str, dtype: str) -> dict:
-    import torch
-
     from ultraflux_model.vae.autoencoder import UltraFluxAutoencoderKL
 
     torch.manual_seed(0)
@@ -70,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--device", default="cuda" if os.environ.get("CUDA_VISIBLE_DEVICES", "") != "" else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--child", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -427,6 +427,14 @@ def load_config(*paths: Path | str, overrides: list[str] | tuple[str, ...] = ())
     return config_from_dict(merged, source=" + ".join(str(p) for p in paths) or "config")
 
 
+def resolve_config(
+    config: list[str | Path] | tuple[str | Path, ...] | None = None, overrides: list[str] | tuple[str, ...] | None = None
+) -> UltraFluxConfig:
+    """What every entry point (CLI, flows) resolves: files layered in order plus overrides; nothing → defaults."""
+    config, overrides = list(config or []), list(overrides or [])
+    return load_config(*config, overrides=overrides) if config or overrides else UltraFluxConfig()
+
+
 def dump_config(config: BaseModel) -> str:
     """YAML text of a config tree (the format of ``params.yaml``)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -135,18 +135,21 @@ class CheckpointManager:
         return state
 
 
-def export_transformer(module: torch.nn.Module, out: Path, dist: DistInfo, *, max_shard_size: str = "10GB") -> Path:
+def export_transformer(module: torch.nn.Module, out: Path, dist: DistInfo, *,
+                       replace: dict[str, torch.Tensor] | None = None, max_shard_size: str = "10GB") -> Path:
     """Collective: gather the (possibly ZeRO-3-partitioned) weights and write a diffusers transformer folder.
 
     Parameters are gathered one at a time, so no rank ever holds more than one full tensor beyond its
     partition; rank 0 accumulates the CPU copy and writes sharded safetensors + ``config.json`` that
-    ``UltraFluxTransformer2DModel.from_pretrained`` loads. The folder appears atomically.
+    ``UltraFluxTransformer2DModel.from_pretrained`` loads. ``replace`` (full CPU tensors on rank 0, e.g. the
+    EMA weights) is written instead of the module's own tensors of those names. The folder appears atomically.
     """
     import deepspeed
     from huggingface_hub import save_torch_state_dict
 
     persistent = set(module.state_dict().keys())
     state: dict[str, torch.Tensor] = {}
+    # Every rank walks every tensor (gathers are collective; only rank 0 knows ``replace``).
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
         if name not in persistent:
             continue
@@ -156,6 +159,10 @@ def export_transformer(module: torch.nn.Module, out: Path, dist: DistInfo, *, ma
                 state[name] = tensor.detach().to("cpu", copy=True).contiguous()
     out = Path(out)
     if dist.is_main:
+        unknown = sorted(set(replace or {}) - set(state))
+        if unknown:
+            raise UltraFluxError(f"replacement tensors {unknown[:5]} are not in the model's state dict")
+        state.update(replace or {})
         tmp = out.with_name(f".tmp-{out.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

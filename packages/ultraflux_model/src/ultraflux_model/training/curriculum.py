@@ -7,8 +7,6 @@ have any number of them; each starts from the previous stage's consolidated expo
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from ultraflux_model.errors import UltraFluxError
 
 EXPORT_DIR = "export"
 TRANSFORMER_DIR = "transformer"
-EMA_TRANSFORMER_DIR = "transformer_ema"
+EMA_EXPORT_DIR = "export_ema"
 
 
 @dataclass(frozen=True)
@@ -26,7 +24,7 @@ class StagePlan:
 
     index: int
     stage: StageConfig
-    dir: Path  # <run_dir>/<stage name>: checkpoints/, export/, metrics.jsonl
+    dir: Path  # <run_dir>/<stage name>: checkpoints/, export/, export_ema/, metrics.jsonl
     init_from: Path  # a diffusers transformer directory
 
     @property
@@ -35,7 +33,13 @@ class StagePlan:
 
     @property
     def export(self) -> Path:
+        """A complete checkpoint: the base checkpoint with this stage's trained transformer."""
         return self.dir / EXPORT_DIR
+
+    @property
+    def export_ema(self) -> Path:
+        """The same with the EMA weights as the transformer."""
+        return self.dir / EMA_EXPORT_DIR
 
     @property
     def metrics(self) -> Path:
@@ -59,15 +63,3 @@ def find_stage(train: TrainConfig, name: str) -> StagePlan:
         if plan.stage.name == name:
             return plan
     raise UltraFluxError(f"no stage named {name!r}; configured stages: {[s.name for s in train.stages]}")
-
-
-def select_top_aesthetic(aesthetics: Sequence[float], top: float) -> list[int]:
-    """Indices of the top ``top`` share by aesthetic score (at least one), in ascending index order.
-
-    Ties are broken by index so that the subset is a pure function of the scores.
-    """
-    if not aesthetics:
-        raise UltraFluxError("the latent cache is empty: build it first (ultraflux data cache / dvc repro)")
-    keep = max(1, math.ceil(top * len(aesthetics) - 1e-9))
-    ranked = sorted(range(len(aesthetics)), key=lambda i: (-float(aesthetics[i]), i))
-    return sorted(ranked[:keep])

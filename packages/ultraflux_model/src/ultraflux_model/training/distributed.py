@@ -56,11 +56,6 @@ def init_distributed(cfg: DeepSpeedConfig) -> DistInfo:
     """Initialise (once per process) the torch/DeepSpeed process group and return this rank's place in it."""
     # DeepSpeed JIT-builds C++ ops into TORCH_EXTENSIONS_DIR; a fixed folder builds them once per machine.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(cfg.torch_extensions_dir.expanduser()))
-    if not _launched():
-        os.environ.update(
-            {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-             "MASTER_PORT": str(free_port())}
-        )
     import deepspeed
     import deepspeed.ops
 
@@ -73,14 +68,22 @@ def init_distributed(cfg: DeepSpeedConfig) -> DistInfo:
     backend = backend_for(cfg)
     if backend == "nccl" and not cuda:
         raise UltraFluxError("train.deepspeed.backend=nccl needs CUDA; use gloo (or auto) on a CPU machine")
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)  # before the group exists, so nccl binds each rank to its own GPU
+    if _launched():
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     else:
-        device = torch.device("cpu")
+        # One plain process: a one-rank group on a free loopback port, passed explicitly rather than through
+        # RANK/MASTER_PORT environment variables that child processes (launchers, flows) would inherit.
+        # DeepSpeed's engine insists on LOCAL_RANK alone; children ignore it without RANK/WORLD_SIZE.
+        os.environ.setdefault("LOCAL_RANK", "0")
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, init_method=f"tcp://127.0.0.1:{free_port()}",
+            rank=0, world_size=1,
+        )
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
@@ -89,10 +92,10 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def mean_across_ranks(value: torch.Tensor) -> torch.Tensor:
-    """All-reduce average of a tensor (a copy; the input is untouched)."""
-    out = value.detach().clone()
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(out)
-        out /= torch.distributed.get_world_size()
-    return out
+def sum_across_ranks(value: torch.Tensor) -> torch.Tensor:
+    """All-reduce sum of a CPU tensor (a copy; the input is untouched). Goes through the device for nccl."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return value.detach().clone()
+    out = value.detach().to(torch.device("cuda") if torch.distributed.get_backend() == "nccl" else "cpu", copy=True)
+    torch.distributed.all_reduce(out)
+    return out.cpu()

@@ -1,14 +1,14 @@
 """Exponential moving average of the trained weights, kept on each rank's own ZeRO partition.
 
 Under ZeRO-3 a rank holds only its flat slice (``param.ds_tensor``) of every parameter, so the EMA costs
-1/world_size of a full copy per rank, in fp32. Without ZeRO-3 the "partition" is the whole tensor. The
-shadow is swapped into the partitions for export, then swapped back.
+1/world_size of a full copy per rank, in fp32. Without ZeRO-3 the "partition" is the whole tensor. For the
+export the shards are all-gathered directly (ZeRO-3 lays a parameter out flat, rank r holding elements
+[r·n, (r+1)·n), the last one padded), never through the module, whose small "persistent" parameters DeepSpeed
+keeps gathered and would not refresh.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -35,18 +35,22 @@ class ShardedEma:
         for name, param in self._params.items():
             self.shadow[name].lerp_(local_shard(param).float(), 1.0 - self.decay)
 
-    @contextmanager
     @torch.no_grad()
-    def swapped_in(self) -> Iterator[None]:
-        """Within the block the module's (local) weights are the EMA weights."""
-        backup = {name: local_shard(p).clone() for name, p in self._params.items()}
+    def full_tensors(self, is_main: bool) -> dict[str, torch.Tensor]:
+        """Collective: the EMA weights as full CPU tensors (each parameter's dtype) on the main rank, {} elsewhere."""
+        out: dict[str, torch.Tensor] = {}
         for name, param in self._params.items():
-            local_shard(param).copy_(self.shadow[name])
-        try:
-            yield
-        finally:
-            for name, param in self._params.items():
-                local_shard(param).copy_(backup[name])
+            shard = self.shadow[name]
+            if hasattr(param, "ds_tensor"):
+                group = getattr(param, "ds_process_group", None)
+                parts = [torch.empty_like(shard) for _ in range(torch.distributed.get_world_size(group))]
+                torch.distributed.all_gather(parts, shard, group=group)
+                full = torch.cat(parts)[: param.ds_numel].view(param.ds_shape)
+            else:
+                full = shard.view(param.shape)
+            if is_main:
+                out[name] = full.to("cpu", param.dtype).contiguous()
+        return out
 
     def save(self, path: Path) -> None:
         save_file({name: t.contiguous() for name, t in self.shadow.items()}, str(path))

@@ -37,7 +37,9 @@ def _base_icdf(p: torch.Tensor, cfg: TimestepConfig) -> torch.Tensor:
     return torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.special.ndtri(p))
 
 
-def timesteps_from_uniform(u: torch.Tensor, cfg: TimestepConfig, t_min: float = 0.0, t_max: float = 1.0) -> torch.Tensor:
+def timesteps_from_uniform(
+    u: torch.Tensor, cfg: TimestepConfig, t_min: float = 0.0, t_max: float = 1.0
+) -> torch.Tensor:
     """Map uniform draws ``u`` [B] in [0, 1) to timesteps [B] of the configured law restricted to [t_min, t_max].
 
     The band is on the final (shifted) t, as the SACL stage-2 band σ ≥ 0.541 is.

@@ -9,10 +9,7 @@ All calls go through an explicit ``MlflowClient`` bound to the run's URI (no pro
 from __future__ import annotations
 
 import os
-import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,26 +33,20 @@ def resolve_tracking_uri(cfg: TrackingConfig, run_dir: Path) -> str:
 
 
 def check_tracking_reachable(uri: str, timeout_s: float) -> None:
-    """Raise ``UltraFluxError`` now if ``uri`` is a server that does not answer, or a SQLite path that cannot be made."""
-    if uri.startswith(("http://", "https://")):
-        url = uri.rstrip("/") + "/health"
-        try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (http(s) only)
-                response.read(64)
-        except urllib.error.HTTPError:
-            return  # something answered (auth proxies may refuse /health): the server is up
-        except (urllib.error.URLError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise UltraFluxError(
-                f"MLflow tracking server {uri} is unreachable ({reason}). Start it (mlflow server ...), fix "
-                "tracking.uri / $MLFLOW_TRACKING_URI, or unset both to log into a local SQLite file"
-            ) from None
-    elif uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///") :])
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UltraFluxError(f"cannot create the MLflow SQLite folder {db.parent}: {err}") from None
+    """Raise ``UltraFluxError`` now if ``uri`` is a server that does not answer, or a SQLite path that cannot be made.
+
+    The check itself is the eval package's (one implementation); only the advice names this package's settings.
+    """
+    from ultraflux_eval.errors import EvalError
+    from ultraflux_eval.tracking import check_tracking_reachable as check
+
+    try:
+        check(uri, timeout_s)
+    except EvalError as err:
+        raise UltraFluxError(
+            f"{err}. For training set tracking.uri or $MLFLOW_TRACKING_URI to a running server, or unset both "
+            "to log into a local SQLite file"
+        ) from None
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -70,19 +61,11 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def git_sha(cwd: Path | None = None) -> str:
-    """HEAD of the repository around ``cwd`` ("unknown" outside git)."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def dvc_output_md5(data_path: Path, lock_file: Path = Path("dvc.lock")) -> str:
+    """The md5 that ``dvc.lock`` records for the output at ``data_path`` ("untracked" when DVC does not track it).
 
-
-def dvc_data_hash(data_path: Path, lock_file: Path = Path("dvc.lock")) -> str:
-    """The md5 that ``dvc.lock`` records for the output at ``data_path`` ("untracked" when DVC does not track it)."""
+    More specific than a hash of the whole lock file: it changes only when the training data itself does.
+    """
     if not lock_file.is_file():
         return "untracked"
     lock = yaml.safe_load(lock_file.read_text()) or {}

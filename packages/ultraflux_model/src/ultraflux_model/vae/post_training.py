@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import trange
 
 from ultraflux_model.config import TOKEN_PX, TrackingConfig, VaeTrainConfig
 from ultraflux_model.diffusion.losses import haar_dwt2
@@ -144,7 +145,9 @@ def _lpips(cfg: VaeTrainConfig) -> torch.nn.Module:
     from ultraflux_eval.fidelity import build_lpips
 
     if cfg.lpips_alexnet is not None and not Path(cfg.lpips_alexnet).is_file():
-        raise UltraFluxError(f"vae_train.lpips_alexnet {cfg.lpips_alexnet} does not exist (torchvision AlexNet, safetensors)")
+        raise UltraFluxError(
+            f"vae_train.lpips_alexnet {cfg.lpips_alexnet} does not exist (torchvision AlexNet state dict, safetensors)"
+        )
     torch.manual_seed(cfg.seed)  # the random trunk (CI) is seeded
     model = build_lpips(load_file(str(cfg.lpips_alexnet)) if cfg.lpips_alexnet else None)
     for p in model.parameters():
@@ -155,7 +158,10 @@ def _lpips(cfg: VaeTrainConfig) -> torch.nn.Module:
 def _fid_extractor(cfg: VaeTrainConfig) -> tuple[torch.nn.Module, int]:
     from ultraflux_eval.backbones import local_backbones, tiny_backbones
 
-    backbones = tiny_backbones(["fid"], seed=cfg.seed) if cfg.backbones == "tiny" else local_backbones(Path(cfg.backbones), ["fid"])
+    if cfg.backbones == "tiny":
+        backbones = tiny_backbones(["fid"], seed=cfg.seed)
+    else:
+        backbones = local_backbones(Path(cfg.backbones), ["fid"])
     return backbones.require("inception"), backbones.fid_size
 
 
@@ -191,7 +197,10 @@ def post_train_vae(cfg: VaeTrainConfig, tracking: TrackingConfig) -> VaeReport:
 
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    vae = UltraFluxAutoencoderKL.from_pretrained(Path(cfg.model) / "vae", torch_dtype=torch.float32).to(device)
+    from ultraflux_model.inference.pipeline import resolve_checkpoint
+
+    base = resolve_checkpoint(cfg.model)  # a local folder, or a hub id fetched as safetensors only
+    vae = UltraFluxAutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32).to(device)
     vae.requires_grad_(False)
     vae.decoder.requires_grad_(True)  # post_quant_conv is absent in the F16 VAE; the decoder is all that trains
     vae.train()
@@ -210,7 +219,7 @@ def post_train_vae(cfg: VaeTrainConfig, tracking: TrackingConfig) -> VaeReport:
         tracker.log_metrics({f"before/{k}": v for k, v in before.items()}, step=0)
         vae.train()
         losses = []
-        for step in range(cfg.steps):
+        for step in trange(cfg.steps, desc="vae decoder", unit="step"):
             x = random_crops(train_arrays, cfg.batch_size, cfg.crop, rng).to(device)
             loss, parts = decoder_loss(reconstruct(vae, x), x, lpips_model, cfg)
             optimizer.zero_grad(set_to_none=True)

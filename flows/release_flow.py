@@ -1,0 +1,49 @@
+"""Release flow: assemble a complete checkpoint from trained parts, then evaluate, register and maybe promote it.
+
+Thin: the assembly is :func:`ultraflux_model.pretrained.assemble_checkpoint` (the base checkpoint with the
+trained transformer and/or post-trained VAE swapped in, written atomically); evaluation, MLflow registration
+and the champion rule are the eval flow's.
+
+    python -m flows.release_flow --transformer artifacts/train/stage2/export --vae artifacts/vae-post/vae
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+
+from flows.eval_flow import eval_flow
+from ultraflux_model.config import resolve_config
+from ultraflux_model.pretrained import assemble_checkpoint, fingerprint
+
+
+@task(name="assemble-checkpoint")
+def assemble(base: str, out: str, transformer: str | None, vae: str | None) -> str:
+    return str(assemble_checkpoint(base, out, {"transformer": transformer, "vae": vae}))
+
+
+@flow(name="ultraflux-release", log_prints=True)
+def release_flow(
+    transformer: str | None = None,
+    vae: str | None = None,
+    config: list[str] | None = None,
+    overrides: list[str] | None = None,
+    out: str = "artifacts/release",
+    promote: bool = True,
+) -> dict[str, Any]:
+    """``train.model`` with the given components replaced → ``out/ultraflux-<hash>`` → eval flow (register, promote)."""
+    cfg = resolve_config(config, overrides)
+    staging = Path(out) / "staging"
+    checkpoint = Path(assemble(cfg.train.model, str(staging), transformer, vae))
+    # Named by content: re-releasing identical weights lands in (and registers) the same directory.
+    final = checkpoint.with_name(f"ultraflux-{fingerprint(checkpoint)[:12]}")
+    if final.exists():
+        shutil.rmtree(checkpoint)
+    else:
+        checkpoint.rename(final)
+    result = eval_flow(model=str(final), config=config, overrides=overrides, out=str(Path(out) / "eval"), promote=promote)
+    print(f"released {final}: {result.get('registry')}")
+    return {"checkpoint": str(final), **result}
