@@ -8,6 +8,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export DO_NOT_TRACK := 1
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 
 .PHONY: setup demo test test-fast bench clean
 
@@ -21,7 +22,8 @@ setup: $(VENV)/.installed
 
 ## The main job: end to end on the embedded defaults (tiny model, synthetic data, SQLite MLflow, local DVC remote, ephemeral Prefect).
 demo: setup
-	$(PY) -m flows.pipeline --preset configs/tiny.yaml
+	$(PY) -m flows.pipeline --config params.yaml
+	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/artifacts/mlflow.db"
 
 ## The whole CPU test suite (Triton kernels run under TRITON_INTERPRET=1 in their own tests).
 test: setup

@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from ultraflux_model.config import DataConfig, UltraFluxConfig, load_config
+from ultraflux_model.config import DataConfig, resolve_config
 from ultraflux_model.data import stages
 
 STAGES = ("ingest", "score", "filter", "bucket", "shard", "cache")
@@ -82,8 +82,7 @@ def data_flow(config: list[str] | None = None, overrides: list[str] | None = Non
     """Run the data pipeline on the ``data`` section of the layered config, up to and including ``until``."""
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
-    root_cfg = load_config(*(config or []), overrides=overrides or []) if config or overrides else UltraFluxConfig()
-    cfg = root_cfg.data
+    cfg = resolve_config(config, overrides).data
     steps = {"ingest": ingest, "score": score, "filter": select, "bucket": bucket, "shard": shard, "cache": cache}
     results: dict[str, Any] = {}
     if cfg.source != "synthetic" and Path(cfg.source).is_file():

@@ -28,16 +28,19 @@ from ultraflux_eval.registry import (
 )
 from ultraflux_eval.session import run_evaluation
 from ultraflux_eval.tracking import check_tracking_reachable, resolve_tracking_uri
-from ultraflux_model.config import GenerateConfig, UltraFluxConfig, dump_config, load_config
+from ultraflux_model.config import GenerateConfig, UltraFluxConfig, dump_config, resolve_config
+from ultraflux_model.training.tracking import resolve_tracking_uri as resolve_root_tracking_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def resolve_config(config: list[str], overrides: list[str]) -> UltraFluxConfig:
-    """Layered config; ``eval.tracking`` falls back to the root ``tracking.uri`` so one setting points both."""
-    cfg = load_config(*config, overrides=overrides) if config or overrides else UltraFluxConfig()
-    if cfg.eval.tracking.tracking_uri is None and cfg.tracking.uri is not None:
-        tracking = cfg.eval.tracking.model_copy(update={"tracking_uri": cfg.tracking.uri})
+def resolve_eval_config(config: list[str], overrides: list[str], out: Path) -> UltraFluxConfig:
+    """Layered config whose ``eval.tracking`` falls back to the root tracking resolution (``tracking.uri``, then
+    ``$MLFLOW_TRACKING_URI``, then ``<out>/mlflow.db``), so one setting points training and evaluation."""
+    cfg = resolve_config(config, overrides)
+    if cfg.eval.tracking.tracking_uri is None:
+        uri = resolve_root_tracking_uri(cfg.tracking, out)
+        tracking = cfg.eval.tracking.model_copy(update={"tracking_uri": uri})
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"tracking": tracking})})
     return cfg
 
@@ -125,7 +128,7 @@ def eval_flow(
     Exactly one image source: ``model`` (checkpoint dir or hub id), ``from_registry`` (the latest registered
     version of ``eval.promotion.model_name``) or ``images_dir``. Registration needs a model.
     """
-    cfg = resolve_config(list(config or []), list(overrides or []))
+    cfg = resolve_eval_config(list(config or []), list(overrides or []), Path(out))
     sources = [model is not None, images_dir is not None, from_registry]
     if sum(sources) != 1:
         raise EvalError("give exactly one of model=..., images_dir=... or from_registry=True")

@@ -10,6 +10,7 @@ on a CPU in minutes; presets point the same flow at real data and checkpoints.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,22 @@ def ensure_base_checkpoint(model: str, init_tiny: bool) -> str:
 
 @flow(name="ultraflux-pipeline", log_prints=True)
 def pipeline(
-    config: list[str] | None = None, overrides: list[str] | None = None, init_tiny: bool = True, nproc: int = 1
+    config: list[str] | None = None,
+    overrides: list[str] | None = None,
+    init_tiny: bool = True,
+    nproc: int = 1,
+    local_store: str = "artifacts/mlflow.db",
 ) -> dict[str, Any]:
-    """Run every step on the layered config (default ``params.yaml``); returns each step's summary."""
+    """Run every step on the layered config (default ``params.yaml``); returns each step's summary.
+
+    Without ``tracking.uri`` or ``$MLFLOW_TRACKING_URI`` every step logs into the one SQLite file ``local_store``
+    (the steps run alone default to a file in their own output folder).
+    """
     config = list(config or ["params.yaml"])
     overrides = list(overrides or [])
     cfg = resolve_config(config, overrides)
+    if cfg.tracking.uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        overrides.append(f"tracking.uri=sqlite:///{Path(local_store).resolve()}")
     ensure_base_checkpoint(cfg.train.model, init_tiny)
     data = data_flow(config=config, overrides=overrides)
     stages = train_flow(config=config, overrides=overrides, resume=True, nproc=nproc)
@@ -69,7 +80,8 @@ if __name__ == "__main__":
         set_: list[str] = typer.Option([], "--set", help="section.key=value overrides"),
         init_tiny: bool = typer.Option(True, help="write the tiny checkpoint when the base one is missing"),
         nproc: int = typer.Option(1, help="training ranks on this node (torchrun)"),
+        local_store: str = typer.Option("artifacts/mlflow.db", help="SQLite MLflow file when no server is set"),
     ) -> None:
-        pipeline(config=config, overrides=set_, init_tiny=init_tiny, nproc=nproc)
+        pipeline(config=config, overrides=set_, init_tiny=init_tiny, nproc=nproc, local_store=local_store)
 
     typer.run(main)

@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from ultraflux_model.config import UltraFluxConfig, load_config
+from ultraflux_model.config import resolve_config
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.training.curriculum import StagePlan, stage_plans
 from ultraflux_model.training.distributed import free_port
@@ -27,10 +27,6 @@ from ultraflux_model.training.tracking import check_tracking_reachable, resolve_
 from ultraflux_model.training.trainer import stage_done, train_stage
 
 LAUNCH_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def resolve(config: list[str], overrides: list[str]) -> UltraFluxConfig:
-    return load_config(*config, overrides=overrides) if config or overrides else UltraFluxConfig()
 
 
 def torchrun_command(nproc: int, config: list[str], overrides: list[str], stage: str, resume: bool) -> list[str]:
@@ -58,7 +54,7 @@ def read_losses(plan: StagePlan) -> dict[int, float]:
 @task(name="train-stage")
 def run_stage(config: list[str], overrides: list[str], stage: str, resume: bool, nproc: int) -> None:
     if nproc == 1:
-        train_stage(resolve(config, overrides), stage, resume=resume)
+        train_stage(resolve_config(config, overrides), stage, resume=resume)
         return
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}  # the launcher sets its own
     proc = subprocess.run(torchrun_command(nproc, config, overrides, stage, resume), env=env)
@@ -71,7 +67,7 @@ def stage_flow(
     config: list[str], overrides: list[str], stage: str, resume: bool = False, nproc: int = 1
 ) -> dict[str, Any]:
     """One SACL stage: train (or continue) it to its step count, export, summarise."""
-    cfg = resolve(config, overrides)
+    cfg = resolve_config(config, overrides)
     plan = next(p for p in stage_plans(cfg.train) if p.stage.name == stage)
     if plan.index > 0 and not (plan.init_from / "config.json").is_file():
         raise UltraFluxError(f"stage {stage} starts from {plan.init_from}, which does not exist: run the stage before")
@@ -95,7 +91,7 @@ def train_flow(config: list[str] | None = None, overrides: list[str] | None = No
                nproc: int = 1) -> list[dict[str, Any]]:
     """Every configured SACL stage in order, as subflows; the tracking store is checked before any training."""
     config, overrides = list(config or []), list(overrides or [])
-    cfg = resolve(config, overrides)
+    cfg = resolve_config(config, overrides)
     check_tracking_reachable(resolve_tracking_uri(cfg.tracking, Path(cfg.train.run_dir)), cfg.tracking.check_timeout_s)
     results = []
     for plan in stage_plans(cfg.train):

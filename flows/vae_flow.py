@@ -10,7 +10,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from ultraflux_model.config import UltraFluxConfig, load_config
+from ultraflux_model.config import UltraFluxConfig, resolve_config
 from ultraflux_model.vae.post_training import VaeReport, post_train_vae
 
 
@@ -21,7 +21,7 @@ def post_train(cfg: UltraFluxConfig) -> VaeReport:
 
 @flow(name="ultraflux-vae-post-training", log_prints=True)
 def vae_flow(config: list[str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    cfg = load_config(*(config or []), overrides=list(overrides or [])) if config or overrides else UltraFluxConfig()
+    cfg = resolve_config(config, overrides)
     report = post_train(cfg)
     rows = "".join(f"| {k} | {report.before[k]:.4f} | {report.after[k]:.4f} |\n" for k in sorted(report.before))
     table = f"| metric | before | after |\n|---|---|---|\n{rows}"

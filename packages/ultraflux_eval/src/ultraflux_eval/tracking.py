@@ -61,12 +61,19 @@ def client_for(uri: str):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def experiment_id(client, name: str) -> str:
+def local_artifact_location(uri: str) -> str | None:
+    """For a SQLite store, artifacts go beside the database (``<db dir>/mlartifacts``), not into ``./mlruns``."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
+
+
+def experiment_id(client, name: str, uri: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=local_artifact_location(uri))
     except Exception:  # another evaluation created it concurrently: read it back
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -89,7 +96,7 @@ def log_evaluation(
     check_tracking_reachable(uri, config.connect_timeout_s)
     client = client_for(uri)
     run = client.create_run(
-        experiment_id(client, config.experiment), run_name=run_name or results.benchmark, tags=dict(tags or {})
+        experiment_id(client, config.experiment, uri), run_name=run_name or results.benchmark, tags=dict(tags or {})
     )
     run_id = run.info.run_id
     try:

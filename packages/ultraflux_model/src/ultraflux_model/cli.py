@@ -9,11 +9,11 @@ import typer
 from ultraflux_model.config import (
     Dtype,
     Offload,
-    UltraFluxConfig,
     VaeDecodeMode,
     config_from_dict,
     dump_config,
     load_config,
+    resolve_config,
 )
 from ultraflux_model.data.commands import app as data_app
 from ultraflux_model.errors import UltraFluxError
@@ -37,8 +37,7 @@ def config_dump(
     out: Path | None = typer.Option(None, help="write here instead of stdout"),
 ) -> None:
     """Print the resolved config (defaults when no file is given) as params.yaml-style YAML."""
-    resolved = load_config(*config, overrides=set_) if config or set_ else UltraFluxConfig()
-    text = dump_config(resolved)
+    text = dump_config(resolve_config(config, set_))
     if out is None:
         typer.echo(text, nl=False)
     else:
@@ -51,10 +50,6 @@ def config_validate(paths: list[Path]) -> None:
     for path in paths:
         load_config(path)
         typer.echo(f"ok  {path}")
-
-
-def _resolve(config: list[Path], overrides: list[str]) -> UltraFluxConfig:
-    return load_config(*config, overrides=overrides) if config or overrides else UltraFluxConfig()
 
 
 @app.command("init-tiny")
@@ -90,7 +85,7 @@ def generate(
         if not prompts_file.is_file():
             raise UltraFluxError(f"prompts file {prompts_file} does not exist")
         prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
-    resolved = _resolve(config, set_)
+    resolved = resolve_config(config, set_)
     base = resolved.generate.model_dump()
     flags = {
         "model": model, "steps": steps, "guidance": guidance, "seed": seed, "dtype": dtype, "offload": offload,

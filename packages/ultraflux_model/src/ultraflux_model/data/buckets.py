@@ -40,7 +40,7 @@ BUCKETS_4K: tuple[Bucket, ...] = (
     Bucket(4608, 3648), Bucket(3648, 4608),
     Bucket(4992, 3328), Bucket(3328, 4992),
     Bucket(5440, 3072), Bucket(3072, 5440),
-    Bucket(5792, 2880), Bucket(2880, 5792),
+    Bucket(5760, 2880), Bucket(2880, 5760),
     Bucket(6336, 2624), Bucket(2624, 6336),
     Bucket(6144, 2752), Bucket(2752, 6144),
 )

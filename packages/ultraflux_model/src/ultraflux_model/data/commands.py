@@ -11,7 +11,7 @@ from pathlib import Path
 
 import typer
 
-from ultraflux_model.config import DataConfig, UltraFluxConfig, load_config
+from ultraflux_model.config import DataConfig, resolve_config
 
 app = typer.Typer(help="MultiAspect-4K data: ingest, score, filter, bucket, shard, cache.", no_args_is_help=True)
 
@@ -21,7 +21,7 @@ SetOpt = typer.Option([], "--set", help="section.key=value overrides, e.g. data.
 
 def _data_config(config: list[Path], set_: list[str], **fields: object) -> DataConfig:
     overrides = list(set_) + [f"data.{k}={v}" for k, v in fields.items() if v is not None]
-    resolved = load_config(*config, overrides=overrides) if config or overrides else UltraFluxConfig()
+    resolved = resolve_config(config, overrides)
     return resolved.data
 
 

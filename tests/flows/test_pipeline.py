@@ -1,0 +1,54 @@
+"""The main job end to end (what `make demo` runs): tiny checkpoint → data → SACL → VAE → release + eval + registry.
+
+Runs `python -m flows.pipeline` in a child process whose working directory is ``tmp_path`` (every relative
+``artifacts/`` path of params.yaml lands there), with its own ``PREFECT_HOME`` (ephemeral API).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_pipeline_runs_end_to_end_and_promotes_a_release(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "flows.pipeline", "--config", str(REPO / "params.yaml")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    artifacts = tmp_path / "artifacts"
+    releases = sorted((artifacts / "release").glob("ultraflux-*"))
+    assert len(releases) == 1
+    from mlflow.tracking import MlflowClient
+
+    from ultraflux_model import UltraFluxTransformer2DModel
+    from ultraflux_model.pretrained import check_checkpoint_layout, fingerprint
+
+    check_checkpoint_layout(releases[0])
+    trained = fingerprint(artifacts / "train" / "stage2" / "export" / "transformer")
+    assert fingerprint(releases[0] / "transformer") == trained  # the release carries the stage-2 weights
+    assert fingerprint(releases[0] / "vae") == fingerprint(artifacts / "vae-post" / "vae")
+    UltraFluxTransformer2DModel.from_pretrained(releases[0] / "transformer")
+
+    uri = f"sqlite:///{artifacts / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiments = {e.name for e in client.search_experiments()}
+    assert {"ultraflux-train", "ultraflux-eval"} <= experiments
+    champion = client.get_model_version_by_alias("ultraflux", "champion")
+    assert Path(champion.source).resolve() == releases[0].resolve()
+    eval_run = client.get_run(champion.tags["eval_run_id"])
+    assert any(key.endswith("/16:9") for key in eval_run.data.metrics)
+    assert not (tmp_path / "mlruns").exists()  # artifacts stay beside the SQLite store
+
+    losses = [json.loads(line)["loss"] for line in (artifacts / "train" / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    quarter = len(losses) // 4
+    assert sum(losses[-quarter:]) / quarter < sum(losses[:quarter]) / quarter  # the loss falls on average
