@@ -21,9 +21,8 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+# shared/ lies beside the checkout (in the workspace and in CI's fresh clone alike).
 FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ultraflux_reference"
-if not FIXTURES.is_dir():  # CI clones main into another folder with shared/ beside it
-    FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "ultraflux_reference"
 
 _real_connect = socket.socket.connect
 
