@@ -1,0 +1,190 @@
+"""The ``eval`` section of the config tree (``params.yaml: eval``).
+
+Owned here because the eval package must not import ``ultraflux_model``; the root ``UltraFluxConfig`` imports
+:class:`EvalConfig` as its ``eval`` field. Defaults are the tiny CPU values; ``configs/4k.yaml`` sets the
+Aesthetic-Eval@4096 sizes (see ``docs/evaluation.md``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MetricName = Literal[
+    "glcm",
+    "compression_ratio",
+    "shannon_entropy",
+    "flat_percentage",
+    "clip_score",
+    "aesthetic",
+    "pickscore",
+    "hps",
+    "fid",
+    "patch_fid",
+]
+WEIGHT_FREE_METRICS: tuple[str, ...] = ("glcm", "compression_ratio", "shannon_entropy", "flat_percentage")
+REFERENCE_METRICS: tuple[str, ...] = ("fid", "patch_fid")  # need a reference image directory
+
+
+class Section(BaseModel):
+    """Base of every eval config section: immutable, unknown keys rejected (same contract as the model package)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AspectSize(Section):
+    """One benchmark resolution: a name for tables and metric keys (``clip_score/16:9``) and the pixel size."""
+
+    name: str = Field(pattern=r"^[0-9.]+:[0-9.]+$")
+    width: int = Field(ge=1)
+    height: int = Field(ge=1)
+
+
+TINY_ASPECTS = (
+    AspectSize(name="1:1", width=128, height=128),
+    AspectSize(name="16:9", width=224, height=128),
+    AspectSize(name="2:1", width=256, height=128),
+    AspectSize(name="1:2", width=128, height=256),
+    AspectSize(name="2.39:1", width=320, height=128),
+)
+
+
+class BenchmarkConfig(Section):
+    """The protocol: prompts × aspect ratios × seeds, and which metrics to compute."""
+
+    name: str = "aesthetic-eval-tiny"
+    prompts: tuple[str, ...] = (
+        "a red fox in fresh snow, golden hour, 4k photograph",
+        "a lighthouse on a cliff above a stormy sea, wide panorama",
+        "a bowl of ramen on a wooden table, studio lighting",
+    )
+    prompts_file: Path | None = Field(None, description="one prompt per line; replaces `prompts` when set")
+    aspect_ratios: tuple[AspectSize, ...] = TINY_ASPECTS
+    seeds: tuple[int, ...] = (0,)
+    metrics: tuple[MetricName, ...] = (
+        "glcm",
+        "compression_ratio",
+        "shannon_entropy",
+        "flat_percentage",
+        "clip_score",
+        "aesthetic",
+        "pickscore",
+    )  # fid / patch_fid also need reference_dir (configs/4k.yaml sets both)
+    reference_dir: Path | None = Field(None, description="real images for FID / patch-FID (skipped when unset)")
+    fid_size: int = Field(64, ge=16, description="side the whole image is resized to for FID (299 for Inception)")
+    patch_size: int = Field(64, ge=16, description="native-resolution crop side for patch-FID (299 at 4K)")
+    patches_per_image: int = Field(4, ge=1, description="non-overlapping crops per image for patch-FID")
+    grid_columns: int = Field(4, ge=1, description="columns of the per-aspect image grid")
+
+    @field_validator("aspect_ratios")
+    @classmethod
+    def _unique_aspects(cls, aspects: tuple[AspectSize, ...]) -> tuple[AspectSize, ...]:
+        names = [a.name for a in aspects]
+        if not aspects or len(set(names)) != len(names):
+            raise ValueError(f"aspect_ratios needs at least one entry and unique names, got {names}")
+        return aspects
+
+    @field_validator("seeds")
+    @classmethod
+    def _some_seeds(cls, seeds: tuple[int, ...]) -> tuple[int, ...]:
+        if not seeds:
+            raise ValueError("seeds needs at least one seed")
+        return seeds
+
+
+class BackbonesConfig(Section):
+    """Where the learned metrics get their networks.
+
+    ``tiny``: small random networks built offline with fixed seeds (CI, demos); numbers are not comparable with
+    the paper. ``local``: real weights from ``weights_dir`` as listed (with sha256) in its ``manifest.yaml``;
+    nothing is ever downloaded.
+    """
+
+    source: Literal["tiny", "local"] = "tiny"
+    weights_dir: Path = Path("storage/eval-weights")
+    device: str = "cpu"
+    batch_size: int = Field(8, ge=1)
+
+
+class TrackingConfig(Section):
+    """MLflow endpoint. ``tracking_uri`` unset: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` (read lazily)."""
+
+    tracking_uri: str | None = None
+    experiment: str = "ultraflux-eval"
+    connect_timeout_s: float = Field(5.0, gt=0, description="reachability check of an http(s) tracking server")
+
+
+class PromotionConfig(Section):
+    """Model-registry rule: the candidate takes the alias when ``metric`` beats the champion's by ``min_delta``."""
+
+    model_name: str = "ultraflux"
+    alias: str = "champion"
+    metric: str = Field("clip_score/overall", description="a logged metric key, `<metric>/<aspect>`")
+    higher_is_better: bool = True
+    min_delta: float = Field(0.0, ge=0.0)
+    lock_path: Path | None = Field(
+        None, description="lock file serialising promotions (default: next to a sqlite store, else ~/.ultraflux)"
+    )
+
+
+class EvalConfig(Section):
+    """``params.yaml: eval``."""
+
+    benchmark: BenchmarkConfig = BenchmarkConfig()
+    backbones: BackbonesConfig = BackbonesConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    promotion: PromotionConfig = PromotionConfig()
+
+    @model_validator(mode="after")
+    def _promotion_metric_is_logged(self) -> EvalConfig:
+        metric = self.promotion.metric.split("/", 1)[0]
+        if metric not in self.benchmark.metrics:
+            raise ValueError(
+                f"promotion.metric {self.promotion.metric!r} is not computed: add {metric!r} to "
+                f"benchmark.metrics {list(self.benchmark.metrics)}"
+            )
+        return self
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_eval_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
+    """The ``eval`` section of a ``params.yaml``-style file (or a file holding only that section), then
+    ``key=value`` overrides relative to the section (``benchmark.seeds=[0,1]``; values parsed as YAML)."""
+    import yaml
+    from pydantic import ValidationError
+
+    from ultraflux_eval.errors import EvalError
+
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise EvalError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise EvalError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(loaded, dict):
+            raise EvalError(f"config file {path} must hold a mapping")
+        data = loaded.get("eval", {}) if "eval" in loaded or not set(loaded) <= set(EvalConfig.model_fields) else loaded
+    for item in overrides:
+        if "=" not in item:
+            raise EvalError(f"override {item!r} must look like section.key=value (e.g. benchmark.seeds=[0,1])")
+        dotted, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else ""
+        for key in reversed(dotted.strip().removeprefix("eval.").split(".")):
+            value = {key: value}
+        data = _merge(data, value)
+    try:
+        return EvalConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [f"  eval.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise EvalError("invalid eval config:\n" + "\n".join(lines)) from err

@@ -1,0 +1,111 @@
+"""``ultraflux`` command line: thin typer commands over the library, reading the one config tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ultraflux_model.config import (
+    Dtype,
+    Offload,
+    VaeDecodeMode,
+    config_from_dict,
+    dump_config,
+    load_config,
+    resolve_config,
+)
+from ultraflux_model.data.commands import app as data_app
+from ultraflux_model.errors import UltraFluxError
+from ultraflux_model.training.commands import train_app
+
+app = typer.Typer(
+    help="UltraFlux: native-4K text-to-image generation, data, training.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect and validate the config tree (params.yaml + presets).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")  # ultraflux_model/data/commands.py
+app.add_typer(train_app)  # train, vae-train (ultraflux_model/training/commands.py)
+
+
+@config_app.command("dump")
+def config_dump(
+    config: list[Path] = typer.Option([], "--config", "-c", help="YAML files layered in order"),
+    set_: list[str] = typer.Option([], "--set", help="section.key=value overrides"),
+    out: Path | None = typer.Option(None, help="write here instead of stdout"),
+) -> None:
+    """Print the resolved config (defaults when no file is given) as params.yaml-style YAML."""
+    text = dump_config(resolve_config(config, set_))
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+
+
+@config_app.command("validate")
+def config_validate(paths: list[Path]) -> None:
+    """Validate each YAML file layered over nothing (exit 1 with every bad field listed)."""
+    for path in paths:
+        load_config(path)
+        typer.echo(f"ok  {path}")
+
+
+@app.command("init-tiny")
+def init_tiny(directory: Path = typer.Argument(..., help="where to write the checkpoint"), seed: int = 0) -> None:
+    """Write a complete tiny checkpoint in the official layout (random weights, offline tokenizers)."""
+    from ultraflux_model.tiny import write_tiny_checkpoint
+
+    typer.echo(f"wrote {write_tiny_checkpoint(directory, seed=seed)}")
+
+
+@app.command()
+def generate(
+    model: str | None = typer.Option(None, help="checkpoint directory or hub id (generate.model)"),
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="a prompt; repeat for several"),
+    prompts_file: Path | None = typer.Option(None, help="text file, one prompt per line"),
+    width: int | None = typer.Option(None, help="pixels, multiple of 32"),
+    height: int | None = typer.Option(None, help="pixels, multiple of 32"),
+    steps: int | None = typer.Option(None, help="sampling steps (default 50)"),
+    guidance: float | None = typer.Option(None, help="distilled guidance (default 4)"),
+    seed: int | None = typer.Option(None, help="seed of the first image; image k uses seed+k"),
+    dtype: Dtype | None = typer.Option(None, help="bf16 | fp16 | fp32"),
+    offload: Offload | None = typer.Option(None, help="none | model | sequential"),
+    vae_decode: VaeDecodeMode | None = typer.Option(None, help="tiled | full | official"),
+    out: Path | None = typer.Option(None, help="output directory"),
+    config: list[Path] = typer.Option([], "--config", "-c", help="YAML files layered in order"),
+    set_: list[str] = typer.Option([], "--set", help="section.key=value overrides"),
+) -> None:
+    """Generate images; each PNG gets a JSON sidecar (prompt, seed, size, model hash, timings, peak memory)."""
+    from ultraflux_model.inference.pipeline import generate_from_config
+
+    prompts = list(prompt)
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise UltraFluxError(f"prompts file {prompts_file} does not exist")
+        prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+    resolved = resolve_config(config, set_)
+    base = resolved.generate.model_dump()
+    flags = {
+        "model": model, "steps": steps, "guidance": guidance, "seed": seed, "dtype": dtype, "offload": offload,
+        "vae_decode": vae_decode, "out": out, "prompts": tuple(prompts) or None,
+    }
+    if (width is None) != (height is None):
+        raise UltraFluxError("give both --width and --height (or neither, to use generate.sizes)")
+    if width is not None:
+        flags["sizes"] = ((width, height),)
+    cfg = config_from_dict(
+        {"generate": {**base, **{k: v for k, v in flags.items() if v is not None}}}, source="generate options"
+    )
+    for image in generate_from_config(cfg.generate, rope_kernel=resolved.kernels.rope):
+        typer.echo(f"{image.path}  ({image.width}x{image.height}, seed {image.seed})")
+
+
+def main() -> None:
+    """Entry point that turns ``UltraFluxError`` into a one-line message and exit code 2."""
+    try:
+        app()
+    except UltraFluxError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise SystemExit(2) from None

@@ -1,0 +1,440 @@
+"""The one typed configuration tree.
+
+``params.yaml`` is its serialisation, ``configs/*.yaml`` are presets layered over it, CLI flags and
+Prefect parameters are the same fields. Every section is frozen and rejects unknown keys, so a typo in a
+YAML file or a ``--set`` override fails loudly instead of being ignored.
+
+Sections are owned by the package that uses them; the eval package's section is imported, never
+re-declared (the eval package does not import this one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from ultraflux_eval.config import EvalConfig
+from ultraflux_model.errors import UltraFluxError
+
+Dtype = Literal["bf16", "fp16", "fp32"]
+Offload = Literal["none", "model", "sequential"]
+VaeDecodeMode = Literal["tiled", "full", "official"]
+KernelChoice = Literal["auto", "eager", "triton"]
+
+TOKEN_PX = 32  # 16x VAE downsampling then 2x2 packing: one transformer token covers 32x32 pixels
+
+
+class Section(BaseModel):
+    """Base of every config section: immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KernelConfig(Section):
+    """Which implementation the hot ops use.
+
+    ``auto``: Triton on CUDA tensors, the pure-torch reference elsewhere. ``triton`` forces the kernel
+    (on CPU it then needs ``TRITON_INTERPRET=1``); ``eager`` forces the reference.
+    """
+
+    rope: KernelChoice = "auto"
+    loss: KernelChoice = "auto"
+
+
+class LossConfig(Section):
+    """SNR-aware Huber wavelet loss (DESIGN §3). γ, α, β are not published: these defaults are ours."""
+
+    gamma: float = Field(5.0, gt=0.0, description="SNR cap γ in min(SNR, γ)")
+    alpha: float = Field(0.5, ge=0.0, description="exponent of the Huber scale schedule c(t)")
+    beta: float = Field(0.5, ge=0.0, description="exponent of the SNR weight ω(t)")
+    c_min: float = Field(0.2, gt=0.0, description="pseudo-Huber scale at high noise")
+    c_max: float = Field(1.0, gt=0.0, validate_default=True, description="pseudo-Huber scale at SNR ≥ γ")
+    t_clamp: float = Field(1e-3, gt=0.0, lt=0.5, description="t is clamped to [t_clamp, 1 - t_clamp]")
+
+    @field_validator("c_max")
+    @classmethod
+    def _c_range_is_ordered(cls, c_max: float, info: Any) -> float:
+        c_min = info.data.get("c_min")
+        if c_min is not None and c_min > c_max:
+            raise ValueError(f"c_min ({c_min}) must not exceed c_max ({c_max}); lower c_min or raise c_max")
+        return c_max
+
+
+class GenerateConfig(Section):
+    """Text-to-image generation (defaults follow the official UltraFlux inference)."""
+
+    model: str = Field("artifacts/tiny-ultraflux", description="checkpoint directory or hub id")
+    prompts: tuple[str, ...] = ("a red fox in fresh snow, golden hour, 4k photograph",)
+    sizes: tuple[tuple[int, int], ...] = Field(
+        ((4096, 4096),), description="(width, height) pairs; each side a multiple of 32"
+    )
+    steps: int = Field(50, ge=1)
+    guidance: float = Field(4.0, ge=0.0, description="distilled guidance fed to the guidance embedding")
+    shift: float = Field(3.0, gt=0.0, description="static FlowMatch Euler timestep shift")
+    max_sequence_length: int = Field(512, ge=1, le=512, description="T5 tokens")
+    seed: int = 0
+    dtype: Dtype = "bf16"
+    offload: Offload = "none"
+    vae_decode: VaeDecodeMode = "tiled"
+    out: Path = Path("artifacts/generated")
+
+    @field_validator("sizes")
+    @classmethod
+    def _sizes_are_token_multiples(cls, sizes: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+        for width, height in sizes:
+            check_image_size(width, height)
+        return sizes
+
+
+def nearest_valid_size(width: int, height: int) -> tuple[int, int]:
+    """The closest (width, height) whose sides are positive multiples of 32."""
+    return (max(TOKEN_PX, round(width / TOKEN_PX) * TOKEN_PX), max(TOKEN_PX, round(height / TOKEN_PX) * TOKEN_PX))
+
+
+def check_image_size(width: int, height: int) -> None:
+    """Raise ``UltraFluxError`` naming the nearest valid size unless both sides are multiples of 32."""
+    if width <= 0 or height <= 0 or width % TOKEN_PX or height % TOKEN_PX:
+        w, h = nearest_valid_size(width, height)
+        raise UltraFluxError(
+            f"image size {width}x{height} is not supported: width and height must be positive multiples of "
+            f"{TOKEN_PX} (16x VAE, 2x2 packing); the nearest valid size is {w}x{h}"
+        )
+
+
+class SyntheticDataConfig(Section):
+    """Procedural demo/test dataset written when ``data.source`` is ``synthetic``."""
+
+    n: int = Field(24, ge=1, description="good images (a fixed set of bad/odd files is added on top)")
+    seed: int = 0
+    base_side: int = Field(320, ge=64, description="images hold about base_side² pixels at every aspect ratio")
+
+
+class DownloadConfig(Section):
+    """Safe HTTP(S) fetching of ``image_url``s."""
+
+    concurrency: int = Field(8, ge=1)
+    retries: int = Field(3, ge=0, description="extra attempts after connection errors, timeouts, 429 and 5xx")
+    backoff_s: float = Field(0.5, ge=0.0, description="first retry delay; doubles per attempt")
+    connect_timeout_s: float = Field(10.0, gt=0.0)
+    read_timeout_s: float = Field(30.0, gt=0.0)
+    max_bytes: int = Field(64 * 2**20, ge=1, description="larger bodies are aborted")
+    max_redirects: int = Field(5, ge=0)
+    allow_private: bool = Field(False, description="allow loopback/private/link-local targets everywhere")
+    private_hosts: tuple[str, ...] = Field((), description="host names/IPs allowed to be non-public (a mirror)")
+    content_types: tuple[str, ...] = (
+        "image/jpeg", "image/png", "image/webp", "image/tiff", "image/bmp", "image/gif", "application/octet-stream",
+    )
+
+
+class IngestConfig(Section):
+    """Decoding limits of ``ultraflux data ingest`` (quarantine rules)."""
+
+    max_pixels: int = Field(
+        80_000_000, ge=1, le=89_478_485, description="decompression-bomb limit (at most PIL's own 89.5 MP)"
+    )
+    min_side: int = Field(32, ge=1, description="shorter side below this is quarantined as tiny")
+
+
+class ScoringConfig(Section):
+    """Per-image scores: weight-free (resolution, flatness, entropy) and learned (Q-Align, aesthetics)."""
+
+    workers: int = Field(1, ge=1, description="processes; 1 scores in this process")
+    chunk_size: int = Field(16, ge=1, description="images per task (and per resumable part file)")
+    flat_patch: int = Field(64, ge=8, description="flatness patch side (official 240)")
+    flat_threshold: float = Field(800.0, gt=0.0, description="Sobel-magnitude variance below this is flat")
+    qalign: Literal["tiny", "metadata", "none"] = Field(
+        "tiny", description="tiny: seeded random stand-in; metadata: only the metadata's qalign_score"
+    )
+    aesthetics: Literal["tiny", "local", "metadata", "none"] = Field(
+        "tiny", description="tiny: random CLIP + LAION head; local: eval weights_dir (clip, aesthetic_head)"
+    )
+    weights_dir: Path = Field(Path("storage/eval-weights"), description="eval weights folder (manifest.yaml)")
+    device: str = "cpu"
+    batch_size: int = Field(8, ge=1)
+    reuse_metadata_scores: bool = Field(True, description="take qalign/aesthetics from the metadata when present")
+
+
+class FilterConfig(Section):
+    """Dataset filters and subsets (official values in configs/4k.yaml)."""
+
+    min_long_side: int = Field(256, ge=1, description="official 3840")
+    min_short_side: int = Field(144, ge=1, description="official 2160")
+    max_flat: float = Field(0.5, ge=0.0, le=1.0, description="drop if flat share is above this")
+    min_entropy: float = Field(7.0, ge=0.0, le=8.0, description="keep if grayscale Shannon entropy ≥ this")
+    min_qalign: float | None = Field(
+        1.0, description="keep if Q-Align > this (official 4.0; Q-Align lies in [1, 5]); null skips the rule"
+    )
+    aesthetics_top: float = Field(0.75, gt=0.0, le=1.0, description="training set: top share by aesthetics (0.30)")
+    stage2_top: float = Field(0.4, gt=0.0, le=1.0, description="SACL stage 2: top share of the training set (0.05)")
+    vae_least_flat: float = Field(0.5, gt=0.0, le=1.0, description="VAE post-training: least-flat share (0.5)")
+
+
+class BucketConfig(Section):
+    """Aspect-ratio bucket family used for shards and caches."""
+
+    family: Literal["4k", "2k", "1k", "512", "256"] = "256"
+
+
+class ShardConfig(Section):
+    """Training shards: tar files of bucket-sized PNG/JPEG + JSON."""
+
+    samples_per_shard: int = Field(64, ge=1)
+    image_format: Literal["png", "jpeg"] = "png"
+
+
+class CacheConfig(Section):
+    """Latent and text-embedding caches (F16 VAE latents, T5 sequence, CLIP pooled)."""
+
+    model: Path = Field(Path("artifacts/tiny-ultraflux"), description="checkpoint with vae/ and text encoders")
+    max_sequence_length: int = Field(32, ge=1, le=512, description="T5 tokens (official 512)")
+    batch_size: int = Field(4, ge=1)
+    dtype: Dtype = "fp32"
+    device: str = "cpu"
+
+
+class DataConfig(Section):
+    """MultiAspect-4K pipeline: ingest → score → filter → bucket → shard → cache (see docs/data.md)."""
+
+    source: str = Field("synthetic", description="'synthetic', a folder of images, or a jsonl/parquet/csv file")
+    root: Path = Field(Path("artifacts/data"), description="every stage writes below this folder")
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    download: DownloadConfig = DownloadConfig()
+    ingest: IngestConfig = IngestConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    filter: FilterConfig = FilterConfig()
+    buckets: BucketConfig = BucketConfig()
+    shards: ShardConfig = ShardConfig()
+    cache: CacheConfig = CacheConfig()
+
+
+TimestepSampling = Literal["uniform", "logit_normal"]
+
+
+class TimestepConfig(Section):
+    """How training draws t ∈ [0, 1] (z_t = (1−t)·z + t·ε): a base law, then the static shift."""
+
+    sampling: TimestepSampling = "logit_normal"
+    logit_mean: float = Field(0.0, description="mean of the normal behind the logit-normal law")
+    logit_std: float = Field(1.0, gt=0.0, description="std of the normal behind the logit-normal law")
+    shift: float = Field(1.0, gt=0.0, description="t ← s·t / (1 + (s−1)·t) after sampling (1 = none)")
+
+
+class StageConfig(Section):
+    """One Stage-wise Aesthetic Curriculum stage (DESIGN §3 SACL)."""
+
+    name: str = Field("stage1", pattern=r"^[A-Za-z0-9_.-]+$", description="folder name of the stage's outputs")
+    subset: Literal["all", "stage2"] = Field(
+        "all", description="cache subset: everything, or the stage-2 members (top data.filter.stage2_top by aesthetics)"
+    )
+    t_min: float = Field(0.0, ge=0.0, lt=1.0, description="lower end of the timestep band (stage 2: 0.541)")
+    t_max: float = Field(1.0, gt=0.0, le=1.0, description="upper end of the timestep band")
+    steps: int = Field(8, ge=1, description="optimizer steps")
+    lr: float = Field(1e-4, gt=0.0)
+    batch_size: int = Field(2, ge=1, description="micro batch per rank")
+    grad_accum: int = Field(1, ge=1, description="micro batches per optimizer step (effective = batch·accum·ranks)")
+    warmup_steps: int = Field(0, ge=0, description="linear lr warm-up")
+
+    @field_validator("t_max")
+    @classmethod
+    def _band_is_ordered(cls, t_max: float, info: Any) -> float:
+        t_min = info.data.get("t_min")
+        if t_min is not None and t_min >= t_max:
+            raise ValueError(f"t_min ({t_min}) must be below t_max ({t_max})")
+        return t_max
+
+
+class DeepSpeedConfig(Section):
+    """DeepSpeed engine settings; the JSON config is generated from these unless ``config_file`` is set."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU")
+    config_file: Path | None = Field(
+        None, description="DeepSpeed JSON (e.g. infra/deepspeed/zero3_gpu_bf16.json); batch keys may be 'auto'"
+    )
+    gradient_clipping: float = Field(1.0, ge=0.0, description="0 disables clipping")
+    torch_extensions_dir: Path = Field(
+        Path("~/.cache/ultraflux/torch_extensions"), description="fixed build cache for DeepSpeed's C++ ops"
+    )
+    cpu_shm_comm_op: bool = Field(
+        False, description="build DeepSpeed's shared-memory comm op on CPU (only speeds up inference all-reduce)"
+    )
+
+
+class CheckpointConfig(Section):
+    """Resumable checkpoints (DeepSpeed state + trainer state) and the consolidated export."""
+
+    every: int = Field(10, ge=1, description="save every N optimizer steps (and always at the end of a stage)")
+    keep_last: int = Field(2, ge=1, description="older step checkpoints are deleted")
+
+
+class EmaConfig(Section):
+    """Exponential moving average of the weights (kept per rank on its ZeRO partition)."""
+
+    enabled: bool = True
+    decay: float = Field(0.999, ge=0.0, lt=1.0)
+
+
+class TrainConfig(Section):
+    """DiT training with the Stage-wise Aesthetic Curriculum (paper values in configs/4k.yaml)."""
+
+    model: str = Field("artifacts/tiny-ultraflux", description="base checkpoint (its transformer/ is trained)")
+    cache_dir: Path = Field(Path("artifacts/data/cache"), description="latent + text-embedding cache")
+    run_dir: Path = Field(Path("artifacts/train"), description="checkpoints, exports and metrics go here")
+    stages: tuple[StageConfig, ...] = (
+        StageConfig(name="stage1", steps=40, lr=1e-3),
+        StageConfig(name="stage2", subset="stage2", t_min=0.541, steps=10, lr=5e-4, batch_size=1, grad_accum=2),
+    )
+    timesteps: TimestepConfig = TimestepConfig()
+    loss: LossConfig = LossConfig()
+    guidance: float = Field(3.5, ge=0.0, description="guidance-embedding value fed while training (Flux-dev recipe)")
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0.0)
+    gradient_checkpointing: bool = True
+    seed: int = 0
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    ema: EmaConfig = EmaConfig()
+    log_every: int = Field(1, ge=1, description="optimizer steps per logged metrics row")
+    sample_every: int = Field(0, ge=0, description="export + sample grids every N steps (0: only at stage end)")
+    sample_prompts: tuple[str, ...] = ("a red fox in fresh snow", "a lighthouse at dusk")
+    sample_sizes: tuple[tuple[int, int], ...] = Field(
+        ((64, 64), (96, 64)), description="(width, height) per aspect ratio of the sample grids; () disables them"
+    )
+    sample_steps: int = Field(4, ge=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _stage_names_unique(cls, stages: tuple[StageConfig, ...]) -> tuple[StageConfig, ...]:
+        if not stages:
+            raise ValueError("at least one stage is needed")
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return stages
+
+    @field_validator("sample_sizes")
+    @classmethod
+    def _sample_sizes_valid(cls, sizes: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+        for width, height in sizes:
+            check_image_size(width, height)
+        return sizes
+
+
+class VaeTrainConfig(Section):
+    """F16 VAE decoder post-training (encoder frozen; DESIGN §3)."""
+
+    model: str = Field("artifacts/tiny-ultraflux", description="checkpoint whose vae/ is post-trained")
+    images: Path = Field(Path("artifacts/data/ingest/images"), description="folder of training images (recursive)")
+    out: Path = Field(Path("artifacts/vae-post"), description="exported vae/ and the before/after report")
+    crop: int = Field(64, ge=32, description="square crop side (paper 512); a multiple of 32")
+    least_flat: float = Field(0.5, gt=0.0, le=1.0, description="train on this least-flat share of the images")
+    heldout: int = Field(4, ge=2, description="images held out for the before/after report")
+    steps: int = Field(30, ge=1)
+    batch_size: int = Field(2, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(1e-2, ge=0.0)
+    w_l2: float = Field(1.0, ge=0.0)
+    w_wavelet: float = Field(0.2, ge=0.0, description="L1 on the high-frequency Haar sub-bands")
+    w_lpips: float = Field(0.1, ge=0.0)
+    lpips_alexnet: Path | None = Field(
+        None, description="torchvision AlexNet state dict (safetensors) for the LPIPS trunk; None: seeded random (CI)"
+    )
+    backbones: str = Field("tiny", description="rFID features: 'tiny' (seeded random) or an ultraflux-eval weights dir")
+    flat_patch: int = Field(64, ge=8, description="flatness patch side used to rank images (official 240)")
+    seed: int = 0
+    device: str = "cpu"
+
+    @field_validator("crop")
+    @classmethod
+    def _crop_is_token_multiple(cls, crop: int) -> int:
+        check_image_size(crop, crop)
+        return crop
+
+
+class TrackingConfig(Section):
+    """MLflow tracking: a SQLite file in the run directory by default, a server by setting."""
+
+    uri: str | None = Field(
+        None, description="None: $MLFLOW_TRACKING_URI if set, else sqlite:///<run dir>/mlflow.db"
+    )
+    experiment: str = "ultraflux-train"
+    check_timeout_s: float = Field(5.0, gt=0.0, description="how long to wait for a server before giving up")
+
+
+class UltraFluxConfig(Section):
+    """The whole tree, as serialised in ``params.yaml``."""
+
+    generate: GenerateConfig = GenerateConfig()
+    kernels: KernelConfig = KernelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    vae_train: VaeTrainConfig = VaeTrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    """``"generate.steps=10"`` → nested dict; the value is parsed as YAML (numbers, lists, bools)."""
+    if "=" not in item:
+        raise UltraFluxError(f"override {item!r} must look like section.key=value")
+    dotted, raw = item.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw else ""
+    for key in reversed(dotted.strip().split(".")):
+        value = {key: value}
+    return value
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UltraFluxError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UltraFluxError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise UltraFluxError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> UltraFluxConfig:
+    """Validate a plain mapping; errors list every offending field path."""
+    try:
+        return UltraFluxConfig.model_validate(data)
+    except ValidationError as err:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
+        raise UltraFluxError(f"invalid {source}:\n" + "\n".join(lines)) from err
+
+
+def load_config(*paths: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> UltraFluxConfig:
+    """Layer YAML files (later wins, e.g. ``params.yaml`` then ``configs/tiny.yaml``) and ``key=value`` overrides."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged = _deep_merge(merged, _read_yaml(Path(path)))
+    for item in overrides:
+        merged = _deep_merge(merged, _parse_override(item))
+    return config_from_dict(merged, source=" + ".join(str(p) for p in paths) or "config")
+
+
+def resolve_config(
+    config: list[str | Path] | tuple[str | Path, ...] | None = None, overrides: list[str] | tuple[str, ...] | None = None
+) -> UltraFluxConfig:
+    """What every entry point (CLI, flows) resolves: files layered in order plus overrides; nothing → defaults."""
+    config, overrides = list(config or []), list(overrides or [])
+    return load_config(*config, overrides=overrides) if config or overrides else UltraFluxConfig()
+
+
+def dump_config(config: BaseModel) -> str:
+    """YAML text of a config tree (the format of ``params.yaml``)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,244 @@
+"""Latent and text-embedding caches, the cached dataset and its collate function.
+
+One safetensors file per sample holds what the DiT trainer needs and nothing it must recompute:
+``latents`` float32 ``[16, H/16, W/16]`` (F16 VAE posterior mean, already ``(mean − shift) · scale``),
+``prompt_embeds`` ``[L, D]`` (T5 sequence) and ``pooled`` ``[P]`` (CLIP pooled), with bucket, aesthetics and
+key as string metadata. The file name is a hash of (image key, bucket, caption, text length, dtype) inside a
+folder named by the model hash (the fingerprints of ``vae/``, both text encoders and tokenizers), so a re-run
+with the same inputs and weights reuses every file and new weights never read stale latents.
+``index.parquet`` lists the entries of the latest build; the transformer is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from pydantic import BaseModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from ultraflux_model.config import Dtype
+from ultraflux_model.data.buckets import add_bucket_columns, resize_center_crop
+from ultraflux_model.data.ingest import MANIFEST, read_manifest
+from ultraflux_model.data.shards import INDEX as SHARD_INDEX
+from ultraflux_model.data.shards import iter_shards
+from ultraflux_model.errors import UltraFluxError
+
+if TYPE_CHECKING:
+    from ultraflux_model.inference.pipeline import TextEncoders
+
+INDEX = "index.parquet"
+TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+
+
+class CacheSummary(BaseModel):
+    entries: int
+    reused: int
+    encoded: int
+    model_hash: str
+
+
+@dataclass
+class _Sample:
+    key: str
+    image: Image.Image  # already bucket-sized
+    caption: str
+    aesthetics: float
+    flags: dict[str, bool]
+
+    @property
+    def bucket(self) -> tuple[int, int]:
+        return self.image.size
+
+
+def model_hash(model_dir: Path | str, max_sequence_length: int, dtype: Dtype) -> str:
+    """Hash of everything that changes cache values: VAE, text encoders, tokenizers, text length, dtype."""
+    from ultraflux_model.pretrained import fingerprint
+
+    root = Path(model_dir)
+    parts = {}
+    for part in ("vae", *TEXT_PARTS):
+        if not (root / part).is_dir():
+            raise UltraFluxError(f"{root} has no {part}/: the caches need the VAE, both text encoders and tokenizers")
+        parts[part] = fingerprint(root / part)
+    payload = json.dumps({"parts": parts, "max_sequence_length": max_sequence_length, "dtype": dtype}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _load_models(model_dir: Path, dtype: Dtype, device: str) -> tuple[Any, TextEncoders]:
+    """The VAE and the text encoders only: the transformer is never needed for caches."""
+    from ultraflux_model.inference.pipeline import TORCH_DTYPES, load_text_encoders
+    from ultraflux_model.vae.autoencoder import UltraFluxAutoencoderKL
+
+    vae = UltraFluxAutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=TORCH_DTYPES[dtype]).to(device).eval()
+    return vae, load_text_encoders(model_dir, dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def encode_images(vae: Any, images: Sequence[Image.Image]) -> torch.Tensor:
+    """Bucket-sized RGB images (all the same size) → DiT latents float32 ``[B, 16, H/16, W/16]``.
+
+    Pixels go to ``[-1, 1]``; the posterior mean is shifted and scaled as the DiT sees it:
+    ``(mean − shift_factor) · scaling_factor``.
+    """
+    param = next(vae.parameters())
+    pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.uint8) for im in images])).permute(0, 3, 1, 2)
+    pixels = (pixels.to(param.device, torch.float32) / 127.5 - 1.0).to(param.dtype)
+    mean = vae.encode(pixels).latent_dist.mean
+    shift = vae.config.shift_factor or 0.0
+    return ((mean.float() - shift) * vae.config.scaling_factor).cpu()
+
+
+def _entry_name(sample: _Sample, max_sequence_length: int, dtype: Dtype) -> str:
+    payload = json.dumps([sample.key, list(sample.bucket), sample.caption, max_sequence_length, dtype])
+    return hashlib.sha256(payload.encode()).hexdigest()[:32] + ".safetensors"
+
+
+def _samples(source: Path, family: str) -> Iterator[_Sample]:
+    """Samples from a shard folder (already bucket-sized) or an ingest manifest (bucketed here)."""
+    if (source / SHARD_INDEX).is_file():
+        for item in iter_shards(source):
+            yield _Sample(item.key, item.image, item.meta["caption"], float(item.meta["aesthetics"]),
+                          {"in_stage2": bool(item.meta["in_stage2"]), "in_vae": bool(item.meta["in_vae"])})
+        return
+    manifest_path = source / MANIFEST if source.is_dir() else source
+    frame = add_bucket_columns(read_manifest(manifest_path), family)
+    for _, row in frame.iterrows():
+        with Image.open(manifest_path.parent / row["path"]) as image:
+            sized = resize_center_crop(image, (int(row["bucket_width"]), int(row["bucket_height"])))
+        caption = row.get("caption_en")
+        aesthetics = row.get("aesthetics_score")
+        yield _Sample(row["key"], sized, caption if isinstance(caption, str) else "",
+                      float(aesthetics) if aesthetics is not None and not pd.isna(aesthetics) else 0.0,
+                      {"in_stage2": False, "in_vae": False})
+
+
+def build_caches(shard_or_manifest: Path | str, model_dir: Path | str, out_dir: Path | str, *,
+                 max_sequence_length: int = 32, batch_size: int = 4, dtype: Dtype = "fp32", device: str = "cpu",
+                 family: str = "256", progress: bool = True) -> CacheSummary:
+    """Encode every sample of a shard folder (or an ingest manifest, bucketed with ``family``) into ``out_dir``.
+
+    Entries that already exist for this model hash are reused without loading any model.
+    """
+    from ultraflux_model.pretrained import resolve_checkpoint
+
+    source, out = Path(shard_or_manifest), Path(out_dir)
+    if not source.exists():
+        raise UltraFluxError(f"cache source {source} does not exist: pass a shard folder or an ingest manifest")
+    model_dir = resolve_checkpoint(model_dir)  # a local folder, or a hub id fetched as a snapshot (safetensors only)
+    digest = model_hash(model_dir, max_sequence_length, dtype)
+    entries_dir = out / "entries" / digest[:16]
+    entries_dir.mkdir(parents=True, exist_ok=True)
+    models: tuple[Any, TextEncoders] | None = None
+    index: list[dict[str, Any]] = []
+    pending: dict[tuple[int, int], list[tuple[_Sample, Path]]] = {}
+    reused = encoded = 0
+
+    def flush(group: list[tuple[_Sample, Path]]) -> None:
+        nonlocal models, encoded
+        from ultraflux_model.inference.pipeline import TORCH_DTYPES, encode_prompts
+
+        if models is None:
+            models = _load_models(model_dir, dtype, device)
+        vae, text = models
+        latents = encode_images(vae, [s.image for s, _ in group])
+        embeds, pooled = encode_prompts(text, [s.caption for s, _ in group], max_sequence_length,
+                                        device=device, dtype=TORCH_DTYPES[dtype])
+        for i, (sample, path) in enumerate(group):
+            tensors = {"latents": latents[i].contiguous(), "prompt_embeds": embeds[i].cpu().contiguous(),
+                       "pooled": pooled[i].cpu().contiguous()}
+            meta = {"key": sample.key, "bucket": json.dumps(list(sample.bucket)), "caption": sample.caption,
+                    "aesthetics": repr(sample.aesthetics), "model_hash": digest}
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        encoded += len(group)
+
+    for sample in tqdm(_samples(source, family), desc="cache", unit="img", disable=not progress):
+        path = entries_dir / _entry_name(sample, max_sequence_length, dtype)
+        index.append({"key": sample.key, "file": str(path.relative_to(out)), "bucket_width": sample.bucket[0],
+                      "bucket_height": sample.bucket[1], "aesthetics": sample.aesthetics, "caption": sample.caption,
+                      **sample.flags})
+        if path.is_file():
+            reused += 1
+            continue
+        group = pending.setdefault(sample.bucket, [])
+        group.append((sample, path))
+        if len(group) == batch_size:
+            flush(pending.pop(sample.bucket))
+    for group in pending.values():
+        flush(group)
+    frame = pd.DataFrame(index, columns=["key", "file", "bucket_width", "bucket_height", "aesthetics", "caption",
+                                         "in_stage2", "in_vae"])
+    frame["model_hash"] = digest
+    tmp = out / (INDEX + ".tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, out / INDEX)
+    return CacheSummary(entries=len(frame), reused=reused, encoded=encoded, model_hash=digest)
+
+
+class CachedLatentDataset(Dataset):
+    """Items of a cache folder: ``{"latents", "prompt_embeds", "pooled", "bucket", "aesthetics", "key"}``.
+
+    ``subset="stage2"`` or ``"vae"`` keeps only the members of that subset (SACL stage 2 / VAE images).
+    """
+
+    def __init__(self, cache_dir: Path | str, subset: str | None = None) -> None:
+        self.root = Path(cache_dir)
+        path = self.root / INDEX
+        if not path.is_file():
+            raise UltraFluxError(f"{self.root} has no {INDEX}: run `ultraflux data cache` first")
+        frame = pd.read_parquet(path)
+        if subset is not None:
+            column = f"in_{subset}"
+            if column not in frame:
+                raise UltraFluxError(f"unknown subset {subset!r}: the cache index has in_stage2 and in_vae")
+            frame = frame[frame[column]]
+        self.index = frame.reset_index(drop=True)
+        if self.index.empty:
+            raise UltraFluxError(f"the cache {self.root} has no entries{f' in subset {subset}' if subset else ''}")
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def bucket_keys(self) -> list[tuple[int, int]]:
+        """``(width, height)`` of every item, in dataset order (the input of ``BucketBatchSampler``)."""
+        pairs = zip(self.index["bucket_width"], self.index["bucket_height"], strict=True)
+        return [(int(w), int(h)) for w, h in pairs]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        row = self.index.iloc[i]
+        with safe_open(str(self.root / row["file"]), framework="pt") as fh:
+            item: dict[str, Any] = {name: fh.get_tensor(name) for name in ("latents", "prompt_embeds", "pooled")}
+        item["latents"] = item["latents"].float()
+        item["bucket"] = (int(row["bucket_width"]), int(row["bucket_height"]))
+        item["aesthetics"] = float(row["aesthetics"])
+        item["key"] = str(row["key"])
+        return item
+
+
+def collate_latents(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack one bucket's items: tensors gain a batch dim, ``aesthetics`` becomes a tensor, ``key`` a list."""
+    buckets = {item["bucket"] for item in items}
+    if len(buckets) != 1:
+        raise UltraFluxError(f"a batch must hold one bucket, got {sorted(buckets)}: use BucketBatchSampler")
+    return {
+        "latents": torch.stack([item["latents"] for item in items]),
+        "prompt_embeds": torch.stack([item["prompt_embeds"] for item in items]),
+        "pooled": torch.stack([item["pooled"] for item in items]),
+        "aesthetics": torch.tensor([item["aesthetics"] for item in items], dtype=torch.float32),
+        "bucket": buckets.pop(),
+        "key": [item["key"] for item in items],
+    }

@@ -1,0 +1,170 @@
+"""Training losses: the SNR-aware Huber wavelet loss (DESIGN §3) as pure-torch references, and its dispatcher.
+
+The references are differentiable, readable and the oracle of the fused Triton kernel in
+:mod:`ultraflux_model.kernels.wavelet_loss`; :func:`training_loss` picks between the two with the one
+dispatch rule of :mod:`ultraflux_model.kernels.dispatch`.
+
+Math (t is clamped to ``[t_clamp, 1 - t_clamp]`` for the weights only):
+    SNR  = (1 - t)² / t²
+    ω(t) = t / (1 - t) · min(SNR, γ)^β
+    c(t) = c_min + (c_max - c_min) · (min(SNR, γ) / γ)^α
+    R    = W(x̂₀) - W(x₀)        W: one-level orthonormal Haar DWT, sub-bands stacked on channels
+    ℓ_b  = mean over the elements of sample b of c²(√(1 + (R/c)²) - 1)
+    loss = mean over the batch of ω_b · ℓ_b
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ultraflux_model.config import KernelChoice, LossConfig
+from ultraflux_model.errors import UltraFluxError
+from ultraflux_model.kernels.dispatch import use_triton
+
+def _check_even_image(x: torch.Tensor, name: str) -> None:
+    if x.dim() != 4:
+        raise UltraFluxError(f"{name} must be [B, C, H, W], got shape {tuple(x.shape)}")
+    height, width = x.shape[-2:]
+    if height % 2 or width % 2 or height == 0 or width == 0:
+        raise UltraFluxError(
+            f"{name} has spatial size {height}x{width}: the Haar DWT needs even, non-zero H and W "
+            "(crop or pad the latents to an even size)"
+        )
+
+
+def haar_dwt2(x: torch.Tensor) -> torch.Tensor:
+    """One-level orthonormal 2-D Haar DWT, identical to ``pywt.dwt2(x, "haar")`` per channel.
+
+    Args:
+        x: ``[B, C, H, W]`` with even ``H`` and ``W``.
+    Returns:
+        ``[B, 4C, H/2, W/2]``: channels ``[0, C)`` hold cA, then cH, cV, cD (pywt's order), so the
+        high-frequency sub-bands are ``out[:, C:]``.
+    """
+    _check_even_image(x, "x")
+    a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]  # top-left, top-right of each 2x2 block
+    c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]  # bottom-left, bottom-right
+    # Orthonormal: each sub-band is ±a ±b ±c ±d over 2 (1/√2 per axis), so W is its own inverse's transpose.
+    return torch.cat([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=1) * 0.5
+
+
+def pseudo_huber(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``c²(√(1 + (r/c)²) - 1)`` elementwise, broadcasting ``c`` against ``r``.
+
+    Written as ``r² / (√(1 + (r/c)²) + 1)`` (the same value) because the textbook form cancels to 0 in
+    float32 once ``|r/c|`` drops below ~3e-4, which would zero small residuals' loss and gradient.
+    """
+    return r.square() / (torch.sqrt(1.0 + (r / c).square()) + 1.0)
+
+
+def check_loss_params(*, gamma: float, alpha: float, beta: float, c_min: float, c_max: float, t_clamp: float) -> None:
+    """Raise ``UltraFluxError`` for hyper-parameters outside :class:`~ultraflux_model.config.LossConfig`'s ranges."""
+    try:
+        LossConfig(gamma=gamma, alpha=alpha, beta=beta, c_min=c_min, c_max=c_max, t_clamp=t_clamp)
+    except ValueError as err:  # pydantic's ValidationError lists every offending field
+        raise UltraFluxError(f"invalid loss parameters: {err}") from err
+
+
+def snr_weights(
+    t: torch.Tensor,
+    *,
+    gamma: float = 5.0,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    c_min: float = 0.2,
+    c_max: float = 1.0,
+    t_clamp: float = 1e-3,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample loss weight ω(t) and pseudo-Huber scale c(t).
+
+    Args:
+        t: ``[B]`` flow-matching times in ``[0, 1]`` (1 = pure noise); clamped to ``[t_clamp, 1 - t_clamp]``.
+    Returns:
+        ``(omega, c)``, each ``[B]`` in ``t``'s floating dtype (float32 at least).
+    """
+    check_loss_params(gamma=gamma, alpha=alpha, beta=beta, c_min=c_min, c_max=c_max, t_clamp=t_clamp)
+    t = t.to(torch.promote_types(t.dtype, torch.float32)).clamp(t_clamp, 1.0 - t_clamp)
+    capped = torch.clamp(((1.0 - t) / t).square(), max=gamma)  # min(SNR, γ)
+    omega = t / (1.0 - t) * capped.pow(beta)
+    c = c_min + (c_max - c_min) * (capped / gamma).pow(alpha)
+    return omega, c
+
+
+def check_loss_inputs(pred_x0: torch.Tensor, target_x0: torch.Tensor, t: torch.Tensor) -> None:
+    """Raise ``UltraFluxError`` unless pred/target are equal-shape ``[B, C, H, W]`` (even H, W) and t is ``[B]``."""
+    _check_even_image(pred_x0, "pred_x0")
+    if pred_x0.shape != target_x0.shape:
+        raise UltraFluxError(
+            f"pred_x0 {tuple(pred_x0.shape)} and target_x0 {tuple(target_x0.shape)} must have the same shape"
+        )
+    if t.shape != (pred_x0.shape[0],):
+        raise UltraFluxError(f"t must be [B] = [{pred_x0.shape[0]}] (one time per sample), got {tuple(t.shape)}")
+    if not (pred_x0.is_floating_point() and target_x0.is_floating_point() and t.is_floating_point()):
+        raise UltraFluxError("pred_x0, target_x0 and t must be floating-point tensors")
+
+
+def snr_huber_wavelet_loss(
+    pred_x0: torch.Tensor,
+    target_x0: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    gamma: float = 5.0,
+    alpha: float = 0.5,
+    beta: float = 0.5,
+    c_min: float = 0.2,
+    c_max: float = 1.0,
+    t_clamp: float = 1e-3,
+) -> torch.Tensor:
+    """SNR-aware pseudo-Huber loss on the Haar wavelet residual (reference implementation).
+
+    Args:
+        pred_x0: ``[B, C, H, W]`` predicted clean latents (even H, W).
+        target_x0: ``[B, C, H, W]`` clean latents.
+        t: ``[B]`` times of the noisy inputs.
+    Returns:
+        Scalar loss, computed in float32 (float64 for float64 inputs) whatever the input dtype.
+    """
+    check_loss_inputs(pred_x0, target_x0, t)
+    compute = torch.promote_types(torch.promote_types(pred_x0.dtype, target_x0.dtype), torch.float32)
+    omega, c = snr_weights(
+        t.to(compute), gamma=gamma, alpha=alpha, beta=beta, c_min=c_min, c_max=c_max, t_clamp=t_clamp
+    )
+    residual = haar_dwt2(pred_x0.to(compute)) - haar_dwt2(target_x0.to(compute))
+    per_sample = pseudo_huber(residual, c[:, None, None, None]).mean(dim=(1, 2, 3))
+    return (omega * per_sample).mean()
+
+
+def x0_from_velocity(z_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Clean-sample estimate of a velocity prediction: ``x̂₀ = z_t - t·v`` (z_t = (1-t)·z + t·ε, v = ε - z).
+
+    Args:
+        z_t, v: ``[B, ...]`` noisy input and predicted velocity.
+        t: ``[B]`` times (not clamped: this is the exact inverse of the noising).
+    Returns:
+        ``[B, ...]`` like ``z_t``.
+    """
+    if z_t.shape != v.shape:
+        raise UltraFluxError(f"z_t {tuple(z_t.shape)} and v {tuple(v.shape)} must have the same shape")
+    if t.shape != (z_t.shape[0],):
+        raise UltraFluxError(f"t must be [B] = [{z_t.shape[0]}], got {tuple(t.shape)}")
+    return z_t - t.to(v.dtype).view(-1, *([1] * (v.dim() - 1))) * v
+
+
+def training_loss(
+    pred_x0: torch.Tensor,
+    target_x0: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    cfg: LossConfig,
+    kernel: KernelChoice = "auto",
+) -> torch.Tensor:
+    """The SNR-aware Huber wavelet loss through the fused Triton kernel or the reference, per ``kernel``.
+
+    Both paths take the same arguments and agree to float32 rounding; see :func:`snr_huber_wavelet_loss`.
+    """
+    params = cfg.model_dump()
+    if use_triton(kernel, pred_x0):
+        from ultraflux_model.kernels.wavelet_loss import snr_huber_wavelet_loss as fused  # Triton is optional
+
+        return fused(pred_x0, target_x0, t, **params)
+    return snr_huber_wavelet_loss(pred_x0, target_x0, t, **params)

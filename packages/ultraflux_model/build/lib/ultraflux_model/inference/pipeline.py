@@ -1,0 +1,346 @@
+"""Native-4K text-to-image generation with an UltraFlux checkpoint (local directory or hub id).
+
+Follows the official inference: CLIP-L pooled + T5 (up to 512 tokens) text conditioning, FlowMatch Euler
+with a static shift of 3.0 over ``steps`` sigmas from 1 to 1/steps, distilled guidance through the guidance
+embedding, latents unpacked and un-scaled (``z / scaling + shift``) before the F16 VAE decode.
+
+The components are held in a diffusers ``DiffusionPipeline`` subclass only so that accelerate's model and
+sequential CPU offload hooks work; the sampling loop is ours and short enough to read top to bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+from ultraflux_model.config import Dtype, GenerateConfig, KernelChoice, Offload, check_image_size
+from ultraflux_model.diffusion.latents import image_ids, latent_hw, pack_latents, text_ids, unpack_latents
+from ultraflux_model.errors import UltraFluxError
+from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
+from ultraflux_model.pretrained import check_checkpoint_layout, check_local_component, fingerprint, resolve_checkpoint
+from ultraflux_model.vae.autoencoder import DecodeMode, UltraFluxAutoencoderKL
+
+TORCH_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CLIP_MAX_TOKENS = 77
+
+
+class UltraFluxPipeline(DiffusionPipeline):
+    """Holder of the seven components (enables ``enable_model_cpu_offload`` / ``enable_sequential_cpu_offload``)."""
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->transformer->vae"
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: UltraFluxAutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: T5EncoderModel,
+        tokenizer_2: T5TokenizerFast,
+        transformer: UltraFluxTransformer2DModel,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            scheduler=scheduler,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            transformer=transformer,
+        )
+
+
+def load_pipeline(
+    model: str | Path,
+    *,
+    dtype: Dtype = "bf16",
+    device: str | torch.device | None = None,
+    offload: Offload = "none",
+    transformer: UltraFluxTransformer2DModel | None = None,
+    rope_kernel: KernelChoice = "auto",
+) -> UltraFluxPipeline:
+    """Load every component (safetensors only) and place it per ``offload``.
+
+    ``transformer`` replaces the checkpoint's own (e.g. a freshly exported training checkpoint);
+    ``rope_kernel`` selects eager or fused RoPE in its attention layers.
+    """
+    root = resolve_checkpoint(model)
+    check_checkpoint_layout(root)
+    torch_dtype = TORCH_DTYPES[dtype]
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if offload != "none" and device.type != "cuda":
+        raise UltraFluxError(
+            f"--offload {offload} moves weights between CPU and a GPU; there is no GPU here (use none)"
+        )
+    text = load_text_encoders(root, dtype=dtype)
+    pipe = UltraFluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
+        vae=UltraFluxAutoencoderKL.from_pretrained(root / "vae", torch_dtype=torch_dtype),
+        text_encoder=text.text_encoder,
+        tokenizer=text.tokenizer,
+        text_encoder_2=text.text_encoder_2,
+        tokenizer_2=text.tokenizer_2,
+        transformer=transformer
+        or UltraFluxTransformer2DModel.from_pretrained(root / "transformer", torch_dtype=torch_dtype),
+    )
+    pipe.transformer.set_rope_kernel(rope_kernel)
+    pipe.checkpoint_root = root  # type: ignore[attr-defined]
+    pipe.set_progress_bar_config(disable=True)
+    if offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    return pipe
+
+
+@dataclass(frozen=True)
+class TextEncoders:
+    """CLIP-L and T5 with their tokenizers: all that text conditioning needs (the caches load only these)."""
+
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    tokenizer_2: T5TokenizerFast
+    text_encoder_2: T5EncoderModel
+
+
+def load_text_encoders(root: Path, *, dtype: Dtype = "bf16", device: str | torch.device | None = None) -> TextEncoders:
+    """Load the two text encoders and tokenizers of a checkpoint directory (safetensors only)."""
+    check_local_component(root / "text_encoder", "model")
+    check_local_component(root / "text_encoder_2", "model")
+    common = {"torch_dtype": TORCH_DTYPES[dtype], "use_safetensors": True}
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", **common).eval()
+    text_encoder_2 = T5EncoderModel.from_pretrained(root / "text_encoder_2", **common).eval()
+    if device is not None:
+        text_encoder, text_encoder_2 = text_encoder.to(device), text_encoder_2.to(device)
+    return TextEncoders(
+        tokenizer=CLIPTokenizer.from_pretrained(root / "tokenizer"),
+        text_encoder=text_encoder,
+        tokenizer_2=T5TokenizerFast.from_pretrained(root / "tokenizer_2"),
+        text_encoder_2=text_encoder_2,
+    )
+
+
+@torch.no_grad()
+def encode_prompts(
+    text: TextEncoders | UltraFluxPipeline,
+    prompts: list[str],
+    max_sequence_length: int = 512,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text conditioning as Flux: T5 sequence ``[B, L, D_t5]`` and CLIP pooled ``[B, D_clip]`` in ``dtype``.
+
+    ``text`` is anything holding the two tokenizers and encoders (a pipeline or :class:`TextEncoders`);
+    ``L`` is ``max_sequence_length`` (padded, truncated), as in the official pipeline.
+    """
+    clip_ids = text.tokenizer(
+        prompts, padding="max_length", max_length=CLIP_MAX_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
+    pooled = text.text_encoder(clip_ids.to(device), output_hidden_states=False).pooler_output
+    t5_ids = text.tokenizer_2(
+        prompts, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    sequence = text.text_encoder_2(t5_ids.to(device), output_hidden_states=False)[0]
+    return sequence.to(dtype), pooled.to(dtype)
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One written image and its sidecar (also saved as ``<path>.json``)."""
+
+    path: Path
+    prompt: str
+    width: int
+    height: int
+    seed: int
+    sidecar: dict[str, Any] = field(default_factory=dict)
+
+
+def _peak_memory(device: torch.device) -> dict[str, float]:
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    peak = {"peak_host_rss_gb": rss_kb / (1 << 30 if sys.platform == "darwin" else 1 << 20)}
+    if device.type == "cuda":
+        peak["peak_gpu_allocated_gb"] = torch.cuda.max_memory_allocated(device) / (1 << 30)
+    return peak
+
+
+@torch.no_grad()
+def sample_latents(
+    pipe: UltraFluxPipeline,
+    prompt_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    width: int,
+    height: int,
+    *,
+    steps: int,
+    guidance: float,
+    shift: float,
+    seed: int,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Denoise one image's packed latents with FlowMatch Euler; returns VAE-space latents ``[1, 16, H/16, W/16]``."""
+    device, transformer = pipe._execution_device, pipe.transformer
+    h, w = latent_hw(width, height, pipe.vae.spatial_factor)
+    # Noise is drawn on the CPU so a seed gives the same image on any device.
+    noise = torch.randn((1, pipe.vae.config.latent_channels, h, w), generator=torch.Generator("cpu").manual_seed(seed))
+    latents = pack_latents(noise).to(device, transformer.dtype)
+    img_ids = image_ids(h // 2, w // 2, device=device)
+    txt_ids = text_ids(prompt_embeds.shape[1], device=device)
+    guidance_t = torch.full((1,), guidance, device=device) if transformer.config.guidance_embeds else None
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        pipe.scheduler.config, shift=shift, use_dynamic_shifting=False
+    )
+    scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).tolist(), device=device)
+    for t in tqdm(scheduler.timesteps, desc=f"{width}x{height}", leave=False, disable=not progress):
+        velocity = transformer(
+            hidden_states=latents,
+            encoder_hidden_states=prompt_embeds,
+            pooled_projections=pooled,
+            timestep=(t / 1000).expand(1).to(latents.dtype),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            guidance=guidance_t,
+            return_dict=False,
+        )[0]
+        latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+    z = unpack_latents(latents, h, w)
+    return z / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
+
+
+@torch.no_grad()
+def decode_to_pil(pipe: UltraFluxPipeline, z: torch.Tensor, mode: DecodeMode) -> Image.Image:
+    """VAE-decode ``[1, 16, h, w]`` latents into an RGB PIL image."""
+    image = pipe.vae.decode(z.to(pipe.vae.dtype), mode=mode).sample[0]
+    array = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def generate(
+    model: str | Path,
+    prompts: list[str],
+    sizes: list[tuple[int, int]],
+    *,
+    steps: int = 50,
+    guidance: float = 4.0,
+    shift: float = 3.0,
+    seed: int = 0,
+    dtype: Dtype = "bf16",
+    offload: Offload = "none",
+    vae_decode: DecodeMode = "tiled",
+    max_sequence_length: int = 512,
+    out_dir: Path | str = "artifacts/generated",
+    device: str | None = None,
+    pipe: UltraFluxPipeline | None = None,
+    progress: bool = True,
+    rope_kernel: KernelChoice = "auto",
+) -> list[GeneratedImage]:
+    """Generate every (prompt, size) pair; image ``k`` uses seed ``seed + k``. Writes PNG + JSON sidecar each.
+
+    Sizes are ``(width, height)`` with sides multiples of 32 (checked before any model is loaded).
+    """
+    if not prompts:
+        raise UltraFluxError("no prompts given")
+    for width, height in sizes:
+        check_image_size(width, height)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    pipe = pipe or load_pipeline(model, dtype=dtype, device=device, offload=offload, rope_kernel=rope_kernel)
+    load_s = time.perf_counter() - started
+    root: Path = pipe.checkpoint_root  # type: ignore[attr-defined]
+    model_hash = fingerprint(root)
+    exec_device = pipe._execution_device
+
+    results: list[GeneratedImage] = []
+    jobs = [(p, s) for p in prompts for s in sizes]
+    for index, (prompt, (width, height)) in enumerate(tqdm(jobs, desc="images", disable=not progress)):
+        image_seed = seed + index
+        if exec_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(exec_device)
+        t0 = time.perf_counter()
+        prompt_embeds, pooled = encode_prompts(
+            pipe, [prompt], max_sequence_length, device=exec_device, dtype=pipe.transformer.dtype
+        )
+        t1 = time.perf_counter()
+        z = sample_latents(
+            pipe,
+            prompt_embeds,
+            pooled,
+            width,
+            height,
+            steps=steps,
+            guidance=guidance,
+            shift=shift,
+            seed=image_seed,
+            progress=progress,
+        )
+        t2 = time.perf_counter()
+        image = decode_to_pil(pipe, z, vae_decode)
+        t3 = time.perf_counter()
+
+        path = out_dir / f"{index:04d}_{width}x{height}_seed{image_seed}.png"
+        sidecar = {
+            "prompt": prompt,
+            "seed": image_seed,
+            "width": width,
+            "height": height,
+            "steps": steps,
+            "guidance": guidance,
+            "shift": shift,
+            "max_sequence_length": max_sequence_length,
+            "dtype": dtype,
+            "offload": offload,
+            "vae_decode": vae_decode,
+            "model": str(model),
+            "model_hash": model_hash,
+            "device": str(exec_device),
+            "timings_s": {
+                "load": round(load_s, 4) if index == 0 else 0.0,
+                "text_encode": round(t1 - t0, 4),
+                "denoise": round(t2 - t1, 4),
+                "vae_decode": round(t3 - t2, 4),
+            },
+            "memory": _peak_memory(exec_device),
+        }
+        tmp = path.with_suffix(".tmp.png")
+        image.save(tmp)
+        tmp.replace(path)  # atomic: a killed run never leaves a half-written PNG under the final name
+        path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+        results.append(
+            GeneratedImage(path=path, prompt=prompt, width=width, height=height, seed=image_seed, sidecar=sidecar)
+        )
+    return results
+
+
+def generate_from_config(cfg: GenerateConfig, **overrides: Any) -> list[GeneratedImage]:
+    """:func:`generate` with every argument taken from a :class:`GenerateConfig` (the CLI and flows use this)."""
+    kwargs: dict[str, Any] = {
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "shift": cfg.shift,
+        "seed": cfg.seed,
+        "dtype": cfg.dtype,
+        "offload": cfg.offload,
+        "vae_decode": cfg.vae_decode,
+        "max_sequence_length": cfg.max_sequence_length,
+        "out_dir": cfg.out,
+    }
+    kwargs.update(overrides)
+    return generate(cfg.model, list(cfg.prompts), [tuple(s) for s in cfg.sizes], **kwargs)

@@ -1,0 +1,65 @@
+"""Stage-wise Aesthetic Curriculum: which data, timestep band and starting weights each stage uses.
+
+Stage 1 trains on everything over the whole timestep range; stage 2 continues from stage 1's export on
+the top share by aesthetics in the high-noise band (DESIGN §3 SACL). Stages are config, so a run may
+have any number of them; each starts from the previous stage's consolidated export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ultraflux_model.config import StageConfig, TrainConfig
+from ultraflux_model.errors import UltraFluxError
+
+EXPORT_DIR = "export"
+TRANSFORMER_DIR = "transformer"
+EMA_EXPORT_DIR = "export_ema"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Where a stage reads its starting weights and writes its outputs."""
+
+    index: int
+    stage: StageConfig
+    dir: Path  # <run_dir>/<stage name>: checkpoints/, export/, export_ema/, metrics.jsonl
+    init_from: Path  # a diffusers transformer directory
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def export(self) -> Path:
+        """A complete checkpoint: the base checkpoint with this stage's trained transformer."""
+        return self.dir / EXPORT_DIR
+
+    @property
+    def export_ema(self) -> Path:
+        """The same with the EMA weights as the transformer."""
+        return self.dir / EMA_EXPORT_DIR
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+
+def stage_plans(train: TrainConfig) -> list[StagePlan]:
+    """One plan per configured stage; stage k > 0 starts from stage k−1's exported (non-EMA) transformer."""
+    plans: list[StagePlan] = []
+    init_from = Path(train.model) / TRANSFORMER_DIR
+    for index, stage in enumerate(train.stages):
+        plan = StagePlan(index=index, stage=stage, dir=Path(train.run_dir) / stage.name, init_from=init_from)
+        plans.append(plan)
+        init_from = plan.export / TRANSFORMER_DIR
+    return plans
+
+
+def find_stage(train: TrainConfig, name: str) -> StagePlan:
+    """The plan of the stage called ``name``."""
+    for plan in stage_plans(train):
+        if plan.stage.name == name:
+            return plan
+    raise UltraFluxError(f"no stage named {name!r}; configured stages: {[s.name for s in train.stages]}")

@@ -1,0 +1,58 @@
+"""Training timestep laws: uniform or logit-normal, a static shift, restricted to a band.
+
+Every sample costs exactly one uniform draw ``u`` that is mapped through the inverse CDF of the
+band-restricted law. That keeps the random stream independent of the band (no rejection loop), so a
+resumed run and a run with another stage band consume randomness identically, and the band restriction
+is exact rather than a clamp that would pile mass on the edges.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ultraflux_model.config import TimestepConfig
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """The static FlowMatch shift ``s·t / (1 + (s−1)·t)``; monotone on [0, 1], identity for s = 1."""
+    return shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def unshift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """Inverse of :func:`shift_timesteps`: ``t / (s − (s−1)·t)``."""
+    return t / (shift - (shift - 1.0) * t)
+
+
+def _base_cdf(t: torch.Tensor, cfg: TimestepConfig) -> torch.Tensor:
+    """CDF of the unshifted law at ``t`` (float64)."""
+    if cfg.sampling == "uniform":
+        return t
+    return torch.special.ndtr((torch.logit(t) - cfg.logit_mean) / cfg.logit_std)
+
+
+def _base_icdf(p: torch.Tensor, cfg: TimestepConfig) -> torch.Tensor:
+    """Inverse CDF of the unshifted law (float64)."""
+    if cfg.sampling == "uniform":
+        return p
+    return torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.special.ndtri(p))
+
+
+def timesteps_from_uniform(
+    u: torch.Tensor, cfg: TimestepConfig, t_min: float = 0.0, t_max: float = 1.0
+) -> torch.Tensor:
+    """Map uniform draws ``u`` [B] in [0, 1) to timesteps [B] of the configured law restricted to [t_min, t_max].
+
+    The band is on the final (shifted) t, as the SACL stage-2 band σ ≥ 0.541 is.
+    """
+    band = torch.tensor([t_min, t_max], dtype=torch.float64)
+    lo, hi = _base_cdf(unshift_timesteps(band, cfg.shift), cfg)
+    p = lo + (hi - lo) * u.to(torch.float64)
+    t = shift_timesteps(_base_icdf(p, cfg), cfg.shift)
+    return t.clamp(t_min, t_max).to(torch.float32)
+
+
+def sample_timesteps(
+    n: int, cfg: TimestepConfig, t_min: float = 0.0, t_max: float = 1.0, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``n`` timesteps [n] of the configured law restricted to [t_min, t_max]."""
+    return timesteps_from_uniform(torch.rand(n, generator=generator, dtype=torch.float64), cfg, t_min, t_max)
