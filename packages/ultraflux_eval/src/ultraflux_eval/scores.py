@@ -19,7 +19,8 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -73,15 +74,22 @@ def load_rgb(image: ImageLike) -> np.ndarray:
     if isinstance(image, Image.Image):
         return _pil_to_rgb(image)
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise EvalError(f"image file {path} does not exist (or is not a file)")
-        try:
-            with Image.open(path) as opened:
-                return _pil_to_rgb(ImageOps.exif_transpose(opened))
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            raise EvalError(f"cannot read image {path}: {err}; re-export it as PNG or JPEG") from err
+        with _open_image(image) as opened:
+            return _pil_to_rgb(ImageOps.exif_transpose(opened))
     raise EvalError(f"expected an image path, PIL.Image or RGB uint8 array, got {type(image).__name__}")
+
+
+@contextmanager
+def _open_image(path_like: str | os.PathLike) -> Iterator[Image.Image]:
+    """``Image.open`` whose failures (missing, truncated, not an image, decompression bomb) become ``EvalError``."""
+    path = Path(path_like)
+    if not path.is_file():
+        raise EvalError(f"image file {path} does not exist (or is not a file)")
+    try:
+        with Image.open(path) as opened:
+            yield opened
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise EvalError(f"cannot read image {path}: {err}; re-export it as PNG or JPEG") from err
 
 
 def to_gray(image: ImageLike) -> np.ndarray:
@@ -96,18 +104,12 @@ def resolution(image: ImageLike) -> tuple[int, int]:
     dataset needs.
     """
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise EvalError(f"image file {path} does not exist (or is not a file)")
-        try:
-            with Image.open(path) as opened:
-                width, height = opened.size
-                # EXIF orientations 5-8 rotate by 90°: the displayed image is transposed.
-                if opened.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                    width, height = height, width
-                return int(width), int(height)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            raise EvalError(f"cannot read image {path}: {err}; re-export it as PNG or JPEG") from err
+        with _open_image(image) as opened:
+            width, height = opened.size
+            # EXIF orientations 5-8 rotate by 90°: the displayed image is transposed.
+            if opened.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                width, height = height, width
+            return int(width), int(height)
     if isinstance(image, Image.Image):
         return int(image.width), int(image.height)
     rgb = load_rgb(image)
