@@ -14,6 +14,10 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 
 $(VENV)/.installed: requirements/ci.txt requirements/constraints.txt packages/ultraflux_model/pyproject.toml packages/ultraflux_eval/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
+	# Headless Chromium + its driver for the web app's real-browser test (Debian packages; root installs them).
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else echo "note: install chromium and chromium-driver (apt) for the browser test"; fi; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/ci.txt -c requirements/constraints.txt
 	touch $@
