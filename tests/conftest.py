@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# Real services (moto S3, mlflow server, prefect server) as fixtures for every test module.
+# tests/ is on sys.path (rootdir conftest, prepend import mode): import it as `servers`.
+pytest_plugins = ("servers",)
+
 # Set before any test module imports prefect/mlflow/dvc/huggingface.
 for _key, _value in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -9,13 +9,8 @@ process work pool (``from_registry``: re-evaluates the latest registered version
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,36 +48,9 @@ def test_prefect_yaml_declares_a_cron_deployment_whose_entrypoint_resolves():
 
 
 @pytest.fixture()
-def prefect_api(tmp_path) -> Iterator[dict[str, str]]:
-    """A Prefect server on a free loopback port; yields the environment that points clients at it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO),
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
-    log = open(tmp_path / "prefect-server.log", "w")  # noqa: SIM115 - closed below
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                               str(port)], env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
-                              stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    log_text = (tmp_path / "prefect-server.log").read_text()
-                    pytest.fail(f"prefect server did not start: {log_text[-2000:]}")
-                time.sleep(1)
-        yield env
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+def prefect_api(prefect_server) -> dict[str, str]:
+    """The environment that points Prefect clients at a real server (tests/servers.py)."""
+    return prefect_server
 
 
 def _prefect(env: dict[str, str], *args: str) -> str:
