@@ -41,6 +41,7 @@ def config_dump(
     if out is None:
         typer.echo(text, nl=False)
     else:
+        out.parent.mkdir(parents=True, exist_ok=True)  # a DVC stage's out: its folder may not exist yet
         out.write_text(text)
 
 
