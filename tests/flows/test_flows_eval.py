@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from code_snapshot import git_snapshot
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,9 +49,10 @@ def test_prefect_yaml_declares_a_cron_deployment_whose_entrypoint_resolves():
 
 
 @pytest.fixture()
-def prefect_api(prefect_server) -> dict[str, str]:
-    """The environment that points Prefect clients at a real server (tests/servers.py)."""
-    return prefect_server
+def prefect_api(prefect_server, tmp_path) -> dict[str, str]:
+    """The environment that points Prefect clients at a real server (tests/servers.py) and prefect.yaml's
+    git_clone pull step at a snapshot of the code under test (tests/code_snapshot.py)."""
+    return {**prefect_server, **git_snapshot(tmp_path / "src")}
 
 
 def _prefect(env: dict[str, str], *args: str) -> str:

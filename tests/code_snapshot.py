@@ -1,0 +1,32 @@
+"""A git repository holding the working tree's flow code, for deployments whose pull step is ``git_clone``.
+
+Tests commit what a process worker needs from the checkout (flows, params.yaml, presets) into a fresh repository
+under ``tmp_path`` and point ``ULTRAFLUX_GIT_REPOSITORY``/``ULTRAFLUX_GIT_BRANCH`` (prefect.yaml) at it, so the
+worker clones exactly the code under test (uncommitted edits included) and nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CODE = ("flows", "configs", "params.yaml", "prefect.yaml")
+BRANCH = "main"
+
+
+def git_snapshot(dst: Path) -> dict[str, str]:
+    """Commit ``CODE`` from the working tree into a new repository at ``dst``; returns the env prefect.yaml reads."""
+    dst.mkdir(parents=True)
+    for name in CODE:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst / name)
+    env = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost", "GIT_COMMITTER_NAME": "test",
+           "GIT_COMMITTER_EMAIL": "test@localhost", "PATH": "/usr/bin:/bin"}
+    for args in (["init", "-q", "-b", BRANCH], ["add", "-A"], ["commit", "-q", "-m", "snapshot"]):
+        subprocess.run(["git", *args], cwd=dst, env=env, check=True, capture_output=True, timeout=60)
+    return {"ULTRAFLUX_GIT_REPOSITORY": str(dst), "ULTRAFLUX_GIT_BRANCH": BRANCH}

