@@ -169,6 +169,7 @@ def test_dvc_training_stages_depend_on_the_cache_and_the_base_model(tmp_path: Pa
 
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
     shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    shutil.copy(REPO / "preset.yaml", tmp_path / "preset.yaml")  # the preset every stage layers (config stage)
     dvc = str(Path(sys.executable).parent / "dvc")
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     subprocess.run([dvc, "init", "--no-scm", "-q"], cwd=tmp_path, env=env, check=True)
@@ -180,5 +181,5 @@ def test_dvc_training_stages_depend_on_the_cache_and_the_base_model(tmp_path: Pa
         edges = [line.strip().split("-->") for line in out.splitlines() if "-->" in line]
         return {names[a].strip('"]') for a, b in edges if names[b].strip('"]') == stage}
 
-    assert upstream("train") == {"data_cache", "tiny_model"}
-    assert upstream("vae_post_train") == {"data_ingest", "tiny_model"}
+    assert upstream("train") == {"config", "data_cache", "tiny_model"}
+    assert upstream("vae_post_train") == {"config", "data_ingest", "tiny_model"}
