@@ -38,3 +38,9 @@ bench: setup
 
 clean:
 	rm -rf artifacts storage mlruns .pytest_cache
+
+## Static checks of the production stack (docs/deploy.md): every infra/k8s manifest against Kubernetes 1.32's strict
+## schemas, hadolint on the Dockerfiles, the MLflow compose file's structure. No cluster or Docker needed.
+.PHONY: infra-check
+infra-check: setup
+	$(PY) -m pytest tests/test_infra.py -q -p no:cacheprovider

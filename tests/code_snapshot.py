@@ -7,6 +7,7 @@ worker clones exactly the code under test (uncommitted edits included) and nothi
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,8 +26,8 @@ def git_snapshot(dst: Path) -> dict[str, str]:
             shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, dst / name)
-    env = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost", "GIT_COMMITTER_NAME": "test",
-           "GIT_COMMITTER_EMAIL": "test@localhost", "PATH": "/usr/bin:/bin"}
+    env = {**os.environ, "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+           "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost"}
     for args in (["init", "-q", "-b", BRANCH], ["add", "-A"], ["commit", "-q", "-m", "snapshot"]):
         subprocess.run(["git", *args], cwd=dst, env=env, check=True, capture_output=True, timeout=60)
     return {"ULTRAFLUX_GIT_REPOSITORY": str(dst), "ULTRAFLUX_GIT_BRANCH": BRANCH}
