@@ -89,6 +89,24 @@ def test_manifests_agree_on_namespace_claims_secrets_and_accounts():
     assert not any("PASSWORD" in e["name"] or "SECRET" in e["name"] for e in mlflow_container.get("env", []))
 
 
+def test_deploy_doc_creates_every_secret_key_the_manifests_read():
+    """`kubectl create secret … --from-literal=KEY=` in docs/deploy.md for each key a manifest expects."""
+    doc = (REPO / "docs" / "deploy.md").read_text()
+    created = set(re.findall(r"--from-literal=([A-Z_]+)=", doc))
+    needed = set()
+    for _, manifest in k8s_documents():
+        for pod in [manifest.get("spec", {}).get("template", {}).get("spec", {})]:
+            for container in pod.get("containers", []):
+                needed |= {e["valueFrom"]["secretKeyRef"]["key"] for e in container.get("env", [])
+                           if "secretKeyRef" in e.get("valueFrom", {})}
+                # $(VAR) in args is expanded from the container's env, here from the envFrom secrets
+                if container.get("envFrom") and any(s["secretRef"]["name"].startswith("mlflow") for s in
+                                                    container["envFrom"]):
+                    needed |= set(re.findall(r"\$\(([A-Z_]+)\)", " ".join(container.get("args", []))))
+    assert {"PREFECT_API_URL", "MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION"} <= needed
+    assert needed <= created, f"docs/deploy.md never creates {needed - created}"
+
+
 COMPOSE = REPO / "infra" / "mlflow" / "docker-compose.yaml"
 
 
