@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ultraflux_eval.errors import EvalError
+from ultraflux_eval.fid_cli import fid_command
 
 app = typer.Typer(
     help="UltraFlux evaluation: per-aspect metrics, MLflow runs, local backbone weights.", no_args_is_help=True
@@ -18,6 +19,7 @@ weights_app = typer.Typer(
     help="Local backbone weights (manifest with sha256; nothing is downloaded).", no_args_is_help=True
 )
 app.add_typer(weights_app, name="weights")
+app.command("fid")(fid_command)
 
 
 @app.command("evaluate")

@@ -253,7 +253,7 @@ def evaluate(
             for i, value in zip(chunk, column, strict=True):
                 rows[i][name] = value if name.endswith("_bytes") else float(value)
         if "fid" in metrics:
-            fid_fake += fid_inputs(rgbs, backbones.fid_size)
+            fid_fake += fid_inputs(rgbs, backbones.fid_size, backbones.fid_resize)
         if "patch_fid" in metrics:
             patch_fake += [patch_inputs([rgb], spec.patch_size, spec.patches_per_image) for rgb in rgbs]
 
@@ -275,7 +275,7 @@ def evaluate(
 
     extractor = backbones.require("inception") if any(m in REFERENCE_METRICS for m in metrics) else None
     if "fid" in metrics:
-        fid = FrechetDistance(extractor, fid_inputs(reference, backbones.fid_size), batch_size)
+        fid = FrechetDistance(extractor, fid_inputs(reference, backbones.fid_size, backbones.fid_resize), batch_size)
         for name, idx in groups.items():
             table[name]["fid"] = fid.distance([fid_fake[i] for i in idx])
     if "patch_fid" in metrics:
