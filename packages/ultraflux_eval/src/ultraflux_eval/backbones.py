@@ -11,6 +11,7 @@ Production weights live in one directory with a ``manifest.yaml``::
       pickscore: pickscore      # HF CLIPModel folder (PickScore_v1)
       hps: hps                  # HF CLIPModel folder (HPS-style preference model in HF CLIP layout)
       inception: inception/weights-inception-2015-12-05-6726825d.pth  # torch-fidelity's TF-ported Inception
+      musiq: musiq/musiq_koniq_ckpt-e95806b9.pth   # pyiqa MUSIQ (KonIQ-10k), read with weights_only=True
 
 Loading never downloads: a missing or altered file is an ``EvalError`` naming it (``ultraflux-eval weights fetch``
 fills the directory from the hubs at pinned revisions, see :mod:`ultraflux_eval.weights`). ``tiny`` backbones are
@@ -34,7 +35,7 @@ from torch import nn
 from ultraflux_eval.errors import EvalError
 
 MANIFEST = "manifest.yaml"
-ROLES = ("clip", "aesthetic_head", "pickscore", "hps", "inception")
+ROLES = ("clip", "aesthetic_head", "pickscore", "hps", "inception", "musiq")
 # which roles each metric needs
 METRIC_ROLES: dict[str, tuple[str, ...]] = {
     "clip_score": ("clip",),
@@ -43,6 +44,7 @@ METRIC_ROLES: dict[str, tuple[str, ...]] = {
     "hps": ("hps",),
     "fid": ("inception",),
     "patch_fid": ("inception",),
+    "musiq": ("musiq",),
 }
 
 
@@ -292,6 +294,7 @@ class Backbones:
     fid_size: int = 64  # the extractor's input side
     tiny: bool = True
     fid_resize: str = "antialias"  # how whole images reach fid_size: antialias (tiny), legacy or clean (Inception)
+    musiq: nn.Module | None = None
 
     def require(self, role: str) -> object:
         value = getattr(self, role)
@@ -318,6 +321,10 @@ def tiny_backbones(metrics: Iterable[str], seed: int = 0, fid_size: int = 64) ->
         out.hps = tiny_clip(seed + 2)
     if "inception" in roles:
         out.inception = TinyFeatureExtractor(seed)
+    if "musiq" in roles:
+        from ultraflux_eval.iqa import build_musiq
+
+        out.musiq = build_musiq(tiny=True, seed=seed)
     return out
 
 
@@ -347,6 +354,10 @@ def local_backbones(
             out.aesthetic_head = load_aesthetic_head(path)
         elif role == "inception":
             out.inception = load_standard_inception(path)
+        elif role == "musiq":
+            from ultraflux_eval.iqa import load_musiq
+
+            out.musiq = load_musiq(path)
     return out
 
 
