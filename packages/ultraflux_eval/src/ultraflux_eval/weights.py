@@ -32,7 +32,8 @@ import yaml
 from ultraflux_eval.backbones import MANIFEST, METRIC_ROLES, read_manifest, sha256_file, write_manifest
 from ultraflux_eval.errors import EvalError
 
-CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+# what transformers 5 loads a CLIP tokenizer + image processor from (the fast tokenizer's tokenizer.json)
+CLIP_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                         "preprocessor_config.json")
 
 
