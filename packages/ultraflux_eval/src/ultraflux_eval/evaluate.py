@@ -30,6 +30,7 @@ from ultraflux_eval.backbones import Backbones, tiny_backbones
 from ultraflux_eval.config import REFERENCE_METRICS, AspectSize, BenchmarkConfig
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.fidelity import FrechetDistance, fid_inputs, patch_inputs
+from ultraflux_eval.metrics import require_metric
 from ultraflux_eval.scores import ImageLike
 
 OVERALL = "overall"
@@ -148,6 +149,8 @@ def validate_inputs(
     """Cheap checks before any heavy work; returns each image's ``(width, height)`` and aspect name."""
     if len(images) == 0:
         raise EvalError("no images to evaluate")
+    for metric in spec.metrics:  # an optional extra that is missing fails here, naming its install line
+        require_metric(metric)
     if len(images) != len(prompts):
         raise EvalError(f"{len(images)} images but {len(prompts)} prompts: they must pair one to one")
     if aspects is not None and len(aspects) != len(images):
