@@ -36,7 +36,7 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     root = tmp_path_factory.mktemp("fid-sets")
-    return _write_set(root / "a", 4, 96, 72, 0, 10.0), _write_set(root / "b", 4, 96, 72, 1, 60.0)
+    return _write_set(root / "a", 3, 96, 72, 0, 10.0), _write_set(root / "b", 3, 96, 72, 1, 60.0)
 
 
 def _last_line(result) -> float:
@@ -44,11 +44,17 @@ def _last_line(result) -> float:
     return float(result.output.strip().splitlines()[-1])
 
 
-def test_fid_equals_torch_fidelity_on_the_same_weights(weights, sets):
+@pytest.fixture(scope="module")
+def legacy(weights, sets) -> float:
+    a, b = sets
+    return _last_line(CliRunner().invoke(app, ["fid", str(a), str(b), "--inception-weights", str(weights)]))
+
+
+def test_fid_equals_torch_fidelity_on_the_same_weights(weights, sets, legacy):
     import torch_fidelity
 
     a, b = sets
-    ours = _last_line(CliRunner().invoke(app, ["fid", str(a), str(b), "--inception-weights", str(weights)]))
+    ours = legacy
     theirs = torch_fidelity.calculate_metrics(
         input1=str(a), input2=str(b), fid=True, feature_extractor_weights_path=str(weights), cuda=False,
         cache=False, verbose=False, save_cpu_ram=True,
@@ -57,7 +63,7 @@ def test_fid_equals_torch_fidelity_on_the_same_weights(weights, sets):
     assert ours == pytest.approx(theirs, rel=1e-6)
 
 
-def test_clean_resize_equals_clean_fid_and_changes_the_value(weights, sets):
+def test_clean_resize_equals_clean_fid_and_changes_the_value(weights, sets, legacy):
     from cleanfid.resize import make_resizer
 
     rgb = np.random.default_rng(3).integers(0, 256, size=(71, 133, 3), dtype=np.uint8)
@@ -66,24 +72,22 @@ def test_clean_resize_equals_clean_fid_and_changes_the_value(weights, sets):
     np.testing.assert_array_equal(ours, theirs)
 
     a, b = sets
-    runner = CliRunner()
-    clean = _last_line(runner.invoke(app, ["fid", str(a), str(b), "--inception-weights", str(weights),
-                                           "--resize", "clean"]))
-    legacy = _last_line(runner.invoke(app, ["fid", str(a), str(b), "--inception-weights", str(weights)]))
+    clean = _last_line(CliRunner().invoke(app, ["fid", str(a), str(b), "--inception-weights", str(weights),
+                                                "--resize", "clean"]))
     assert clean > 0 and clean != pytest.approx(legacy, rel=1e-4)
 
 
 def test_patch_fid_is_torch_fidelity_fid_of_the_native_crops(weights, tmp_path):
     import torch_fidelity
 
-    a = _write_set(tmp_path / "a", 2, 640, 320, 4, 10.0)
-    b = _write_set(tmp_path / "b", 2, 640, 320, 5, 40.0)
+    a = _write_set(tmp_path / "a", 2, 600, 300, 4, 10.0)
+    b = _write_set(tmp_path / "b", 2, 600, 300, 5, 40.0)
     crops = {}
     for name, folder in (("a", a), ("b", b)):
         out = tmp_path / f"crops-{name}"
         out.mkdir()
         for path in sorted(folder.iterdir()):
-            for k, crop in enumerate(native_crops(path, 299, 2)):  # a 640x320 image holds 2x1 full tiles
+            for k, crop in enumerate(native_crops(path, 299, 2)):  # a 600x300 image holds 2x1 full tiles
                 assert crop.shape == (299, 299, 3)
                 Image.fromarray(crop).save(out / f"{path.stem}-{k}.png")
         crops[name] = out

@@ -15,8 +15,8 @@ Resize modes (:func:`prepare`):
 
 Both feed float ``[N, 3, 299, 299]`` in [0, 255] to the same network, which maps ``x ↦ (x − 128) / 128`` first.
 
-Trust: torch-fidelity's release file is a pickle (``.pth``); it is used only after its sha256 matches the pinned
-one, and after ``torch.load(weights_only=True)`` proved it holds nothing but tensors.
+Trust: torch-fidelity's release file is a pickle (``.pth``); the manifest checks its sha256 and it is read only
+with ``torch.load(weights_only=True)`` (torch-fidelity's own loader, which unpickles freely, is bypassed).
 """
 
 from __future__ import annotations
@@ -109,23 +109,42 @@ class StandardInception(nn.Module):
         return torch.flatten(x, 1).to(torch.float32)
 
 
-def _check_tensor_file(path: Path) -> None:
-    """Refuse a checkpoint that needs anything but tensors to unpickle (before torch-fidelity loads it)."""
+def _skeleton() -> nn.Module:
+    """torch-fidelity's network with default-initialised parameters, built without reading any checkpoint.
+
+    Its constructor insists on loading a file (or downloading one): it is handed an empty state dict, which the
+    subclass ignores, so the real weights are loaded afterwards from tensors we have already checked.
+    """
+
+    class _Unloaded(_fidelity_class()):
+        def load_state_dict(self, state_dict, strict=True, assign=False):
+            if not state_dict:  # the constructor's empty placeholder
+                return None
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)
+        return _Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
+
+
+def load_standard_inception(path: Path) -> StandardInception:
+    """torch-fidelity's Inception from its weights file (``weights-inception-2015-12-05-6726825d.pth`` format),
+    read once with ``torch.load(weights_only=True)``: tensors only, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalError(f"Inception weights {path} do not exist: run `ultraflux-eval weights fetch --only fid`")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises several types for unsafe or corrupt pickles
         raise EvalError(f"{path} is not a plain tensor checkpoint (refused to unpickle it): {err}") from err
     if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
         raise EvalError(f"{path} is not torch-fidelity's Inception state dict (no `Mixed_7c.branch_pool...` key)")
-
-
-def load_standard_inception(path: Path) -> StandardInception:
-    """torch-fidelity's Inception from its weights file (``weights-inception-2015-12-05-6726825d.pth`` format)."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"Inception weights {path} do not exist: run `ultraflux-eval weights fetch --only fid`")
-    _check_tensor_file(path)
-    net = _fidelity_class()("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path))
+    net = _skeleton()
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise EvalError(f"{path} does not fit torch-fidelity's Inception: {err}") from err
     return StandardInception(net)
 
 
@@ -135,31 +154,19 @@ def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
     He-normal convolutions and identity batch norms keep activations O(1) through the 48 layers, so features of
     different images differ (a default-initialised net collapses them towards zero).
     """
-    base = _fidelity_class()
-
-    class _Skeleton(base):  # the constructor insists on loading a file: let it load an empty one, non-strictly
-        def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: ARG002
-            return super().load_state_dict(state_dict, strict=False, assign=assign)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        empty = Path(tmp) / "empty.pth"
-        torch.save({}, empty)
-        net = _Skeleton("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for key, value in net.state_dict().items():
+    for key, value in _skeleton().state_dict().items():
         if key.endswith("conv.weight") or key == "fc.weight":
-            fan_in = value[0].numel()
-            state[key] = torch.randn(value.shape, generator=generator) * (2.0 / fan_in) ** 0.5
-        elif key.endswith("bn.weight"):
+            state[key] = torch.randn(value.shape, generator=generator) * (2.0 / value[0].numel()) ** 0.5
+        elif key.endswith(("bn.weight", "bn.running_var")):
             state[key] = torch.ones_like(value)
-        elif key.endswith("bn.running_var"):
-            state[key] = torch.ones_like(value)
+        elif key.endswith("bn.bias"):
+            state[key] = torch.randn(value.shape, generator=generator) * 0.1
         elif key.endswith("num_batches_tracked"):
             state[key] = value.clone()
-        else:  # bn.bias, bn.running_mean, fc.bias
-            state[key] = torch.randn(value.shape, generator=generator) * 0.1 if key.endswith("bn.bias") else \
-                torch.zeros_like(value)
+        else:  # bn.running_mean, fc.bias
+            state[key] = torch.zeros_like(value)
     return state
 
 
