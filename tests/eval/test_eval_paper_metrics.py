@@ -144,3 +144,34 @@ def test_fetch_refuses_offline_at_once_with_the_hand_list(tmp_path, monkeypatch)
     assert "huggingface.co/openai/clip-vit-base-patch16/resolve/57c216476eefef5ab752ec549e440a49ae4ae5f3" in message
     with pytest.raises(EvalError, match="no pinned commit yet"):
         fetch_weights(tmp_path, ["pickscore"])
+
+
+def test_hpsv3_in_its_real_architecture_round_trips_the_released_layout(tmp_path, pictures):
+    """A tiny Qwen2-VL + ranknet head, saved the way HPSv3.safetensors is laid out (transformers 4.45 keys:
+    `visual.*`, `model.*`, `lm_head.*`, `rm_head.*`) next to its config and processor, loads and scores the same."""
+    from safetensors.torch import save_file
+    from ultraflux_eval.hpsv3 import convert_checkpoint, load_hpsv3, tiny_hpsv3
+
+    scorer = tiny_hpsv3(seed=0)
+    scores = scorer.score(pictures, PROMPTS)
+    assert scores.shape == (3,) and np.isfinite(scores).all() and np.ptp(scores) > 0
+    assert not np.allclose(scores, scorer.score(pictures, PROMPTS[::-1]))  # the prompt matters
+
+    released = {}
+    for key, value in scorer.reward.state_dict().items():
+        if key.startswith("model.visual."):
+            released[key.removeprefix("model.")] = value
+        elif key.startswith("model.language_model."):
+            released["model." + key.removeprefix("model.language_model.")] = value
+        else:
+            released[key] = value
+    released["lm_head.weight"] = torch.zeros(3, 3)
+    assert convert_checkpoint(released).keys() == scorer.reward.state_dict().keys()
+    folder = tmp_path / "hpsv3"
+    scorer.reward.model.config.save_pretrained(folder)
+    scorer.processor.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in released.items()}, folder / "HPSv3.safetensors")
+    loaded = load_hpsv3(folder, pixels=scorer.pixels)
+    np.testing.assert_allclose(loaded.score(pictures, PROMPTS), scores, rtol=1e-5, atol=1e-6)
+    with pytest.raises(EvalError, match="unexpected key"):
+        convert_checkpoint({"other.weight": torch.zeros(1)})

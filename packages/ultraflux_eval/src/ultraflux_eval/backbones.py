@@ -12,6 +12,7 @@ Production weights live in one directory with a ``manifest.yaml``::
       hps: hps                  # HF CLIPModel folder (HPS-style preference model in HF CLIP layout)
       inception: inception/weights-inception-2015-12-05-6726825d.pth  # torch-fidelity's TF-ported Inception
       musiq: musiq/musiq_koniq_ckpt-e95806b9.pth   # pyiqa MUSIQ (KonIQ-10k), read with weights_only=True
+      hpsv3: hpsv3                # Qwen2-VL-7B-Instruct config + processor files and HPSv3.safetensors
 
 Loading never downloads: a missing or altered file is an ``EvalError`` naming it (``ultraflux-eval weights fetch``
 fills the directory from the hubs at pinned revisions, see :mod:`ultraflux_eval.weights`). ``tiny`` backbones are
@@ -35,7 +36,7 @@ from torch import nn
 from ultraflux_eval.errors import EvalError
 
 MANIFEST = "manifest.yaml"
-ROLES = ("clip", "aesthetic_head", "pickscore", "hps", "inception", "musiq")
+ROLES = ("clip", "aesthetic_head", "pickscore", "hps", "inception", "musiq", "hpsv3")
 # which roles each metric needs
 METRIC_ROLES: dict[str, tuple[str, ...]] = {
     "clip_score": ("clip",),
@@ -45,6 +46,7 @@ METRIC_ROLES: dict[str, tuple[str, ...]] = {
     "fid": ("inception",),
     "patch_fid": ("inception",),
     "musiq": ("musiq",),
+    "hpsv3": ("hpsv3",),
 }
 
 
@@ -295,6 +297,7 @@ class Backbones:
     tiny: bool = True
     fid_resize: str = "antialias"  # how whole images reach fid_size: antialias (tiny), legacy or clean (Inception)
     musiq: nn.Module | None = None
+    hpsv3: object | None = None  # ultraflux_eval.hpsv3.HPSv3Scorer
 
     def require(self, role: str) -> object:
         value = getattr(self, role)
@@ -325,6 +328,10 @@ def tiny_backbones(metrics: Iterable[str], seed: int = 0, fid_size: int = 64) ->
         from ultraflux_eval.iqa import build_musiq
 
         out.musiq = build_musiq(tiny=True, seed=seed)
+    if "hpsv3" in roles:
+        from ultraflux_eval.hpsv3 import tiny_hpsv3
+
+        out.hpsv3 = tiny_hpsv3(seed + 3)
     return out
 
 
@@ -358,6 +365,10 @@ def local_backbones(
             from ultraflux_eval.iqa import load_musiq
 
             out.musiq = load_musiq(path)
+        elif role == "hpsv3":
+            from ultraflux_eval.hpsv3 import load_hpsv3
+
+            out.hpsv3 = load_hpsv3(path)
     return out
 
 

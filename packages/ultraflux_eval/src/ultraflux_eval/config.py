@@ -24,6 +24,7 @@ MetricName = Literal[
     "fid",
     "patch_fid",
     "musiq",
+    "hpsv3",
 ]
 WEIGHT_FREE_METRICS: tuple[str, ...] = ("glcm", "compression_ratio", "shannon_entropy", "flat_percentage")
 REFERENCE_METRICS: tuple[str, ...] = ("fid", "patch_fid")  # need a reference image directory

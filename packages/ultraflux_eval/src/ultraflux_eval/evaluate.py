@@ -4,7 +4,7 @@
 metric's minimum, a reference set where FID is asked for), then computes:
 
 - per image: ``glcm``, ``shannon_entropy``, ``flat_percentage``, ``clip_score``, ``aesthetic``, ``pickscore``,
-  ``hps``, ``musiq``, and any injected :class:`~ultraflux_eval.aesthetic.ImageScorer` (Q-Align, MUSIQ, ...);
+  ``hps``, ``hpsv3``, ``musiq``, and any injected :class:`~ultraflux_eval.aesthetic.ImageScorer` (Q-Align, MUSIQ, ...);
 - per set: ``compression_ratio`` (Σ raw ÷ Σ JPEG bytes), ``fid`` (whole images) and ``patch_fid`` (native crops)
   against the reference images.
 
@@ -251,6 +251,8 @@ def evaluate(
             values["clip_score"] = clip_score(backbones.require("clip"), rgbs, texts, batch_size, device)
         for name, scorer in preference.items():
             values[name] = scorer.score(rgbs, texts)
+        if "hpsv3" in metrics:
+            values["hpsv3"] = backbones.require("hpsv3").score(rgbs, texts)
         for name, scorer in image_scorers.items():
             values[name] = np.asarray(scorer.score(rgbs), dtype=np.float64).reshape(-1)
         for name, column in values.items():

@@ -66,6 +66,10 @@ PINS: tuple[Pin, ...] = (
     Pin("pickscore", "hf", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", CLIP_TOKENIZER_FILES, None, "pickscore/"),
     Pin("musiq", "hf", "chaofengc/IQA-PyTorch-Weights", ("musiq_koniq_ckpt-e95806b9.pth",), None,
         "musiq/musiq_koniq_ckpt-e95806b9.pth"),
+    Pin("hpsv3", "hf", "MizzenAI/HPSv3", ("HPSv3.safetensors",), None, "hpsv3/"),
+    # HPSv3's base: its config and processor (the weights come with HPSv3.safetensors)
+    Pin("hpsv3", "hf", "Qwen/Qwen2-VL-7B-Instruct", ("config.json", "preprocessor_config.json", "tokenizer.json",
+                                                      "tokenizer_config.json", "chat_template.json"), None, "hpsv3/"),
 )
 
 
