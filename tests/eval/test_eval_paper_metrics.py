@@ -76,13 +76,14 @@ def test_musiq_real_architecture_loads_from_a_verified_checkpoint(tmp_path, pict
     assert np.isfinite(ours).all()
 
 
-def test_tiny_musiq_runs_in_the_evaluation(pictures):
-    spec = BenchmarkConfig(metrics=("glcm", "musiq"), aspect_ratios=BenchmarkConfig().aspect_ratios)
-    results = evaluate(pictures, PROMPTS, spec, backbones=bb.tiny_backbones(["musiq"]))
-    values = [row["musiq"] for row in results.rows]
-    assert len(set(values)) == 3 and all(np.isfinite(values))  # varies with the image
-    assert results.table["overall"]["musiq"] == pytest.approx(np.mean(values))
-    assert "musiq/overall" in results.flat_metrics()
+def test_tiny_learned_paper_metrics_run_in_the_evaluation(pictures):
+    spec = BenchmarkConfig(metrics=("glcm", "musiq", "hpsv3"), aspect_ratios=BenchmarkConfig().aspect_ratios)
+    results = evaluate(pictures, PROMPTS, spec, backbones=bb.tiny_backbones(["musiq", "hpsv3"]))
+    for metric in ("musiq", "hpsv3"):
+        values = [row[metric] for row in results.rows]
+        assert len(set(values)) == 3 and all(np.isfinite(values))  # varies with the image
+        assert results.table["overall"][metric] == pytest.approx(np.mean(values))
+        assert f"{metric}/overall" in results.flat_metrics()
 
 
 def _clip_hub(root, revision):

@@ -189,7 +189,11 @@ def load_hpsv3(folder: Path, pixels: int = PIXELS) -> HPSv3Scorer:
     processor.tokenizer.add_special_tokens({"additional_special_tokens": [REWARD_TOKEN]})
     with safe_open(weights, "pt") as handle:  # HPSv3 resized the embeddings to its tokenizer (+ <|Reward|>)
         config.text_config.vocab_size = handle.get_slice("model.embed_tokens.weight").get_shape()[0]
-    with torch.device("meta"):  # 8B parameters: no random init, the checkpoint is assigned in place
+    from accelerate import init_empty_weights
+
+    # 8B parameters: built without memory or random init (parameters on the meta device), then the checkpoint
+    # is assigned in place; buffers stay real, since the rotary tables are not in the checkpoint
+    with init_empty_weights(include_buffers=False):
         reward = HPSv3Reward(Qwen2VLModel(config), processor.tokenizer.convert_tokens_to_ids(REWARD_TOKEN))
     try:
         reward.load_state_dict(convert_checkpoint(load_file(weights)), strict=True, assign=True)

@@ -60,7 +60,7 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("musiq", "learned", ("musiq",), "pyiqa musiq_koniq_ckpt-e95806b9.pth", "0-100 (KonIQ MOS)", "paper",
                ("pyiqa",), True, 46.13, "yes with pyiqa's default KonIQ checkpoint (the paper names no variant)"),
     MetricInfo("hpsv3", "learned", ("hpsv3",), "MizzenAI/HPSv3 over Qwen/Qwen2-VL-7B-Instruct", "mu, ~0-15", "paper",
-               ("transformers",), True, 11.47,
+               ("transformers", "accelerate"), True, 11.47,
                "yes with real weights if the key mapping holds (checked on tiny models only; see docs)"),
     MetricInfo("qalign", "learned", ("qalign",), "q-future/one-align (mPLUG-Owl2)", "1-5", "paper",
                ("pyiqa", "icecream"), True, 4.85, "not computed yet", "not implemented"),
