@@ -77,7 +77,7 @@ def read_manifest(weights_dir: Path) -> dict:
     return manifest
 
 
-def _role_files(manifest: dict, role: str) -> list[str]:
+def role_files(manifest: dict, role: str) -> list[str]:
     """Manifest files that belong to a role (the file itself, or every file under its folder)."""
     target = manifest["backbones"][role].rstrip("/")
     return [f for f in manifest["files"] if f == target or f.startswith(target + "/")]
@@ -99,7 +99,7 @@ def verify_weights(weights_dir: Path, roles: Iterable[str] | None = None) -> lis
     if roles is None:
         files = sorted(manifest["files"])
     else:
-        files = sorted({f for role in wanted for f in _role_files(manifest, role)})
+        files = sorted({f for role in wanted for f in role_files(manifest, role)})
     problems = []
     for rel in files:
         path = weights_dir / rel
@@ -108,7 +108,7 @@ def verify_weights(weights_dir: Path, roles: Iterable[str] | None = None) -> lis
         elif sha256_file(path) != manifest["files"][rel]:
             problems.append(f"sha256 mismatch for {path} (expected {manifest['files'][rel]})")
     for role in wanted:
-        if not _role_files(manifest, role):
+        if not role_files(manifest, role):
             problems.append(f"backbone {role!r} points at {manifest['backbones'][role]!r}, which lists no files")
     if problems:
         raise EvalError("eval weights are not usable:\n  " + "\n  ".join(problems))
@@ -263,7 +263,7 @@ def load_clip(folder: Path) -> ClipBundle:
     return ClipBundle(model, tokenizer, processor, max_length=model.config.text_config.max_position_embeddings)
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """safetensors, or a torch checkpoint read with ``weights_only=True`` (never unpickles code)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -274,7 +274,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_aesthetic_head(path: Path) -> AestheticHead:
-    state = _load_state_dict(path)
+    state = load_state_dict_file(path)
     # LAION's checkpoint keys are `layers.N.weight`; the first Linear fixes the embedding width.
     first = state.get("layers.0.weight")
     if first is None:

@@ -67,10 +67,10 @@ def build_musiq(state_dict: dict[str, torch.Tensor] | None = None, tiny: bool = 
 
 def load_musiq(path: Path) -> MusiqScorer:
     """pyiqa's MUSIQ checkpoint (``.pth`` read with ``weights_only=True``, or ``.safetensors``)."""
-    from ultraflux_eval.backbones import _load_state_dict
+    from ultraflux_eval.backbones import load_state_dict_file
 
     try:
-        state = _load_state_dict(Path(path))
+        state = load_state_dict_file(Path(path))
     except Exception as err:  # noqa: BLE001 - unsafe or corrupt pickles raise several types
         raise EvalError(f"cannot read the MUSIQ checkpoint {path} as plain tensors: {err}") from err
     return build_musiq(state)

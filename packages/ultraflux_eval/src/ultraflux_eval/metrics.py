@@ -95,14 +95,14 @@ def weights_status(info: MetricInfo, weights_dir: Path) -> str:
     or ``missing: ...``."""
     if not info.roles:
         return "n/a"
-    from ultraflux_eval.backbones import MANIFEST, _role_files, read_manifest
+    from ultraflux_eval.backbones import MANIFEST, read_manifest, role_files
 
     if not (Path(weights_dir) / MANIFEST).is_file():
         return "missing: no manifest"
     manifest = read_manifest(weights_dir)
-    absent = [r for r in info.roles if r not in manifest.get("backbones", {}) or not _role_files(manifest, r)]
+    absent = [r for r in info.roles if r not in manifest.get("backbones", {}) or not role_files(manifest, r)]
     if absent:
         return f"missing: {', '.join(absent)}"
-    files = [f for r in info.roles for f in _role_files(manifest, r)]
+    files = [f for r in info.roles for f in role_files(manifest, r)]
     gone = [f for f in files if not (Path(weights_dir) / f).is_file()]
     return f"missing: {len(gone)} files" if gone else "present"
