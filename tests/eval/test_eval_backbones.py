@@ -128,16 +128,13 @@ def test_torch_image_scorer_wraps_any_iqa_module(pictures):
 
 
 def test_local_inception_features_for_fid(tmp_path):
-    """The production FID extractor: a torchvision inception_v3 state dict from the manifest → 2048 features."""
-    from torchvision.models import inception_v3
+    """The production FID extractor: torch-fidelity's Inception weights file from the manifest → 2048 features."""
+    from ultraflux_eval.inception import write_random_inception_weights
 
-    torch.manual_seed(0)
-    state = inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict()
-    (tmp_path / "inception").mkdir()
-    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "inception" / "v3.safetensors")
-    bb.write_manifest(tmp_path, {"inception": "inception/v3.safetensors"})
+    write_random_inception_weights(tmp_path / "inception" / "weights-inception.pth", seed=0)
+    bb.write_manifest(tmp_path, {"inception": "inception/weights-inception.pth"})
     nets = bb.local_backbones(tmp_path, ["fid", "patch_fid"])
-    assert nets.fid_size == 299 and nets.clip is None
+    assert nets.fid_size == 299 and nets.clip is None and nets.fid_resize == "legacy"
     images = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)
     with torch.no_grad():
         features = nets.inception(images)

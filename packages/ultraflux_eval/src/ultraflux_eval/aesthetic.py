@@ -91,3 +91,20 @@ class TorchImageScorer:
                 )
             out.append(values[:, 0].double().cpu())
         return torch.cat(out).numpy()
+
+
+def single_scorer(column: str, scorer_ids: Sequence[object]) -> str | None:
+    """The one scorer id behind the non-missing values of a score ``column`` (None when every value is missing).
+
+    Scores of different scorers (LAION 1-10 vs ArtiMuse 0-100, metadata vs a local model, tiny vs real) live on
+    different scales: ranking or thresholding them together is meaningless, so a mix is an ``EvalError``.
+    """
+    ids = sorted({str(i) for i in scorer_ids if i is not None and i == i})  # i == i drops float NaN
+    if len(ids) > 1:
+        raise EvalError(
+            f"{column} mixes scores of different scorers {ids}: they are on different scales and cannot be ranked "
+            "together; score every row with one scorer (e.g. data.scoring.reuse_metadata_scores=false) or use "
+            "only the metadata's scores"
+        )
+    return ids[0] if ids else None
+

@@ -10,9 +10,12 @@ Production weights live in one directory with a ``manifest.yaml``::
       aesthetic_head: aesthetic/head.safetensors   # LAION MLP (768-1024-128-64-16-1) on CLIP image embeds
       pickscore: pickscore      # HF CLIPModel folder (PickScore_v1)
       hps: hps                  # HF CLIPModel folder (HPS-style preference model in HF CLIP layout)
-      inception: inception/inception_v3.safetensors  # torchvision inception_v3 state dict (FID features)
+      inception: inception/weights-inception-2015-12-05-6726825d.pth  # torch-fidelity's TF-ported Inception
+      musiq: musiq/musiq_koniq_ckpt-e95806b9.pth   # pyiqa MUSIQ (KonIQ-10k), read with weights_only=True
+      hpsv3: hpsv3                # Qwen2-VL-7B-Instruct config + processor files and HPSv3.safetensors
 
-Nothing is ever downloaded: a missing or altered file is an ``EvalError`` naming it. ``tiny`` backbones are
+Loading never downloads: a missing or altered file is an ``EvalError`` naming it (``ultraflux-eval weights fetch``
+fills the directory from the hubs at pinned revisions, see :mod:`ultraflux_eval.weights`). ``tiny`` backbones are
 built offline from fixed seeds with the same interfaces, initialised so that different images and prompts get
 different features (metrics are not degenerate), which is all CI needs.
 """
@@ -33,7 +36,7 @@ from torch import nn
 from ultraflux_eval.errors import EvalError
 
 MANIFEST = "manifest.yaml"
-ROLES = ("clip", "aesthetic_head", "pickscore", "hps", "inception")
+ROLES = ("clip", "aesthetic_head", "pickscore", "hps", "inception", "musiq", "hpsv3")
 # which roles each metric needs
 METRIC_ROLES: dict[str, tuple[str, ...]] = {
     "clip_score": ("clip",),
@@ -42,6 +45,8 @@ METRIC_ROLES: dict[str, tuple[str, ...]] = {
     "hps": ("hps",),
     "fid": ("inception",),
     "patch_fid": ("inception",),
+    "musiq": ("musiq",),
+    "hpsv3": ("hpsv3",),
 }
 
 
@@ -72,7 +77,7 @@ def read_manifest(weights_dir: Path) -> dict:
     return manifest
 
 
-def _role_files(manifest: dict, role: str) -> list[str]:
+def role_files(manifest: dict, role: str) -> list[str]:
     """Manifest files that belong to a role (the file itself, or every file under its folder)."""
     target = manifest["backbones"][role].rstrip("/")
     return [f for f in manifest["files"] if f == target or f.startswith(target + "/")]
@@ -94,7 +99,7 @@ def verify_weights(weights_dir: Path, roles: Iterable[str] | None = None) -> lis
     if roles is None:
         files = sorted(manifest["files"])
     else:
-        files = sorted({f for role in wanted for f in _role_files(manifest, role)})
+        files = sorted({f for role in wanted for f in role_files(manifest, role)})
     problems = []
     for rel in files:
         path = weights_dir / rel
@@ -103,7 +108,7 @@ def verify_weights(weights_dir: Path, roles: Iterable[str] | None = None) -> lis
         elif sha256_file(path) != manifest["files"][rel]:
             problems.append(f"sha256 mismatch for {path} (expected {manifest['files'][rel]})")
     for role in wanted:
-        if not _role_files(manifest, role):
+        if not role_files(manifest, role):
             problems.append(f"backbone {role!r} points at {manifest['backbones'][role]!r}, which lists no files")
     if problems:
         raise EvalError("eval weights are not usable:\n  " + "\n  ".join(problems))
@@ -207,26 +212,6 @@ class TinyFeatureExtractor(nn.Module):
         return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
 
 
-class InceptionFeatures(nn.Module):
-    """torchvision Inception-v3 pool features for FID: uint8 ``[N, 3, 299, 299]`` → ``[N, 2048]``."""
-
-    num_features = 2048
-
-    def __init__(self, state_dict: dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        from torchvision.models import inception_v3
-
-        net = inception_v3(weights=None, aux_logits=True, init_weights=False)
-        net.load_state_dict(state_dict)
-        net.fc = nn.Identity()
-        self.net = net.eval()
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net((images.float() / 255.0 - self.mean) / self.std)
-
-
 def tiny_clip(seed: int = 0) -> ClipBundle:
     """A 2-layer CLIP (32-px images, character-level tokenizer) built offline from ``seed``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
@@ -278,7 +263,7 @@ def load_clip(folder: Path) -> ClipBundle:
     return ClipBundle(model, tokenizer, processor, max_length=model.config.text_config.max_position_embeddings)
 
 
-def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     """safetensors, or a torch checkpoint read with ``weights_only=True`` (never unpickles code)."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -289,7 +274,7 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_aesthetic_head(path: Path) -> AestheticHead:
-    state = _load_state_dict(path)
+    state = load_state_dict_file(path)
     # LAION's checkpoint keys are `layers.N.weight`; the first Linear fixes the embedding width.
     first = state.get("layers.0.weight")
     if first is None:
@@ -310,6 +295,9 @@ class Backbones:
     inception: nn.Module | None = None
     fid_size: int = 64  # the extractor's input side
     tiny: bool = True
+    fid_resize: str = "antialias"  # how whole images reach fid_size: antialias (tiny), legacy or clean (Inception)
+    musiq: nn.Module | None = None
+    hpsv3: object | None = None  # ultraflux_eval.hpsv3.HPSv3Scorer
 
     def require(self, role: str) -> object:
         value = getattr(self, role)
@@ -336,16 +324,35 @@ def tiny_backbones(metrics: Iterable[str], seed: int = 0, fid_size: int = 64) ->
         out.hps = tiny_clip(seed + 2)
     if "inception" in roles:
         out.inception = TinyFeatureExtractor(seed)
+    if "musiq" in roles:
+        from ultraflux_eval.iqa import build_musiq
+
+        out.musiq = build_musiq(tiny=True, seed=seed)
+    if "hpsv3" in roles:
+        from ultraflux_eval.hpsv3 import tiny_hpsv3
+
+        out.hpsv3 = tiny_hpsv3(seed + 3)
     return out
 
 
-def local_backbones(weights_dir: Path, metrics: Iterable[str], fid_size: int = 299) -> Backbones:
-    """Verify (sha256) then load the roles ``metrics`` need from ``weights_dir``; never downloads."""
+def local_backbones(
+    weights_dir: Path, metrics: Iterable[str], fid_size: int = 299, fid_resize: str = "legacy"
+) -> Backbones:
+    """Verify (sha256) then load the roles ``metrics`` need from ``weights_dir``; never downloads.
+
+    FID always runs the standard Inception at 299 (``fid_size`` is ignored with real weights);
+    ``fid_resize`` is ``legacy`` (torch-fidelity / torchmetrics) or ``clean`` (clean-fid).
+    """
+    from ultraflux_eval.inception import INPUT_SIDE, RESIZE_MODES, load_standard_inception
+
+    if fid_resize not in RESIZE_MODES:
+        raise EvalError(f"fid resize must be one of {list(RESIZE_MODES)}, got {fid_resize!r}")
+    del fid_size  # the standard network's input side is fixed
     weights_dir = Path(weights_dir)
     roles = needed_roles(metrics)
     verify_weights(weights_dir, roles)
     targets = read_manifest(weights_dir)["backbones"]
-    out = Backbones(fid_size=fid_size, tiny=False)
+    out = Backbones(fid_size=INPUT_SIDE, tiny=False, fid_resize=fid_resize)
     for role in roles:
         path = weights_dir / targets[role]
         if role in ("clip", "pickscore", "hps"):
@@ -353,14 +360,24 @@ def local_backbones(weights_dir: Path, metrics: Iterable[str], fid_size: int = 2
         elif role == "aesthetic_head":
             out.aesthetic_head = load_aesthetic_head(path)
         elif role == "inception":
-            out.inception = InceptionFeatures(_load_state_dict(path))
+            out.inception = load_standard_inception(path)
+        elif role == "musiq":
+            from ultraflux_eval.iqa import load_musiq
+
+            out.musiq = load_musiq(path)
+        elif role == "hpsv3":
+            from ultraflux_eval.hpsv3 import load_hpsv3
+
+            out.hpsv3 = load_hpsv3(path)
     return out
 
 
-def backbones_from_config(source: str, weights_dir: Path, metrics: Iterable[str], fid_size: int) -> Backbones:
+def backbones_from_config(
+    source: str, weights_dir: Path, metrics: Iterable[str], fid_size: int, fid_resize: str = "legacy"
+) -> Backbones:
     """``tiny`` → :func:`tiny_backbones`; ``local`` → :func:`local_backbones` (sha256-verified, offline)."""
     if source == "tiny":
         return tiny_backbones(metrics, fid_size=fid_size)
     if source == "local":
-        return local_backbones(weights_dir, metrics, fid_size=fid_size)
+        return local_backbones(weights_dir, metrics, fid_size=fid_size, fid_resize=fid_resize)
     raise EvalError(f"eval.backbones.source must be 'tiny' or 'local', got {source!r}")

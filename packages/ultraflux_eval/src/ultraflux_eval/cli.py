@@ -10,14 +10,19 @@ from rich.console import Console
 from rich.table import Table
 
 from ultraflux_eval.errors import EvalError
+from ultraflux_eval.fid_cli import fid_command
+from ultraflux_eval.metrics_cli import fetch_command, metrics_command
 
 app = typer.Typer(
     help="UltraFlux evaluation: per-aspect metrics, MLflow runs, local backbone weights.", no_args_is_help=True
 )
 weights_app = typer.Typer(
-    help="Local backbone weights (manifest with sha256; nothing is downloaded).", no_args_is_help=True
+    help="Backbone weights: fetch at pinned revisions, verify sha256, write the manifest.", no_args_is_help=True
 )
 app.add_typer(weights_app, name="weights")
+app.command("fid")(fid_command)
+app.command("metrics")(metrics_command)
+weights_app.command("fetch")(fetch_command)
 
 
 @app.command("evaluate")
@@ -76,7 +81,7 @@ def compare_command(
 def weights_verify(
     weights_dir: Annotated[Path, typer.Argument(help="folder holding manifest.yaml")] = Path("storage/eval-weights"),
     role: Annotated[list[str] | None, typer.Option(
-        help="only these backbones (clip, aesthetic_head, pickscore, hps, inception)")] = None,
+        help="only these backbones (clip, aesthetic_head, pickscore, hps, inception, musiq)")] = None,
 ) -> None:
     """Check every file of the manifest (or of --role) exists with its sha256; exit 2 naming each bad file."""
     from ultraflux_eval.backbones import verify_weights

@@ -23,6 +23,8 @@ MetricName = Literal[
     "hps",
     "fid",
     "patch_fid",
+    "musiq",
+    "hpsv3",
 ]
 WEIGHT_FREE_METRICS: tuple[str, ...] = ("glcm", "compression_ratio", "shannon_entropy", "flat_percentage")
 REFERENCE_METRICS: tuple[str, ...] = ("fid", "patch_fid")  # need a reference image directory
@@ -77,6 +79,9 @@ class BenchmarkConfig(Section):
     patch_size: int = Field(64, ge=16, description="native-resolution crop side for patch-FID (299 at 4K)")
     patches_per_image: int = Field(4, ge=1, description="non-overlapping crops per image for patch-FID")
     grid_columns: int = Field(4, ge=1, description="columns of the per-aspect image grid")
+    fid_resize: Literal["legacy", "clean"] = Field(
+        "legacy", description="how whole images reach the standard Inception's 299x299: legacy (torch-fidelity, "
+        "torchmetrics: TF-1 bilinear) or clean (clean-fid: PIL bicubic per channel in float)")
 
     @field_validator("aspect_ratios")
     @classmethod

@@ -4,7 +4,7 @@
 metric's minimum, a reference set where FID is asked for), then computes:
 
 - per image: ``glcm``, ``shannon_entropy``, ``flat_percentage``, ``clip_score``, ``aesthetic``, ``pickscore``,
-  ``hps``, and any injected :class:`~ultraflux_eval.aesthetic.ImageScorer` (Q-Align, MUSIQ, ...);
+  ``hps``, ``hpsv3``, ``musiq``, and any injected :class:`~ultraflux_eval.aesthetic.ImageScorer` (Q-Align, MUSIQ, ...);
 - per set: ``compression_ratio`` (Σ raw ÷ Σ JPEG bytes), ``fid`` (whole images) and ``patch_fid`` (native crops)
   against the reference images.
 
@@ -24,12 +24,13 @@ import numpy as np
 from rich.progress import track
 
 from ultraflux_eval import scores
-from ultraflux_eval.aesthetic import ClipAestheticScorer, ImageScorer
+from ultraflux_eval.aesthetic import ClipAestheticScorer, ImageScorer, TorchImageScorer
 from ultraflux_eval.alignment import PreferenceScorer, clip_score
 from ultraflux_eval.backbones import Backbones, tiny_backbones
 from ultraflux_eval.config import REFERENCE_METRICS, AspectSize, BenchmarkConfig
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.fidelity import FrechetDistance, fid_inputs, patch_inputs
+from ultraflux_eval.metrics import require_metric
 from ultraflux_eval.scores import ImageLike
 
 OVERALL = "overall"
@@ -148,6 +149,8 @@ def validate_inputs(
     """Cheap checks before any heavy work; returns each image's ``(width, height)`` and aspect name."""
     if len(images) == 0:
         raise EvalError("no images to evaluate")
+    for metric in spec.metrics:  # an optional extra that is missing fails here, naming its install line
+        require_metric(metric)
     if len(images) != len(prompts):
         raise EvalError(f"{len(images)} images but {len(prompts)} prompts: they must pair one to one")
     if aspects is not None and len(aspects) != len(images):
@@ -220,6 +223,9 @@ def evaluate(
     if "aesthetic" in metrics:
         clip, head = backbones.require("clip"), backbones.require("aesthetic_head")
         image_scorers = {"aesthetic": ClipAestheticScorer(clip, head, batch_size, device), **image_scorers}
+    if "musiq" in metrics:  # native resolution, one image at a time (MUSIQ's multi-scale patches need no resize)
+        image_scorers = {"musiq": TorchImageScorer("musiq", backbones.require("musiq"), None, 1, device),
+                         **image_scorers}
     preference = {
         name: PreferenceScorer(name, backbones.require(name), name, batch_size, device)
         for name in ("pickscore", "hps")
@@ -245,6 +251,8 @@ def evaluate(
             values["clip_score"] = clip_score(backbones.require("clip"), rgbs, texts, batch_size, device)
         for name, scorer in preference.items():
             values[name] = scorer.score(rgbs, texts)
+        if "hpsv3" in metrics:
+            values["hpsv3"] = backbones.require("hpsv3").score(rgbs, texts)
         for name, scorer in image_scorers.items():
             values[name] = np.asarray(scorer.score(rgbs), dtype=np.float64).reshape(-1)
         for name, column in values.items():
@@ -253,7 +261,7 @@ def evaluate(
             for i, value in zip(chunk, column, strict=True):
                 rows[i][name] = value if name.endswith("_bytes") else float(value)
         if "fid" in metrics:
-            fid_fake += fid_inputs(rgbs, backbones.fid_size)
+            fid_fake += fid_inputs(rgbs, backbones.fid_size, backbones.fid_resize)
         if "patch_fid" in metrics:
             patch_fake += [patch_inputs([rgb], spec.patch_size, spec.patches_per_image) for rgb in rgbs]
 
@@ -275,7 +283,7 @@ def evaluate(
 
     extractor = backbones.require("inception") if any(m in REFERENCE_METRICS for m in metrics) else None
     if "fid" in metrics:
-        fid = FrechetDistance(extractor, fid_inputs(reference, backbones.fid_size), batch_size)
+        fid = FrechetDistance(extractor, fid_inputs(reference, backbones.fid_size, backbones.fid_resize), batch_size)
         for name, idx in groups.items():
             table[name]["fid"] = fid.distance([fid_fake[i] for i in idx])
     if "patch_fid" in metrics:

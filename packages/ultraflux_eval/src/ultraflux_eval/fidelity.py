@@ -1,9 +1,10 @@
 """Distribution and paired fidelity metrics.
 
-- :func:`fid` — Fréchet distance of whole images resized to the extractor's input side (torchmetrics
-  ``FrechetInceptionDistance`` with an injected feature extractor).
-- :func:`patch_fid` — the same on non-overlapping crops taken at native resolution (no resize), so 4K detail is
-  what gets compared.
+- :func:`fid` — Fréchet distance of whole images brought to the extractor's input side. With the standard
+  Inception (:mod:`ultraflux_eval.inception`) and the ``legacy`` resize this is torch-fidelity's FID to float
+  precision (same features, same statistics, same eigenvalue formula); ``clean`` is clean-fid's resize.
+- :func:`patch_fid` — the same on non-overlapping 299×299 crops taken at native resolution (no resize), so 4K
+  detail is what gets compared (see docs/evaluation.md for the definition and its sources).
 - :func:`psnr`, :func:`ssim`, :func:`ms_ssim`, :func:`lpips_distance` — paired metrics at native resolution
   (reconstruction quality, e.g. VAE decoder before/after post-training).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -23,11 +25,12 @@ from torchmetrics.functional.image import (
     multiscale_structural_similarity_index_measure,
     structural_similarity_index_measure,
 )
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from ultraflux_eval.errors import EvalError
+from ultraflux_eval.inception import INPUT_SIDE, prepare
 from ultraflux_eval.scores import ImageLike, load_rgb
 
+FidResize = Literal["antialias", "legacy", "clean"]
 MS_SSIM_MIN_SIDE = 161  # 5 scales of an 11-px Gaussian window: the coarsest scale must still hold the window
 
 
@@ -69,41 +72,64 @@ def _batches(tensors: Iterator[torch.Tensor], size: int) -> Iterator[torch.Tenso
         yield torch.stack(batch)
 
 
+def frechet_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``[N, F]`` features → mean ``[F]`` and unbiased covariance ``[F, F]`` in float64 (torch-fidelity's
+    ``fid_features_to_statistics``: two-pass ``np.cov`` of the float32 features)."""
+    array = features.detach().to(torch.float32).cpu().numpy()
+    return np.mean(array, axis=0), np.cov(array, rowvar=False)
+
+
+def frechet_from_statistics(real: tuple[np.ndarray, np.ndarray], fake: tuple[np.ndarray, np.ndarray]) -> float:
+    """``‖μ₁ − μ₂‖² + Tr Σ₁ + Tr Σ₂ − 2 Σᵢ Re √λᵢ(Σ₁Σ₂)`` (torch-fidelity's ``fid_statistics_to_metric``: the
+    eigenvalue form of ``Tr √(Σ₁Σ₂)``, which stays finite for the rank-deficient covariances of small sets)."""
+    (mu1, sigma1), (mu2, sigma2) = real, fake
+    diff = mu1 - mu2
+    tr_covmean = np.sum(np.sqrt(np.linalg.eigvals(sigma1.dot(sigma2)).astype("complex128")).real)
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+@torch.no_grad()
+def extract_features(extractor: nn.Module, inputs: Sequence[torch.Tensor], batch_size: int = 8) -> torch.Tensor:
+    """``N`` tensors ``[3, S, S]`` (uint8, or float in [0, 255]) → ``[N, F]`` float32 features, in batches."""
+    out = [extractor(batch).to(torch.float32).cpu() for batch in _batches(iter(inputs), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
 class FrechetDistance:
-    """FID against a fixed reference set: reference features are extracted once, then any number of generated
-    sets are compared with it (torchmetrics ``FrechetInceptionDistance`` with an injected extractor, uint8
-    ``[N, 3, S, S]`` → ``[N, F]``)."""
+    """FID against a fixed reference set: reference statistics are computed once, then any number of generated
+    sets are compared with them. ``extractor`` maps ``[N, 3, S, S]`` → ``[N, F]`` (the standard Inception, or a
+    tiny random stand-in in CI); the distance is computed exactly as torch-fidelity computes it."""
 
     def __init__(self, extractor: nn.Module, real: Sequence[torch.Tensor], batch_size: int = 8) -> None:
         if len(real) < 2:
             raise EvalError(f"FID needs at least 2 reference samples, got {len(real)}")
-        self.batch_size = batch_size
-        self.metric = FrechetInceptionDistance(feature=extractor, reset_real_features=False)
-        with torch.no_grad():
-            for batch in _batches(iter(real), batch_size):
-                self.metric.update(batch, real=True)
+        self.extractor, self.batch_size = extractor, batch_size
+        self.reference = frechet_statistics(extract_features(extractor, real, batch_size))
 
-    @torch.no_grad()
     def distance(self, fake: Sequence[torch.Tensor]) -> float:
-        """FID of uint8 ``[3, S, S]`` tensors against the reference; needs at least 2 samples."""
+        """FID of ``[3, S, S]`` input tensors against the reference; needs at least 2 samples."""
         if len(fake) < 2:
             raise EvalError(f"FID needs at least 2 generated samples, got {len(fake)}")
-        self.metric.reset()  # keeps the reference statistics (reset_real_features=False)
-        for batch in _batches(iter(fake), self.batch_size):
-            self.metric.update(batch, real=False)
-        return float(self.metric.compute())
+        stats = frechet_statistics(extract_features(self.extractor, fake, self.batch_size))
+        return frechet_from_statistics(self.reference, stats)
 
 
 def frechet_distance(
     real: Sequence[torch.Tensor], fake: Sequence[torch.Tensor], extractor: nn.Module, batch_size: int = 8
 ) -> float:
-    """FID between two sets of uint8 ``[3, S, S]`` tensors (at least two each)."""
+    """FID between two sets of ``[3, S, S]`` input tensors (at least two each)."""
     return FrechetDistance(extractor, real, batch_size).distance(fake)
 
 
-def fid_inputs(images: Sequence[ImageLike], side: int) -> list[torch.Tensor]:
-    """Whole images resized to ``side×side`` uint8 tensors."""
-    return [resize_uint8(x, side) for x in images]
+def fid_inputs(images: Sequence[ImageLike], side: int, resize: FidResize = "antialias") -> list[torch.Tensor]:
+    """Whole images → the extractor's input: ``legacy`` / ``clean`` give the standard Inception's float
+    ``[3, 299, 299]`` (torch-fidelity's or clean-fid's resize, see :mod:`ultraflux_eval.inception`);
+    ``antialias`` gives uint8 ``[3, side, side]`` for the tiny CI extractors."""
+    if resize == "antialias":
+        return [resize_uint8(x, side) for x in images]
+    if side != INPUT_SIDE:
+        raise EvalError(f"the {resize!r} FID resize is for the standard Inception (side {INPUT_SIDE}), got side {side}")
+    return [prepare(load_rgb(x), resize) for x in images]
 
 
 def patch_inputs(images: Sequence[ImageLike], side: int, per_image: int) -> list[torch.Tensor]:
@@ -112,10 +138,15 @@ def patch_inputs(images: Sequence[ImageLike], side: int, per_image: int) -> list
 
 
 def fid(
-    real: Sequence[ImageLike], fake: Sequence[ImageLike], extractor: nn.Module, side: int, batch_size: int = 8
+    real: Sequence[ImageLike],
+    fake: Sequence[ImageLike],
+    extractor: nn.Module,
+    side: int,
+    batch_size: int = 8,
+    resize: FidResize = "antialias",
 ) -> float:
-    """FID of whole images, each resized to ``side×side`` (299 for Inception)."""
-    return frechet_distance(fid_inputs(real, side), fid_inputs(fake, side), extractor, batch_size)
+    """FID of whole images brought to ``side×side`` by ``resize`` (299 with ``legacy``/``clean`` for Inception)."""
+    return frechet_distance(fid_inputs(real, side, resize), fid_inputs(fake, side, resize), extractor, batch_size)
 
 
 def patch_fid(

@@ -52,7 +52,7 @@ def run_evaluation(
     reference = list_images(spec.reference_dir) if spec.reference_dir is not None else None
     validate_inputs(images, prompts, spec, aspects, reference)  # cheap checks before loading any network
     backbones = backbones_from_config(
-        config.backbones.source, config.backbones.weights_dir, spec.metrics, spec.fid_size
+        config.backbones.source, config.backbones.weights_dir, spec.metrics, spec.fid_size, spec.fid_resize
     )
     results = evaluate(
         images, prompts, spec, backbones=backbones, aspects=aspects, reference=reference, scorers=scorers,

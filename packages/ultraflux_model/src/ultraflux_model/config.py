@@ -329,7 +329,8 @@ class VaeTrainConfig(Section):
     """F16 VAE decoder post-training (encoder frozen; DESIGN §3)."""
 
     model: str = Field("artifacts/tiny-ultraflux", description="checkpoint whose vae/ is post-trained")
-    images: Path = Field(Path("artifacts/data/ingest/images"), description="folder of training images (recursive)")
+    images: Path = Field(Path("artifacts/data/ingest/images"), description="folder of training images (recursive, "
+                         "each file once) or the filter's vae subset (<root>/subsets/vae.parquet)")
     out: Path = Field(Path("artifacts/vae-post"), description="exported vae/ and the before/after report")
     crop: int = Field(64, ge=32, description="square crop side (paper 512); a multiple of 32")
     least_flat: float = Field(0.5, gt=0.0, le=1.0, description="train on this least-flat share of the images")

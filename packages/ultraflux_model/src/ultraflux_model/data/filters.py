@@ -39,9 +39,31 @@ def _top(frame: pd.DataFrame, share: float, by: list[str], ascending: list[bool]
     return frame.sort_values([*by, "key"], ascending=[*ascending, True], kind="stable").head(count)
 
 
+def check_one_scorer(scores: pd.DataFrame, column: str) -> str | None:
+    """The scorer id behind ``column`` (its ``<name>_scorer`` column); a mix of scorers is an error."""
+    from ultraflux_eval.aesthetic import single_scorer
+    from ultraflux_eval.errors import EvalError
+
+    from ultraflux_model.errors import UltraFluxError
+
+    ids_column = column.removesuffix("_score") + "_scorer"
+    if ids_column not in scores:
+        return None  # scores written before scorer ids existed
+    values = scores.loc[scores[column].notna(), ids_column]
+    try:
+        return single_scorer(column, values.tolist())
+    except EvalError as err:
+        raise UltraFluxError(str(err)) from err
+
+
 def apply_filters(scores: pd.DataFrame, cfg: FilterConfig) -> pd.DataFrame:
-    """``scores`` plus ``pass_*`` columns, ``passed``, ``drop_reason`` and ``in_<subset>`` membership columns."""
+    """``scores`` plus ``pass_*`` columns, ``passed``, ``drop_reason`` and ``in_<subset>`` membership columns.
+
+    The Q-Align threshold and the aesthetics ranking each need one scorer per column (``check_one_scorer``).
+    """
     out = scores.copy()
+    if cfg.min_qalign is not None:
+        check_one_scorer(out, "qalign_score")
     long_side = out[["width", "height"]].max(axis=1)
     short_side = out[["width", "height"]].min(axis=1)
     out["pass_resolution"] = (long_side >= cfg.min_long_side) & (short_side >= cfg.min_short_side)
@@ -54,6 +76,7 @@ def apply_filters(scores: pd.DataFrame, cfg: FilterConfig) -> pd.DataFrame:
         ",".join(rule.removeprefix("pass_") for rule in rules if not row[rule]) for _, row in out[rules].iterrows()
     ]
     pool = out[out["passed"]]
+    check_one_scorer(pool, "aesthetics_score")
     train = _top(pool.assign(aesthetics_score=pool["aesthetics_score"].fillna(-math.inf)), cfg.aesthetics_top,
                  ["aesthetics_score"], [False])
     stage2 = _top(train, cfg.stage2_top, ["aesthetics_score"], [False])

@@ -35,8 +35,10 @@ from ultraflux_model.data.ingest import read_manifest
 from ultraflux_model.errors import UltraFluxError
 
 SCORE_COLUMNS = ("key", "width", "height", "aspect", "flat_percentage", "shannon_entropy", "qalign_score",
-                 "aesthetics_score", "learned_from", "scoring_hash")
+                 "aesthetics_score", "learned_from", "scoring_hash", "qalign_scorer", "aesthetics_scorer")
 LEARNED = ("qalign_score", "aesthetics_score")
+# each learned score column carries the id of the scorer that produced it (filters refuse to rank a mix)
+SCORER_COLUMN = {"qalign_score": "qalign_scorer", "aesthetics_score": "aesthetics_scorer"}
 
 ScoreFn = Callable[[Sequence[np.ndarray]], np.ndarray]
 
@@ -90,6 +92,16 @@ def default_scorers(cfg: ScoringConfig) -> dict[str, ScoreFn]:
 ScorerFactory = Callable[[ScoringConfig], dict[str, ScoreFn]]
 
 
+def model_scorer_id(cfg: ScoringConfig, factory: Callable, column: str) -> str:
+    """Id of the scorer a factory uses for ``column``: backbone and weights source, so scores from different
+    networks (tiny vs local weights, LAION vs another head) never look alike."""
+    if factory is default_scorers:
+        if column == "aesthetics_score":
+            return f"laion-aesthetic:{cfg.aesthetics}" + (f":{cfg.weights_dir}" if cfg.aesthetics == "local" else "")
+        return f"qalign:{cfg.qalign}"
+    return f"{factory.__module__}.{factory.__qualname__}:{column}"
+
+
 @functools.lru_cache(maxsize=4)
 def _scorers(factory: ScorerFactory, cfg: ScoringConfig) -> dict[str, ScoreFn]:
     """Built once per process (each spawned worker builds its own)."""
@@ -123,6 +135,9 @@ def score_images(images: Sequence[np.ndarray], cfg: ScoringConfig,
         row["learned_from"] = ",".join(
             f"{name}:{'metadata' if name in given else ('model' if name in scorers else 'none')}" for name in LEARNED
         )
+        for name in LEARNED:
+            row[SCORER_COLUMN[name]] = ("metadata" if name in given else
+                                        model_scorer_id(cfg, scorer_factory, name) if name in scorers else None)
     return rows
 
 

@@ -5,7 +5,9 @@ loss = w_l2·MSE(x̂, x) + w_wavelet·L1(high-frequency Haar sub-bands of x̂ an
 on random square crops of the least-flat share of the images (flat images teach the decoder nothing about
 detail), AdamW. The latents are the frozen encoder's posterior means, so only the decoder moves. Before and
 after training the held-out images are reconstructed at native resolution and scored with the eval
-package's one implementation of each metric (rFID, PSNR, SSIM, LPIPS). The result is a ``vae/`` folder
+package's one implementation of each metric (rFID on native-resolution crops with the standard Inception when
+``backbones`` is a weights dir, PSNR, SSIM, LPIPS). Training images come from the filter's ``vae`` subset
+(``<root>/subsets/vae.parquet``) or a folder, each file counted once. The result is a ``vae/`` folder
 that ``UltraFluxAutoencoderKL.from_pretrained`` loads, and a JSON report.
 """
 
@@ -43,15 +45,48 @@ class VaeReport:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
-def load_images(folder: Path, min_side: int) -> tuple[list[tuple[Path, np.ndarray]], dict[str, str]]:
-    """Every readable RGB image under ``folder`` with both sides ≥ ``min_side``; the rest with a reason."""
+def _subset_paths(subset: Path) -> list[Path]:
+    """Image files of a filter subset (``<root>/subsets/vae.parquet``): its ``path`` column, relative to the
+    ingest folder next to ``subsets/`` (the data stages' layout), in the subset's order."""
+    import pandas as pd
+
+    frame = pd.read_parquet(subset)
+    if "path" not in frame:
+        raise UltraFluxError(f"{subset} has no `path` column: point vae_train.images at the filter's vae.parquet")
+    ingest = subset.parent.parent / "ingest"
+    return [Path(p) if Path(p).is_absolute() else ingest / p for p in frame["path"]]
+
+
+def load_images(source: Path, min_side: int) -> tuple[list[tuple[Path, np.ndarray]], dict[str, str]]:
+    """Readable RGB images with both sides ≥ ``min_side``, each counted once; the rest with a reason.
+
+    ``source``: the filter's ``vae`` subset parquet (the paper's least-flat selection), or a folder walked
+    recursively. Files with the same bytes (an ingest root holds ``downloads/`` and ``images/`` copies of one
+    picture) are counted once: the first in name order is kept, the others are skipped as duplicates.
+    """
+    import hashlib
+
     from ultraflux_eval.errors import EvalError
     from ultraflux_eval.scores import load_rgb
 
-    if not Path(folder).is_dir():
-        raise UltraFluxError(f"vae_train.images {folder} is not a folder of images")
-    images, skipped = [], {}
-    for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+    source = Path(source)
+    if source.suffix == ".parquet" and source.is_file():
+        paths = _subset_paths(source)
+    elif source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        raise UltraFluxError(f"vae_train.images {source} is neither a folder of images nor a subset .parquet")
+    images, skipped, seen = [], {}, {}
+    for path in paths:
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as err:
+            skipped[str(path)] = f"unreadable: {err}"
+            continue
+        if digest in seen:
+            skipped[str(path)] = f"duplicate of {seen[digest]}"
+            continue
+        seen[digest] = path
         try:
             array = load_rgb(path)
         except (EvalError, OSError, ValueError) as err:
@@ -121,11 +156,28 @@ def decoder_loss(recon: torch.Tensor, target: torch.Tensor, lpips_model: torch.n
     return total, {name: float(value.detach()) for name, value in parts.items()}
 
 
+RFID_CROPS_PER_IMAGE = 16  # native-resolution crops per held-out image for rFID (spread over the full-tile grid)
+
+
+def rfid_native(originals: list[np.ndarray], recons: list[np.ndarray], extractor: torch.nn.Module,
+                side: int) -> float:
+    """rFID on native-resolution ``side×side`` crops (299 with the standard Inception: the crops reach it
+    unresized, so 4K detail is compared instead of a 14× downscale); the same crop positions in both sets."""
+    from ultraflux_eval.fidelity import frechet_distance, patch_inputs
+
+    usable = [i for i, a in enumerate(originals) if min(a.shape[:2]) >= side]
+    if not usable:
+        raise UltraFluxError(f"rFID needs held-out images of at least {side}x{side} px; use larger images")
+    real = patch_inputs([originals[i] for i in usable], side, RFID_CROPS_PER_IMAGE)
+    fake = patch_inputs([recons[i] for i in usable], side, RFID_CROPS_PER_IMAGE)
+    return frechet_distance(real, fake, extractor)
+
+
 @torch.no_grad()
 def reconstruction_metrics(vae: torch.nn.Module, arrays: list[np.ndarray], lpips_model: torch.nn.Module,
                            extractor: torch.nn.Module, fid_side: int, device: torch.device) -> dict[str, float]:
-    """rFID, PSNR, SSIM and LPIPS of native-resolution reconstructions of ``arrays``."""
-    from ultraflux_eval.fidelity import fid, lpips_distance, psnr, ssim
+    """rFID (native-resolution crops), PSNR, SSIM and LPIPS of native-resolution reconstructions of ``arrays``."""
+    from ultraflux_eval.fidelity import lpips_distance, psnr, ssim
 
     originals = [center_crop_to_tokens(a) for a in arrays]
     recons = [to_uint8(reconstruct(vae, to_model_range(a)[None].to(device))[0]) for a in originals]
@@ -134,7 +186,7 @@ def reconstruction_metrics(vae: torch.nn.Module, arrays: list[np.ndarray], lpips
         "psnr": float(np.mean([psnr(a, b) for a, b in zip(originals, recons, strict=True)])),
         "ssim": float(np.mean([ssim(a, b) for a, b in zip(originals, recons, strict=True)])),
         "lpips": float(np.mean([lpips_distance(a, b, lpips_cpu) for a, b in zip(originals, recons, strict=True)])),
-        "rfid": float(fid(originals, recons, extractor, fid_side)),
+        "rfid": rfid_native(originals, recons, extractor, fid_side),
     }
     lpips_model.to(device)
     return metrics
@@ -193,7 +245,9 @@ def post_train_vae(cfg: VaeTrainConfig, tracking: TrackingConfig) -> VaeReport:
     order = rng.permutation(len(images)).tolist()
     heldout = [images[i][1] for i in order[: cfg.heldout]]
     pool = [images[i][1] for i in order[cfg.heldout :]]
-    train_arrays = [pool[i] for i in least_flat(pool, cfg.least_flat, cfg.flat_patch)]
+    # the filter's vae subset is already the least-flat selection: rank again only for a plain folder
+    share = 1.0 if Path(cfg.images).suffix == ".parquet" else cfg.least_flat
+    train_arrays = [pool[i] for i in least_flat(pool, share, cfg.flat_patch)]
 
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
