@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from pydantic import BaseModel
 
-from ultraflux_model.config import DataConfig
+from ultraflux_model.config import ComputeConfig, DataConfig
 from ultraflux_model.data.metadata import METADATA_SUFFIXES
 from ultraflux_model.errors import UltraFluxError
 
@@ -102,11 +102,11 @@ def run_ingest(cfg: DataConfig, progress: bool = True) -> IngestSummary:
     return summary
 
 
-def run_score(cfg: DataConfig, progress: bool = True) -> ScoreSummary:
+def run_score(cfg: DataConfig, progress: bool = True, compute: ComputeConfig | None = None) -> ScoreSummary:
     from ultraflux_model.data.scoring import score_manifest
 
     paths = DataPaths(cfg.root)
-    summary = score_manifest(paths.ingest, paths.scores, cfg.scoring, progress=progress)
+    summary = score_manifest(paths.ingest, paths.scores, cfg.scoring, progress=progress, compute=compute)
     paths.write_metrics("score", summary)
     return summary
 
