@@ -130,7 +130,8 @@ def _ray_actor_pool(make_worker: WorkerFactory, partitions: list[Any], compute: 
     items = [{"index": i, "payload": pickle.dumps(p)} for i, p in enumerate(partitions)]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _PartitionActor, fn_constructor_kwargs={"make_worker": make_worker}, batch_size=1, batch_format="numpy",
-        concurrency=compute.workers, num_gpus=compute.gpus_per_worker or None, num_cpus=1,
+        compute=ray.data.ActorPoolStrategy(size=compute.workers), num_gpus=compute.gpus_per_worker or None,
+        num_cpus=1,
     )
     results: list[Any] = [None] * len(partitions)
     for row in dataset.iter_rows():
