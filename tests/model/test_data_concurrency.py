@@ -72,7 +72,8 @@ def single(tmp_path_factory, tiny_checkpoint):
 
 
 def _same_shards(a: stages.DataPaths, b: stages.DataPaths) -> None:
-    pd.testing.assert_frame_equal(pd.read_parquet(a.shards / "index.parquet"), pd.read_parquet(b.shards / "index.parquet"))
+    index = pd.read_parquet(a.shards / "index.parquet")
+    pd.testing.assert_frame_equal(index, pd.read_parquet(b.shards / "index.parquet"))
     tars = sorted(p.name for p in a.shards.glob("shard-*.tar"))
     assert tars == sorted(p.name for p in b.shards.glob("shard-*.tar")) and tars
     assert all((a.shards / t).read_bytes() == (b.shards / t).read_bytes() for t in tars)

@@ -157,7 +157,8 @@ class CacheWorker:
     def __init__(self, model_dir: Path, out: Path, digest: str, max_sequence_length: int, batch_size: int,
                  dtype: Dtype, device: str) -> None:
         self.model_dir, self.out, self.digest = model_dir, out, digest
-        self.max_sequence_length, self.batch_size, self.dtype, self.device = max_sequence_length, batch_size, dtype, device
+        self.max_sequence_length, self.batch_size = max_sequence_length, batch_size
+        self.dtype, self.device = dtype, device
         self.models: tuple[Any, TextEncoders] | None = None
 
     def _flush(self, group: list[tuple[_Sample, Path]]) -> None:
@@ -194,9 +195,9 @@ class CacheWorker:
                     rows.append({"key": sample[0], "error": sample[1]})
                     continue
                 path = entries_dir / _entry_name(sample, self.max_sequence_length, self.dtype)
-                rows.append({"key": sample.key, "file": str(path.relative_to(self.out)), "bucket_width": sample.bucket[0],
-                             "bucket_height": sample.bucket[1], "aesthetics": sample.aesthetics,
-                             "caption": sample.caption, **sample.flags, "error": ""})
+                rows.append({"key": sample.key, "file": str(path.relative_to(self.out)),
+                             "bucket_width": sample.bucket[0], "bucket_height": sample.bucket[1],
+                             "aesthetics": sample.aesthetics, "caption": sample.caption, **sample.flags, "error": ""})
                 if path.is_file():
                     reused += 1
                     continue

@@ -46,7 +46,8 @@ def partition_of(key: str, count: int) -> int:
     return (int(key[:8], 16) * count) >> KEY_BITS
 
 
-def split_by_key(frame: pd.DataFrame, per_partition: int, key: str = "key") -> tuple[int, list[tuple[int, pd.DataFrame]]]:
+def split_by_key(frame: pd.DataFrame, per_partition: int,
+                 key: str = "key") -> tuple[int, list[tuple[int, pd.DataFrame]]]:
     """``(count, [(index, rows sorted by key), ...])`` for the non-empty key ranges, in index order."""
     count = partition_count(len(frame), per_partition)
     if frame.empty:
