@@ -246,14 +246,14 @@ def build_caches(shard_or_manifest: Path | str, model_dir: Path | str, out_dir: 
     from ultraflux_model.pretrained import resolve_checkpoint
 
     compute = compute or ComputeConfig()
-    source, out = Path(shard_or_manifest), Path(out_dir)
+    source, out = Path(shard_or_manifest).resolve(), Path(out_dir).resolve()  # absolute: for Ray workers
     if not source.exists():
         raise UltraFluxError(f"cache source {source} does not exist: pass a shard folder or an ingest manifest")
-    model_dir = resolve_checkpoint(model_dir)  # a local folder, or a hub id fetched as a snapshot (safetensors only)
+    model_dir = Path(resolve_checkpoint(model_dir)).resolve()  # a local folder, or a hub snapshot (safetensors)
     digest = model_hash(model_dir, max_sequence_length, dtype)
     parts = _partitions(source, out / "parts" / digest[:16], family, compute.partition_size, {"model": digest})
     todo = [p for p in parts if not p.index.is_file()]
-    worker = functools.partial(CacheWorker, Path(model_dir), out, digest, max_sequence_length, batch_size, dtype,
+    worker = functools.partial(CacheWorker, model_dir, out, digest, max_sequence_length, batch_size, dtype,
                                device)
     counts = map_partitions(worker, todo, compute, gpu=True, desc="cache", progress=progress)
     encoded = sum(c[0] for c in counts)

@@ -293,7 +293,7 @@ def download_urls(urls: Iterable[str], out_dir: Path | str, cfg: DownloadConfig 
     Never raises for a bad URL or response: failures come back with ``status="failed"`` and a reason.
     """
     cfg, compute = cfg or DownloadConfig(), compute or ComputeConfig()
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # absolute: Ray workers may run elsewhere
     store = _Store(out)  # reads the state of previous runs
     store.close()
     unique = list(dict.fromkeys(urls))

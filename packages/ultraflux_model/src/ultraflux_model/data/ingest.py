@@ -280,7 +280,7 @@ def ingest(source: Path | str, out_dir: Path | str, data_cfg: DataConfig | None 
     Never raises for a bad input file; raises ``UltraFluxError`` only when ``source`` itself is missing.
     """
     data_cfg, compute = data_cfg or DataConfig(), compute or ComputeConfig()
-    source, out = Path(source), Path(out_dir)
+    source, out = Path(source).resolve(), Path(out_dir).resolve()  # absolute: Ray workers may run elsewhere
     out.mkdir(parents=True, exist_ok=True)
     if source.is_dir():
         inputs = _folder_inputs(source, out)

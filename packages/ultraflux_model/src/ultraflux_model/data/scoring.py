@@ -194,7 +194,7 @@ def score_manifest(manifest: Path | str, out: Path | str, cfg: ScoringConfig | N
     a real Q-Align); with ``compute.engine=ray`` it must be importable by the Ray workers (a module-level function).
     """
     cfg, compute = cfg or ScoringConfig(), compute or ComputeConfig()
-    manifest, out = Path(manifest), Path(out)
+    manifest, out = Path(manifest).resolve(), Path(out).resolve()  # absolute: Ray workers may run elsewhere
     frame = read_manifest(manifest)
     base = manifest if manifest.is_dir() else manifest.parent
     digest = scoring_hash(cfg, scorer_factory)

@@ -153,7 +153,7 @@ def write_shards(rows: pd.DataFrame, image_root: Path | str, out_dir: Path | str
     missing = {"key", "path", "bucket_width", "bucket_height"} - set(rows.columns)
     if missing:
         raise UltraFluxError(f"shard rows lack columns {sorted(missing)}: run `ultraflux data bucket` first")
-    out, root = Path(out_dir), Path(image_root)
+    out, root = Path(out_dir).resolve(), Path(image_root).resolve()  # absolute: Ray workers may run elsewhere
     count, groups = split_by_key(rows, cfg.samples_per_shard)
     settings = cfg.model_dump(mode="json")
     partitions = []
