@@ -69,8 +69,8 @@ def ray_session(compute: ComputeConfig) -> Iterator[None]:
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
     try:
-        if compute.address is None:
-            ray.init(num_cpus=compute.workers, **kwargs)
+        if compute.address is None:  # "local": a new instance, never a cluster another user started on this node
+            ray.init(address="local", num_cpus=compute.workers, **kwargs)
         else:
             ray.init(address=compute.address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as err:
