@@ -20,19 +20,17 @@ from __future__ import annotations
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any
 
 from tqdm import tqdm
 
 from ultraflux_model.config import ComputeConfig
 from ultraflux_model.errors import UltraFluxError
 
-P = TypeVar("P")
-R = TypeVar("R")
 WorkerFactory = Callable[[], Callable[[Any], Any]]
 
 
-def map_partitions(make_worker: WorkerFactory, partitions: Sequence[P], compute: ComputeConfig | None = None, *,
+def map_partitions(make_worker: WorkerFactory, partitions: Sequence[Any], compute: ComputeConfig | None = None, *,
                    gpu: bool = False, desc: str = "partitions", progress: bool = True) -> list[Any]:
     """``[make_worker()(p) for p in partitions]``, run by ``compute.engine``; results in partition order."""
     compute = compute or ComputeConfig()

@@ -36,7 +36,6 @@ from pydantic import BaseModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from ultraflux_model.compute import map_partitions
 from ultraflux_model.config import ComputeConfig, Dtype

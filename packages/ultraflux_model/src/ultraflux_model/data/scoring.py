@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel
-from tqdm import tqdm
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.scores import flat_and_entropy, load_rgb
 

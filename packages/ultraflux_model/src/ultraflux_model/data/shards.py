@@ -27,7 +27,6 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 from pydantic import BaseModel
-from tqdm import tqdm
 
 from ultraflux_model.compute import map_partitions
 from ultraflux_model.config import ComputeConfig, ShardConfig
