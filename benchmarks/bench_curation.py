@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--gpu-tflops", type=float, default=400.0, help="assumed sustained GPU TFLOP/s")
     args = parser.parse_args()
+    family = "4k" if args.side >= 3072 else "2k" if args.side >= 1536 else "1k" if args.side >= 768 else "512"
 
     import ray
     from ultraflux_model.data.cache import build_caches
@@ -95,7 +96,7 @@ def main() -> None:
             "score": lambda out, compute: score_manifest(tmp / "ingest", out / "scores.parquet", OFFICIAL,
                                                          progress=False, compute=compute),
             "cache": lambda out, compute: build_caches(tmp / "ingest", model, out, max_sequence_length=32,
-                                                       batch_size=1, family="4k", progress=False, compute=compute),
+                                                       batch_size=1, family=family, progress=False, compute=compute),
         }
         for stage, run in stages.items():
             reference = None
