@@ -49,3 +49,39 @@ def test_atomic_write_leaves_no_temporary_and_link_shares_the_inode(tmp_path):
     how = link_or_copy(target, tmp_path / "images" / "b.bin")
     assert how == "link" and os.stat(target).st_ino == os.stat(tmp_path / "images" / "b.bin").st_ino
     assert os.listdir(tmp_path / "images") == ["b.bin"]
+
+
+def test_no_needless_copies_ingest_links_and_shards_keep_bucket_sized_bytes(tmp_path):
+    """Ingest keeps a plain original by hard link; a shard stores a bucket-sized PNG's own bytes, others re-encoded."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+    from ultraflux_model.config import ShardConfig
+    from ultraflux_model.data.buckets import add_bucket_columns
+    from ultraflux_model.data.ingest import ingest, read_manifest
+    from ultraflux_model.data.shards import write_shards
+
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)).save(src / "exact.png")  # a 256 bucket
+    Image.fromarray(rng.integers(0, 256, (300, 250, 3), dtype=np.uint8)).save(src / "other.png")
+    ingest(src, tmp_path / "ingest", progress=False)
+    manifest = read_manifest(tmp_path / "ingest").set_index("source")
+    for name in ("exact.png", "other.png"):
+        stored = tmp_path / "ingest" / manifest.loc[name, "path"]
+        assert manifest.loc[name, "stored"] == "link" and os.stat(stored).st_ino == os.stat(src / name).st_ino
+    rows = add_bucket_columns(manifest.reset_index(), "256")
+    summary = write_shards(rows, tmp_path / "ingest", tmp_path / "shards", ShardConfig(), progress=False)
+    assert summary.samples == 2 and summary.kept_original == 1
+    index = pd.read_parquet(tmp_path / "shards" / "index.parquet").set_index("key")
+    exact_key = manifest.loc["exact.png", "key"]
+    with tarfile.open(tmp_path / "shards" / index.loc[exact_key, "shard"]) as tar:
+        assert tar.extractfile(index.loc[exact_key, "image"]).read() == (src / "exact.png").read_bytes()
+    other = index.loc[manifest.loc["other.png", "key"]]
+    assert other["stored"] == "encoded" and (other["bucket_width"], other["bucket_height"]) != (250, 300)
+    with tarfile.open(tmp_path / "shards" / other["shard"]) as tar:
+        image = Image.open(io.BytesIO(tar.extractfile(other["image"]).read()))
+        assert image.size == (other["bucket_width"], other["bucket_height"])
