@@ -14,13 +14,15 @@ FULL: dict[str, list[str]] = {
     "bench_kernels": [],
     "bench_vae_decode": [],
     "bench_scores": [],
+    "bench_curation": [],
     "bench_eval": [],
     "bench_training": [],
 }
 QUICK: dict[str, list[str]] = {
     "bench_kernels": ["--quick", "--repeats", "3", "--warmup", "1", "--threads", "1"],
     "bench_vae_decode": ["--sizes", "256", "512"],
-    "bench_scores": ["--sizes", "1920x1080", "--repeats", "1", "--images", "2"],
+    "bench_scores": ["--sizes", "1920x1080", "--repeats", "1"],
+    "bench_curation": ["--images", "2", "--side", "1024"],
     "bench_eval": ["--sizes", "1024x1024", "--repeats", "1"],
     "bench_training": ["--repeats", "2"],
 }

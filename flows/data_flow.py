@@ -3,7 +3,8 @@
 Thin: each task is one call of ``ultraflux_model.data.stages`` (the functions ``dvc.yaml``'s stages run
 through the CLI), so the flow and ``dvc repro`` produce the same folders under ``data.root``. Downloads get
 task-level retries on top of the per-URL retries; they land where ingest looks for them, so ingest resumes
-instead of fetching twice.
+instead of fetching twice. The ``compute`` section goes to every per-image stage: with ``compute.engine=ray``
+the stage fans its partitions out on Ray (see ``ultraflux_model.compute``); Prefect only orders the stages.
 
     python -m flows.data_flow --config params.yaml --set data.source=metadata.jsonl
 """
@@ -15,32 +16,33 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from ultraflux_model.config import DataConfig, resolve_config
+from ultraflux_model.config import ComputeConfig, DataConfig, resolve_config
 from ultraflux_model.data import stages
 
 STAGES = ("ingest", "score", "filter", "bucket", "shard", "cache")
 
 
 @task(name="data-download", retries=2, retry_delay_seconds=10)
-def download(cfg: DataConfig) -> dict[str, int]:
+def download(cfg: DataConfig, compute: ComputeConfig) -> dict[str, int]:
     """Fetch the http(s) images of a metadata source into ``<root>/ingest/downloads`` (resumable)."""
     from ultraflux_model.data.download import download_urls, summarise
     from ultraflux_model.data.metadata import read_metadata
 
     records, _ = read_metadata(Path(cfg.source))
     urls = [r.location for r in records if r.location and r.location.startswith(("http://", "https://"))]
-    results = download_urls(urls, stages.DataPaths(cfg.root).ingest / "downloads", cfg.download, progress=False)
+    results = download_urls(urls, stages.DataPaths(cfg.root).ingest / "downloads", cfg.download, progress=False,
+                            compute=compute)
     return summarise(results)
 
 
 @task(name="data-ingest")
-def ingest(cfg: DataConfig) -> dict[str, Any]:
-    return stages.run_ingest(cfg, progress=False).model_dump()
+def ingest(cfg: DataConfig, compute: ComputeConfig) -> dict[str, Any]:
+    return stages.run_ingest(cfg, progress=False, compute=compute).model_dump()
 
 
 @task(name="data-score")
-def score(cfg: DataConfig) -> dict[str, Any]:
-    return stages.run_score(cfg, progress=False).model_dump()
+def score(cfg: DataConfig, compute: ComputeConfig) -> dict[str, Any]:
+    return stages.run_score(cfg, progress=False, compute=compute).model_dump()
 
 
 @task(name="data-filter")
@@ -54,13 +56,13 @@ def bucket(cfg: DataConfig) -> dict[str, int]:
 
 
 @task(name="data-shard")
-def shard(cfg: DataConfig) -> dict[str, Any]:
-    return stages.run_shard(cfg, progress=False).model_dump()
+def shard(cfg: DataConfig, compute: ComputeConfig) -> dict[str, Any]:
+    return stages.run_shard(cfg, progress=False, compute=compute).model_dump()
 
 
 @task(name="data-cache")
-def cache(cfg: DataConfig) -> dict[str, Any]:
-    return stages.run_cache(cfg, progress=False).model_dump()
+def cache(cfg: DataConfig, compute: ComputeConfig) -> dict[str, Any]:
+    return stages.run_cache(cfg, progress=False, compute=compute).model_dump()
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
@@ -82,13 +84,15 @@ def data_flow(config: list[str] | None = None, overrides: list[str] | None = Non
     """Run the data pipeline on the ``data`` section of the layered config, up to and including ``until``."""
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
-    cfg = resolve_config(config, overrides).data
-    steps = {"ingest": ingest, "score": score, "filter": select, "bucket": bucket, "shard": shard, "cache": cache}
+    resolved = resolve_config(config, overrides)
+    cfg, compute = resolved.data, resolved.compute
+    per_image = {"ingest": ingest, "score": score, "shard": shard, "cache": cache}
+    whole_table = {"filter": select, "bucket": bucket}
     results: dict[str, Any] = {}
     if cfg.source != "synthetic" and Path(cfg.source).is_file():
-        results["download"] = download(cfg)
+        results["download"] = download(cfg, compute)
     for name in STAGES[: STAGES.index(until) + 1]:
-        results[name] = steps[name](cfg)
+        results[name] = per_image[name](cfg, compute) if name in per_image else whole_table[name](cfg)
         get_run_logger().info("%s: %s", name, results[name])
     create_markdown_artifact(markdown=f"# Data pipeline ({cfg.root})\n\n" + summary_markdown(results),
                              key="data-summary", description="counts per data stage")

@@ -51,7 +51,8 @@ httpd.shutdown()
 def test_data_flow_end_to_end(tmp_path, tiny_checkpoint):
     args = {"src": str(tmp_path / "served"), "meta": str(tmp_path / "meta.jsonl"), "root": str(tmp_path / "data"),
             "model": str(tiny_checkpoint), "result": str(tmp_path / "result.json")}
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep a worktree's own
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": pythonpath}
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

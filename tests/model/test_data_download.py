@@ -186,13 +186,24 @@ def test_resume_skips_finished_urls_and_retries_failed_ones(server, tmp_path):
     HITS.clear()
     urls = [f"{server}/good.png", f"{server}/missing.png"]
     download_urls(urls, tmp_path, _cfg(), progress=False)
-    (tmp_path / "leftover.part").write_bytes(b"half")  # as a killed run leaves it
+    from filelock import FileLock
+
+    partial = tmp_path / ".partial"
+    for writer in ("111-dead", "222-live"):  # a killed run's partial folder and a running one's
+        (partial / writer).mkdir()
+        (partial / writer / "x.part").write_bytes(b"half")
+    (partial / "111-dead.lock").touch()  # its lock file stays behind, unlocked: the process died
+    live = FileLock(str(partial / "222-live.lock"))
+    live.acquire()
     with open(tmp_path / "downloads.jsonl", "a") as fh:
         fh.write('{"url": "cut by a kill')  # torn last line
     again = download_urls(urls, tmp_path, _cfg(), progress=False)
     assert HITS["/good.png"] == 1 and HITS["/missing.png"] == 2
     assert again[urls[0]].status == "ok" and again[urls[1]].status == "failed"
-    assert not (tmp_path / "leftover.part").exists()
+    assert not (partial / "111-dead").exists()  # the dead writer's partial file is removed
+    assert (partial / "222-live" / "x.part").read_bytes() == b"half"  # another live run's is never touched
+    live.release()
+    assert sorted(p.name for p in partial.iterdir()) == ["222-live", "222-live.lock"]  # ours are cleaned up
 
 
 def test_magic_bytes():

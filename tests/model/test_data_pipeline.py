@@ -76,7 +76,8 @@ def test_shards_hold_bucket_sized_images_and_rewrite_identically(pipeline, tmp_p
     cfg, s = pipeline
     paths = stages.DataPaths(cfg.root)
     samples = list(iter_shards(paths.shards))
-    assert len(samples) == s["shard"].samples and s["shard"].shards == -(-len(samples) // 4)
+    assert len(samples) == s["shard"].samples and s["shard"].shards == len(list(paths.shards.glob("shard-*.tar")))
+    assert s["shard"].shards >= -(-len(samples) // 4)  # key ranges: at least samples / samples_per_shard shards
     for sample in samples:
         assert tuple(sample.meta["bucket"]) == sample.image.size and sample.image.mode == "RGB"
         assert sample.meta["caption"]
@@ -142,3 +143,24 @@ def test_cache_from_a_manifest_and_bad_sources(pipeline, tiny_checkpoint, tmp_pa
         build_caches(stages.DataPaths(cfg.root).shards, tmp_path, tmp_path / "d", progress=False)
     with pytest.raises(UltraFluxError, match="run `ultraflux data cache` first"):
         CachedLatentDataset(tmp_path / "empty")
+
+
+def test_cache_quarantines_a_corrupt_image_without_failing_its_partition(pipeline, tiny_checkpoint, tmp_path):
+    import shutil
+
+    import pandas as pd
+    from ultraflux_model.config import ComputeConfig
+    from ultraflux_model.data.ingest import read_manifest
+
+    cfg, s = pipeline
+    copy = tmp_path / "ingest"
+    shutil.copytree(stages.DataPaths(cfg.root).ingest, copy)
+    manifest = read_manifest(copy)
+    victim = copy / manifest["path"].iloc[0]
+    victim.unlink()  # break a hard link before damaging the file
+    victim.write_bytes(victim.name.encode())
+    summary = build_caches(copy, tiny_checkpoint, tmp_path / "c", max_sequence_length=8, family="256", progress=False,
+                           compute=ComputeConfig(partition_size=1000))  # one partition holds every image
+    assert summary.quarantined == 1 and summary.entries == s["ingest"].ok - 1
+    quarantine = pd.read_parquet(tmp_path / "c" / "quarantine.parquet")
+    assert list(quarantine["key"]) == [manifest["key"].iloc[0]] and quarantine["reason"].iloc[0].startswith("corrupt")

@@ -1,4 +1,4 @@
-"""Scoring: values come from ultraflux_eval's one implementation, runs in spawned processes, resumes."""
+"""Scoring: values come from ultraflux_eval's one implementation, partitioned by key range, resumes, quarantines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 from ultraflux_eval.scores import flat_percentage, load_rgb, shannon_entropy
-from ultraflux_model.config import FilterConfig, ScoringConfig
+from ultraflux_model.config import ComputeConfig, FilterConfig, ScoringConfig
 from ultraflux_model.data.filters import apply_filters, select_subsets
 from ultraflux_model.data.ingest import ingest, read_manifest
 from ultraflux_model.data.qalign import TinyQAlign, qalign_readout
@@ -15,7 +15,7 @@ from ultraflux_model.data.scoring import score_images, score_manifest, scoring_h
 
 
 def constant_scorers(cfg: ScoringConfig) -> dict:
-    """Module-level (spawn-importable) injected scorers: cheap and exactly predictable."""
+    """Module-level injected scorers: cheap and exactly predictable."""
     return {
         "qalign_score": lambda images: np.array([1.0 + 4.0 * (im.mean() / 255.0) for im in images]),
         "aesthetics_score": lambda images: np.array([float(im.shape[1]) for im in images]),
@@ -50,39 +50,65 @@ def test_scores_match_the_eval_package(ingested, tmp_path):
     assert set(scores["flat_percentage"]) >= {0.0, 1.0}  # noise is never flat, constants always are
 
 
-def test_parallel_processes_equal_one_process_and_resume(ingested, tmp_path):
-    one = ScoringConfig(flat_patch=32, chunk_size=2, workers=1)
-    two = one.model_copy(update={"workers": 2})
-    score_manifest(ingested, tmp_path / "a.parquet", one, progress=False, scorer_factory=constant_scorers)
-    summary = score_manifest(ingested, tmp_path / "b.parquet", two, progress=False, scorer_factory=constant_scorers)
+def test_partitioning_does_not_change_scores_and_rerun_scores_nothing(ingested, tmp_path):
+    cfg = ScoringConfig(flat_patch=32)
+    score_manifest(ingested, tmp_path / "a.parquet", cfg, progress=False, scorer_factory=constant_scorers,
+                   compute=ComputeConfig(partition_size=100))
+    summary = score_manifest(ingested, tmp_path / "b.parquet", cfg, progress=False, scorer_factory=constant_scorers,
+                             compute=ComputeConfig(partition_size=2))
     a, b = pd.read_parquet(tmp_path / "a.parquet"), pd.read_parquet(tmp_path / "b.parquet")
     pd.testing.assert_frame_equal(a, b)
+    assert len(list((tmp_path / "b.parquet.parts").rglob("p*.parquet"))) > 1  # several key ranges were written
     assert summary.scored_now == len(a) and (a["aesthetics_score"] == a["width"]).all()
     assert (a["learned_from"] == "qalign_score:model,aesthetics_score:model").all()
     # everything scored: a rerun scores nothing and leaves the file as it was
-    again = score_manifest(ingested, tmp_path / "b.parquet", two, progress=False, scorer_factory=constant_scorers)
+    again = score_manifest(ingested, tmp_path / "b.parquet", cfg, progress=False, scorer_factory=constant_scorers,
+                           compute=ComputeConfig(partition_size=2))
     assert again.scored_now == 0 and again.reused == len(a)
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "b.parquet"), a)
 
 
-def test_killed_run_resumes_with_the_missing_chunks_only(ingested, tmp_path):
-    cfg = ScoringConfig(flat_patch=32, chunk_size=3)
+def test_killed_run_resumes_with_the_missing_partitions_only(ingested, tmp_path):
+    cfg, compute = ScoringConfig(flat_patch=32), ComputeConfig(partition_size=2)
     out = tmp_path / "s.parquet"
-    score_manifest(ingested, out, cfg, progress=False, scorer_factory=constant_scorers)
+    score_manifest(ingested, out, cfg, progress=False, scorer_factory=constant_scorers, compute=compute)
     full = pd.read_parquet(out)
-    # Simulate a kill after the first chunk: only its part file exists, no final parquet.
-    parts = out.with_name(out.name + ".parts") / scoring_hash(cfg, constant_scorers)
-    parts.mkdir(parents=True)
-    full.iloc[:3].to_parquet(parts / "part-first.parquet", index=False)
+    parts = sorted((out.with_name(out.name + ".parts") / scoring_hash(cfg, constant_scorers)).glob("p*.parquet"))
+    # As if killed after the first partitions: the last one and the final parquet are missing.
+    parts[-1].unlink()
     out.unlink()
-    summary = score_manifest(ingested, out, cfg, progress=False, scorer_factory=constant_scorers)
-    assert summary.reused == 3 and summary.scored_now == len(full) - 3
+    summary = score_manifest(ingested, out, cfg, progress=False, scorer_factory=constant_scorers, compute=compute)
+    assert 0 < summary.scored_now < len(full) and summary.reused == len(full) - summary.scored_now
     pd.testing.assert_frame_equal(pd.read_parquet(out), full)
-    assert not parts.exists()
+    # the final parquet alone (e.g. after `dvc checkout`, no parts) is reused for the same settings
+    for part in out.with_name(out.name + ".parts").rglob("p*.parquet"):
+        part.unlink()
+    assert score_manifest(ingested, out, cfg, progress=False, scorer_factory=constant_scorers,
+                          compute=compute).scored_now == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(out), full)
     # other settings → other hash → nothing reused
     changed = score_manifest(ingested, out, cfg.model_copy(update={"flat_patch": 16}), progress=False,
-                             scorer_factory=constant_scorers)
+                             scorer_factory=constant_scorers, compute=compute)
     assert changed.scored_now == len(full)
+
+
+def test_corrupt_image_is_quarantined_not_failing_its_partition(ingested, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ingest"
+    shutil.copytree(ingested, copy)
+    manifest = read_manifest(copy)
+    victim = copy / manifest["path"].iloc[0]
+    victim.unlink()  # break the hard link (if any) before damaging the file
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    out = tmp_path / "s.parquet"
+    summary = score_manifest(copy, out, ScoringConfig(flat_patch=32), progress=False, scorer_factory=constant_scorers,
+                             compute=ComputeConfig(partition_size=100))  # one partition holds every image
+    scores = pd.read_parquet(out)
+    quarantine = pd.read_parquet(tmp_path / "s.quarantine.parquet")
+    assert summary.quarantined == 1 and summary.images == len(manifest) - 1 == len(scores)
+    assert list(quarantine["key"]) == [manifest["key"].iloc[0]] and quarantine["reason"].iloc[0].startswith("corrupt")
+    assert manifest["key"].iloc[0] not in set(scores["key"])
 
 
 def test_metadata_scores_are_reused_and_tiny_scorers_run(tmp_path):

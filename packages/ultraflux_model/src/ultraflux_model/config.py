@@ -141,8 +141,6 @@ class IngestConfig(Section):
 class ScoringConfig(Section):
     """Per-image scores: weight-free (resolution, flatness, entropy) and learned (Q-Align, aesthetics)."""
 
-    workers: int = Field(1, ge=1, description="processes; 1 scores in this process")
-    chunk_size: int = Field(16, ge=1, description="images per task (and per resumable part file)")
     flat_patch: int = Field(64, ge=8, description="flatness patch side (official 240)")
     flat_threshold: float = Field(800.0, gt=0.0, description="Sobel-magnitude variance below this is flat")
     qalign: Literal["tiny", "metadata", "none"] = Field(
@@ -367,6 +365,23 @@ class TrackingConfig(Section):
     check_timeout_s: float = Field(5.0, gt=0.0, description="how long to wait for a server before giving up")
 
 
+class ComputeConfig(Section):
+    """Where the per-image data stages run (``ultraflux_model.compute``): in this process or on Ray.
+
+    ``local`` and ``ray`` run the same partition functions, so outputs are identical whichever engine ran them.
+    """
+
+    engine: Literal["local", "ray"] = Field("local", description="local: in this process; ray: Ray tasks/actors")
+    address: str | None = Field(
+        None, description="ray only. None: start a local Ray instance; 'auto' or 'ray://host:port': join a cluster"
+    )
+    workers: int = Field(1, ge=1, description="parallel Ray tasks / actors per stage (local runs one at a time)")
+    gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs per actor of the model stages (score, cache)")
+    partition_size: int = Field(
+        64, ge=1, description="target images per partition (partitions are key-hash ranges, a power of two of them)"
+    )
+
+
 class UltraFluxConfig(Section):
     """The whole tree, as serialised in ``params.yaml``."""
 
@@ -377,6 +392,7 @@ class UltraFluxConfig(Section):
     vae_train: VaeTrainConfig = VaeTrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
+    compute: ComputeConfig = ComputeConfig()
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

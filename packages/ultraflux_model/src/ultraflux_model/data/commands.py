@@ -1,7 +1,8 @@
 """``ultraflux data ...``: one command per pipeline stage (what ``dvc.yaml`` runs) plus tools.
 
 Every stage command reads the config tree (``-c params.yaml [-c preset] --set data.x=y``) and prints its
-counts. Library imports happen inside the commands so ``ultraflux --help`` stays fast.
+counts. The per-image stages run on the ``compute`` section's engine (``--set compute.engine=ray --set
+compute.workers=2``). Library imports happen inside the commands so ``ultraflux --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from ultraflux_model.config import DataConfig, resolve_config
+from ultraflux_model.config import ComputeConfig, DataConfig, resolve_config
 
 app = typer.Typer(help="MultiAspect-4K data: ingest, score, filter, bucket, shard, cache.", no_args_is_help=True)
 
@@ -19,10 +20,15 @@ ConfigOpt = typer.Option([], "--config", "-c", help="YAML files layered in order
 SetOpt = typer.Option([], "--set", help="section.key=value overrides, e.g. data.source=DIR")
 
 
-def _data_config(config: list[Path], set_: list[str], **fields: object) -> DataConfig:
+def _configs(config: list[Path], set_: list[str], **fields: object) -> tuple[DataConfig, ComputeConfig]:
+    """The ``data`` and ``compute`` sections; ``fields`` are ``data.``-relative overrides (None: not given)."""
     overrides = list(set_) + [f"data.{k}={v}" for k, v in fields.items() if v is not None]
     resolved = resolve_config(config, overrides)
-    return resolved.data
+    return resolved.data, resolved.compute
+
+
+def _data_config(config: list[Path], set_: list[str], **fields: object) -> DataConfig:
+    return _configs(config, set_, **fields)[0]
 
 
 def _echo_json(payload: object) -> None:
@@ -55,12 +61,12 @@ def download(metadata: Path, out: Path = typer.Option(...), config: list[Path] =
     from ultraflux_model.data.download import download_urls, summarise
     from ultraflux_model.data.metadata import read_metadata
 
-    cfg = _data_config(config, set_)
+    cfg, compute = _configs(config, set_)
     if metadata.suffix == ".txt":
         urls = [line.strip() for line in metadata.read_text().splitlines() if line.strip()]
     else:
         urls = [r.location for r in read_metadata(metadata)[0] if r.location]
-    results = download_urls(urls, out, cfg.download)
+    results = download_urls(urls, out, cfg.download, compute=compute)
     _echo_json(summarise(results))
     for result in results.values():
         if result.status == "failed":
@@ -75,19 +81,19 @@ def ingest_cmd(config: list[Path] = ConfigOpt, set_: list[str] = SetOpt,
     from ultraflux_model.data.ingest import ingest
     from ultraflux_model.data.stages import prepare_source, run_ingest
 
-    cfg = _data_config(config, set_, source=source)
-    summary = ingest(prepare_source(cfg), out, cfg) if out is not None else run_ingest(cfg)
+    cfg, compute = _configs(config, set_, source=source)
+    summary = ingest(prepare_source(cfg), out, cfg, compute=compute) if out is not None else run_ingest(cfg,
+                                                                                                       compute=compute)
     typer.echo(summary.text())
 
 
 @app.command("score")
-def score_cmd(config: list[Path] = ConfigOpt, set_: list[str] = SetOpt,
-              workers: int | None = typer.Option(None, help="processes (data.scoring.workers)")) -> None:
+def score_cmd(config: list[Path] = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """Score every ok image (resolution, flatness, entropy, Q-Align, aesthetics) into scores.parquet; resumable."""
     from ultraflux_model.data.stages import run_score
 
-    cfg = _data_config(config, set_, **({"scoring.workers": workers} if workers else {}))
-    _echo_json(run_score(cfg).model_dump())
+    cfg, compute = _configs(config, set_)
+    _echo_json(run_score(cfg, compute=compute).model_dump())
 
 
 @app.command("filter")
@@ -111,7 +117,8 @@ def shard_cmd(config: list[Path] = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """Write tar shards of bucket-sized images + JSON sidecars."""
     from ultraflux_model.data.stages import run_shard
 
-    _echo_json(run_shard(_data_config(config, set_)).model_dump())
+    cfg, compute = _configs(config, set_)
+    _echo_json(run_shard(cfg, compute=compute).model_dump())
 
 
 @app.command("cache")
@@ -119,4 +126,5 @@ def cache_cmd(config: list[Path] = ConfigOpt, set_: list[str] = SetOpt) -> None:
     """Encode shards into VAE-latent + text-embedding caches (reused when image and model hashes match)."""
     from ultraflux_model.data.stages import run_cache
 
-    _echo_json(run_cache(_data_config(config, set_)).model_dump())
+    cfg, compute = _configs(config, set_)
+    _echo_json(run_cache(cfg, compute=compute).model_dump())

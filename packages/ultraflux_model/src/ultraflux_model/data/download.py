@@ -7,8 +7,13 @@ an allowed ``Content-Type`` list plus a magic-byte check of the body; retries wi
 connection errors, timeouts, 429 and 5xx only; atomic writes (``.part`` then ``os.replace``); files named by
 the sha256 of their content, so identical images from different URLs are stored once.
 
-Resume: every finished URL is appended to ``downloads.jsonl`` in the output folder; a second run skips URLs
-already stored (``ok``/``duplicate``) and retries the failed ones. Leftover ``.part`` files are removed.
+Resume: every finished URL is appended to ``downloads.jsonl`` in the output folder (under a file lock, so
+concurrent runs and Ray tasks append whole lines); a second run skips URLs already stored (``ok``/``duplicate``)
+and retries the failed ones. Partial files live in a folder per writer (``.partial/<pid>-<random>/``) guarded by
+that writer's lock: a run removes only folders whose owner is gone, never another live run's partial files.
+
+Scale-out: URLs are cut into partitions (hash ranges of the URL) that ``ultraflux_model.compute`` runs in this
+process or as Ray tasks, each with its own HTTP client and ``concurrency`` threads.
 
 Limitation: the address check resolves the host just before connecting; a DNS server that answers
 differently on the second lookup (DNS rebinding) is not prevented. Environment proxies are ignored
@@ -17,24 +22,29 @@ differently on the second lookup (DNS rebinding) is not prevented. Environment p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import os
+import shutil
 import socket
 import tempfile
 import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urljoin, urlsplit
 
 import httpx
+from filelock import FileLock, Timeout
 from pydantic import BaseModel
-from tqdm import tqdm
 
-from ultraflux_model.config import DownloadConfig
+from ultraflux_model.compute import map_partitions
+from ultraflux_model.config import ComputeConfig, DownloadConfig
+from ultraflux_model.data.partitions import partition_of
 
 STATE_FILE = "downloads.jsonl"
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -164,14 +174,24 @@ def _stream_to_part(response: httpx.Response, max_bytes: int, dest: Path) -> tup
 
 
 class _Store:
-    """The download folder: content-addressed files plus the append-only state file (thread-safe)."""
+    """The download folder: content-addressed files plus the append-only state file.
+
+    Thread-safe within a process (a lock) and safe across processes (file locks on the state file and on each
+    writer's partial folder).
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        for leftover in root.glob("*.part"):
-            leftover.unlink()
+        partial_root = root / ".partial"
+        partial_root.mkdir(exist_ok=True)
+        self.partial = partial_root / f"{os.getpid()}-{os.urandom(4).hex()}"
+        self.partial.mkdir()
+        self._own = FileLock(str(self.partial) + ".lock")
+        self._own.acquire()
+        _remove_orphaned_partials(partial_root, self.partial)
         self._lock = threading.Lock()
+        self._state_lock = FileLock(str(root / (STATE_FILE + ".lock")))
         self.done: dict[str, DownloadResult] = {}
         self._hashes: set[str] = set()
         state = root / STATE_FILE
@@ -185,6 +205,11 @@ class _Store:
                     self.done[result.url] = result
                     self._hashes.add(result.sha256 or "")
 
+    def close(self) -> None:
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self._own.release()
+        Path(self._own.lock_file).unlink(missing_ok=True)
+
     def commit(self, url: str, part: Path, sha: str, size: int, ext: str, attempts: int) -> DownloadResult:
         name = f"{sha}.{ext}"
         with self._lock:
@@ -192,23 +217,41 @@ class _Store:
             if duplicate:
                 part.unlink()
             else:
-                os.replace(part, self.root / name)
+                os.replace(part, self.root / name)  # another process renaming the same content is harmless
                 self._hashes.add(sha)
         status = "duplicate" if duplicate else "ok"
         return DownloadResult(url=url, status=status, path=name, sha256=sha, bytes=size, attempts=attempts)
 
     def record(self, result: DownloadResult) -> None:
-        with self._lock, open(self.root / STATE_FILE, "a") as fh:
+        with self._lock, self._state_lock, open(self.root / STATE_FILE, "a") as fh:
             fh.write(result.model_dump_json() + "\n")
             if result.status != "failed":
                 self.done[result.url] = result
+
+
+def _remove_orphaned_partials(partial_root: Path, own: Path) -> None:
+    """Remove partial folders whose writer is gone (its lock can be taken); live writers' folders stay."""
+    for lock_path in partial_root.glob("*.lock"):
+        folder = lock_path.with_suffix("")
+        if folder == own:
+            continue
+        lock = FileLock(str(lock_path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # its writer is alive
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            lock.release()
+            lock_path.unlink(missing_ok=True)
 
 
 def _download_one(client: httpx.Client, url: str, cfg: DownloadConfig, store: _Store) -> DownloadResult:
     reason = ""
     for attempt in range(1, cfg.retries + 2):
         try:
-            part, sha, size, ext = _fetch_once(client, url, cfg, store.root)
+            part, sha, size, ext = _fetch_once(client, url, cfg, store.partial)
             return store.commit(url, part, sha, size, ext, attempt)
         except _Refused as err:
             return DownloadResult(url=url, status="failed", attempts=attempt, reason=str(err))
@@ -219,29 +262,52 @@ def _download_one(client: httpx.Client, url: str, cfg: DownloadConfig, store: _S
     return DownloadResult(url=url, status="failed", attempts=cfg.retries + 1, reason=f"gave up: {reason}")
 
 
+@dataclass(frozen=True)
+class DownloadWorker:
+    """Downloads one partition of URLs (the compute engine's worker) with its own client and thread pool."""
+
+    out: Path
+    cfg: DownloadConfig
+
+    def __call__(self, urls: list[str]) -> list[DownloadResult]:
+        cfg, store = self.cfg, _Store(self.out)
+        timeout = httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s)
+        limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+        headers = {"user-agent": "ultraflux-data/0.1 (+https://github.com/)"}
+        client = httpx.Client(timeout=timeout, limits=limits, follow_redirects=False, trust_env=False, headers=headers)
+        results = []
+        try:
+            with client, ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
+                for result in pool.map(lambda u: _download_one(client, u, cfg, store), urls):
+                    store.record(result)
+                    results.append(result)
+        finally:
+            store.close()
+        return results
+
+
 def download_urls(urls: Iterable[str], out_dir: Path | str, cfg: DownloadConfig | None = None,
-                  progress: bool = True) -> dict[str, DownloadResult]:
+                  progress: bool = True, compute: ComputeConfig | None = None) -> dict[str, DownloadResult]:
     """Download every distinct URL into ``out_dir``; returns URL → result (previous runs' results included).
 
     Never raises for a bad URL or response: failures come back with ``status="failed"`` and a reason.
     """
-    cfg = cfg or DownloadConfig()
-    store = _Store(Path(out_dir))
+    cfg, compute = cfg or DownloadConfig(), compute or ComputeConfig()
+    out = Path(out_dir).resolve()  # absolute: Ray workers may run elsewhere
+    store = _Store(out)  # reads the state of previous runs
+    store.close()
     unique = list(dict.fromkeys(urls))
     todo = [u for u in unique if u not in store.done]
-    timeout = httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s)
-    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
     results: dict[str, DownloadResult] = {u: store.done[u] for u in unique if u in store.done}
-    headers = {"user-agent": "ultraflux-data/0.1 (+https://github.com/)"}
-    client = httpx.Client(timeout=timeout, limits=limits, follow_redirects=False, trust_env=False, headers=headers)
-    with client, ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:
-        bar = tqdm(total=len(todo), desc="download", unit="img", disable=not progress or not todo)
-        for result in pool.map(lambda u: _download_one(client, u, cfg, store), todo):
-            store.record(result)
-            results[result.url] = result
-            bar.update()
-        bar.close()
-    return results
+    count = max(1, -(-len(todo) // compute.partition_size))
+    groups: dict[int, list[str]] = {}
+    for url in todo:
+        groups.setdefault(partition_of(hashlib.sha256(url.encode()).hexdigest(), count), []).append(url)
+    partitions = [groups[i] for i in sorted(groups)]
+    for batch in map_partitions(functools.partial(DownloadWorker, out, cfg), partitions, compute, desc="download",
+                                progress=progress):
+        results.update({r.url: r for r in batch})
+    return {u: results[u] for u in unique}
 
 
 def summarise(results: dict[str, DownloadResult]) -> dict[str, int]:

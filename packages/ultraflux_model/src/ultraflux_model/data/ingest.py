@@ -6,21 +6,30 @@ from a ``metadata.{jsonl,parquet,csv}`` at its top, matched by ``file_name``), o
 
 Odd-but-valid images are normalised to 8-bit RGB: EXIF orientation applied, alpha composited over white,
 CMYK/palette/greyscale converted, 16-bit reduced to its high byte (the eval package's ``load_rgb``, the one
-decoder shared with scoring). Those are stored as PNG; images that need nothing keep their original bytes.
-Stored files are named by the sha256 of their bytes, which is the sample ``key`` and de-duplicates content.
+decoder shared with scoring). Those are stored as PNG; images that need nothing keep their original bytes, by
+reference: a hard link to the source file where the filesystem allows (no second copy on disk), else a copy
+(``stored`` says which). Stored files are named by the sha256 of their bytes, which is the sample ``key`` and
+de-duplicates content.
+
+Inputs are cut into deterministic partitions (hash ranges of the source name) that ``ultraflux_model.compute``
+runs in this process or as Ray tasks; each partition's manifest rows are written atomically under
+``.parts/<settings hash>/`` (re-runs and concurrent runs skip finished ones), then the manifest is committed by
+rename. Duplicates are resolved afterwards in input order, so the first occurrence keeps its row whatever ran
+first.
 Quarantined: unreadable, non-image, truncated/corrupt, decompression bombs (``max_pixels``, and PIL's own
 limit turned from a warning into an error), tiny, unsupported pixel modes, duplicates, failed downloads.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
-import os
 import struct
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +37,21 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel
-from tqdm import tqdm
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.scores import load_rgb
 
-from ultraflux_model.config import DataConfig, IngestConfig
+from ultraflux_model.compute import map_partitions
+from ultraflux_model.config import ComputeConfig, DataConfig, IngestConfig
 from ultraflux_model.data.download import download_urls
+from ultraflux_model.data.partitions import (
+    atomic_bytes,
+    atomic_parquet,
+    content_hash,
+    link_or_copy,
+    part_name,
+    partition_lock,
+    split_by_key,
+)
 from ultraflux_model.data.metadata import METADATA_SUFFIXES, SampleRecord, read_metadata
 from ultraflux_model.errors import UltraFluxError
 
@@ -126,13 +144,6 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _folder_inputs(folder: Path, out: Path) -> list[tuple[str, Path | None, SampleRecord | None, str]]:
     """``(source, local_path, record, failure)`` for every file of a folder (metadata file, hidden files and the
     output folder, if it lies inside, excluded)."""
@@ -154,14 +165,15 @@ def _folder_inputs(folder: Path, out: Path) -> list[tuple[str, Path | None, Samp
     return inputs
 
 
-def _metadata_inputs(meta_path: Path, out: Path, data_cfg: DataConfig,
-                     progress: bool) -> list[tuple[str, Path | None, SampleRecord | None, str]]:
+def _metadata_inputs(meta_path: Path, out: Path, data_cfg: DataConfig, progress: bool,
+                     compute: ComputeConfig | None = None) -> list[tuple[str, Path | None, SampleRecord | None, str]]:
     records, report = read_metadata(meta_path)
     inputs: list[tuple[str, Path | None, SampleRecord | None, str]] = [
         (f"{meta_path.name}:row{e.row}", None, None, f"bad metadata row: {e.reason}") for e in report.invalid
     ]
     urls = [r.location for r in records if r.location and r.location.startswith(("http://", "https://"))]
-    downloads = download_urls(urls, out / "downloads", data_cfg.download, progress=progress) if urls else {}
+    downloads = download_urls(urls, out / "downloads", data_cfg.download, progress=progress,
+                              compute=compute) if urls else {}
     for record in records:
         location = record.location or ""
         if location in downloads:
@@ -181,68 +193,133 @@ def _metadata_inputs(meta_path: Path, out: Path, data_cfg: DataConfig,
 
 def _row(source: str, record: SampleRecord | None) -> dict[str, Any]:
     row: dict[str, Any] = {"source": source, "key": None, "path": None, "status": "quarantined", "reason": "",
-                           "width": None, "height": None, "format": None, "normalised": ""}
+                           "width": None, "height": None, "format": None, "normalised": "", "stored": ""}
     for name in _RECORD_FIELDS:
         row[name] = getattr(record, name) if record is not None else None
     row["extra"] = json.dumps(record.extra_fields(), default=str, sort_keys=True) if record is not None else "{}"
     return row
 
 
-def ingest(source: Path | str, out_dir: Path | str, data_cfg: DataConfig | None = None,
-           progress: bool = True) -> IngestSummary:
-    """Ingest a folder or metadata file into ``out_dir`` (``images/``, ``manifest.parquet``, ``summary.json``).
+@dataclass(frozen=True)
+class IngestPartition:
+    """Inputs ``(order, source, local path, record, failure)`` of one partition and its manifest part file."""
 
-    Never raises for a bad input file; raises ``UltraFluxError`` only when ``source`` itself is missing.
-    """
-    data_cfg = data_cfg or DataConfig()
-    source, out = Path(source), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if source.is_dir():
-        inputs = _folder_inputs(source, out)
-    elif source.is_file():
-        inputs = _metadata_inputs(source, out, data_cfg, progress)
-    else:
-        raise UltraFluxError(f"ingest source {source} is neither a folder nor a metadata file")
-    rows: list[dict[str, Any]] = []
-    seen: dict[str, str] = {}
-    for src, path, record, failure in tqdm(inputs, desc="ingest", unit="file", disable=not progress):
-        row = _row(src, record)
-        rows.append(row)
+    out: Path
+    inputs: list[tuple[int, str, str | None, SampleRecord | None, str]]
+
+
+@dataclass(frozen=True)
+class IngestWorker:
+    """Ingests partitions (the compute engine's worker): images stored content-addressed, rows to a part file."""
+
+    out: Path
+    cfg: IngestConfig
+
+    def _one(self, source: str, path: Path | None, record: SampleRecord | None, failure: str) -> dict[str, Any]:
+        row = _row(source, record)
         try:
             if failure:
                 raise Quarantine(failure)
-            assert path is not None
-            if not path.is_file():
+            if path is None or not path.is_file():
                 raise Quarantine(f"unreadable: {path} does not exist")
-            image, steps, fmt = normalise_image(path, data_cfg.ingest)
+            image, steps, fmt = normalise_image(path, self.cfg)
             row.update(width=image.width, height=image.height, format=fmt, normalised=",".join(steps))
             if steps:
                 buf = io.BytesIO()
                 image.save(buf, format="PNG")
                 data, ext = buf.getvalue(), "png"
+                key = _sha256(data)
             else:
-                data, ext = path.read_bytes(), _KEEP_FORMATS[fmt]
-            key = _sha256(data)
-            if key in seen:
-                raise Quarantine(f"duplicate: same content as {seen[key]}")
-            seen[key] = src
+                data, ext = None, _KEEP_FORMATS[fmt]
+                key = _sha256(path.read_bytes())
             rel = f"images/{key[:2]}/{key}.{ext}"
-            if not (out / rel).is_file():
-                _atomic_write(out / rel, data)
-            row.update(key=key, path=rel, status="ok")
+            if (self.out / rel).is_file():
+                stored = "exists"
+            elif data is not None:
+                atomic_bytes(self.out / rel, data)
+                stored = "encoded"
+            else:
+                stored = link_or_copy(path, self.out / rel)
+            row.update(key=key, path=rel, status="ok", stored=stored)
         except Quarantine as err:
             row["reason"] = str(err)
-    frame = pd.DataFrame(rows, columns=list(_row("", None)))
+        return row
+
+    def __call__(self, part: IngestPartition) -> int:
+        """Returns the number of inputs ingested now (0 when the part was already complete)."""
+        with partition_lock(part.out):
+            if part.out.is_file():
+                return 0
+            rows = [{"order": order, **self._one(src, Path(path) if path else None, record, failure)}
+                    for order, src, path, record, failure in part.inputs]
+            atomic_parquet(_manifest_frame(rows, order=True), part.out)
+            return len(rows)
+
+
+def _manifest_frame(rows: list[dict[str, Any]], order: bool = False) -> pd.DataFrame:
+    columns = (["order"] if order else []) + list(_row("", None))
+    frame = pd.DataFrame(rows, columns=columns)
     frame = frame.astype({"width": "Int64", "height": "Int64"})
     for name in _NUMERIC_FIELDS:
         frame[name] = pd.to_numeric(frame[name], errors="coerce").astype("float64")
-    tmp = out / (MANIFEST + ".tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, out / MANIFEST)
-    reasons = Counter(r["reason"].split(":", 1)[0] for r in rows if r["status"] == "quarantined")
-    ok = sum(r["status"] == "ok" for r in rows)
-    summary = IngestSummary(total=len(rows), ok=ok, quarantined=len(rows) - ok, reasons=dict(reasons))
-    (out / SUMMARY).write_text(summary.model_dump_json(indent=2) + "\n")
+    return frame
+
+
+def _input_identity(path: Path | None) -> list[Any]:
+    """What makes a finished partition stale: the input file's size and modification time."""
+    if path is None or not path.is_file():
+        return []
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def ingest(source: Path | str, out_dir: Path | str, data_cfg: DataConfig | None = None,
+           progress: bool = True, compute: ComputeConfig | None = None) -> IngestSummary:
+    """Ingest a folder or metadata file into ``out_dir`` (``images/``, ``manifest.parquet``, ``summary.json``).
+
+    Never raises for a bad input file; raises ``UltraFluxError`` only when ``source`` itself is missing.
+    """
+    data_cfg, compute = data_cfg or DataConfig(), compute or ComputeConfig()
+    source, out = Path(source).resolve(), Path(out_dir).resolve()  # absolute: Ray workers may run elsewhere
+    out.mkdir(parents=True, exist_ok=True)
+    if source.is_dir():
+        inputs = _folder_inputs(source, out)
+    elif source.is_file():
+        inputs = _metadata_inputs(source, out, data_cfg, progress, compute)
+    else:
+        raise UltraFluxError(f"ingest source {source} is neither a folder nor a metadata file")
+    table = pd.DataFrame({"key": [hashlib.sha256(src.encode()).hexdigest() for src, *_ in inputs],
+                          "order": range(len(inputs))})
+    settings = content_hash(data_cfg.ingest.model_dump(mode="json"))
+    count, groups = split_by_key(table, compute.partition_size)
+    parts: list[IngestPartition] = []
+    for index, group in groups:
+        chosen = [(int(o), src, str(path) if path else None, record, failure)
+                  for o in group["order"] for src, path, record, failure in [inputs[int(o)]]]
+        identity = [[o, src, path, record.model_dump(mode="json") if record else None, failure,
+                     _input_identity(Path(path) if path else None)] for o, src, path, record, failure in chosen]
+        name = part_name(index, count, content_hash([settings, identity]), ".parquet")
+        parts.append(IngestPartition(out / ".parts" / settings / name, chosen))
+    todo = [p for p in parts if not p.out.is_file()]
+    map_partitions(functools.partial(IngestWorker, out, data_cfg.ingest), todo, compute, desc="ingest",
+                   progress=progress)
+    frame = pd.concat([pd.read_parquet(p.out) for p in parts], ignore_index=True) if parts else _manifest_frame([])
+    frame = frame.sort_values("order", kind="stable").drop(columns="order").reset_index(drop=True)
+    seen: dict[str, str] = {}
+    for i, row in frame.iterrows():  # duplicates in input order: the first occurrence keeps its row
+        if row["status"] != "ok":
+            continue
+        if row["key"] in seen:
+            frame.loc[i, ["status", "reason", "key", "path", "stored"]] = [
+                "quarantined", f"duplicate: same content as {seen[row['key']]}", None, None, ""]
+        else:
+            seen[row["key"]] = row["source"]
+    atomic_parquet(frame, out / MANIFEST)
+    quarantined = frame[frame["status"] == "quarantined"]
+    reasons = Counter(str(r).split(":", 1)[0] for r in quarantined["reason"])
+    summary = IngestSummary(total=len(frame), ok=len(frame) - len(quarantined), quarantined=len(quarantined),
+                            reasons=dict(reasons))
+    atomic_bytes(out / SUMMARY, (summary.model_dump_json(indent=2) + "\n").encode())
     return summary
 
 

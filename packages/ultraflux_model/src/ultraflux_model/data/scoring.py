@@ -6,10 +6,13 @@ resolution, aspect ratio, flat percentage, Shannon entropy. Learned scores (Q-Al
 weights in production); when the metadata already carries them (``reuse_metadata_scores``) they are taken
 from there instead.
 
-Work is cut into chunks of ``chunk_size`` images; each finished chunk is written at once as a part file under
-``<out>.parts/<scoring-hash>/``, so a killed run resumes with the chunks it had not finished, and a change of
-scoring settings (new hash) never reuses stale scores. Workers are spawned processes (``workers > 1``), each
-loading its learned scorers once.
+Work is cut into deterministic partitions (key-hash ranges, ``compute.partition_size`` images each) that
+``ultraflux_model.compute`` runs in this process or on Ray (an actor pool, so learned scorers load once per
+actor and may hold a GPU). Each finished partition is written atomically as a part file under
+``<out>.parts/<scoring-hash>/``, so a killed run resumes with the partitions it had not finished, a concurrent
+run waits on a partition's lock and then skips it, and a change of scoring settings (new hash) never reuses
+stale scores. An image that cannot be decoded any more is quarantined (``<out stem>.quarantine.parquet``, with
+the reason) instead of failing its partition.
 """
 
 from __future__ import annotations
@@ -17,21 +20,20 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import multiprocessing
-import os
-import shutil
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel
-from tqdm import tqdm
-from ultraflux_eval.scores import flat_percentage, load_rgb, shannon_entropy
+from ultraflux_eval.errors import EvalError
+from ultraflux_eval.scores import flat_and_entropy, load_rgb
 
-from ultraflux_model.config import ScoringConfig
+from ultraflux_model.compute import map_partitions
+from ultraflux_model.config import ComputeConfig, ScoringConfig
 from ultraflux_model.data.ingest import read_manifest
+from ultraflux_model.data.partitions import atomic_parquet, content_hash, part_name, partition_lock, split_by_key
 from ultraflux_model.errors import UltraFluxError
 
 SCORE_COLUMNS = ("key", "width", "height", "aspect", "flat_percentage", "shannon_entropy", "qalign_score",
@@ -49,12 +51,13 @@ class ScoreSummary(BaseModel):
     images: int
     scored_now: int
     reused: int
+    quarantined: int = 0
     means: dict[str, float]
 
 
 def scoring_hash(cfg: ScoringConfig, factory: Callable | None = None) -> str:
-    """Short hash of what changes score values: the settings (not workers/chunking) and the scorer factory."""
-    relevant = cfg.model_dump(mode="json", exclude={"workers", "chunk_size", "batch_size", "device"})
+    """Short hash of what changes score values: the settings (not batching or device) and the scorer factory."""
+    relevant = cfg.model_dump(mode="json", exclude={"batch_size", "device"})
     factory = factory or default_scorers
     relevant["factory"] = f"{factory.__module__}.{factory.__qualname__}"
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
@@ -104,7 +107,7 @@ def model_scorer_id(cfg: ScoringConfig, factory: Callable, column: str) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _scorers(factory: ScorerFactory, cfg: ScoringConfig) -> dict[str, ScoreFn]:
-    """Built once per process (each spawned worker builds its own)."""
+    """Built once per process (each Ray actor builds its own)."""
     return factory(cfg)
 
 
@@ -116,10 +119,10 @@ def score_images(images: Sequence[np.ndarray], cfg: ScoringConfig,
     rows = []
     for rgb, given in zip(images, known, strict=True):
         height, width = rgb.shape[:2]
+        flat, entropy = flat_and_entropy(rgb, patch=cfg.flat_patch, threshold=cfg.flat_threshold)
         rows.append({
             "width": width, "height": height, "aspect": width / height,
-            "flat_percentage": flat_percentage(rgb, patch=cfg.flat_patch, threshold=cfg.flat_threshold),
-            "shannon_entropy": shannon_entropy(rgb),
+            "flat_percentage": flat, "shannon_entropy": entropy,
             **{name: given.get(name, np.nan) for name in LEARNED},
         })
     # Models are built only when some image lacks a learned score (metadata-only runs load nothing).
@@ -141,20 +144,47 @@ def score_images(images: Sequence[np.ndarray], cfg: ScoringConfig,
     return rows
 
 
-_Task = tuple[list[str], list[str], list[dict[str, float]], ScoringConfig, str, ScorerFactory]
+@dataclass(frozen=True)
+class ScorePartition:
+    """One partition's work: its images (absolute paths), metadata scores to reuse, and its part file."""
+
+    out: Path
+    keys: list[str]
+    paths: list[str]
+    known: list[dict[str, float]] = field(default_factory=list)
 
 
-def _score_chunk(task: _Task) -> Path:
-    """Worker entry (top level so spawned processes can import it): score one chunk, write its part file."""
-    keys, paths, known, cfg, part, factory = task
-    rows = score_images([load_rgb(p) for p in paths], cfg, known, factory)
-    frame = pd.DataFrame(rows)
-    frame.insert(0, "key", keys)
-    frame["scoring_hash"] = scoring_hash(cfg, factory)
-    tmp = Path(part + ".tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, part)
-    return Path(part)
+@dataclass(frozen=True)
+class ScoreWorker:
+    """Scores partitions (the compute engine's worker; learned scorers are built on first use per process)."""
+
+    cfg: ScoringConfig
+    factory: ScorerFactory = default_scorers
+
+    def __call__(self, part: ScorePartition) -> int:
+        """Write ``part.out`` (one row per key; ``error`` names why an image was quarantined); returns the
+        number of images scored now (0 when the part was already complete, e.g. written by a concurrent run)."""
+        with partition_lock(part.out):
+            if part.out.is_file():
+                return 0
+            decoded: list[np.ndarray] = []
+            ok: list[int] = []
+            errors = [""] * len(part.keys)
+            for i, path in enumerate(part.paths):
+                try:
+                    decoded.append(load_rgb(path))
+                    ok.append(i)
+                except EvalError as err:  # changed or damaged since ingest: quarantine, keep the partition going
+                    errors[i] = f"corrupt: {err}"
+            rows = score_images(decoded, self.cfg, [part.known[i] for i in ok], self.factory) if ok else []
+            by_index = dict(zip(ok, rows, strict=True))
+            frame = pd.DataFrame([by_index.get(i, {}) for i in range(len(part.keys))],
+                                 columns=[c for c in SCORE_COLUMNS if c not in ("key", "scoring_hash")])
+            frame.insert(0, "key", part.keys)
+            frame["scoring_hash"] = scoring_hash(self.cfg, self.factory)
+            frame["error"] = errors
+            atomic_parquet(frame, part.out)
+            return len(ok)
 
 
 def _known_scores(row: pd.Series, cfg: ScoringConfig) -> dict[str, float]:
@@ -169,63 +199,61 @@ def _known_scores(row: pd.Series, cfg: ScoringConfig) -> dict[str, float]:
     return known
 
 
-def _atomic_parquet(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def score_manifest(manifest: Path | str, out: Path | str, cfg: ScoringConfig | None = None,
-                   progress: bool = True, scorer_factory: ScorerFactory = default_scorers) -> ScoreSummary:
+                   progress: bool = True, scorer_factory: ScorerFactory = default_scorers,
+                   compute: ComputeConfig | None = None) -> ScoreSummary:
     """Score the ``ok`` rows of an ingest manifest into ``out`` (parquet, one row per key), resuming.
 
     ``scorer_factory(cfg) -> {"qalign_score": fn, "aesthetics_score": fn}`` injects other learned scorers (e.g.
-    a real Q-Align); with ``workers > 1`` it must be a module-level function so spawned workers can import it.
+    a real Q-Align); with ``compute.engine=ray`` it must be importable by the Ray workers (a module-level function).
     """
-    cfg = cfg or ScoringConfig()
-    manifest, out = Path(manifest), Path(out)
+    cfg, compute = cfg or ScoringConfig(), compute or ComputeConfig()
+    manifest, out = Path(manifest).resolve(), Path(out).resolve()  # absolute: Ray workers may run elsewhere
     frame = read_manifest(manifest)
     base = manifest if manifest.is_dir() else manifest.parent
     digest = scoring_hash(cfg, scorer_factory)
     parts_dir = out.with_name(out.name + ".parts") / digest
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    done: list[pd.DataFrame] = [pd.read_parquet(p) for p in sorted(parts_dir.glob("*.parquet"))]
-    if out.is_file():
-        previous = pd.read_parquet(out)
-        if "scoring_hash" in previous and (previous["scoring_hash"] == digest).all():
-            done.append(previous)
-    done_keys = set().union(*(set(d["key"]) for d in done)) if done else set()
-    todo = frame[~frame["key"].isin(done_keys)]
-    tasks = []
-    for start in range(0, len(todo), cfg.chunk_size):
-        chunk = todo.iloc[start : start + cfg.chunk_size]
-        keys = chunk["key"].tolist()
-        name = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
-        tasks.append((keys, [str(base / p) for p in chunk["path"]],
-                      [_known_scores(row, cfg) for _, row in chunk.iterrows()],
-                      cfg, str(parts_dir / f"part-{name}.parquet"), scorer_factory))
-    bar = tqdm(total=len(todo), desc="score", unit="img", disable=not progress or not tasks)
-    if cfg.workers == 1 or len(tasks) <= 1:
-        for task in tasks:
-            done.append(pd.read_parquet(_score_chunk(task)))
-            bar.update(len(task[0]))
-    else:
-        # spawn, not fork: the parent may hold torch threads / OpenMP state that fork would corrupt.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=context) as pool:
-            for task, part in zip(tasks, pool.map(_score_chunk, tasks), strict=True):
-                done.append(pd.read_parquet(part))
-                bar.update(len(task[0]))
-    bar.close()
-    scores = pd.concat(done, ignore_index=True) if done else pd.DataFrame(columns=list(SCORE_COLUMNS))
-    scores = scores.drop_duplicates("key", keep="last")
-    scores = frame[["key"]].merge(scores, on="key", how="left")  # manifest order, only current keys
-    missing = scores["width"].isna().sum()
-    if missing:
-        raise UltraFluxError(f"{missing} images have no scores after scoring; rerun `ultraflux data score`")
-    _atomic_parquet(scores[list(SCORE_COLUMNS)], out)
-    shutil.rmtree(out.with_name(out.name + ".parts"), ignore_errors=True)
+    previous = _previous_scores(out, digest)
+    frame = frame.assign(abs_path=[str(base / p) for p in frame["path"]])
+    count, groups = split_by_key(frame, compute.partition_size)
+    todo: list[ScorePartition] = []
+    parts: list[Path] = []
+    for index, rows in groups:
+        keys = rows["key"].tolist()
+        known = [_known_scores(row, cfg) for _, row in rows.iterrows()]
+        path = parts_dir / part_name(index, count, content_hash([keys, rows["path"].tolist(), known]), ".parquet")
+        parts.append(path)
+        if path.is_file():
+            continue
+        if previous is not None and set(keys) <= set(previous.index):  # e.g. after `dvc checkout`: no parts left
+            atomic_parquet(previous.loc[keys].reset_index().assign(error=""), path)
+            continue
+        todo.append(ScorePartition(path, keys, rows["abs_path"].tolist(), known))
+    scored_now = sum(map_partitions(functools.partial(ScoreWorker, cfg, scorer_factory), todo, compute, gpu=True,
+                                    desc="score", progress=progress))
+    done = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else pd.DataFrame(
+        columns=[*SCORE_COLUMNS, "error"])
+    bad = done[done["error"] != ""]
+    scores = frame[["key"]].merge(done[done["error"] == ""], on="key", how="inner")  # manifest order
+    quarantine = out.with_name(out.stem + ".quarantine.parquet")
+    atomic_parquet(bad[["key", "error"]].rename(columns={"error": "reason"}).merge(
+        frame[["key", "path"]], on="key", how="left"), quarantine)
+    if len(scores) + len(bad) != len(frame):
+        raise UltraFluxError(f"{len(frame) - len(scores) - len(bad)} images have no scores after scoring; "
+                             "rerun `ultraflux data score`")
+    atomic_parquet(scores[list(SCORE_COLUMNS)], out)
     means = {c: float(scores[c].mean()) for c in ("flat_percentage", "shannon_entropy", *LEARNED)
              if scores[c].notna().any()}
-    return ScoreSummary(images=len(scores), scored_now=len(todo), reused=len(frame) - len(todo), means=means)
+    return ScoreSummary(images=len(scores), scored_now=scored_now, reused=len(frame) - scored_now - len(bad),
+                        quarantined=len(bad), means=means)
+
+
+def _previous_scores(out: Path, digest: str) -> pd.DataFrame | None:
+    """Rows of an existing ``out`` scored with the same settings, indexed by key (``None`` if there are none)."""
+    if not out.is_file():
+        return None
+    previous = pd.read_parquet(out)
+    if "scoring_hash" not in previous:
+        return None
+    previous = previous[previous["scoring_hash"] == digest]
+    return previous.set_index("key") if len(previous) else None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from pydantic import BaseModel
 
-from ultraflux_model.config import DataConfig
+from ultraflux_model.config import ComputeConfig, DataConfig
 from ultraflux_model.data.metadata import METADATA_SUFFIXES
 from ultraflux_model.errors import UltraFluxError
 
@@ -93,20 +93,20 @@ def prepare_source(cfg: DataConfig) -> Path:
     return source
 
 
-def run_ingest(cfg: DataConfig, progress: bool = True) -> IngestSummary:
+def run_ingest(cfg: DataConfig, progress: bool = True, compute: ComputeConfig | None = None) -> IngestSummary:
     from ultraflux_model.data.ingest import ingest
 
     paths = DataPaths(cfg.root)
-    summary = ingest(prepare_source(cfg), paths.ingest, cfg, progress=progress)
+    summary = ingest(prepare_source(cfg), paths.ingest, cfg, progress=progress, compute=compute)
     paths.write_metrics("ingest", summary)
     return summary
 
 
-def run_score(cfg: DataConfig, progress: bool = True) -> ScoreSummary:
+def run_score(cfg: DataConfig, progress: bool = True, compute: ComputeConfig | None = None) -> ScoreSummary:
     from ultraflux_model.data.scoring import score_manifest
 
     paths = DataPaths(cfg.root)
-    summary = score_manifest(paths.ingest, paths.scores, cfg.scoring, progress=progress)
+    summary = score_manifest(paths.ingest, paths.scores, cfg.scoring, progress=progress, compute=compute)
     paths.write_metrics("score", summary)
     return summary
 
@@ -139,25 +139,26 @@ def run_bucket(cfg: DataConfig) -> dict[str, int]:
     return counts
 
 
-def run_shard(cfg: DataConfig, progress: bool = True) -> ShardSummary:
+def run_shard(cfg: DataConfig, progress: bool = True, compute: ComputeConfig | None = None) -> ShardSummary:
     from ultraflux_model.data.shards import write_shards
 
     paths = DataPaths(cfg.root)
     assignments = paths.buckets / "assignments.parquet"
     if not assignments.is_file():
         raise UltraFluxError(f"{assignments} does not exist: run `ultraflux data bucket` first")
-    summary = write_shards(pd.read_parquet(assignments), paths.ingest, paths.shards, cfg.shards, progress=progress)
+    summary = write_shards(pd.read_parquet(assignments), paths.ingest, paths.shards, cfg.shards, progress=progress,
+                           compute=compute)
     paths.write_metrics("shard", summary)
     return summary
 
 
-def run_cache(cfg: DataConfig, progress: bool = True) -> CacheSummary:
+def run_cache(cfg: DataConfig, progress: bool = True, compute: ComputeConfig | None = None) -> CacheSummary:
     from ultraflux_model.data.cache import build_caches
 
     paths = DataPaths(cfg.root)
     c = cfg.cache
     summary = build_caches(paths.shards, c.model, paths.cache, max_sequence_length=c.max_sequence_length,
                            batch_size=c.batch_size, dtype=c.dtype, device=c.device, family=cfg.buckets.family,
-                           progress=progress)
+                           progress=progress, compute=compute)
     paths.write_metrics("cache", summary)
     return summary
