@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 # Real services (moto S3, mlflow server, prefect server) as fixtures for every test module.
-# tests/ is on sys.path (rootdir conftest, prepend import mode): import it as `servers`.
-pytest_plugins = ("servers",)
+# tests/ is a package (tests/__init__.py; torch-fidelity ships a top-level `tests` too, the checkout wins on sys.path).
+pytest_plugins = ("tests.servers",)
 
 # Set before any test module imports prefect/mlflow/dvc/huggingface.
 for _key, _value in {

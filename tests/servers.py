@@ -4,7 +4,7 @@ Each server is a child process in its own session, polled on a health URL with a
 (with its whole process group) on exit, also when the test fails. Logs go to a file under the test's tmp path and
 are quoted in the failure message when a server does not come up.
 
-Fixtures (registered for every test by tests/conftest.py; import helpers with ``from servers import free_port``):
+Fixtures (registered for every test by tests/conftest.py; import helpers with ``from tests.servers import free_port``):
 - ``moto_s3``: moto's standalone S3 server; yields an :class:`S3Endpoint` with a fresh bucket and sets the AWS
   environment (dummy credentials, endpoint URL) for the test.
 - ``mlflow_server``: ``mlflow server`` with a SQLite backend and artifacts proxied to the moto bucket.

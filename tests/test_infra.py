@@ -14,7 +14,7 @@ import subprocess
 import kubernetes_validate
 import pytest
 import yaml
-from infra_checks import (CLAIMS, NAMESPACE, REPO, job_template, k8s_documents, pod_volumes_and_mounts,
+from tests.infra_checks import (CLAIMS, NAMESPACE, REPO, job_template, k8s_documents, pod_volumes_and_mounts,
                           validate_strict)
 
 

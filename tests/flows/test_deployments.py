@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from code_snapshot import git_snapshot
-from infra_checks import CLAIMS, NAMESPACE, pod_volumes_and_mounts, validate_strict
+from tests.code_snapshot import git_snapshot
+from tests.infra_checks import CLAIMS, NAMESPACE, pod_volumes_and_mounts, validate_strict
 
 REPO = Path(__file__).resolve().parents[2]
 

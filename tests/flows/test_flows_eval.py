@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from code_snapshot import git_snapshot
+from tests.code_snapshot import git_snapshot
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
