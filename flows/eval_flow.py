@@ -54,14 +54,17 @@ def resolve_eval_config(config: list[str], overrides: list[str], out: Path) -> U
 
 @task(name="generate-benchmark")
 def generate_benchmark(
-    model: str, gen: GenerateConfig, spec_cfg: EvalConfig, out_dir: Path
+    model: str, gen: GenerateConfig, spec_cfg: EvalConfig, out_dir: Path, tracking_uri: str | None = None
 ) -> tuple[list[Path], list[str], list[str]]:
-    """Every prompt at every benchmark aspect ratio, once per seed; returns paths, prompts and aspect labels."""
+    """Every prompt at every benchmark aspect ratio, once per seed; returns paths, prompts and aspect labels.
+
+    ``model`` may be a registry URI, fetched from ``tracking_uri`` through the model cache (sidecars name the URI).
+    """
     from ultraflux_model.inference.pipeline import generate, load_pipeline
 
     spec = spec_cfg.benchmark
     prompts = benchmark_prompts(spec)
-    pipe = load_pipeline(model, dtype=gen.dtype, offload=gen.offload)
+    pipe = load_pipeline(resolve_checkpoint(model, tracking_uri), dtype=gen.dtype, offload=gen.offload)
     paths: list[Path] = []
     texts: list[str] = []
     labels: list[str] = []
@@ -164,7 +167,7 @@ def eval_flow(
         generator = f"models:/{name}/{version}"  # pinned: an alias may move while we generate
     if generator is not None:
         validate_spec(cfg.eval.benchmark)  # sizes, reference set: fail before generating
-        paths, prompts, labels = generate_benchmark(generator, cfg.generate, cfg.eval, out_dir / "images")
+        paths, prompts, labels = generate_benchmark(generator, cfg.generate, cfg.eval, out_dir / "images", uri)
     else:
         paths, prompts = collect_images(images_dir, prompts_file)
         labels = None

@@ -139,6 +139,25 @@ def registered_version(uri: str, model_uri: str) -> tuple[str, str]:
         raise EvalError(f"{model_uri} does not resolve at {uri}: {err.message}") from err
 
 
+def model_download_uri(uri: str, model_uri: str) -> str:
+    """The artifact URI holding the files of ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+    ``models:/NAME/latest`` or ``models:/<model_id>``, resolved at ``uri``.
+
+    Explicit because MLflow's own ``models:/`` resolution reads the process-global tracking URI.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(uri)
+    model_id = logged_model_id(model_uri)
+    try:
+        if model_id is not None:
+            return str(client.get_logged_model(model_id).artifact_location)
+        name, version = registered_version(uri, model_uri)
+        return str(client.get_model_version_download_uri(name, version))
+    except MlflowException as err:
+        raise EvalError(f"{model_uri} does not resolve at {uri}: {err.message}") from err
+
+
 def record_evaluation(uri: str, model_name: str, version: str, run_id: str) -> None:
     """Point an existing version at a newer evaluation run (a scheduled re-evaluation); promotion then compares
     that run's metrics."""

@@ -110,18 +110,18 @@ class StrictPretrainedMixin:
         return (model, info) if wants_info else model
 
 
-def resolve_checkpoint(model: str | Path) -> Path:
+def resolve_checkpoint(model: str | Path, tracking_uri: str | None = None) -> Path:
     """A local checkpoint directory for ``model``: the one place that turns a model reference into files.
 
     - a local directory: itself;
     - ``models:/name@alias``, ``models:/name/version``, ``models:/<model_id>``, ``runs:/<run>/<path>``: a release
-      from the MLflow tracking server at ``$MLFLOW_TRACKING_URI``, downloaded once into the content-addressed
+      from the MLflow tracking server at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI``), downloaded once into the content-addressed
       cache (``$ULTRAFLUX_MODEL_CACHE``, default ``~/.cache/ultraflux/models``; see ``ultraflux_model.release``);
     - a hub id: fetched (or found in the HF cache) as a snapshot. Only safetensors, JSON and tokenizer files are
       fetched: pickled weights are never downloaded.
     """
     if is_registry_uri(model):
-        return fetch_release(str(model))
+        return fetch_release(str(model), tracking_uri=tracking_uri)
     path = Path(model).expanduser()
     if path.exists() or str(model).startswith((".", "/", "~")):
         if not path.is_dir():

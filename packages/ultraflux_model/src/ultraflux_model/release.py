@@ -261,24 +261,25 @@ def _download_blobs(manifest: Manifest, staging: Path, tracking_uri: str | None)
     shutil.rmtree(staging / ".blobs", ignore_errors=True)
 
 
-def fetch_release(model_uri: str, cache_root: Path | None = None, tracking_uri: str | None = None) -> Path:
-    """``models:/name@alias``, ``models:/name/version``, ``models:/<model_id>`` or ``runs:/<run>/<path>`` → local dir.
-
-    Downloads only the small model directory (MLmodel + manifest) to learn the content hash; the weights come
-    from the cache when that hash is there. ``tracking_uri`` defaults to ``$MLFLOW_TRACKING_URI``.
-    """
+def release_manifest(model_uri: str, tracking_uri: str) -> Manifest:
+    """The manifest of the release at ``model_uri`` (only the small model directory is downloaded)."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
+    from ultraflux_eval.errors import EvalError
+    from ultraflux_eval.registry import model_download_uri
 
     with tempfile.TemporaryDirectory(prefix="ultraflux-manifest-") as tmp:
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp,
-                                                             tracking_uri=tracking_uri))
-        except (MlflowException, OSError) as err:
-            where = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "the default local store"
+            if model_uri.startswith("models:/"):
+                source = model_download_uri(tracking_uri, model_uri)
+                local = Path(_repository(source, tracking_uri).download_artifacts("", dst_path=tmp))
+            else:
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp,
+                                                                 tracking_uri=tracking_uri))
+        except (EvalError, MlflowException, OSError) as err:
             raise UltraFluxError(
-                f"cannot resolve {model_uri} at {where} ({err}). Set MLFLOW_TRACKING_URI to the tracking server "
-                "that holds the model, and check the name, version or alias"
+                f"cannot resolve {model_uri} at {tracking_uri} ({err}). Set MLFLOW_TRACKING_URI to the tracking "
+                "server that holds the model, and check the name, version or alias"
             ) from err
         manifest_path = local / "artifacts" / MANIFEST_NAME
         if not manifest_path.is_file():
@@ -286,5 +287,16 @@ def fetch_release(model_uri: str, cache_root: Path | None = None, tracking_uri: 
                 f"{model_uri} is not an UltraFlux release (no artifacts/{MANIFEST_NAME}); log releases with "
                 "flows/release_flow.py or ultraflux_model.release.log_release"
             )
-        manifest = Manifest.read(manifest_path)
-    return materialize(manifest, cache_root, tracking_uri)
+        return Manifest.read(manifest_path)
+
+
+def fetch_release(model_uri: str, cache_root: Path | None = None, tracking_uri: str | None = None) -> Path:
+    """``models:/name@alias``, ``models:/name/version``, ``models:/<model_id>`` or ``runs:/<run>/<path>`` → local dir.
+
+    Reads the manifest to learn the content hash; the weights come from the cache when that hash is there.
+    ``tracking_uri`` defaults to ``$MLFLOW_TRACKING_URI`` (MLflow's default store without it).
+    """
+    import mlflow
+
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+    return materialize(release_manifest(model_uri, tracking_uri), cache_root, tracking_uri)
