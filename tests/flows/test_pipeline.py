@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_pipeline_runs_end_to_end_and_promotes_a_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO))
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"),
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     cmd = [sys.executable, "-m", "flows.pipeline", "--config", str(REPO / "params.yaml")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -4,7 +4,7 @@ both started on 127.0.0.1 by the fixtures of tests/servers.py.
 One test walks the user's path, phase by phase (servers cost tens of seconds to start on a busy machine):
 release flow → champion in the registry, weights in S3 → ``ultraflux generate --model models:/ultraflux@champion``
 from another directory (no S3 credentials: the server proxies) → ``mlflow models serve`` answers
-``POST /invocations`` with a PNG → with the blobs gone from S3 the cached champion still generates → concurrent
+``POST /invocations`` with a PNG → with the blobs gone from S3 the cached champion still resolves → concurrent
 promoters through the server-side mutex leave the best version as champion.
 """
 
@@ -68,10 +68,12 @@ def _blob_keys(moto_s3) -> list[str]:
 
 @pytest.mark.slow
 def test_release_fetch_generate_serve_and_promote_through_the_server(tmp_path, tiny_checkpoint, mlflow_server,
-                                                                      moto_s3):
+                                                                      moto_s3, monkeypatch):
+    from mlflow.entities import LoggedModelStatus
     from ultraflux_eval.registry import registered_version
     from ultraflux_eval.tracking import client_for
-    from ultraflux_model.pretrained import fingerprint
+    from ultraflux_model import UltraFluxError
+    from ultraflux_model.pretrained import fingerprint, resolve_checkpoint
     from ultraflux_model.release import release_manifest
 
     uri = mlflow_server.uri
@@ -90,8 +92,10 @@ def test_release_fetch_generate_serve_and_promote_through_the_server(tmp_path, t
     assert release["registry"]["promoted"] and release["registry"]["version"] == "1"
     client = client_for(uri)
     champion = client.get_model_version_by_alias("ultraflux", "champion")
-    assert champion.source.startswith("models:/m-") and champion.run_id == release["run_id"]
-    assert client.get_logged_model(champion.source.removeprefix("models:/")).source_run_id == release["run_id"]
+    (output,) = client.get_run(release["run_id"]).outputs.model_outputs  # the release, logged by the eval run
+    logged = client.get_logged_model(output.model_id)
+    assert champion.source == logged.artifact_location and champion.run_id == release["run_id"]
+    assert logged.source_run_id == release["run_id"] and logged.status == LoggedModelStatus.READY
     manifest = release_manifest("models:/ultraflux@champion", uri)
     assert manifest.blob_root.startswith("mlflow-artifacts:/")  # proxied: clients never see the bucket
     distinct = {sha for sha, _ in manifest.files.values()}
@@ -123,18 +127,21 @@ def test_release_fetch_generate_serve_and_promote_through_the_server(tmp_path, t
     assert [json.loads(p["metadata"])["seed"] for p in predictions] == [0, 1]  # seed + row, as generate
     assert (tmp_path / "cache-serve" / manifest.content_hash).is_dir()
 
-    # 4. the second fetch is a cache hit: with every blob deleted from S3, cache-a still generates the same image
+    # 4. the second fetch is a cache hit: with every blob deleted from S3, cache-a still resolves the champion,
+    #    while an empty cache now fails to download
     s3 = moto_s3.client()
     for key in keys:
         s3.delete_object(Bucket=moto_s3.bucket, Key=key)
     assert _blob_keys(moto_s3) == []
-    second = _generate_champion(tmp_path, uri, elsewhere, "cache-a")
-    assert second.tobytes() == first.tobytes()
-    assert sorted(p.name for p in (tmp_path / "cache-a").iterdir() if p.is_dir()) == [manifest.content_hash]
+    monkeypatch.setenv("ULTRAFLUX_MODEL_CACHE", str(tmp_path / "cache-a"))
+    assert resolve_checkpoint("models:/ultraflux@champion", uri) == cached
+    monkeypatch.setenv("ULTRAFLUX_MODEL_CACHE", str(tmp_path / "cache-empty"))
+    with pytest.raises(UltraFluxError, match="cannot download blob"):
+        resolve_checkpoint("models:/ultraflux@champion", uri)
     assert registered_version(uri, "models:/ultraflux@champion") == ("ultraflux", "1")
 
     # 5. promotion is serialised by the server: concurrent promoters, the best one ends as champion
-    _concurrent_promotions_leave_the_best_champion(uri, champion.source)
+    _concurrent_promotions_leave_the_best_champion(uri, f"models:/{output.model_id}")
     _server_lock_times_out_and_breaks_expired_locks(uri)
 
 

@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +21,7 @@ from PIL import Image
 from ultraflux_model import UltraFluxError, UltraFluxTransformer2DModel
 from ultraflux_model.config import GenerateConfig
 from ultraflux_model.pretrained import assemble_checkpoint, fingerprint, resolve_checkpoint
-from ultraflux_model.release import BLOBS_DIR, CACHE_ENV, Manifest, log_release
+from ultraflux_model.release import BLOBS_DIR, CACHE_ENV, Manifest, fetch_release, log_release
 from ultraflux_model.serving.pyfunc import parse_requests, serving_config
 
 TAGS = {"git_sha": "abc", "dvc_data_hash": "none", "config_hash": "0"}
@@ -78,6 +79,13 @@ def test_second_release_uploads_only_the_changed_blobs_and_fetches_once(tiny_che
     local = resolve_checkpoint("models:/ultraflux@champion")
     assert local == tmp_path / "cache" / second.manifest.content_hash
     assert fingerprint(local) == fingerprint(release)  # byte-identical checkpoint
+    # concurrent fetches into an empty cache: one complete directory, no temporary leftovers
+    shared = tmp_path / "cache-shared"
+    with ThreadPoolExecutor(3) as pool:
+        fetched = set(pool.map(lambda _: fetch_release("models:/ultraflux@champion", shared), range(3)))
+    assert fetched == {shared / second.manifest.content_hash}
+    assert sorted(p.name for p in shared.iterdir() if p.is_dir()) == [second.manifest.content_hash]
+    assert fingerprint(shared / second.manifest.content_hash) == fingerprint(release)
     # the cache answers the next fetch: with the blob store gone, the same URI still resolves to the same dir ...
     shutil.rmtree(blobs)
     assert resolve_checkpoint(f"models:/ultraflux/{version}") == local

@@ -100,6 +100,10 @@ def register_checkpoint(uri: str, model_name: str, source: str, tags: dict[str, 
         if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
             raise
     model_id = logged_model_id(source)
+    if model_id is not None:
+        # the logged model's storage location, resolved here: MLflow's SQL registry would resolve a
+        # ``models:/<model_id>`` source against the process-global tracking URI, not this client's
+        source = client.get_logged_model(model_id).artifact_location
     version = client.create_model_version(model_name, source=str(source), run_id=tags["eval_run_id"], tags=tags,
                                           model_id=model_id)
     return str(version.version)
