@@ -89,6 +89,8 @@ def test_second_release_uploads_only_the_changed_blobs_and_fetches_once(tiny_che
     # the cache answers the next fetch: with the blob store gone, the same URI still resolves to the same dir ...
     shutil.rmtree(blobs)
     assert resolve_checkpoint(f"models:/ultraflux/{version}") == local
+    assert resolve_checkpoint(f"runs:/{run}/ultraflux") == local  # the run's logged model, by name
+    assert resolve_checkpoint(second.model_uri) == local  # models:/<model_id>
     # ... while a fresh cache has to download, and says clearly that it cannot
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(CACHE_ENV, str(tmp_path / "cache-2"))

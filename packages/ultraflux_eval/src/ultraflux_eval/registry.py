@@ -145,15 +145,24 @@ def registered_version(uri: str, model_uri: str) -> tuple[str, str]:
 
 def model_download_uri(uri: str, model_uri: str) -> str:
     """The artifact URI holding the files of ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
-    ``models:/NAME/latest`` or ``models:/<model_id>``, resolved at ``uri``.
+    ``models:/NAME/latest``, ``models:/<model_id>`` or ``runs:/<run_id>/<path>``, resolved at ``uri``.
 
-    Explicit because MLflow's own ``models:/`` resolution reads the process-global tracking URI.
+    ``runs:/<run_id>/<name>`` names the run's logged model called ``name`` if it has one, else the run artifact
+    at ``path``. Explicit because MLflow's own resolution reads the process-global tracking URI.
     """
     from mlflow.exceptions import MlflowException
 
     client = client_for(uri)
     model_id = logged_model_id(model_uri)
     try:
+        if model_uri.startswith("runs:/"):
+            run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
+            run = client.get_run(run_id)
+            for output in (run.outputs.model_outputs if run.outputs else []):
+                logged = client.get_logged_model(output.model_id)
+                if logged.name == path.strip("/"):
+                    return str(logged.artifact_location)
+            return f"{run.info.artifact_uri.rstrip('/')}/{path.strip('/')}"
         if model_id is not None:
             return str(client.get_logged_model(model_id).artifact_location)
         name, version = registered_version(uri, model_uri)

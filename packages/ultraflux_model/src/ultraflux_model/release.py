@@ -263,19 +263,14 @@ def _download_blobs(manifest: Manifest, staging: Path, tracking_uri: str | None)
 
 def release_manifest(model_uri: str, tracking_uri: str) -> Manifest:
     """The manifest of the release at ``model_uri`` (only the small model directory is downloaded)."""
-    import mlflow.artifacts
     from mlflow.exceptions import MlflowException
     from ultraflux_eval.errors import EvalError
     from ultraflux_eval.registry import model_download_uri
 
     with tempfile.TemporaryDirectory(prefix="ultraflux-manifest-") as tmp:
         try:
-            if model_uri.startswith("models:/"):
-                source = model_download_uri(tracking_uri, model_uri)
-                local = Path(_repository(source, tracking_uri).download_artifacts("", dst_path=tmp))
-            else:
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp,
-                                                                 tracking_uri=tracking_uri))
+            source = model_download_uri(tracking_uri, model_uri)
+            local = Path(_repository(source, tracking_uri).download_artifacts("", dst_path=tmp))
         except (EvalError, MlflowException, OSError) as err:
             raise UltraFluxError(
                 f"cannot resolve {model_uri} at {tracking_uri} ({err}). Set MLFLOW_TRACKING_URI to the tracking "
