@@ -1,10 +1,13 @@
 """Evaluation flow: generate → evaluate → log → maybe promote.
 
-Thin: every task is one library call. Images come from our generator (``model=...``, or ``from_registry=True``
-for the latest registered version, which is what the scheduled deployment in ``prefect.yaml`` runs) or from an
-existing directory (``images_dir=...``, any generator; prompts from a file or the images' JSON sidecars).
+Thin: every task is one library call. Images come from our generator — ``model=...`` (a local checkpoint or hub
+id: evaluated, logged as a content-addressed pyfunc release, registered) or ``model_uri=...`` (a registry URI
+such as ``models:/ultraflux@champion`` or ``models:/ultraflux/latest``, fetched through the model cache; the
+evaluation is recorded on that version, which is what the scheduled deployment in ``prefect.yaml`` runs) — or
+from an existing directory (``images_dir=...``, any generator; prompts from a file or the images' sidecars).
 
     python -m flows.eval_flow --model artifacts/tiny-ultraflux --config params.yaml
+    python -m flows.eval_flow --model-uri models:/ultraflux@champion
     python -m flows.eval_flow --images-dir my_images --prompts-file prompts.txt --no-register
 """
 
@@ -21,14 +24,18 @@ from ultraflux_eval.registry import (
     config_hash,
     dvc_data_hash,
     git_sha,
-    latest_version,
+    is_registered_model_uri,
     promote_if_better,
     record_evaluation,
     register_checkpoint,
+    registered_version,
 )
 from ultraflux_eval.session import run_evaluation
 from ultraflux_eval.tracking import check_tracking_reachable, resolve_tracking_uri
 from ultraflux_model.config import GenerateConfig, UltraFluxConfig, dump_config, resolve_config
+from ultraflux_model.pretrained import resolve_checkpoint
+from ultraflux_model.release import is_registry_uri, log_release
+from ultraflux_model.serving.pyfunc import serving_config
 from ultraflux_model.training.tracking import resolve_tracking_uri as resolve_root_tracking_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -47,14 +54,17 @@ def resolve_eval_config(config: list[str], overrides: list[str], out: Path) -> U
 
 @task(name="generate-benchmark")
 def generate_benchmark(
-    model: str, gen: GenerateConfig, spec_cfg: EvalConfig, out_dir: Path
+    model: str, gen: GenerateConfig, spec_cfg: EvalConfig, out_dir: Path, tracking_uri: str | None = None
 ) -> tuple[list[Path], list[str], list[str]]:
-    """Every prompt at every benchmark aspect ratio, once per seed; returns paths, prompts and aspect labels."""
+    """Every prompt at every benchmark aspect ratio, once per seed; returns paths, prompts and aspect labels.
+
+    ``model`` may be a registry URI, fetched from ``tracking_uri`` through the model cache (sidecars name the URI).
+    """
     from ultraflux_model.inference.pipeline import generate, load_pipeline
 
     spec = spec_cfg.benchmark
     prompts = benchmark_prompts(spec)
-    pipe = load_pipeline(model, dtype=gen.dtype, offload=gen.offload)
+    pipe = load_pipeline(resolve_checkpoint(model, tracking_uri), dtype=gen.dtype, offload=gen.offload)
     paths: list[Path] = []
     texts: list[str] = []
     labels: list[str] = []
@@ -90,12 +100,22 @@ def evaluate_and_log(
     return run.run_id, run.results.table
 
 
+@task(name="log-release")
+def log_model_release(model: str, uri: str, run_id: str, gen: GenerateConfig) -> str:
+    """The checkpoint as a pyfunc MLflow model of the evaluation run (blobs content-addressed); its model URI."""
+    logged = log_release(resolve_checkpoint(model), uri, run_id, serving_config(gen))
+    get_run_logger().info("logged %s: %d of %d blobs uploaded (%.1f MB in the release)", logged.model_uri,
+                          len(logged.uploaded), len(set(s for s, _ in logged.manifest.files.values())),
+                          logged.manifest.total_bytes / 1e6)
+    return logged.model_uri
+
+
 @task(name="register-and-promote")
 def register_and_promote(
     cfg: EvalConfig, run_id: str, source: str, version: str | None, provenance: dict[str, str], promote: bool
 ) -> dict[str, Any]:
-    """Register ``source`` as a new version (or point an existing ``version`` at this evaluation), then apply
-    the promotion rule when ``promote``."""
+    """Register the model at ``source`` as a new version (or point an existing ``version`` at this evaluation),
+    then apply the promotion rule when ``promote``."""
     uri = resolve_tracking_uri(cfg.tracking)
     name = cfg.promotion.model_name
     if version is None:
@@ -114,9 +134,9 @@ def register_and_promote(
 @flow(name="ultraflux-eval", log_prints=True)
 def eval_flow(
     model: str | None = None,
+    model_uri: str | None = None,
     images_dir: str | None = None,
     prompts_file: str | None = None,
-    from_registry: bool = False,
     config: list[str] | None = None,
     overrides: list[str] | None = None,
     out: str = "artifacts/eval",
@@ -125,35 +145,42 @@ def eval_flow(
 ) -> dict[str, Any]:
     """Evaluate one model (or a directory of images) on the benchmark, log one MLflow run, maybe promote.
 
-    Exactly one image source: ``model`` (checkpoint dir or hub id), ``from_registry`` (the latest registered
-    version of ``eval.promotion.model_name``) or ``images_dir``. Registration needs a model.
+    Exactly one image source: ``model`` (checkpoint dir or hub id; registered as a new version), ``model_uri``
+    (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/NAME/latest``: the evaluation is recorded on
+    that version; ``runs:/…`` or ``models:/<model_id>``: registered as a new version) or ``images_dir``.
     """
     cfg = resolve_eval_config(list(config or []), list(overrides or []), Path(out))
-    sources = [model is not None, images_dir is not None, from_registry]
-    if sum(sources) != 1:
-        raise EvalError("give exactly one of model=..., images_dir=... or from_registry=True")
+    if sum(x is not None for x in (model, model_uri, images_dir)) != 1:
+        raise EvalError("give exactly one of model=..., model_uri=... or images_dir=...")
+    if model is not None and is_registry_uri(model):
+        raise EvalError(f"{model} is a registry URI: pass it as model_uri=... (model= is a checkpoint dir or hub id)")
     uri = resolve_tracking_uri(cfg.eval.tracking)
     check_tracking_reachable(uri, cfg.eval.tracking.connect_timeout_s)  # before generating anything
     out_dir = Path(out)
     version = None
-    if from_registry:
-        version, model = latest_version(uri, cfg.eval.promotion.model_name)
-    if model is not None:
+    generator = model or model_uri
+    if model_uri is not None and is_registered_model_uri(model_uri):
+        name, version = registered_version(uri, model_uri)
+        if register_version and name != cfg.eval.promotion.model_name:
+            raise EvalError(f"{model_uri} is a version of {name!r}, but eval.promotion.model_name is "
+                            f"{cfg.eval.promotion.model_name!r}: set it, or pass register_version=False")
+        generator = f"models:/{name}/{version}"  # pinned: an alias may move while we generate
+    if generator is not None:
         validate_spec(cfg.eval.benchmark)  # sizes, reference set: fail before generating
-        paths, prompts, labels = generate_benchmark(model, cfg.generate, cfg.eval, out_dir / "images")
+        paths, prompts, labels = generate_benchmark(generator, cfg.generate, cfg.eval, out_dir / "images", uri)
     else:
         paths, prompts = collect_images(images_dir, prompts_file)
         labels = None
-    params = {"model": model or "", "images_dir": images_dir or "", "model_version": version or ""}
+    params = {"model": model or model_uri or "", "images_dir": images_dir or "", "model_version": version or ""}
     run_id, table = evaluate_and_log(paths, prompts, labels, cfg.eval, out_dir / "report", params)
     result: dict[str, Any] = {"run_id": run_id, "table": table, "tracking_uri": uri}
-    if register_version and model is not None:
+    if register_version and generator is not None:
         provenance = {
             "git_sha": git_sha(REPO_ROOT),
             "dvc_data_hash": dvc_data_hash(REPO_ROOT / "dvc.lock"),
             "config_hash": config_hash(dump_config(cfg)),
         }
-        source = str(Path(model).resolve()) if Path(model).exists() else model
+        source = model_uri if model is None else log_model_release(model, uri, run_id, cfg.generate)
         result["registry"] = register_and_promote(cfg.eval, run_id, source, version, provenance, promote)
     return result
 
@@ -165,15 +192,15 @@ if __name__ == "__main__":
 
     def main(
         model: Annotated[str | None, typer.Option()] = None,
+        model_uri: Annotated[str | None, typer.Option()] = None,
         images_dir: Annotated[str | None, typer.Option()] = None,
         prompts_file: Annotated[str | None, typer.Option()] = None,
-        from_registry: Annotated[bool, typer.Option()] = False,
         config: Annotated[list[str] | None, typer.Option()] = None,
         set_: Annotated[list[str] | None, typer.Option("--set")] = None,
         out: Annotated[str, typer.Option()] = "artifacts/eval",
         register: Annotated[bool, typer.Option()] = True,
     ) -> None:
-        print(eval_flow(model=model, images_dir=images_dir, prompts_file=prompts_file, from_registry=from_registry,
+        print(eval_flow(model=model, model_uri=model_uri, images_dir=images_dir, prompts_file=prompts_file,
                         config=config, overrides=set_, out=out, register_version=register))
 
     typer.run(main)

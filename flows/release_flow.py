@@ -1,8 +1,9 @@
 """Release flow: assemble a complete checkpoint from trained parts, then evaluate, register and maybe promote it.
 
 Thin: the assembly is :func:`ultraflux_model.pretrained.assemble_checkpoint` (the base checkpoint with the
-trained transformer and/or post-trained VAE swapped in, written atomically); evaluation, MLflow registration
-and the champion rule are the eval flow's.
+trained transformer and/or post-trained VAE swapped in, written atomically); evaluation, logging the release
+as a pyfunc MLflow model (content-addressed blobs in the run's artifact store, ``ultraflux_model.release``),
+registration and the champion rule are the eval flow's. Consumers then use ``models:/ultraflux@champion``.
 
     python -m flows.release_flow --transformer artifacts/train/stage2/export --vae artifacts/vae-post/vae
 """

@@ -3,7 +3,8 @@
 Against a Prefect API server on loopback with its own ``PREFECT_HOME`` and a SQLite MLflow under ``tmp_path``,
 the flow runs once on a directory of procedurally generated images and once generating with the tiny checkpoint
 (register + promote); then ``prefect deploy`` reads ``prefect.yaml`` and the nightly deployment runs once on a
-process work pool (``from_registry``: re-evaluates the latest registered version).
+process work pool (``model_uri: models:/ultraflux/latest``: re-evaluates the latest registered version, fetched
+from the registry through the model cache).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def test_prefect_yaml_declares_a_cron_deployment_whose_entrypoint_resolves():
     deployment = next(d for d in spec["deployments"] if d["name"] == "eval-latest-nightly")
     assert deployment["schedules"][0]["cron"] == "0 3 * * *"
     assert deployment["work_pool"]["name"] == "ultraflux-process"
-    assert deployment["parameters"]["from_registry"] is True
+    assert deployment["parameters"]["model_uri"] == "models:/ultraflux/latest"
     flow = load_flow_from_entrypoint(str(REPO / deployment["entrypoint"]))
     assert flow.name == "ultraflux-eval"
     # every deployment parameter is a parameter of the flow
@@ -50,9 +51,9 @@ def test_prefect_yaml_declares_a_cron_deployment_whose_entrypoint_resolves():
 
 @pytest.fixture()
 def prefect_api(prefect_server, tmp_path) -> dict[str, str]:
-    """The environment that points Prefect clients at a real server (tests/servers.py) and prefect.yaml's
-    git_clone pull step at a snapshot of the code under test (tests/code_snapshot.py)."""
-    return {**prefect_server, **git_snapshot(tmp_path / "src")}
+    """The environment that points Prefect clients at a real server (tests/servers.py), prefect.yaml's git_clone
+    pull step at a snapshot of the code under test (tests/code_snapshot.py), and a private model cache."""
+    return {**prefect_server, **git_snapshot(tmp_path / "src"), "ULTRAFLUX_MODEL_CACHE": str(tmp_path / "model-cache")}
 
 
 def _prefect(env: dict[str, str], *args: str) -> str:
@@ -121,7 +122,9 @@ def test_eval_flow_and_nightly_deployment(tmp_path, tiny_checkpoint, prefect_api
     # the nightly run re-evaluated the latest version: same model, same seeds -> same numbers, alias stays
     first = out["model"]["table"]["overall"]["clip_score"]
     assert nightly_run.data.metrics["clip_score/overall"] == pytest.approx(first)
-    assert str(version.version) == "1" and version.source == str(tiny_checkpoint.resolve())
+    assert str(version.version) == "1" and "/models/m-" in version.source  # the logged pyfunc release
+    nightly_sidecars = [json.loads(p.read_text()) for p in (tmp_path / "out" / "nightly" / "images").rglob("*.json")]
+    assert {s["model"] for s in nightly_sidecars} == {"models:/ultraflux/1"}  # pinned, fetched from the registry
     assert {"git_sha", "dvc_data_hash", "config_hash"} <= set(version.tags)
     assert len(list((tmp_path / "out" / "nightly" / "images").rglob("*.png"))) == 5
     grids = {f.path for f in client.list_artifacts(out["model"]["run_id"], "grids")}

@@ -18,9 +18,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_pipeline_runs_end_to_end_and_promotes_a_release(tmp_path: Path) -> None:
+def test_pipeline_runs_end_to_end_and_promotes_a_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO))
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"),
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     cmd = [sys.executable, "-m", "flows.pipeline", "--config", str(REPO / "params.yaml")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -31,7 +32,7 @@ def test_pipeline_runs_end_to_end_and_promotes_a_release(tmp_path: Path) -> None
     from mlflow.tracking import MlflowClient
 
     from ultraflux_model import UltraFluxTransformer2DModel
-    from ultraflux_model.pretrained import check_checkpoint_layout, fingerprint
+    from ultraflux_model.pretrained import check_checkpoint_layout, fingerprint, resolve_checkpoint
 
     check_checkpoint_layout(releases[0])
     trained = fingerprint(artifacts / "train" / "stage2" / "export" / "transformer")
@@ -44,7 +45,9 @@ def test_pipeline_runs_end_to_end_and_promotes_a_release(tmp_path: Path) -> None
     experiments = {e.name for e in client.search_experiments()}
     assert {"ultraflux-train", "ultraflux-eval"} <= experiments
     champion = client.get_model_version_by_alias("ultraflux", "champion")
-    assert Path(champion.source).resolve() == releases[0].resolve()
+    monkeypatch.setenv("ULTRAFLUX_MODEL_CACHE", str(tmp_path / "model-cache"))
+    # the registered champion is the released checkpoint, byte for byte, fetched through the model cache
+    assert fingerprint(resolve_checkpoint("models:/ultraflux@champion", uri)) == fingerprint(releases[0])
     eval_run = client.get_run(champion.tags["eval_run_id"])
     assert any(key.endswith("/16:9") for key in eval_run.data.metrics)
     assert not (tmp_path / "mlruns").exists()  # artifacts stay beside the SQLite store

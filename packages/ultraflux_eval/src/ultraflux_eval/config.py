@@ -130,7 +130,8 @@ class PromotionConfig(Section):
     higher_is_better: bool = True
     min_delta: float = Field(0.0, ge=0.0)
     lock_path: Path | None = Field(
-        None, description="lock file serialising promotions (default: next to a sqlite store, else ~/.ultraflux)"
+        None, description="lock file serialising promotions on a local store (default: next to the sqlite file); "
+        "a tracking server serialises them itself"
     )
 
 

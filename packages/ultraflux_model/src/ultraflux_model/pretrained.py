@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ultraflux_model.errors import UltraFluxError
+from ultraflux_model.release import fetch_release, is_registry_uri
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CHECKPOINT_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
@@ -109,11 +110,18 @@ class StrictPretrainedMixin:
         return (model, info) if wants_info else model
 
 
-def resolve_checkpoint(model: str | Path) -> Path:
-    """A local checkpoint directory, or a hub id fetched (or found in the HF cache) as a snapshot.
+def resolve_checkpoint(model: str | Path, tracking_uri: str | None = None) -> Path:
+    """A local checkpoint directory for ``model``: the one place that turns a model reference into files.
 
-    Only safetensors, JSON and tokenizer files are fetched: pickled weights are never downloaded.
+    - a local directory: itself;
+    - ``models:/name@alias``, ``models:/name/version``, ``models:/<model_id>``, ``runs:/<run>/<path>``: a release
+      from the MLflow tracking server at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI``), downloaded once into the content-addressed
+      cache (``$ULTRAFLUX_MODEL_CACHE``, default ``~/.cache/ultraflux/models``; see ``ultraflux_model.release``);
+    - a hub id: fetched (or found in the HF cache) as a snapshot. Only safetensors, JSON and tokenizer files are
+      fetched: pickled weights are never downloaded.
     """
+    if is_registry_uri(model):
+        return fetch_release(str(model), tracking_uri=tracking_uri)
     path = Path(model).expanduser()
     if path.exists() or str(model).startswith((".", "/", "~")):
         if not path.is_dir():

@@ -1,0 +1,1 @@
+"""Serving a release: the MLflow pyfunc flavor (``mlflow models serve``)."""
