@@ -38,3 +38,8 @@ bench: setup
 
 clean:
 	rm -rf artifacts storage mlruns .pytest_cache
+
+## Mutation guard: each curated bug in tests/mutations/mutations.toml, applied to a copy of the repo, must fail its tests.
+.PHONY: mutants
+mutants: setup
+	$(PY) tests/mutations/run.py --workers 2 --json artifacts/mutants.json

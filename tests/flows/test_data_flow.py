@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# Child processes import this checkout's packages (not whatever an editable install points at), so a mutated
+# copy of the repository (tests/mutations) is what the flows run.
+REPO_PATH = os.pathsep.join(str(p) for p in (REPO / "packages/ultraflux_model/src", REPO / "packages/ultraflux_eval/src",
+                                               REPO))
 
 DRIVER = """
 import functools, json, sys, threading
@@ -51,7 +55,7 @@ httpd.shutdown()
 def test_data_flow_end_to_end(tmp_path, tiny_checkpoint):
     args = {"src": str(tmp_path / "served"), "meta": str(tmp_path / "meta.jsonl"), "root": str(tmp_path / "data"),
             "model": str(tiny_checkpoint), "result": str(tmp_path / "result.json")}
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": REPO_PATH}
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
