@@ -3,8 +3,8 @@
 TRITON_INTERPRET must be set before Triton kernels are defined, i.e. before the first import of
 ``ultraflux_model.kernels.wavelet_loss``: hence the assignment above the imports. Only the kernel tests
 import the kernel modules at module level, so collection order cannot define them for the GPU first.
-The variable stays set for the whole pytest process, so on a machine with CUDA these tests step aside
-(test_kernels_cuda.py checks the compiled kernels there).
+The variable stays set for the whole pytest process, so on a machine with CUDA this module runs in a child
+process with CUDA hidden (test_kernels_interpreter_on_cuda.py); test_kernels_cuda.py checks the compiled kernels.
 """
 
 from __future__ import annotations
