@@ -141,10 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutation")
     parser.add_argument("--check", action="store_true", help="only check that every anchor applies")
     parser.add_argument("--json", type=Path, default=None, help="also write the outcomes here")
+    parser.add_argument("--list", type=Path, default=LIST, help="the mutation list (TOML)")
     args = parser.parse_args(argv)
 
     try:
-        mutations = load()
+        mutations = load(args.list)
     except MutationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
