@@ -87,7 +87,8 @@ def test_logged_overall_is_the_per_image_mean_with_unequal_groups(config, tmp_pa
     assert logged["n_images/overall"] == len(images) and logged["n_images/1:1"] == 3
     for metric, score in (("glcm", scores.glcm_score), ("shannon_entropy", scores.shannon_entropy)):
         values = [score(x) for x in images]
-        means = [np.mean([v for v, a in zip(values, labels, strict=True) if a == name]) for name in dict.fromkeys(labels)]
+        means = [np.mean([v for v, a in zip(values, labels, strict=True) if a == name])
+                 for name in dict.fromkeys(labels)]
         assert logged[f"{metric}/overall"] == pytest.approx(np.mean(values), rel=1e-9)
         assert logged[f"{metric}/overall"] != pytest.approx(np.mean(means), rel=1e-6)
 

@@ -15,8 +15,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 # Child processes import this checkout's packages (not whatever an editable install points at), so a mutated
 # copy of the repository (tests/mutations) is what the flows run.
-REPO_PATH = os.pathsep.join(str(p) for p in (REPO / "packages/ultraflux_model/src", REPO / "packages/ultraflux_eval/src",
-                                               REPO))
+REPO_PATH = os.pathsep.join(
+    str(p) for p in (REPO / "packages/ultraflux_model/src", REPO / "packages/ultraflux_eval/src", REPO)
+)
 
 DRIVER = """
 import json, sys

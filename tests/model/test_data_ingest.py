@@ -97,7 +97,8 @@ EXPECTED = {
     "alpha.png": ("ok", "alpha_over_white"), "palette_transparent.png": ("ok", "alpha_over_white"),
     "exif_rotated.jpg": ("ok", "exif_transpose"),
     "float.tif": ("quarantined", "unsupported pixel mode: F"),
-    "tiny.png": ("quarantined", "tiny"), "strip.png": ("quarantined", "tiny"), "notes.txt": ("quarantined", "not an image"),
+    "tiny.png": ("quarantined", "tiny"), "strip.png": ("quarantined", "tiny"),
+    "notes.txt": ("quarantined", "not an image"),
     "empty.jpg": ("quarantined", "not an image"),
     "garbage.png": ("quarantined", "not an image"),  # PNG signature, then noise: no PIL plugin accepts it
 }

@@ -335,19 +335,23 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(one_rank, tmp_path: Path
     config_file.write_text(dump_config(cfg))
     latest = run_dir / "stage1" / "checkpoints" / "latest"
     marker = tmp_path / "first-checkpoint-saved"
-    proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_FIRST_CHECKPOINT, str(marker), "train", "--config",
-                             str(config_file)],
-                            env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        # The event: the child writes the marker once its first checkpoint is complete, then waits to be killed,
-        # so the kill lands at the same step however slow the machine is (the loop only bounds a hung child).
-        deadline = time.monotonic() + 600
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        _, stderr = proc.communicate(timeout=60)
-    assert marker.exists() and proc.returncode == -signal.SIGKILL, f"no checkpoint before the kill:\n{stderr[-3000:]}"
+    log = tmp_path / "train.log"  # a file, not a pipe: a child blocked on a full pipe would never checkpoint
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_FIRST_CHECKPOINT, str(marker), "train", "--config",
+                                 str(config_file)], env=clean_env(), stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            # The event: the child writes the marker once its first checkpoint is complete, then waits to be
+            # killed, so the kill lands at the same step however slow the machine is (the loop only bounds a hung
+            # child; it never decides which step the kill hits).
+            deadline = time.monotonic() + 600
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+    assert marker.exists() and proc.returncode == -signal.SIGKILL, (
+        f"no checkpoint before the kill:\n{log.read_text()[-3000:]}"
+    )
     killed_at = int(latest.read_text().strip().removeprefix("step-"))
     assert killed_at == 2 and not (run_dir / "stage1" / "DONE").exists()
 

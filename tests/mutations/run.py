@@ -180,8 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{o.mutation.id} ({o.mutation.what}) {o.status}:\n{o.detail}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([{"id": o.mutation.id, "tests": o.mutation.tests, "seconds": round(o.seconds, 1),
-                                          "result": o.status} for o in outcomes], indent=2))
+        rows = [{"id": o.mutation.id, "tests": o.mutation.tests, "seconds": round(o.seconds, 1), "result": o.status}
+                for o in outcomes]
+        args.json.write_text(json.dumps(rows, indent=2))
     return 1 if bad else 0
 
 
