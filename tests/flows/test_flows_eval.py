@@ -3,7 +3,9 @@
 Against a Prefect API server on loopback with its own ``PREFECT_HOME`` and a SQLite MLflow under ``tmp_path``,
 the flow runs once on a directory of procedurally generated images and once generating with the tiny checkpoint
 (register + promote); then ``prefect deploy`` reads ``prefect.yaml`` and the nightly deployment runs once on a
-process work pool (``from_registry``: re-evaluates the latest registered version).
+process work pool (``from_registry``: re-evaluates the latest registered version); finally a candidate that is worse
+by construction goes through the same register-and-promote and must leave the champion where it is. The image
+directory has unequal aspect groups, so the logged ``overall`` pins the per-image mean.
 """
 
 from __future__ import annotations
