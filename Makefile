@@ -45,3 +45,8 @@ clean:
 .PHONY: infra-check
 infra-check: setup
 	$(PY) -m pytest tests/test_infra.py -q -p no:cacheprovider
+
+## Mutation guard: each curated bug in tests/mutations/mutations.toml, applied to a copy of the repo, must fail its tests.
+.PHONY: mutants
+mutants: setup
+	$(PY) tests/mutations/run.py --workers 2 --json artifacts/mutants.json

@@ -27,6 +27,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# What child processes (flows, workers, servers) import: this checkout's packages, also when the venv's editable
+# install points elsewhere (a worktree, or the mutation guard's patched copy).
+REPO_PATH = os.pathsep.join(
+    str(p) for p in (REPO / "packages/ultraflux_model/src", REPO / "packages/ultraflux_eval/src", REPO)
+)
 START_TIMEOUT_S = 180.0  # generous: 2 shared cores, cold imports of mlflow/prefect take tens of seconds
 
 
@@ -151,8 +156,7 @@ def mlflow_server(tmp_path: Path, moto_s3: S3Endpoint) -> Iterator[MlflowServer]
 def prefect_server(tmp_path: Path) -> Iterator[dict[str, str]]:
     """``prefect server start`` on a free port; yields the environment that points Prefect clients at it."""
     port = free_port()
-    base = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    base = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": REPO_PATH}
     base.pop("PREFECT_API_URL", None)
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     with ServerProcess("prefect server", cmd, f"http://127.0.0.1:{port}/api/health",

@@ -144,3 +144,46 @@ def test_spec_is_checked_before_generating(tmp_path):
     one_prompt = BenchmarkConfig(metrics=("fid",), prompts=("x",), reference_dir=tmp_path)
     with pytest.raises(EvalError, match="at least 2 images per aspect"):
         validate_spec(one_prompt)
+
+
+# --------------------------------------------------------------------------- overall with unequal aspect groups
+
+UNEQUAL = {"1:1": 3, "16:9": 2, "2:1": 1}  # 3 + 2 + 1 images: the per-image mean and the mean of means differ
+
+
+def unequal_set(spec: BenchmarkConfig) -> tuple[list[np.ndarray], list[str], list[str]]:
+    """Images of very different detail per aspect group, so group means are far apart."""
+    sizes = {a.name: (a.height, a.width) for a in spec.aspect_ratios}
+    images, labels = [], []
+    for k, (name, count) in enumerate(UNEQUAL.items()):
+        for j in range(count):
+            rgb = picture(*sizes[name], seed=3 * k + j)
+            if name == "2:1":  # a nearly flat image: far lower entropy and GLCM than the others
+                rgb = (rgb // 64 * 64).astype(np.uint8)
+            images.append(rgb)
+            labels.append(name)
+    return images, [f"prompt {i}" for i in range(len(images))], labels
+
+
+def mean_of_aspect_means(values: list[float], labels: list[str]) -> float:
+    return float(np.mean([np.mean([v for v, a in zip(values, labels, strict=True) if a == name]) for name in UNEQUAL]))
+
+
+def test_overall_is_the_per_image_mean_with_unequal_aspect_groups():
+    spec = BenchmarkConfig(metrics=("glcm", "shannon_entropy", "compression_ratio"))
+    images, prompts, labels = unequal_set(spec)
+    results = evaluate(images, prompts, spec, aspects=labels, scorers={"brightness": _Brightness()})
+    assert results.aspects == list(UNEQUAL)
+    assert {a: results.table[a]["n_images"] for a in UNEQUAL} == {a: float(n) for a, n in UNEQUAL.items()}
+    assert results.table[OVERALL]["n_images"] == 6
+    per_image = {
+        "glcm": [scores.glcm_score(x) for x in images],
+        "shannon_entropy": [scores.shannon_entropy(x) for x in images],
+        "brightness": [float(x.mean()) for x in images],
+    }
+    for metric, values in per_image.items():
+        overall = results.table[OVERALL][metric]
+        assert overall == pytest.approx(np.mean(values), rel=1e-12), metric
+        # the other definition would fail: it differs by far more than the tolerance above
+        assert abs(overall - mean_of_aspect_means(values, labels)) > 1e-3 * abs(overall), metric
+    assert results.table[OVERALL]["compression_ratio"] == scores.compression_ratio(images)

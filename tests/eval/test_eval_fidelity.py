@@ -122,3 +122,103 @@ def test_lpips_offline_and_loads_local_alexnet_weights():
     assert fidelity.lpips_distance(a, b, model) > 0.0
     with pytest.raises(EvalError, match="lacks"):
         fidelity.build_lpips({"classifier.1.weight": torch.zeros(1)})
+
+
+# ------------------------------------------------------------------ values, not ranges: independent oracles
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    x = np.arange(size) - (size - 1) / 2
+    g = np.exp(-(x**2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def _valid_blur(x: np.ndarray) -> np.ndarray:
+    """Separable 11-px Gaussian, 'valid' region only, on ``[C, H, W]`` float64."""
+    g = _gaussian_window()
+    rows = np.lib.stride_tricks.sliding_window_view(x, g.size, axis=2) @ g
+    return np.lib.stride_tricks.sliding_window_view(rows, g.size, axis=1) @ g
+
+
+def _ssim_and_cs(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Mean SSIM and mean contrast-structure term of two ``[C, H, W]`` images in [0, 1] (Wang et al. 2004).
+
+    The convention of torchmetrics (what the paper tables' tooling uses): the SSIM map covers the whole image with
+    5-px reflect padding; the cs term only the valid interior (no padded pixel in the window).
+    """
+    c1, c2 = 0.01**2, 0.03**2
+    pad = ((0, 0), (5, 5), (5, 5))
+    x, y = np.pad(x, pad, mode="reflect"), np.pad(y, pad, mode="reflect")
+    mx, my = _valid_blur(x), _valid_blur(y)
+    sxx = np.maximum(_valid_blur(x * x) - mx**2, 0.0)
+    syy = np.maximum(_valid_blur(y * y) - my**2, 0.0)
+    sxy = _valid_blur(x * y) - mx * my
+    cs = (2 * sxy + c2) / (sxx + syy + c2)
+    ssim = (2 * mx * my + c1) / (mx**2 + my**2 + c1) * cs
+    return float(ssim.mean()), float(cs[:, 5:-5, 5:-5].mean())
+
+
+def _halve(x: np.ndarray) -> np.ndarray:
+    c, h, w = x.shape
+    return x[:, : h // 2 * 2, : w // 2 * 2].reshape(c, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+
+
+def reference_ms_ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """MS-SSIM from the paper: cs at the four finer scales, SSIM at the coarsest, 2×2 mean-pool between scales."""
+    x, y = (np.moveaxis(im.astype(np.float64) / 255, 2, 0) for im in (a, b))
+    value = 1.0
+    for k, beta in enumerate(MS_SSIM_BETAS):
+        ssim, cs = _ssim_and_cs(x, y)
+        term = ssim if k == len(MS_SSIM_BETAS) - 1 else cs
+        value *= max(term, 0.0) ** beta
+        x, y = _halve(x), _halve(y)
+    return value
+
+
+def test_ssim_and_ms_ssim_equal_the_textbook_formulas_on_fixed_images():
+    a, b = images(2, 192, 176, 3)
+    x, y = (np.moveaxis(im.astype(np.float64) / 255, 2, 0) for im in (a, b))
+    expected_ssim = _ssim_and_cs(x, y)[0]
+    assert fidelity.ssim(a, b) == pytest.approx(expected_ssim, rel=1e-9)
+    expected_ms = reference_ms_ssim(a, b)
+    assert fidelity.ms_ssim(a, b) == pytest.approx(expected_ms, rel=1e-6)
+    # values, not ranges: a mild and a strong degradation of the same image give the oracle's exact numbers
+    rng = np.random.default_rng(11)
+    mild = np.clip(a + rng.normal(0, 4, a.shape), 0, 255).astype(np.uint8)
+    strong = np.clip(a + rng.normal(0, 40, a.shape), 0, 255).astype(np.uint8)
+    for other in (mild, strong):
+        assert fidelity.ms_ssim(a, other) == pytest.approx(reference_ms_ssim(a, other), rel=1e-6)
+    assert fidelity.ms_ssim(a, mild) > fidelity.ms_ssim(a, strong)
+
+
+def test_psnr_equals_the_formula_on_a_known_error():
+    a = images(1, 64, 96, 5)[0]
+    b = a.copy()
+    b[::2, ::2, 0] = np.where(a[::2, ::2, 0] < 250, a[::2, ::2, 0] + 5, a[::2, ::2, 0] - 5)  # |err| = 5 on 1/12
+    mse = (5 / 255) ** 2 / 12
+    assert fidelity.psnr(a, b) == pytest.approx(10 * np.log10(1 / mse), rel=1e-12)
+
+
+def test_lpips_equals_the_lpips_package_forward_on_fixed_images():
+    import lpips
+    from torchvision.models import alexnet
+
+    torch.manual_seed(0)
+    model = fidelity.build_lpips(alexnet(weights=None).state_dict())
+    a, b = images(2, 64, 96, 4)
+    ours = fidelity.lpips_distance(a, b, model)
+    with torch.no_grad():
+        # the package's own conversion (uint8 HWC → [-1, 1] NCHW) and forward
+        direct = float(model(lpips.im2tensor(a), lpips.im2tensor(b)).mean())
+        # and the LPIPS formula from its parts: unit-normalised features, squared difference, linear heads,
+        # spatial mean, summed over the five layers
+        fa = model.net.forward(model.scaling_layer(lpips.im2tensor(a)))
+        fb = model.net.forward(model.scaling_layer(lpips.im2tensor(b)))
+        total = 0.0
+        for lin, u, v in zip(model.lins, fa, fb, strict=True):
+            u = u / (u.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            v = v / (v.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            total += float(lin((u - v) ** 2).mean())
+    assert ours == pytest.approx(direct, rel=1e-5)
+    assert ours == pytest.approx(total, rel=1e-5)

@@ -71,6 +71,28 @@ def test_evaluation_run_logs_metrics_plots_grids_and_report(config, tmp_path):
     assert "| 2.39:1 |" in report and "![clip_score](plots/clip_score.png)" in report
 
 
+def test_logged_overall_is_the_per_image_mean_with_unequal_groups(config, tmp_path):
+    """3 + 2 + 1 images: MLflow's ``<metric>/overall`` is the mean over images, not over the aspect rows."""
+    from ultraflux_eval import scores
+
+    images, prompts = tiny_set(config.benchmark, 3)
+    keep = [0, 1, 2, 3, 4, 6]  # two prompts per aspect: 1:1 ×2, 16:9 ×2, 2:1 ×1, 1:2 ×1
+    labels = [a.name for a in config.benchmark.aspect_ratios for _ in config.benchmark.prompts]
+    images = [images[i] for i in keep] + [images[0]]  # a third 1:1 image: groups 3 + 2 + 1 + 1
+    prompts = [prompts[i] for i in keep] + [prompts[0]]
+    labels = [labels[i] for i in keep] + [labels[0]]
+    assert sorted({labels.count(a) for a in labels}) == [1, 2, 3]
+    run = run_evaluation(images, prompts, config, tmp_path / "report", aspects=labels)
+    logged = client_for(config.tracking.tracking_uri).get_run(run.run_id).data.metrics
+    assert logged["n_images/overall"] == len(images) and logged["n_images/1:1"] == 3
+    for metric, score in (("glcm", scores.glcm_score), ("shannon_entropy", scores.shannon_entropy)):
+        values = [score(x) for x in images]
+        means = [np.mean([v for v, a in zip(values, labels, strict=True) if a == name])
+                 for name in dict.fromkeys(labels)]
+        assert logged[f"{metric}/overall"] == pytest.approx(np.mean(values), rel=1e-9)
+        assert logged[f"{metric}/overall"] != pytest.approx(np.mean(means), rel=1e-6)
+
+
 def test_compare_prints_side_by_side(config, tmp_path):
     a = run_evaluation(*tiny_set(config.benchmark, 0), config, tmp_path / "a")
     b = run_evaluation(*tiny_set(config.benchmark, 1), config, tmp_path / "b")
@@ -149,18 +171,52 @@ def _promote_worker(uri: str, name: str, version: str, barrier) -> bool:
     return promote_if_better(uri, version, PromotionConfig(model_name=name, metric="clip_score/overall")).promoted
 
 
+def _champion(uri: str, name: str) -> str:
+    return str(client_for(uri).get_model_version_by_alias(name, "champion").version)
+
+
+def test_worse_candidates_one_by_one_never_move_the_champion(store):
+    """Best first, then every worse candidate in turn: each is refused and the alias stays on the best."""
+    uri, name = store, "fixed-order"
+    rule = PromotionConfig(model_name=name, metric="clip_score/overall")
+    best = _register(uri, 35.0, name)
+    first = promote_if_better(uri, best, rule)
+    assert first.promoted and first.previous_champion is None and first.candidate_value == 35.0
+    for value in (34.0, 31.0, 35.0, 20.0):  # worse ones and a tie (not strictly better)
+        version = _register(uri, value, name)
+        decision = promote_if_better(uri, version, rule)
+        assert not decision.promoted, (value, decision.reason)
+        assert decision.previous_champion == best and decision.champion_value == 35.0
+        assert decision.candidate_value == value
+        assert _champion(uri, name) == best
+    # the lower-is-better rule reverses the order: the last (20.0) is now the best and takes the alias
+    lower = PromotionConfig(model_name=name, metric="clip_score/overall", higher_is_better=False)
+    assert promote_if_better(uri, version, lower).promoted and _champion(uri, name) == version
+
+
 @pytest.mark.slow
 def test_concurrent_promotions_leave_the_best_champion(store):
+    """Every interleaving must end with the best version as champion.
+
+    Round 1 races all candidates; round 2 races only the worse ones against the best champion, so an
+    implementation that promotes the wrong one (or always promotes) ends on a worse version in every interleaving
+    of round 2, not only in unlucky ones.
+    """
     uri, name = store, "concurrent-test"
     values = [31.0, 35.0, 33.0, 34.0]
     versions = [_register(uri, v, name) for v in values]
+    best = versions[1]
     context = multiprocessing.get_context("fork")
-    barrier = context.Manager().Barrier(len(versions))
+    worse = [v for v in versions if v != best]
     with context.Pool(len(versions)) as pool:
+        barrier = context.Manager().Barrier(len(versions))
         outcomes = pool.starmap(_promote_worker, [(uri, name, v, barrier) for v in versions])
-    champion = str(client_for(uri).get_model_version_by_alias(name, "champion").version)
-    assert champion == versions[1]  # 35.0 wins whatever the interleaving
-    assert outcomes[1] is True
+        assert _champion(uri, name) == best
+        assert outcomes[1] is True  # the best beats whatever holds the alias when it compares
+        barrier = context.Manager().Barrier(len(worse))
+        again = pool.starmap(_promote_worker, [(uri, name, v, barrier) for v in worse])
+    assert again == [False] * len(worse)
+    assert _champion(uri, name) == best
 
 
 def test_cli_evaluates_a_directory(config, tmp_path):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
+from tests.servers import REPO, REPO_PATH
+# Child processes import this checkout's packages (not whatever an editable install points at), so a mutated
+# copy of the repository (tests/mutations) is what the flows run.
 DRIVER = """
 import functools, json, sys, threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -51,8 +52,7 @@ httpd.shutdown()
 def test_data_flow_end_to_end(tmp_path, tiny_checkpoint):
     args = {"src": str(tmp_path / "served"), "meta": str(tmp_path / "meta.jsonl"), "root": str(tmp_path / "data"),
             "model": str(tiny_checkpoint), "result": str(tmp_path / "result.json")}
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)  # keep a worktree's own
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": pythonpath}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": REPO_PATH}
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -4,7 +4,9 @@ Against a Prefect API server on loopback with its own ``PREFECT_HOME`` and a SQL
 the flow runs once on a directory of procedurally generated images and once generating with the tiny checkpoint
 (register + promote); then ``prefect deploy`` reads ``prefect.yaml`` and the nightly deployment runs once on a
 process work pool (``model_uri: models:/ultraflux/latest``: re-evaluates the latest registered version, fetched
-from the registry through the model cache).
+from the registry through the model cache); finally a candidate that is worse by construction goes through the
+same register-and-promote and must leave the champion where it is. The image directory has unequal aspect
+groups, so the logged ``overall`` pins the per-image mean.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import yaml
 from tests.code_snapshot import git_snapshot
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[2]
-
+from tests.servers import REPO
+# Child processes import this checkout's packages (not whatever an editable install points at), so a mutated
+# copy of the repository (tests/mutations) is what the flows run.
 DRIVER = """
 import json, sys
 from flows.eval_flow import eval_flow
@@ -33,6 +36,30 @@ out["dir"] = eval_flow(images_dir=args["images_dir"], prompts_file=args["prompts
 out["model"] = eval_flow(model=args["model"], out=args["out"] + "/model", **common)
 json.dump(out, open(args["result"], "w"), default=str)
 """
+
+WORSE_DRIVER = """
+import json, sys
+from flows.eval_flow import eval_flow
+args = json.loads(sys.argv[1])
+out = eval_flow(model=args["model"], out=args["out"], overrides=args["overrides"])
+json.dump(out, open(args["result"], "w"), default=str)
+"""
+
+
+def broken_decoder_copy(checkpoint: Path, out: Path) -> Path:
+    """The checkpoint with the VAE decoder's output conv zeroed: every image it makes is one flat grey, so its
+    Shannon entropy is 0 — a candidate that is worse than any real model, by construction."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(checkpoint, out)
+    weights = out / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    for key in ("decoder.conv_out.weight", "decoder.conv_out.bias"):
+        state[key] = state[key] * 0
+    save_file(state, str(weights))
+    return out
 
 
 def test_prefect_yaml_declares_a_cron_deployment_whose_entrypoint_resolves():
@@ -68,11 +95,12 @@ def test_eval_flow_and_nightly_deployment(tmp_path, tiny_checkpoint, prefect_api
     images_dir = tmp_path / "images"
     images_dir.mkdir()
     rng = np.random.default_rng(0)
-    sizes = [(128, 128), (224, 128), (256, 128), (128, 256), (320, 128)]
-    for i, (w, h) in enumerate(sizes * 2):
+    # unequal aspect groups (1:1 ×3, 16:9 ×2, 2:1, 1:2, 2.39:1 ×1): `overall` must be the per-image mean
+    sizes = [(128, 128)] * 3 + [(224, 128)] * 2 + [(256, 128), (128, 256), (320, 128)]
+    for i, (w, h) in enumerate(sizes):
         rgb = np.clip(128 + rng.normal(0, 10 + 8 * i, (h, w, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(rgb).save(images_dir / f"{i:02d}.png")
-    (tmp_path / "prompts.txt").write_text("".join(f"prompt {i}\n" for i in range(10)))
+    (tmp_path / "prompts.txt").write_text("".join(f"prompt {i}\n" for i in range(len(sizes))))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = {
         "images_dir": str(images_dir),
@@ -86,6 +114,7 @@ def test_eval_flow_and_nightly_deployment(tmp_path, tiny_checkpoint, prefect_api
             "eval.benchmark.metrics=[glcm,compression_ratio,shannon_entropy,clip_score]",
             "generate.steps=2",
             "generate.dtype=fp32",
+            "eval.promotion.metric=shannon_entropy/overall",
         ],
     }
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], cwd=REPO, env=prefect_api,
@@ -116,7 +145,16 @@ def test_eval_flow_and_nightly_deployment(tmp_path, tiny_checkpoint, prefect_api
         metrics = client.get_run(out[key]["run_id"]).data.metrics
         assert {f"{m}/{a}" for m in ("glcm", "clip_score", "compression_ratio") for a in aspects} <= set(metrics)
     assert "registry" not in out["dir"]  # a directory of images has no model to register
-    assert out["dir"]["table"]["overall"]["n_images"] == 10
+    assert out["dir"]["table"]["overall"]["n_images"] == len(sizes)
+    from ultraflux_eval import scores
+
+    per_image = [scores.glcm_score(p) for p in sorted(images_dir.glob("*.png"))]
+    groups = {}
+    for value, size in zip(per_image, sizes, strict=True):
+        groups.setdefault(size, []).append(value)
+    logged = client.get_run(out["dir"]["run_id"]).data.metrics["glcm/overall"]
+    assert logged == pytest.approx(np.mean(per_image), rel=1e-9)
+    assert logged != pytest.approx(np.mean([np.mean(v) for v in groups.values()]), rel=1e-6)
     assert out["model"]["table"]["overall"]["n_images"] == 5  # one prompt x five aspect ratios
     assert out["model"]["registry"]["promoted"] and out["model"]["registry"]["version"] == "1"
     # the nightly run re-evaluated the latest version: same model, same seeds -> same numbers, alias stays
@@ -131,3 +169,14 @@ def test_eval_flow_and_nightly_deployment(tmp_path, tiny_checkpoint, prefect_api
     assert len(grids) == 5
     generated = sorted((tmp_path / "out" / "model" / "images").rglob("*.png"))
     assert len(generated) == 5 and all(p.with_suffix(".json").is_file() for p in generated)
+
+    # A worse candidate through the flow's register-and-promote: registered as v2, refused, the alias stays on v1.
+    worse = {"model": str(broken_decoder_copy(tiny_checkpoint, tmp_path / "broken")), "out": str(tmp_path / "worse"),
+             "result": str(tmp_path / "worse.json"), "overrides": args["overrides"]}
+    proc = subprocess.run([sys.executable, "-c", WORSE_DRIVER, json.dumps(worse)], cwd=REPO, env=prefect_api,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    registry = json.loads((tmp_path / "worse.json").read_text())["registry"]
+    assert registry["version"] == "2" and registry["promoted"] is False, registry
+    assert registry["candidate"] == 0.0 and registry["champion"] > 0.0
+    assert str(client.get_model_version_by_alias("ultraflux", "champion").version) == "1"

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[2]
-
+from tests.servers import REPO, REPO_PATH
+# Child processes import this checkout's packages (not whatever an editable install points at), so a mutated
+# copy of the repository (tests/mutations) is what the flows run.
 DRIVER = """
 import json, sys
 from ultraflux_model.config import load_config
@@ -60,7 +61,7 @@ def test_train_flow_runs_every_stage_as_a_subflow_and_vae_flow_improves(tmp_path
     config_file.write_text(yaml.safe_dump(config))
     result = tmp_path / "result.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=str(REPO))
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=REPO_PATH)
     args = json.dumps({"config": str(config_file), "result": str(result)})
     proc = subprocess.run([sys.executable, "-c", DRIVER, args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)

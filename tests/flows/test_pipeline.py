@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-
+from tests.servers import REPO, REPO_PATH
+# Child processes import this checkout's packages (not whatever an editable install points at), so a mutated
+# copy of the repository (tests/mutations) is what the flows run.
 
 @pytest.mark.slow
 def test_pipeline_runs_end_to_end_and_promotes_a_release(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"),
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PYTHONPATH=REPO_PATH)
     cmd = [sys.executable, "-m", "flows.pipeline", "--config", str(REPO / "params.yaml")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

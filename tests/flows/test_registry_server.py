@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from servers import ServerProcess, free_port
+from tests.servers import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import threading
-import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -27,6 +26,10 @@ def _png(seed: int, size=(48, 40)) -> bytes:
 
 GOOD, OTHER, THIRD = _png(0), _png(1), _png(2)
 HITS: Counter[str] = Counter()
+# Timeouts without races: the slow URL never answers until the test is over (or 60 s, 20× the client's 3 s read
+# timeout), and every other response is immediate — 3 s leaves a busy runner far more than 10× what it needs.
+READ_TIMEOUT_S = 3.0
+RELEASE_SLOW = threading.Event()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -77,7 +80,7 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(GOOD[:100])
         elif path == "/slow.png":
-            time.sleep(1.5)
+            RELEASE_SLOW.wait(20 * READ_TIMEOUT_S)
             self._send(200, GOOD)
         elif path == "/redirect-good":
             self._send(302, headers={"Location": "/good.png"})
@@ -107,13 +110,16 @@ def server():
     httpd = QuietServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
+    RELEASE_SLOW.clear()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    RELEASE_SLOW.set()  # let a handler still waiting on the slow URL finish before the server stops
     httpd.shutdown()
     httpd.server_close()
 
 
 def _cfg(**kw) -> DownloadConfig:
-    base = dict(private_hosts=("127.0.0.1",), retries=2, backoff_s=0.01, connect_timeout_s=2.0, read_timeout_s=0.4,
+    base = dict(private_hosts=("127.0.0.1",), retries=2, backoff_s=0.01, connect_timeout_s=10.0,
+                read_timeout_s=READ_TIMEOUT_S,
                 max_bytes=len(GOOD) + 1000, concurrency=4, max_redirects=3)
     return DownloadConfig(**{**base, **kw})
 

@@ -56,6 +56,7 @@ def messy_folder(tmp_path):
         "palette.png": _save(Image.fromarray(_textured(64, 48, 7)).quantize(16), "PNG"),
         "float.tif": _save(Image.fromarray(np.ones((48, 64), np.float32)), "TIFF"),
         "tiny.png": _save(Image.fromarray(_textured(8, 8, 8)), "PNG"),
+        "strip.png": _save(Image.fromarray(_textured(64, 8, 10)), "PNG"),  # long side fine, short side tiny
         "notes.txt": b"hello, not an image\n",
         "empty.jpg": b"",
         ".DS_Store": b"\0\0\0\1Bud1",  # hidden files are not inputs
@@ -96,7 +97,8 @@ EXPECTED = {
     "alpha.png": ("ok", "alpha_over_white"), "palette_transparent.png": ("ok", "alpha_over_white"),
     "exif_rotated.jpg": ("ok", "exif_transpose"),
     "float.tif": ("quarantined", "unsupported pixel mode: F"),
-    "tiny.png": ("quarantined", "tiny"), "notes.txt": ("quarantined", "not an image"),
+    "tiny.png": ("quarantined", "tiny"), "strip.png": ("quarantined", "tiny"),
+    "notes.txt": ("quarantined", "not an image"),
     "empty.jpg": ("quarantined", "not an image"),
     "garbage.png": ("quarantined", "not an image"),  # PNG signature, then noise: no PIL plugin accepts it
 }

@@ -2,8 +2,9 @@
 
 TRITON_INTERPRET must be set before Triton kernels are defined, i.e. before the first import of
 ``ultraflux_model.kernels.rope``: hence the assignment above the imports. It stays set for the whole
-pytest process, so on a machine with CUDA these tests step aside (test_kernels_cuda.py checks the compiled
-kernels there) rather than turn every Triton kernel of the session into an interpreted one.
+pytest process, so on a machine with CUDA this module runs in a child process with CUDA hidden
+(test_kernels_interpreter_on_cuda.py) rather than turn every Triton kernel of the session into an interpreted one;
+test_kernels_cuda.py checks the compiled kernels there.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import warnings
 import pytest
 import torch
 
-if torch.cuda.is_available():
-    pytest.skip("CUDA present: the compiled kernels are tested by test_kernels_cuda.py", allow_module_level=True)
+if torch.cuda.is_available():  # run in a child without CUDA by test_kernels_interpreter_on_cuda.py
+    pytest.skip("CUDA visible: this module runs in a CUDA-less child (test_kernels_interpreter_on_cuda.py)",
+                allow_module_level=True)
 os.environ["TRITON_INTERPRET"] = "1"
 
 from diffusers.models.embeddings import apply_rotary_emb  # noqa: E402
@@ -221,11 +223,12 @@ def test_whole_transformer_fused_rope_matches_eager_in_bf16(official_transformer
         eager_out, eager_grads = _run_transformer(model, io, "eager", torch.bfloat16)
     finally:
         model.to(torch.float32)
-    scale = eager_out.float().abs().max().item()
-    torch.testing.assert_close(out.float(), eager_out.float(), atol=2e-2 * scale, rtol=2e-2)
-    for name, grad in grads.items():
-        g_scale = eager_grads[name].float().abs().max().item()
-        torch.testing.assert_close(grad.float(), eager_grads[name].float(), atol=4e-2 * g_scale, rtol=4e-2, msg=name)
+    # Element-wise: within 4 bf16 ulps (2^-5) of each element, plus an absolute floor of ONE ulp of the largest
+    # entry (2^-7·max) for elements near zero, whose value comes from cancelling larger bf16 terms. Measured on
+    # the fixture: 0.0 / 0.014 / 0.0 relative needed past that floor (output / input grad / to_q grad).
+    for name, got, expected in [("output", out, eager_out), *((n, g, eager_grads[n]) for n, g in grads.items())]:
+        floor = 2**-7 * expected.float().abs().max().item()
+        torch.testing.assert_close(got.float(), expected.float(), atol=floor, rtol=2**-5, msg=name)
 
 
 def test_kernels_interpret_even_when_triton_was_imported_first():

@@ -3,8 +3,8 @@
 TRITON_INTERPRET must be set before Triton kernels are defined, i.e. before the first import of
 ``ultraflux_model.kernels.wavelet_loss``: hence the assignment above the imports. Only the kernel tests
 import the kernel modules at module level, so collection order cannot define them for the GPU first.
-The variable stays set for the whole pytest process, so on a machine with CUDA these tests step aside
-(test_kernels_cuda.py checks the compiled kernels there).
+The variable stays set for the whole pytest process, so on a machine with CUDA this module runs in a child
+process with CUDA hidden (test_kernels_interpreter_on_cuda.py); test_kernels_cuda.py checks the compiled kernels.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import os
 import pytest
 import torch
 
-if torch.cuda.is_available():
-    pytest.skip("CUDA present: the compiled kernels are tested by test_kernels_cuda.py", allow_module_level=True)
+if torch.cuda.is_available():  # run in a child without CUDA by test_kernels_interpreter_on_cuda.py
+    pytest.skip("CUDA visible: this module runs in a CUDA-less child (test_kernels_interpreter_on_cuda.py)",
+                allow_module_level=True)
 os.environ["TRITON_INTERPRET"] = "1"
 
 from ultraflux_model.config import LossConfig  # noqa: E402

@@ -10,20 +10,22 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pytest
+import scipy.special
 import torch
 from safetensors.torch import load_file
 
 from ultraflux_model.config import DataConfig, UltraFluxConfig, dump_config
 from ultraflux_model.data import stages as data_stages
 from ultraflux_model.data.cache import CachedLatentDataset
-from ultraflux_model.diffusion.losses import training_loss
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 from ultraflux_model.training.curriculum import stage_plans
-from ultraflux_model.training.distributed import DistInfo, free_port
-from ultraflux_model.training.trainer import BatchStream, draw_noise_and_t, predict_x0, train, train_stage
+from ultraflux_model.training.distributed import free_port
+from ultraflux_model.training.trainer import train, train_stage
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -54,64 +56,186 @@ def make_cfg(base: Path, cache: Path, run_dir: Path, stages: list[dict], **train
     })
 
 
-STAGE1 = {"name": "stage1", "steps": 6, "lr": 1e-3, "batch_size": 2, "grad_accum": 2}
+def stage_dict(name: str, steps: int, *, micro_batch: int, grad_accum: int = 1, ranks: int = 1,
+               **extra: object) -> dict:
+    """The one place these tests spell a stage's batch fields (renamed configs change only this function).
+
+    ``ranks`` is the world size the stage runs on (the global batch is micro_batch · grad_accum · ranks)."""
+    del ranks  # needed once the stage states its global batch instead of grad_accum
+    return {"name": name, "steps": steps, "lr": 1e-3, "batch_size": micro_batch, "grad_accum": grad_accum, **extra}
+
+
+def stage_batch(st, world_size: int) -> tuple[int, int]:  # noqa: ANN001 - a StageConfig
+    """(per-rank micro batch, micro batches per optimizer step) of a stage on ``world_size`` ranks."""
+    del world_size
+    return st.batch_size, st.grad_accum
+
+
+# warm-up makes the logged lr move, so the lr comparison below can fail
+STAGE1 = stage_dict("stage1", 6, micro_batch=2, grad_accum=2, warmup_steps=3)
 
 
 Weights = dict[str, torch.Tensor]
 
 
+# ---------------------------------------------------------------------- the reference loop, from DESIGN.md §3
+# Written from the formulas, importing nothing from the trainer or the loss module: only the data order
+# (BucketBatchSampler, collate_latents), the model class and the Flux token layout are shared with the code
+# under test, plus the documented random-stream protocol (one SeedSequence per sample: a uniform, then ε).
+
+
+def ref_noise_and_uniform(shape: tuple[int, ...], seed: int, stage: int, step: int, micro: int,
+                          sample: int) -> tuple[torch.Tensor, torch.Tensor]:
+    state = np.random.SeedSequence([seed, stage, step, micro, sample]).generate_state(2, np.uint64)[0] >> 1
+    g = torch.Generator().manual_seed(int(state))
+    u = torch.rand((), generator=g, dtype=torch.float64)
+    return torch.randn(shape, generator=g), u
+
+
+def ref_timestep(u: float, cfg, t_min: float, t_max: float) -> float:  # noqa: ANN001 - a TimestepConfig
+    """Inverse CDF of the configured law restricted to [t_min, t_max] (on the shifted t), written with scipy."""
+    s = cfg.shift
+
+    def unshift(t: float) -> float:
+        return t / (s - (s - 1.0) * t)
+
+    def cdf(t: float) -> float:
+        if cfg.sampling == "uniform":
+            return t
+        if t <= 0.0 or t >= 1.0:
+            return float(t >= 1.0)
+        return float(scipy.special.ndtr((scipy.special.logit(t) - cfg.logit_mean) / cfg.logit_std))
+
+    def icdf(p: float) -> float:
+        if cfg.sampling == "uniform":
+            return p
+        return float(scipy.special.expit(cfg.logit_mean + cfg.logit_std * scipy.special.ndtri(p)))
+
+    lo, hi = cdf(unshift(t_min)), cdf(unshift(t_max))
+    base = icdf(lo + (hi - lo) * u)
+    return min(max(s * base / (1.0 + (s - 1.0) * base), t_min), t_max)
+
+
+def ref_haar(x: torch.Tensor) -> torch.Tensor:
+    """One-level orthonormal 2-D Haar DWT, sub-bands stacked on channels (order is irrelevant to a mean)."""
+    a, b, c, d = x[..., ::2, ::2], x[..., ::2, 1::2], x[..., 1::2, ::2], x[..., 1::2, 1::2]
+    return torch.cat([(a + b + c + d) / 2, (a + b - c - d) / 2, (a - b + c - d) / 2, (a - b - c + d) / 2], dim=1)
+
+
+def ref_loss(x0_hat: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, cfg) -> torch.Tensor:  # noqa: ANN001
+    """SNR-aware pseudo-Huber wavelet loss, DESIGN §3, in float64."""
+    tc = t.double().clamp(cfg.t_clamp, 1 - cfg.t_clamp)
+    snr = ((1 - tc) / tc) ** 2
+    capped = torch.minimum(snr, torch.full_like(snr, cfg.gamma))
+    omega = tc / (1 - tc) * capped**cfg.beta
+    c = (cfg.c_min + (cfg.c_max - cfg.c_min) * (capped / cfg.gamma) ** cfg.alpha).view(-1, 1, 1, 1)
+    r = ref_haar(x0_hat.double()) - ref_haar(x0.double())
+    per_sample = (c**2 * (torch.sqrt(1 + (r / c) ** 2) - 1)).mean(dim=(1, 2, 3))
+    return (omega * per_sample).mean()
+
+
+class RefRun(NamedTuple):
+    losses: list[float]
+    grad_norms: list[float]  # before clipping, over all ranks' averaged gradient
+    lrs: list[float]  # the optimizer's lr after each step (what the trainer logs)
+    weights: Weights
+    ema: Weights
+
+
 def plain_torch_run(cfg: UltraFluxConfig, stage_index: int, world_size: int, steps: int,
-                    init_from: Path | None = None) -> tuple[list[float], Weights, Weights]:
-    """The same recipe without DeepSpeed: one process plays every rank, gradients averaged over ranks and micro
-    batches, torch AdamW and clip_grad_norm_, a full-tensor EMA. Returns (losses, final weights, EMA weights)."""
+                    init_from: Path | None = None) -> RefRun:
+    """The recipe in plain torch: one process plays every rank, gradients averaged over ranks and micro batches,
+    torch AdamW with a hand-set warm-up lr, clip_grad_norm_, a full-tensor EMA."""
+    from ultraflux_model.data.buckets import BucketBatchSampler
+    from ultraflux_model.data.cache import collate_latents
+    from ultraflux_model.diffusion.latents import image_ids, pack_latents, text_ids, unpack_latents
+
     train_cfg = cfg.train
     plan = stage_plans(train_cfg)[stage_index]
     st = plan.stage
+    micro_batch, accum = stage_batch(st, world_size)
     model = UltraFluxTransformer2DModel.from_pretrained(init_from or plan.init_from, torch_dtype=torch.float32)
     model.train()
+    guidance = train_cfg.guidance if model.config.guidance_embeds else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=st.lr, betas=train_cfg.betas, eps=train_cfg.eps,
                                   weight_decay=train_cfg.weight_decay)
+
+    def lr_at(step: int) -> float:  # linear warm-up over warmup_steps optimizer steps, then constant
+        return st.lr * (min(1.0, (step + 1) / st.warmup_steps) if st.warmup_steps else 1.0)
+
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
     dataset = CachedLatentDataset(train_cfg.cache_dir, subset=None if st.subset == "all" else st.subset)
-    streams = [BatchStream(dataset, list(range(len(dataset))), st.batch_size, seed=train_cfg.seed,
-                           dist=DistInfo(rank=r, world_size=world_size, local_rank=0, device=torch.device("cpu")))
-               for r in range(world_size)]
-    losses = []
+    keys = dataset.bucket_keys()
+    samplers = [BucketBatchSampler(keys, micro_batch, seed=train_cfg.seed, rank=r, world_size=world_size)
+                for r in range(world_size)]
+    iters = [iter(s) for s in samplers]
+
+    def next_batch(rank: int) -> dict:
+        try:
+            positions = next(iters[rank])
+        except StopIteration:  # a new epoch, reshuffled
+            samplers[rank].set_epoch(samplers[rank].epoch + 1)
+            iters[rank] = iter(samplers[rank])
+            positions = next(iters[rank])
+        return collate_latents([dataset[p] for p in positions])
+
+    out = RefRun([], [], [], {}, {})
     for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for micro in range(st.grad_accum):
-            for rank, stream in enumerate(streams):
-                batch = stream.next(torch.device("cpu"))
-                b = batch["latents"].shape[0]
-                noise, t = draw_noise_and_t(tuple(batch["latents"].shape), rank * b, seed=train_cfg.seed,
-                                            stage_index=stage_index, step=step, micro=micro, stage=st,
-                                            timesteps=train_cfg.timesteps)
-                pred, target = predict_x0(model, batch, noise, t, guidance=train_cfg.guidance, dtype=torch.float32)
-                loss = training_loss(pred, target, t, cfg=train_cfg.loss, kernel="eager")
-                (loss / (st.grad_accum * world_size)).backward()
-                total += loss.item() / (st.grad_accum * world_size)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.deepspeed.gradient_clipping)
+        for micro in range(accum):
+            for rank in range(world_size):
+                batch = next_batch(rank)
+                z = batch["latents"].float()
+                b, _, h, w = z.shape
+                draws = [ref_noise_and_uniform(tuple(z.shape[1:]), train_cfg.seed, stage_index, step, micro,
+                                               rank * b + i) for i in range(b)]
+                eps = torch.stack([d[0] for d in draws])
+                t = torch.tensor([ref_timestep(float(d[1]), train_cfg.timesteps, st.t_min, st.t_max) for d in draws],
+                                 dtype=torch.float32)
+                tt = t.view(b, 1, 1, 1)
+                z_t = (1 - tt) * z + tt * eps
+                v = model(hidden_states=pack_latents(z_t), encoder_hidden_states=batch["prompt_embeds"],
+                          pooled_projections=batch["pooled"], timestep=t, img_ids=image_ids(h // 2, w // 2),
+                          txt_ids=text_ids(batch["prompt_embeds"].shape[1]),
+                          guidance=None if guidance is None else torch.full((b,), guidance),
+                          return_dict=False)[0]
+                x0_hat = z_t - tt * unpack_latents(v, h, w)
+                loss = ref_loss(x0_hat, z, t, train_cfg.loss)
+                (loss / (accum * world_size)).backward()
+                total += loss.item() / (accum * world_size)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.deepspeed.gradient_clipping)
         optimizer.step()
         with torch.no_grad():
             for name, p in model.named_parameters():
                 ema[name].lerp_(p, 1.0 - train_cfg.ema.decay)
-        losses.append(total)
-    return losses, {k: v.detach() for k, v in model.state_dict().items()}, ema
+        out.losses.append(total)
+        out.grad_norms.append(float(norm))
+        out.lrs.append(lr_at(step + 1))  # DeepSpeed steps the scheduler with the optimizer: the next step's lr
+    out.weights.update({k: v.detach() for k, v in model.state_dict().items()})
+    out.ema.update(ema)
+    return out
 
 
 def plain_torch_losses(cfg: UltraFluxConfig, stage_index: int, world_size: int, steps: int,
                        init_from: Path | None = None) -> list[float]:
-    return plain_torch_run(cfg, stage_index, world_size, steps, init_from)[0]
+    return plain_torch_run(cfg, stage_index, world_size, steps, init_from).losses
 
 
-def metrics_losses(path: Path) -> dict[int, float]:
-    """step → loss from metrics.jsonl (the last row of a step wins: a resumed run redoes later steps)."""
-    out: dict[int, float] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        out[row["step"]] = row["loss"]
-    return out
+def metrics_rows(path: Path) -> dict[int, dict]:
+    """step → metrics row from metrics.jsonl (the last row of a step wins: a resumed run redoes later steps)."""
+    return {row["step"]: row for row in map(json.loads, path.read_text().splitlines())}
+
+
+def assert_matches_reference(rows: dict[int, dict], ref: RefRun) -> None:
+    steps = range(1, len(ref.losses) + 1)
+    assert sorted(rows) == list(steps)
+    for key, expected in (("loss", ref.losses), ("grad_norm", ref.grad_norms), ("lr", ref.lrs)):
+        got = torch.tensor([rows[s][key] for s in steps], dtype=torch.float64)
+        torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-9,
+                                   msg=lambda m, key=key: f"{key}: {m}")
 
 
 def clean_env() -> dict[str, str]:
@@ -119,8 +243,24 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}
 
 
-def train_cmd(config_file: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ultraflux_model.training.commands", "train", "--config", str(config_file), *extra]
+# Test harness for the kill: the real CLI in a child whose first completed checkpoint save writes a marker file
+# (atomically, by rename) and then blocks until the parent kills it.
+PAUSE_AFTER_FIRST_CHECKPOINT = """
+import os, runpy, sys, time
+from ultraflux_model.training.checkpoint import CheckpointManager
+marker = sys.argv[1]
+real_save = CheckpointManager.save
+def save(self, *args, **kwargs):
+    out = real_save(self, *args, **kwargs)
+    with open(marker + ".tmp", "w") as fh:
+        fh.write(str(out))
+    os.replace(marker + ".tmp", marker)
+    while True:
+        time.sleep(60)
+CheckpointManager.save = save
+sys.argv = ["ultraflux", *sys.argv[2:]]
+runpy.run_module("ultraflux_model.training.commands", run_name="__main__")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +275,10 @@ def one_rank(tiny_checkpoint: Path, cache_dir: Path, tmp_path_factory: pytest.Te
 def test_zero3_one_process_matches_plain_torch(one_rank) -> None:
     cfg, result = one_rank
     assert result.steps == list(range(1, 7))
-    expected, weights, ema = plain_torch_run(cfg, 0, world_size=1, steps=6)
-    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(expected), rtol=1e-5, atol=1e-7)
+    ref = plain_torch_run(cfg, 0, world_size=1, steps=6)
+    weights, ema = ref.weights, ref.ema
+    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(ref.losses), rtol=1e-5, atol=1e-7)
+    assert_matches_reference(metrics_rows(Path(cfg.train.run_dir) / "stage1" / "metrics.jsonl"), ref)
     # The consolidated exports hold the same trained weights and the same EMA as the plain loop.
     export = Path(cfg.train.run_dir) / "stage1" / "export"
     exported = load_file(str(export / "transformer" / "diffusion_pytorch_model.safetensors"))
@@ -157,7 +299,7 @@ def test_zero3_two_ranks_match_plain_torch_and_deepspeed_consolidation(tiny_chec
                                                                         tmp_path: Path) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    stage = {"name": "stage1", "steps": 3, "lr": 1e-3, "batch_size": 1, "grad_accum": 1}
+    stage = stage_dict("stage1", 3, micro_batch=1, ranks=2, warmup_steps=2)
     cfg = make_cfg(tiny_checkpoint, cache_dir, tmp_path / "run", [stage], checkpoint={"every": 3})
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(dump_config(cfg))
@@ -167,11 +309,9 @@ def test_zero3_two_ranks_match_plain_torch_and_deepspeed_consolidation(tiny_chec
     proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     stage_dir = tmp_path / "run" / "stage1"
-    losses = metrics_losses(stage_dir / "metrics.jsonl")
-    assert sorted(losses) == [1, 2, 3]
-    expected, _, ema = plain_torch_run(cfg, 0, world_size=2, steps=3)
-    torch.testing.assert_close(torch.tensor([losses[s] for s in (1, 2, 3)]), torch.tensor(expected),
-                               rtol=1e-5, atol=1e-7)
+    ref = plain_torch_run(cfg, 0, world_size=2, steps=3)
+    assert_matches_reference(metrics_rows(stage_dir / "metrics.jsonl"), ref)
+    ema = ref.ema
     # The EMA export, all-gathered from the per-rank shards, equals the plain loop's full-tensor EMA.
     exported_ema = load_file(str(stage_dir / "export_ema" / "transformer" / "diffusion_pytorch_model.safetensors"))
     for name, tensor in ema.items():
@@ -194,24 +334,33 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(one_rank, tmp_path: Path
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(dump_config(cfg))
     latest = run_dir / "stage1" / "checkpoints" / "latest"
-    proc = subprocess.Popen(train_cmd(config_file), env=clean_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        while proc.poll() is None and not latest.exists():
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{stderr[-3000:]}"
+    marker = tmp_path / "first-checkpoint-saved"
+    log = tmp_path / "train.log"  # a file, not a pipe: a child blocked on a full pipe would never checkpoint
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_FIRST_CHECKPOINT, str(marker), "train", "--config",
+                                 str(config_file)], env=clean_env(), stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            # The event: the child writes the marker once its first checkpoint is complete, then waits to be
+            # killed, so the kill lands at the same step however slow the machine is (the loop only bounds a hung
+            # child; it never decides which step the kill hits).
+            deadline = time.monotonic() + 600
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+    assert marker.exists() and proc.returncode == -signal.SIGKILL, (
+        f"no checkpoint before the kill:\n{log.read_text()[-3000:]}"
+    )
     killed_at = int(latest.read_text().strip().removeprefix("step-"))
-    assert killed_at < 6 and not (run_dir / "stage1" / "DONE").exists()
+    assert killed_at == 2 and not (run_dir / "stage1" / "DONE").exists()
 
     with pytest.raises(UltraFluxError, match="--resume"):  # existing checkpoints are never overwritten silently
         train_stage(cfg, "stage1")
     resumed = train_stage(cfg, "stage1", resume=True)
     assert resumed.resumed_from == killed_at and resumed.steps == list(range(killed_at + 1, 7))
-    losses = metrics_losses(run_dir / "stage1" / "metrics.jsonl")
-    assert [losses[s] for s in range(1, 7)] == uninterrupted.losses
+    rows = metrics_rows(run_dir / "stage1" / "metrics.jsonl")
+    assert [rows[s]["loss"] for s in range(1, 7)] == uninterrupted.losses
     assert (run_dir / "stage1" / "DONE").exists()
 
 
@@ -222,8 +371,8 @@ def test_stages_chain_export_generates_and_mlflow_has_the_runs(tiny_checkpoint: 
     from ultraflux_model.inference.pipeline import generate
 
     run_dir = tmp_path / "run"
-    stages = [{"name": "stage1", "steps": 2, "lr": 1e-3, "batch_size": 2},
-              {"name": "stage2", "subset": "stage2", "t_min": 0.541, "steps": 2, "lr": 1e-3, "batch_size": 1}]
+    stages = [stage_dict("stage1", 2, micro_batch=2),
+              stage_dict("stage2", 2, micro_batch=1, subset="stage2", t_min=0.541)]
     cfg = make_cfg(tiny_checkpoint, cache_dir, run_dir, stages, sample_sizes=[[64, 64], [96, 64]], sample_steps=2)
     results = train(cfg)
     assert [r.name for r in results] == ["stage1", "stage2"]

@@ -111,13 +111,13 @@ def test_stages_chain_through_exports(tmp_path: Path) -> None:
 
 def test_ema_tracks_the_weights_and_exports_full_tensors() -> None:
     layer = torch.nn.Linear(3, 2)
-    ema = ShardedEma(layer, decay=0.5)
+    ema = ShardedEma(layer, decay=0.75)  # not 0.5: decay and 1 − decay must be told apart
     original = layer.weight.detach().clone()
     with torch.no_grad():
         layer.weight.add_(2.0)
     ema.update()
     full = ema.full_tensors(is_main=True)
-    torch.testing.assert_close(full["weight"], original + 1.0)
+    torch.testing.assert_close(full["weight"], original + 0.25 * 2.0)  # shadow ← 0.75·shadow + 0.25·weights
     assert full.keys() == {"weight", "bias"} and ema.full_tensors(is_main=False) == {}
     torch.testing.assert_close(layer.weight, original + 2.0)  # the module itself is untouched
 

@@ -9,7 +9,9 @@ metric's minimum, a reference set where FID is asked for), then computes:
   against the reference images.
 
 The table has one row per aspect ratio of the spec plus ``overall``: per-image metrics are means over the
-row's images (``overall`` over all images, not a mean of means); set metrics are recomputed on the row's set.
+row's images; set metrics are recomputed on the row's set. ``overall`` is the mean over all images (every image
+weighs the same), NOT the mean of the aspect rows' means: the two differ whenever the aspect groups have unequal
+sizes (docs/evaluation.md).
 """
 
 from __future__ import annotations
