@@ -101,7 +101,7 @@ def build_app(studio: Studio, *, default_steps: int = 28) -> gr.Blocks:
     def api_generate(prompt, width, height, steps, guidance, seed, request: gr.Request, progress=gr.Progress()):
         req = request_of(prompt, width, height, steps, guidance, seed)
         made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, 1))
-        return str(made[0].path), {**made[0].sidecar, "path": str(made[0].path)}
+        return str(made[0].path), {**made[0].sidecar, "image_path": str(made[0].path)}
 
     @_user_errors
     def run_compare(prompt, width, height, steps, guidance, seed, second, dtype, offload, decode,
@@ -148,7 +148,7 @@ def build_app(studio: Studio, *, default_steps: int = 28) -> gr.Blocks:
                     guidance = gr.Slider(0.0, 10.0, value=4.0, step=0.1, label="Guidance")
                 with gr.Row():
                     seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
-                    randomise = gr.Button("🎲 Random seed", size="sm")
+                    randomise = gr.Button("Random seed", size="sm")
                     images = gr.Slider(1, studio.limits.max_images, value=1, step=1, label="Images")
                 with gr.Accordion("Advanced settings", open=False):
                     dtype = gr.Radio(["bf16", "fp16", "fp32"], value=studio.default_dtype, label="dtype")
