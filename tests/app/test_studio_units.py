@@ -115,3 +115,18 @@ def test_missing_model_and_missing_compare_fail_clearly(tmp_path):
         Studio(str(tmp_path / "nope"), out=tmp_path / "o", device="cpu").load()
     with pytest.raises(UltraFluxError, match="no second model"):
         Studio(str(tmp_path / "nope"), out=tmp_path / "o", device="cpu").compare(Request("x", 64, 64))
+
+
+def test_make_ui_picks_the_newest_release_and_compares_with_the_previous(tmp_path):
+    from ultraflux_model.app.release import pick_models
+
+    with pytest.raises(UltraFluxError, match="run `make demo` first"):
+        pick_models(tmp_path)
+    old, new = tmp_path / "ultraflux-aaa", tmp_path / "ultraflux-bbb"
+    for k, path in enumerate((old, new)):
+        path.mkdir()
+        os.utime(path, ns=(10**18 + k, 10**18 + k))
+    (tmp_path / "staging").mkdir()
+    # No registry reachable in tests (HF_HUB_OFFLINE, no models:/ store): fall back to the release directories.
+    assert pick_models(tmp_path, champion=str(tmp_path / "no-such-champion")) == (str(new), str(old))
+    assert pick_models(tmp_path, champion=str(old)) == (str(old), str(new))  # a resolvable champion comes first
