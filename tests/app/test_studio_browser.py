@@ -44,7 +44,7 @@ def _set_number(driver, elem_id: str, value: int) -> None:
     field.send_keys(str(value), Keys.TAB)
 
 
-def test_page_generates_an_image(browser, studio_app, tmp_path):
+def test_page_generates_an_image_and_lists_it(browser, studio_app, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -71,5 +71,10 @@ def test_page_generates_an_image(browser, studio_app, tmp_path):
     assert pixels.shape[0] > 500 and pixels.shape[1] > 1000
     assert pixels.std() > 20  # a page with content, not a blank or single-colour screen
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1000  # the generated noise-like image is on it
+    # The gallery: the new image is listed; selecting it offers its PNG and JSON sidecar for download.
+    next(tab for tab in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if tab.text.strip() == "Gallery").click()
+    wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, "#gallery img"))).click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "downloads"), ".json"))
+    assert ".png" in browser.find_element(By.ID, "downloads").text
     made = [path for path, side in list_outputs(studio_app.out) if side.get("prompt") == "a lighthouse on a cliff at dusk"]
     assert len(made) == 1 and Image.open(made[0]).size == (384, 256)

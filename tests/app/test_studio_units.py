@@ -130,3 +130,21 @@ def test_make_ui_picks_the_newest_release_and_compares_with_the_previous(tmp_pat
     # No registry reachable in tests (HF_HUB_OFFLINE, no models:/ store): fall back to the release directories.
     assert pick_models(tmp_path, champion=str(tmp_path / "no-such-champion")) == (str(new), str(old))
     assert pick_models(tmp_path, champion=str(old)) == (str(old), str(new))  # a resolvable champion comes first
+
+
+def test_gallery_selection_offers_the_png_and_its_sidecar(tmp_path):
+    from ultraflux_model.app.studio import gallery_items, selected_item
+
+    for name, sidecar in (("r1/a.png", {"width": 64, "height": 32, "seed": 3, "prompt": "a fox"}), ("r2/b.png", None)):
+        path = tmp_path / name
+        path.parent.mkdir()
+        path.write_bytes(b"png")
+        if sidecar:
+            path.with_suffix(".json").write_text(json.dumps(sidecar))
+        os.utime(path, ns=(10**18 + len(name) + (name == "r1/a.png"),) * 2)
+    items, paths = gallery_items(tmp_path)
+    assert paths == [str(tmp_path / "r1/a.png"), str(tmp_path / "r2/b.png")]
+    assert items[0] == (paths[0], "64×32 · seed 3 · a fox")
+    assert selected_item(paths, 0) == ({"width": 64, "height": 32, "seed": 3, "prompt": "a fox"},
+                                       [paths[0], str(tmp_path / "r1/a.json")])  # fmt: skip
+    assert selected_item(paths, 1) == ({}, [paths[1]])

@@ -69,18 +69,28 @@ def _label(sidecar: dict[str, Any]) -> str:
     )
 
 
+def gallery_items(out: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """The gallery's ``(image, caption)`` items, newest first, and the image paths in the same order."""
+    listed = list_outputs(out)
+    return [(str(p), _caption(s)) for p, s in listed], [str(p) for p, _ in listed]
+
+
+def selected_item(paths: list[str], index: int) -> tuple[dict[str, Any], list[str]]:
+    """The sidecar of the ``index``-th gallery image and the files to download (PNG, and its JSON if any)."""
+    path = Path(paths[index])
+    sidecar = path.with_suffix(".json")
+    return read_sidecar(path), [str(path)] + ([str(sidecar)] if sidecar.is_file() else [])
+
+
 def build_app(studio: Studio, *, default_steps: int = 28) -> gr.Blocks:
     """The page; ``studio`` holds the loaded models and the output directory."""
     compare_slot = studio.slots.get("compare")
 
-    def gallery_items() -> tuple[list[tuple[str, str]], list[str]]:
-        listed = list_outputs(studio.out)
-        return [(str(p), _caption(s)) for p, s in listed], [str(p) for p in listed]
+    def refresh_gallery() -> tuple[list[tuple[str, str]], list[str]]:
+        return gallery_items(studio.out)
 
     def show_selected(paths: list[str], evt: gr.SelectData) -> tuple[dict[str, Any], list[str]]:
-        path = Path(paths[evt.index])
-        files = [str(path)] + ([str(path.with_suffix(".json"))] if path.with_suffix(".json").is_file() else [])
-        return read_sidecar(path), files
+        return selected_item(paths, evt.index)
 
     def request_of(prompt, width, height, steps, guidance, seed, images=1, dtype=None, offload="none", decode="tiled"):
         if width is None or height is None or seed is None:
@@ -177,7 +187,7 @@ def build_app(studio: Studio, *, default_steps: int = 28) -> gr.Blocks:
                                          elem_id="gallery")  # fmt: skip
                     with gr.Row():
                         picked = gr.JSON(label="Sidecar")
-                        downloads = gr.File(label="Download PNG + JSON", file_count="multiple")
+                        downloads = gr.File(label="Download PNG + JSON", file_count="multiple", elem_id="downloads")
         paths = gr.State([])
         # Hidden outputs of the API endpoints (scripts get the file and the sidecar; the page shows its own).
         with gr.Row(visible=False):
@@ -194,7 +204,7 @@ def build_app(studio: Studio, *, default_steps: int = 28) -> gr.Blocks:
         api_go.click(api_generate, base, [api_image, api_meta], api_name="generate", **device)
         api_cmp.click(api_compare, base, [api_image, api_image_b, api_meta], api_name="compare", **device)
         for event in (gen, cmp):
-            event.then(gallery_items, None, [gallery, paths], api_visibility="private")
+            event.then(refresh_gallery, None, [gallery, paths], api_visibility="private")
 
         def cancel(request: gr.Request) -> None:
             studio.cancel(request.session_hash or "")
@@ -205,9 +215,9 @@ def build_app(studio: Studio, *, default_steps: int = 28) -> gr.Blocks:
             trigger(on_preset, [aspect, family], [width, height, note], queue=False, api_visibility="private")
         for trigger in (width.change, height.change):
             trigger(on_size, [width, height], note, queue=False, api_visibility="private")
-        refresh.click(gallery_items, None, [gallery, paths], api_visibility="private")
+        refresh.click(refresh_gallery, None, [gallery, paths], api_visibility="private")
         gallery.select(show_selected, paths, [picked, downloads], api_visibility="private")
-        demo.load(gallery_items, None, [gallery, paths], api_visibility="private")
+        demo.load(refresh_gallery, None, [gallery, paths], api_visibility="private")
     return demo
 
 
