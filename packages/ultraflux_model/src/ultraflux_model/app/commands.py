@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ultraflux_model.config import config_from_dict, resolve_config
+from ultraflux_model.errors import UltraFluxError
 
 
 def ui(
@@ -33,7 +34,11 @@ def ui(
     # Gradio phones home for analytics and version checks unless told not to; read when gradio is imported.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from ultraflux_model.app.engine import Studio
-    from ultraflux_model.app.studio import CSS, build_app, theme
+
+    try:
+        from ultraflux_model.app.studio import CSS, build_app, theme
+    except ModuleNotFoundError as err:
+        raise UltraFluxError(f"the web app needs gradio ({err}): pip install 'ultraflux-model[app]'") from err
 
     studio = Studio(cfg.ui.model, out=cfg.ui.out, limits=cfg.serve, compare=cfg.ui.compare,
                     transformer=cfg.ui.transformer)  # fmt: skip
