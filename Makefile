@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean ui
 
 $(VENV)/.installed: requirements/ci.txt requirements/constraints.txt packages/ultraflux_model/pyproject.toml packages/ultraflux_eval/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -50,3 +50,10 @@ infra-check: setup
 .PHONY: mutants
 mutants: setup
 	$(PY) tests/mutations/run.py --workers 2 --json artifacts/mutants.json
+
+## UltraFlux Studio on the demo's release (after `make demo`): the registry's champion, else the newest release dir,
+## side by side with the newest other release. Open http://127.0.0.1:7860 (loopback only).
+ui: setup
+	@export MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/artifacts/mlflow.db} GRADIO_ANALYTICS_ENABLED=False; \
+	  models=$$($(PY) -m ultraflux_model.app.release artifacts/release) || exit 2; \
+	  echo "ultraflux ui $$models"; $(VENV)/bin/ultraflux ui $$models --out artifacts/studio --steps 4

@@ -5,9 +5,11 @@ that peak memory is that decode's alone: on CUDA ``max_memory_allocated``, on CP
 process' peak RSS over its size just before decoding. A mode whose predicted footprint exceeds the
 available memory is recorded as skipped with the prediction, rather than taking the machine down.
 
-    python -m benchmarks.bench_vae_decode --sizes 1024 2048 4096 [--device cuda] [--dtype bf16]
+    python -m benchmarks.bench_vae_decode --sizes 1024 2048 4096 [--device cuda] [--dtype bf16] [--merge]
 
 Writes ``benchmarks/results/vae_decode.{csv,json}`` and prints a table with ratios against ``full``.
+``--merge`` keeps the rows of the previous results that this run did not measure (marked "ok (earlier run)"),
+e.g. the 18 GB full decode at 4096² that a shared machine cannot repeat at will.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--merge", action="store_true", help="keep earlier rows this run does not re-measure")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -97,9 +100,18 @@ def main() -> None:
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
 
+    if args.merge and (RESULTS / "vae_decode.json").is_file():
+        key = lambda r: (r["mode"], r["size"], r["device"], r["dtype"])  # noqa: E731
+        measured = {key(r) for r in rows}
+        earlier = [
+            {**r, "status": "ok (earlier run)" if r["status"].startswith("ok") else r["status"]}
+            for r in json.loads((RESULTS / "vae_decode.json").read_text())
+            if key(r) not in measured
+        ]
+        rows = sorted(earlier + rows, key=lambda r: (r["size"], MODES.index(r["mode"])))
     for row in rows:
-        ref = next((r for r in rows if r["size"] == row["size"] and r["mode"] == "full" and r["status"] == "ok"), None)
-        ok = ref is not None and row["status"] == "ok"
+        ref = next((r for r in rows if r["size"] == row["size"] and r["mode"] == "full" and r["status"].startswith("ok")), None)
+        ok = ref is not None and row["status"].startswith("ok")
         row["time_vs_full"] = round(row["seconds"] / ref["seconds"], 3) if ok else None
         row["memory_vs_full"] = round(row["peak_extra_gb"] / ref["peak_extra_gb"], 3) if ok and ref["peak_extra_gb"] else None
 

@@ -13,6 +13,7 @@ import sys
 FULL: dict[str, list[str]] = {
     "bench_kernels": [],
     "bench_vae_decode": [],
+    "memory_table": [],  # reads bench_vae_decode's results
     "bench_scores": [],
     "bench_curation": [],
     "bench_eval": [],

@@ -32,7 +32,7 @@ from ultraflux_eval.registry import (
 )
 from ultraflux_eval.session import run_evaluation
 from ultraflux_eval.tracking import check_tracking_reachable, resolve_tracking_uri
-from ultraflux_model.config import GenerateConfig, UltraFluxConfig, dump_config, resolve_config
+from ultraflux_model.config import GenerateConfig, ServeConfig, UltraFluxConfig, dump_config, resolve_config
 from ultraflux_model.pretrained import resolve_checkpoint
 from ultraflux_model.release import is_registry_uri, log_release
 from ultraflux_model.serving.pyfunc import serving_config
@@ -101,9 +101,9 @@ def evaluate_and_log(
 
 
 @task(name="log-release")
-def log_model_release(model: str, uri: str, run_id: str, gen: GenerateConfig) -> str:
+def log_model_release(model: str, uri: str, run_id: str, gen: GenerateConfig, serve: ServeConfig) -> str:
     """The checkpoint as a pyfunc MLflow model of the evaluation run (blobs content-addressed); its model URI."""
-    logged = log_release(resolve_checkpoint(model), uri, run_id, serving_config(gen))
+    logged = log_release(resolve_checkpoint(model), uri, run_id, serving_config(gen, serve))
     get_run_logger().info("logged %s: %d of %d blobs uploaded (%.1f MB in the release)", logged.model_uri,
                           len(logged.uploaded), len(set(s for s, _ in logged.manifest.files.values())),
                           logged.manifest.total_bytes / 1e6)
@@ -180,7 +180,7 @@ def eval_flow(
             "dvc_data_hash": dvc_data_hash(REPO_ROOT / "dvc.lock"),
             "config_hash": config_hash(dump_config(cfg)),
         }
-        source = model_uri if model is None else log_model_release(model, uri, run_id, cfg.generate)
+        source = model_uri if model is None else log_model_release(model, uri, run_id, cfg.generate, cfg.serve)
         result["registry"] = register_and_promote(cfg.eval, run_id, source, version, provenance, promote)
     return result
 

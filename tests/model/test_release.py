@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from ultraflux_model import UltraFluxError, UltraFluxTransformer2DModel
-from ultraflux_model.config import GenerateConfig
+from ultraflux_model.config import GenerateConfig, ServeConfig
 from ultraflux_model.pretrained import assemble_checkpoint, fingerprint, resolve_checkpoint
 from ultraflux_model.release import BLOBS_DIR, CACHE_ENV, Manifest, fetch_release, log_release
 from ultraflux_model.serving.pyfunc import parse_requests, serving_config
@@ -102,7 +102,8 @@ def test_second_release_uploads_only_the_changed_blobs_and_fetches_once(tiny_che
 
 
 def test_requests_take_the_release_defaults_and_respect_the_ceilings():
-    config = serving_config(GenerateConfig(sizes=((64, 96),), steps=3, seed=5), max_pixels=96 * 96, max_images=3)
+    config = serving_config(GenerateConfig(sizes=((64, 96),), steps=3, seed=5),
+                            ServeConfig(max_pixels=96 * 96, max_images=3))
     frame = pd.DataFrame({"prompt": ["a", "b"], "width": [96, None], "seed": [7, None]})
     assert parse_requests(frame, config) == [
         {"prompt": "a", "width": 96, "height": 96, "steps": 3, "guidance": 4.0, "seed": 7},
@@ -110,7 +111,7 @@ def test_requests_take_the_release_defaults_and_respect_the_ceilings():
     ]
     with pytest.raises(UltraFluxError, match="over the limit"):
         parse_requests(pd.DataFrame({"prompt": ["a"], "width": [128], "height": [128]}), config)
-    with pytest.raises(UltraFluxError, match="4 images in one request exceeds the limit of 3"):
+    with pytest.raises(UltraFluxError, match="4 images per request exceeds the limit of 3"):
         parse_requests(pd.DataFrame({"prompt": list("abcd")}), config)
     with pytest.raises(UltraFluxError, match="multiples of 32"):
         parse_requests(pd.DataFrame({"prompt": ["a"], "width": [50]}), config)
@@ -124,7 +125,7 @@ def test_pyfunc_model_generates_pngs_from_the_registry(tiny_checkpoint, store):
     uri, client, experiment = store
     gen = GenerateConfig(sizes=((64, 64),), steps=2, dtype="fp32")
     logged = log_release(tiny_checkpoint, uri, client.create_run(experiment).info.run_id,
-                         serving_config(gen, max_pixels=96 * 64, max_images=2))
+                         serving_config(gen, ServeConfig(max_pixels=96 * 64, max_images=2)))
     model = mlflow.pyfunc.load_model(logged.model_uri)
     inputs = model.metadata.get_input_schema()
     assert [c.name for c in inputs.inputs if c.required] == ["prompt"]

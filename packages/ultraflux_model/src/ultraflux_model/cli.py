@@ -15,6 +15,7 @@ from ultraflux_model.config import (
     load_config,
     resolve_config,
 )
+from ultraflux_model.app.commands import ui
 from ultraflux_model.data.commands import app as data_app
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.training.commands import train_app
@@ -28,6 +29,7 @@ config_app = typer.Typer(help="Inspect and validate the config tree (params.yaml
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")  # ultraflux_model/data/commands.py
 app.add_typer(train_app)  # train, vae-train (ultraflux_model/training/commands.py)
+app.command("ui")(ui)  # the web app (ultraflux_model/app/commands.py)
 
 
 @config_app.command("dump")
@@ -75,6 +77,7 @@ def generate(
     offload: Offload | None = typer.Option(None, help="none | model | sequential"),
     vae_decode: VaeDecodeMode | None = typer.Option(None, help="tiled | full | official"),
     out: Path | None = typer.Option(None, help="output directory"),
+    transformer: str | None = typer.Option(None, help="transformer from another source: directory or hub id"),
     config: list[Path] = typer.Option([], "--config", "-c", help="YAML files layered in order"),
     set_: list[str] = typer.Option([], "--set", help="section.key=value overrides"),
 ) -> None:
@@ -90,7 +93,7 @@ def generate(
     base = resolved.generate.model_dump()
     flags = {
         "model": model, "steps": steps, "guidance": guidance, "seed": seed, "dtype": dtype, "offload": offload,
-        "vae_decode": vae_decode, "out": out, "prompts": tuple(prompts) or None,
+        "vae_decode": vae_decode, "out": out, "prompts": tuple(prompts) or None, "transformer": transformer,
     }
     if (width is None) != (height is None):
         raise UltraFluxError("give both --width and --height (or neither, to use generate.sizes)")

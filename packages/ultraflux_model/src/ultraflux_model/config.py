@@ -80,6 +80,9 @@ class GenerateConfig(Section):
     offload: Offload = "none"
     vae_decode: VaeDecodeMode = "tiled"
     out: Path = Path("artifacts/generated")
+    transformer: str | None = Field(
+        None, description="transformer from another source (directory or hub id); None: the checkpoint's own"
+    )
 
     @field_validator("sizes")
     @classmethod
@@ -382,6 +385,31 @@ class ComputeConfig(Section):
     )
 
 
+# The largest bucket of the 4K family (6144×2752 = 16,908,288 px, pinned against data/buckets.py by a test).
+MAX_4K_BUCKET_PIXELS = 16_908_288
+
+
+class ServeConfig(Section):
+    """Ceilings every serving front-end enforces (web app, served pyfunc model) so one request cannot exhaust
+    the machine; checked by ``ultraflux_model.inference.limits.check_request``."""
+
+    max_pixels: int = Field(MAX_4K_BUCKET_PIXELS, ge=1024, description="pixels per image (default: the 4K buckets)")
+    max_images: int = Field(4, ge=1, description="images per request")
+
+
+class UiConfig(Section):
+    """``ultraflux ui``: the web app (UltraFlux Studio)."""
+
+    model: str = Field("artifacts/tiny-ultraflux", description="checkpoint directory, hub id or models:/NAME@ALIAS")
+    compare: str | None = Field(None, description="second model shown side by side (same prompt and seed)")
+    transformer: str | None = Field(None, description="transformer from another source for --model")
+    host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")
+    port: int = Field(7860, ge=0, le=65535, description="0 picks a free port")
+    out: Path = Path("artifacts/studio")
+    share: bool = Field(False, description="create a public gradio.live link (off unless asked)")
+    steps: int = Field(28, ge=1, description="default sampling steps in the form")
+
+
 class UltraFluxConfig(Section):
     """The whole tree, as serialised in ``params.yaml``."""
 
@@ -393,6 +421,8 @@ class UltraFluxConfig(Section):
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
     compute: ComputeConfig = ComputeConfig()
+    serve: ServeConfig = ServeConfig()
+    ui: UiConfig = UiConfig()
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -1,29 +1,29 @@
-"""Request ceilings a served model enforces, so one request cannot exhaust the machine (pure, no model needed)."""
+"""The request guard every serving front-end shares (web app, served pyfunc model): pure, no model needed."""
 
 from __future__ import annotations
 
-from ultraflux_model.config import check_image_size
+from ultraflux_model.config import ServeConfig, check_image_size
 from ultraflux_model.errors import UltraFluxError
 
-DEFAULT_MAX_PIXELS = 5440 * 3072  # the largest 4K bucket (16.7 MP)
-DEFAULT_MAX_IMAGES = 4
 
+def check_request(limits: ServeConfig, sizes: list[tuple[int, int]], images: int = 1) -> None:
+    """Raise ``UltraFluxError`` unless every ``(width, height)`` is valid and within ``limits``.
 
-def check_request_limits(width: int, height: int, n_images: int, max_pixels: int, max_images: int) -> None:
-    """Raise ``UltraFluxError`` unless ``n_images`` images of ``width`` × ``height`` fit the ceilings.
-
-    Checks, in order: the image count, both sides positive multiples of 32 (the message names the nearest
-    valid size), the pixels of one image.
+    ``images`` is how many images the request makes (e.g. ``len(sizes) × images per size``). Checks, in order:
+    the count, each side a positive multiple of 32 (the message names the nearest valid size), each image's
+    pixel count.
     """
-    if n_images < 1:
-        raise UltraFluxError(f"a request must ask for at least 1 image, got {n_images}")
-    if n_images > max_images:
+    if images < 1:
+        raise UltraFluxError(f"a request must ask for at least 1 image, got {images}")
+    if images > limits.max_images:
         raise UltraFluxError(
-            f"{n_images} images in one request exceeds the limit of {max_images}; send fewer rows per request"
+            f"{images} images per request exceeds the limit of {limits.max_images} (serve.max_images); "
+            "ask for fewer or raise the limit"
         )
-    check_image_size(width, height)
-    if width * height > max_pixels:
-        raise UltraFluxError(
-            f"{width}x{height} is {width * height / 1e6:.1f} MP, over the limit of {max_pixels / 1e6:.1f} MP "
-            "per image; choose a smaller size"
-        )
+    for width, height in sizes:
+        check_image_size(width, height)
+        if width * height > limits.max_pixels:
+            raise UltraFluxError(
+                f"{width}x{height} is {width * height / 1e6:.1f} MP, over the limit of "
+                f"{limits.max_pixels / 1e6:.1f} MP per image (serve.max_pixels); choose a smaller size"
+            )

@@ -14,6 +14,7 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,10 @@ from ultraflux_model.vae.autoencoder import DecodeMode, UltraFluxAutoencoderKL
 
 TORCH_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CLIP_MAX_TOKENS = 77
+
+# ``callback(phase, done, total)``: phase is "denoise" (once per sampling step) or "decode" (before and after
+# the VAE decode). Front-ends (the web app's progress bar, cancellation) hook in here instead of copying the loop.
+StepCallback = Callable[[str, int, int], None]
 
 
 class UltraFluxPipeline(DiffusionPipeline):
@@ -68,17 +73,23 @@ def load_pipeline(
     dtype: Dtype = "bf16",
     device: str | torch.device | None = None,
     offload: Offload = "none",
-    transformer: UltraFluxTransformer2DModel | None = None,
+    transformer: UltraFluxTransformer2DModel | str | Path | None = None,
     rope_kernel: KernelChoice = "auto",
 ) -> UltraFluxPipeline:
     """Load every component (safetensors only) and place it per ``offload``.
 
-    ``transformer`` replaces the checkpoint's own (e.g. a freshly exported training checkpoint);
-    ``rope_kernel`` selects eager or fused RoPE in its attention layers.
+    ``transformer`` replaces the checkpoint's own: a loaded model (e.g. a freshly exported training
+    checkpoint) or a reference to one (directory or hub id, see :func:`load_transformer`), as diffusers
+    pipelines take components from other sources. ``rope_kernel`` selects eager or fused RoPE in its
+    attention layers.
     """
     root = resolve_checkpoint(model)
     check_checkpoint_layout(root)
     torch_dtype = TORCH_DTYPES[dtype]
+    transformer_root: Path | None = None
+    if isinstance(transformer, (str, Path)):
+        transformer_root = transformer_dir(transformer)
+        transformer = UltraFluxTransformer2DModel.from_pretrained(transformer_root, torch_dtype=torch_dtype)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if offload != "none" and device.type != "cuda":
         raise UltraFluxError(
@@ -97,6 +108,7 @@ def load_pipeline(
     )
     pipe.transformer.set_rope_kernel(rope_kernel)
     pipe.checkpoint_root = root  # type: ignore[attr-defined]
+    pipe.transformer_root = transformer_root  # type: ignore[attr-defined]
     pipe.set_progress_bar_config(disable=True)
     if offload == "model":
         pipe.enable_model_cpu_offload(device=device)
@@ -105,6 +117,18 @@ def load_pipeline(
     else:
         pipe.to(device)
     return pipe
+
+
+def transformer_dir(source: str | Path) -> Path:
+    """The local directory of a transformer given as a directory or hub id.
+
+    Accepts a bare component (``config.json`` + safetensors at the top, as ``Owen777/UltraFlux-v1-1-Transformer``)
+    or a whole checkpoint (its ``transformer/`` subfolder).
+    """
+    root = resolve_checkpoint(source)
+    directory = root / "transformer" if (root / "transformer" / "config.json").is_file() else root
+    check_local_component(directory, "diffusion_pytorch_model")
+    return directory
 
 
 @dataclass(frozen=True)
@@ -192,8 +216,12 @@ def sample_latents(
     shift: float,
     seed: int,
     progress: bool = True,
+    callback: StepCallback | None = None,
 ) -> torch.Tensor:
-    """Denoise one image's packed latents with FlowMatch Euler; returns VAE-space latents ``[1, 16, H/16, W/16]``."""
+    """Denoise one image's packed latents with FlowMatch Euler; returns VAE-space latents ``[1, 16, H/16, W/16]``.
+
+    ``callback("denoise", k, steps)`` runs after step ``k``; an exception it raises stops sampling.
+    """
     device, transformer = pipe._execution_device, pipe.transformer
     h, w = latent_hw(width, height, pipe.vae.spatial_factor)
     # Noise is drawn on the CPU so a seed gives the same image on any device.
@@ -207,7 +235,8 @@ def sample_latents(
         pipe.scheduler.config, shift=shift, use_dynamic_shifting=False
     )
     scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).tolist(), device=device)
-    for t in tqdm(scheduler.timesteps, desc=f"{width}x{height}", leave=False, disable=not progress):
+    timesteps = scheduler.timesteps
+    for k, t in enumerate(tqdm(timesteps, desc=f"{width}x{height}", leave=False, disable=not progress), 1):
         velocity = transformer(
             hidden_states=latents,
             encoder_hidden_states=prompt_embeds,
@@ -219,6 +248,8 @@ def sample_latents(
             return_dict=False,
         )[0]
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        if callback is not None:
+            callback("denoise", k, len(timesteps))
     z = unpack_latents(latents, h, w)
     return z / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
 
@@ -249,10 +280,14 @@ def generate(
     pipe: UltraFluxPipeline | None = None,
     progress: bool = True,
     rope_kernel: KernelChoice = "auto",
+    transformer: str | Path | None = None,
+    callback: StepCallback | None = None,
 ) -> list[GeneratedImage]:
     """Generate every (prompt, size) pair; image ``k`` uses seed ``seed + k``. Writes PNG + JSON sidecar each.
 
     Sizes are ``(width, height)`` with sides multiples of 32 (checked before any model is loaded).
+    ``transformer`` (directory or hub id) replaces the checkpoint's transformer when the pipeline is loaded here;
+    ``callback`` sees every denoising step and the decode of each image (see :data:`StepCallback`).
     """
     if not prompts:
         raise UltraFluxError("no prompts given")
@@ -262,10 +297,20 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    pipe = pipe or load_pipeline(model, dtype=dtype, device=device, offload=offload, rope_kernel=rope_kernel)
+    pipe = pipe or load_pipeline(
+        model, dtype=dtype, device=device, offload=offload, rope_kernel=rope_kernel, transformer=transformer
+    )
     load_s = time.perf_counter() - started
     root: Path = pipe.checkpoint_root  # type: ignore[attr-defined]
     model_hash = fingerprint(root)
+    transformer_root: Path | None = getattr(pipe, "transformer_root", None)
+    # A transformer from another source is recorded beside the base checkpoint's hash, so the sidecar names
+    # exactly which weights made the image.
+    source = (
+        {"transformer": str(transformer or transformer_root), "transformer_hash": fingerprint(transformer_root)}
+        if transformer_root
+        else {}
+    )
     exec_device = pipe._execution_device
 
     results: list[GeneratedImage] = []
@@ -290,10 +335,15 @@ def generate(
             shift=shift,
             seed=image_seed,
             progress=progress,
+            callback=callback,
         )
         t2 = time.perf_counter()
+        if callback is not None:
+            callback("decode", 0, 1)
         image = decode_to_pil(pipe, z, vae_decode)
         t3 = time.perf_counter()
+        if callback is not None:
+            callback("decode", 1, 1)
 
         path = out_dir / f"{index:04d}_{width}x{height}_seed{image_seed}.png"
         sidecar = {
@@ -310,6 +360,7 @@ def generate(
             "vae_decode": vae_decode,
             "model": str(model),
             "model_hash": model_hash,
+            **source,
             "device": str(exec_device),
             "timings_s": {
                 "load": round(load_s, 4) if index == 0 else 0.0,
@@ -341,6 +392,7 @@ def generate_from_config(cfg: GenerateConfig, **overrides: Any) -> list[Generate
         "vae_decode": cfg.vae_decode,
         "max_sequence_length": cfg.max_sequence_length,
         "out_dir": cfg.out,
+        "transformer": cfg.transformer,
     }
     kwargs.update(overrides)
     return generate(cfg.model, list(cfg.prompts), [tuple(s) for s in cfg.sizes], **kwargs)

@@ -23,24 +23,23 @@ from typing import Any
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
-from ultraflux_model.config import GenerateConfig
+from ultraflux_model.config import GenerateConfig, ServeConfig
 from ultraflux_model.errors import UltraFluxError
-from ultraflux_model.inference.limits import DEFAULT_MAX_IMAGES, DEFAULT_MAX_PIXELS, check_request_limits
+from ultraflux_model.inference.limits import check_request
 
 OPTIONAL_COLUMNS: dict[str, type] = {"width": int, "height": int, "steps": int, "guidance": float, "seed": int}
 OUTPUT_COLUMNS = ("image", "width", "height", "seed", "metadata")
 
 
-def serving_config(
-    generate: GenerateConfig | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, max_images: int = DEFAULT_MAX_IMAGES
-) -> dict[str, Any]:
-    """The served model's ``model_config``: request defaults and fixed settings from ``generate``, and ceilings."""
-    gen = generate or GenerateConfig()
+def serving_config(generate: GenerateConfig | None = None, serve: ServeConfig | None = None) -> dict[str, Any]:
+    """The served model's ``model_config``: request defaults and fixed settings from ``generate``, ceilings from
+    ``serve`` (the same ``serve`` section the web app enforces)."""
+    gen, limits = generate or GenerateConfig(), serve or ServeConfig()
     width, height = gen.sizes[0]
     return {
         "width": width, "height": height, "steps": gen.steps, "guidance": gen.guidance, "seed": gen.seed,
         "shift": gen.shift, "max_sequence_length": gen.max_sequence_length, "dtype": gen.dtype,
-        "vae_decode": gen.vae_decode, "max_pixels": max_pixels, "max_images": max_images,
+        "vae_decode": gen.vae_decode, "max_pixels": limits.max_pixels, "max_images": limits.max_images,
     }
 
 
@@ -115,8 +114,8 @@ def parse_requests(frame: pd.DataFrame, config: dict[str, Any]) -> list[dict[str
             request[name] = _cell(row, name, default)
         if request["steps"] < 1:
             raise UltraFluxError(f"row {k}: steps must be at least 1")
-        check_request_limits(request["width"], request["height"], len(frame), config["max_pixels"],
-                             config["max_images"])
+        check_request(ServeConfig(max_pixels=config["max_pixels"], max_images=config["max_images"]),
+                      [(request["width"], request["height"])], len(frame))
         requests.append(request)
     return requests
 

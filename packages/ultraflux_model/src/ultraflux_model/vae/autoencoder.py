@@ -8,7 +8,7 @@ exactly diffusers' (no new weights), so official checkpoints load unchanged.
 Decode modes:
 * ``"full"``: the plain decoder forward (the official ``partitioned=False``).
 * ``"tiled"`` (default): :func:`~ultraflux_model.vae.streamed_decode.streamed_decode`, equal to ``"full"``
-  up to float rounding while holding at most two full-size activations.
+  up to float rounding with a peak of about one activation of the last up block.
 * ``"official"``: the official partitioned decode (shifted one pixel against ``"full"``), streamed too.
 """
 

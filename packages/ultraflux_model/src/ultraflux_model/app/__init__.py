@@ -1,0 +1,1 @@
+"""UltraFlux Studio: the web app (``ultraflux ui``)."""

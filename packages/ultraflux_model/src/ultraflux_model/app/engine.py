@@ -1,0 +1,237 @@
+"""What the web app does, without the web: load models once, guard requests, generate with progress and
+cancellation, compare two models on the same prompt and seed, list what was made.
+
+Kept apart from the Gradio layout (``studio.py``) so every behaviour is a plain function call.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ultraflux_model.config import Dtype, Offload, ServeConfig, VaeDecodeMode
+from ultraflux_model.errors import UltraFluxError
+from ultraflux_model.inference.limits import check_request
+from ultraflux_model.inference.pipeline import GeneratedImage, StepCallback, UltraFluxPipeline, generate, load_pipeline
+from ultraflux_model.pretrained import fingerprint
+
+SIDES = ("model", "compare")
+
+
+class Cancelled(UltraFluxError):
+    """Raised from the step callback when the user pressed Cancel: sampling stops at the next step."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One press of Generate (or one API call)."""
+
+    prompt: str
+    width: int
+    height: int
+    steps: int = 28
+    guidance: float = 4.0
+    seed: int = 0
+    images: int = 1
+    dtype: Dtype = "fp32"
+    offload: Offload = "none"
+    vae_decode: VaeDecodeMode = "tiled"
+
+
+@dataclass
+class ModelSlot:
+    """A model reference and the one pipeline loaded for it (reloaded only when dtype/offload change)."""
+
+    ref: str
+    transformer: str | None = None
+    pipe: UltraFluxPipeline | None = None
+    loaded_as: tuple[str, str] | None = None
+
+    @property
+    def label(self) -> str:
+        """``ref`` plus the first 12 hex of the checkpoint's content hash (what the sidecars record)."""
+        if self.pipe is None:
+            return self.ref
+        root = self.pipe.checkpoint_root  # type: ignore[attr-defined]
+        extra = f" + transformer {self.transformer}" if self.transformer else ""
+        return f"{self.ref}{extra} (sha256 {fingerprint(root)[:12]})"
+
+
+def friendly_error(err: BaseException) -> str:
+    """One line for the user, no traceback: our own messages as they are, memory errors with what to change."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, torch.OutOfMemoryError) or "out of memory" in text.lower() or "can't allocate" in text:
+        return (
+            "out of memory: use offload 'model' or 'sequential' (Advanced settings), keep the VAE decode 'tiled', "
+            f"or choose a smaller size ({text[:160]})"
+        )
+    if isinstance(err, UltraFluxError):
+        return text
+    return f"generation failed ({type(err).__name__}: {text[:300]})"
+
+
+class Studio:
+    """Models loaded once, one job on the device at a time, per-session cancellation."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        out: Path,
+        limits: ServeConfig = ServeConfig(),
+        compare: str | None = None,
+        transformer: str | None = None,
+        device: str | None = None,
+    ) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.limits = limits
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.default_dtype: Dtype = "bf16" if self.device.startswith("cuda") else "fp32"
+        self.slots: dict[str, ModelSlot] = {"model": ModelSlot(model, transformer)}
+        if compare:
+            self.slots["compare"] = ModelSlot(compare)
+        # Gradio's concurrency limit stops a second job from starting, but a cancelled job's thread runs on
+        # until its next step; this lock keeps the device to one job even then.
+        self._device_lock = threading.Lock()
+        self._cancelled: set[str] = set()
+        self._cancel_lock = threading.Lock()
+
+    # -- models -----------------------------------------------------------------------------------------
+    def load(self, side: str = "model", dtype: Dtype | None = None, offload: Offload = "none") -> ModelSlot:
+        """Load ``side``'s pipeline unless it is already loaded with this dtype and offload."""
+        slot = self.slots.get(side)
+        if slot is None:
+            raise UltraFluxError("no second model: start with --compare MODEL or type one in the compare field")
+        key = (dtype or self.default_dtype, offload)
+        if slot.pipe is None or slot.loaded_as != key:
+            slot.pipe = None  # free the old weights before loading the new ones
+            slot.pipe = load_pipeline(
+                slot.ref, dtype=key[0], offload=offload, device=self.device, transformer=slot.transformer
+            )
+            slot.loaded_as = key
+        return slot
+
+    def set_compare(self, ref: str | None) -> None:
+        """Point the compare side at another model (loaded on first use)."""
+        ref = (ref or "").strip()
+        if not ref:
+            self.slots.pop("compare", None)
+        elif ref != getattr(self.slots.get("compare"), "ref", None):
+            self.slots["compare"] = ModelSlot(ref)
+
+    # -- cancellation -----------------------------------------------------------------------------------
+    def cancel(self, session: str) -> None:
+        """Ask the job of ``session`` to stop at its next denoising step."""
+        with self._cancel_lock:
+            self._cancelled.add(session)
+
+    def _check_cancel(self, session: str) -> None:
+        with self._cancel_lock:
+            if session in self._cancelled:
+                self._cancelled.discard(session)
+                raise Cancelled("cancelled")
+
+    # -- generation -------------------------------------------------------------------------------------
+    def check(self, request: Request) -> None:
+        """The shared request guard (sizes, pixel and image ceilings) plus the prompt."""
+        if not request.prompt.strip():
+            raise UltraFluxError("the prompt is empty: describe the image to generate")
+        check_request(self.limits, [(request.width, request.height)], images=request.images)
+
+    def new_run_dir(self) -> Path:
+        """A fresh directory under ``out`` per request, so requests never overwrite each other's files."""
+        run = self.out / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        run.mkdir(parents=True)
+        return run
+
+    def generate(
+        self,
+        request: Request,
+        *,
+        side: str = "model",
+        session: str = "",
+        progress: StepCallback | None = None,
+        run_dir: Path | None = None,
+    ) -> list[GeneratedImage]:
+        """Generate ``request.images`` images (seeds ``seed … seed+images-1``) with one model.
+
+        ``progress(phase, done, total)`` sees every step; a Cancel from ``session`` stops the job.
+        """
+        self.check(request)
+        with self._cancel_lock:
+            self._cancelled.discard(session)  # a Cancel pressed before this job started is not for it
+
+        def on_step(phase: str, done: int, total: int) -> None:
+            self._check_cancel(session)
+            if progress is not None:
+                progress(phase, done, total)
+
+        with self._device_lock:
+            slot = self.load(side, request.dtype, request.offload)
+            return generate(
+                slot.ref,
+                [request.prompt],
+                [(request.width, request.height)] * request.images,
+                steps=request.steps,
+                guidance=request.guidance,
+                seed=request.seed,
+                dtype=request.dtype,
+                offload=request.offload,
+                vae_decode=request.vae_decode,
+                out_dir=run_dir or self.new_run_dir(),
+                pipe=slot.pipe,
+                progress=False,
+                callback=on_step,
+                transformer=slot.transformer,
+            )
+
+    def compare(
+        self, request: Request, *, session: str = "", progress: StepCallback | None = None
+    ) -> dict[str, tuple[GeneratedImage, dict[str, Any]]]:
+        """The same prompt and seed on both models; each image's sidecar gains its side, label and scores."""
+        if "compare" not in self.slots:
+            raise UltraFluxError("no second model: start with --compare MODEL or type one in the compare field")
+        run = self.new_run_dir()
+        single = Request(**{**request.__dict__, "images": 1})
+        results: dict[str, tuple[GeneratedImage, dict[str, Any]]] = {}
+        for side in SIDES:
+            image = self.generate(single, side=side, session=session, progress=progress, run_dir=run / side)[0]
+            sidecar = {**image.sidecar, "side": side, "model_label": self.slots[side].label, "scores": scores(image.path)}
+            image.path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+            results[side] = (image, sidecar)
+        return results
+
+
+def scores(path: Path) -> dict[str, float]:
+    """The weight-free image scores of ``ultraflux_eval.scores`` (the paper's detail metrics and the filters')."""
+    from ultraflux_eval import scores as s
+
+    return {
+        "glcm": round(s.glcm_score(path), 4),
+        "compression_ratio": round(s.compression_ratio(path), 4),
+        "shannon_entropy": round(s.shannon_entropy(path), 4),
+        "flat_percentage": round(s.flat_percentage(path), 4),
+    }
+
+
+def list_outputs(out: Path, limit: int = 200) -> list[tuple[Path, dict[str, Any]]]:
+    """Every image under ``out`` with its sidecar, newest first (at most ``limit``)."""
+    images = [p for p in Path(out).rglob("*.png") if not p.name.endswith(".tmp.png")]
+    images.sort(key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    return [(path, read_sidecar(path)) for path in images[:limit]]
+
+
+def read_sidecar(image: Path) -> dict[str, Any]:
+    """The JSON beside ``image``; empty for an image written by something else or a sidecar being written."""
+    try:
+        return dict(json.loads(image.with_suffix(".json").read_text()))
+    except (OSError, ValueError):
+        return {}

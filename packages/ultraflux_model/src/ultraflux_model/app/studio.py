@@ -1,0 +1,226 @@
+"""UltraFlux Studio: the Gradio page over :class:`~ultraflux_model.app.engine.Studio`.
+
+Left: the prompt and settings. Right: the result with its sidecar, the side-by-side comparison of two models,
+and the gallery of everything in ``--out``. Two API endpoints serve scripts: ``/generate`` (prompt, width,
+height, steps, guidance, seed → image file, metadata JSON) and ``/compare`` (same inputs → two images and both
+sides' metadata). Every generation event shares one concurrency slot: one job on the device at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from ultraflux_model.app.engine import Request, Studio, friendly_error, list_outputs, read_sidecar
+from ultraflux_model.app.sizes import ASPECTS, FAMILIES, preset_size, size_note
+from ultraflux_model.inference.pipeline import StepCallback
+
+DEVICE = "device"  # the concurrency id every event that runs a model shares
+CSS = "#size-note p {margin: 0} footer {display: none !important}"
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn any failure into a one-line ``gr.Error`` (shown in the page, returned to API clients)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as err:  # noqa: BLE001 - the message is what the user needs; no traceback
+            raise gr.Error(friendly_error(err), print_exception=False) from None
+
+    return wrapper
+
+
+def _progress(progress: gr.Progress, steps: int, images: int) -> StepCallback:
+    """A step callback that drives the page's progress bar over ``images`` × (steps + decode)."""
+    total = images * (steps + 1)
+    done = [0]
+
+    def callback(phase: str, k: int, n: int) -> None:
+        if phase == "denoise":
+            done[0] += 1
+            desc = f"image {done[0] // (steps + 1) + 1}/{images}: denoising step {k}/{n}"
+        elif k == 0:
+            desc = "VAE decode"
+        else:
+            done[0] += 1
+            desc = "decoded"
+        progress((min(done[0], total), total), desc=desc, unit="steps")
+
+    return callback
+
+
+def _caption(sidecar: dict[str, Any]) -> str:
+    return f"{sidecar.get('width')}×{sidecar.get('height')} · seed {sidecar.get('seed')} · {sidecar.get('prompt', '')[:60]}"
+
+
+def _label(sidecar: dict[str, Any]) -> str:
+    return (
+        f"**{sidecar.get('side', '')}** `{sidecar.get('model')}` · sha256 `{str(sidecar.get('model_hash', ''))[:12]}`  \n"
+        + " · ".join(f"{k} {v}" for k, v in sidecar.get("scores", {}).items())
+    )
+
+
+def gallery_items(out: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """The gallery's ``(image, caption)`` items, newest first, and the image paths in the same order."""
+    listed = list_outputs(out)
+    return [(str(p), _caption(s)) for p, s in listed], [str(p) for p, _ in listed]
+
+
+def selected_item(paths: list[str], index: int) -> tuple[dict[str, Any], list[str]]:
+    """The sidecar of the ``index``-th gallery image and the files to download (PNG, and its JSON if any)."""
+    path = Path(paths[index])
+    sidecar = path.with_suffix(".json")
+    return read_sidecar(path), [str(path)] + ([str(sidecar)] if sidecar.is_file() else [])
+
+
+def build_app(studio: Studio, *, default_steps: int = 28) -> gr.Blocks:
+    """The page; ``studio`` holds the loaded models and the output directory."""
+    compare_slot = studio.slots.get("compare")
+
+    def refresh_gallery() -> tuple[list[tuple[str, str]], list[str]]:
+        return gallery_items(studio.out)
+
+    def show_selected(paths: list[str], evt: gr.SelectData) -> tuple[dict[str, Any], list[str]]:
+        return selected_item(paths, evt.index)
+
+    def request_of(prompt, width, height, steps, guidance, seed, images=1, dtype=None, offload="none", decode="tiled"):
+        if width is None or height is None or seed is None:
+            raise gr.Error("width, height and seed must be numbers", print_exception=False)
+        return Request(
+            prompt=prompt or "", width=int(width), height=int(height), steps=int(steps), guidance=float(guidance),
+            seed=int(seed), images=int(images), dtype=dtype or studio.default_dtype, offload=offload, vae_decode=decode,
+        )  # fmt: skip
+
+    @_user_errors
+    def run_generate(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode,
+                     request: gr.Request, progress=gr.Progress()):  # fmt: skip
+        req = request_of(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode)
+        made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, req.images))
+        return [(str(g.path), _caption(g.sidecar)) for g in made], [g.sidecar for g in made]
+
+    @_user_errors
+    def api_generate(prompt, width, height, steps, guidance, seed, request: gr.Request, progress=gr.Progress()):
+        req = request_of(prompt, width, height, steps, guidance, seed)
+        made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, 1))
+        return str(made[0].path), {**made[0].sidecar, "image_path": str(made[0].path)}
+
+    @_user_errors
+    def run_compare(prompt, width, height, steps, guidance, seed, second, dtype, offload, decode,
+                    request: gr.Request, progress=gr.Progress()):  # fmt: skip
+        if second is not None:
+            studio.set_compare(second)
+        req = request_of(prompt, width, height, steps, guidance, seed, 1, dtype, offload, decode)
+        pair = studio.compare(req, session=request.session_hash or "", progress=_progress(progress, req.steps, 2))
+        (a, meta_a), (b, meta_b) = pair["model"], pair["compare"]
+        return str(a.path), str(b.path), _label(meta_a), _label(meta_b), {"model": meta_a, "compare": meta_b}
+
+    def api_compare(prompt, width, height, steps, guidance, seed, request: gr.Request, progress=gr.Progress()):
+        a, b, _, _, meta = run_compare(prompt, width, height, steps, guidance, seed, None, None, "none", "tiled",
+                                       request, progress)  # fmt: skip
+        return a, b, meta
+
+    def on_size(w, h):
+        return size_note(w, h, studio.limits.max_pixels)
+
+    def on_preset(aspect, family):
+        w, h = preset_size(aspect, family)
+        return w, h, on_size(w, h)
+
+    w0, h0 = preset_size("1:1", "1K")
+    with gr.Blocks(title="UltraFlux Studio") as demo:
+        gr.Markdown(
+            f"## UltraFlux Studio\nModel: `{studio.slots['model'].label}`"
+            + (f" · compare with `{compare_slot.label}`" if compare_slot else "")
+            + f" · device `{studio.device}` · output `{studio.out}`"
+        )
+        with gr.Row():
+            with gr.Column(scale=2):
+                prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red fox in fresh snow, golden hour",
+                                    elem_id="prompt")  # fmt: skip
+                with gr.Row():
+                    aspect = gr.Dropdown(list(ASPECTS), value="1:1", label="Aspect ratio", elem_id="aspect")
+                    family = gr.Radio(list(FAMILIES), value="1K", label="Size", elem_id="family")
+                with gr.Row():
+                    width = gr.Number(w0, label="Width", precision=0, elem_id="width")
+                    height = gr.Number(h0, label="Height", precision=0, elem_id="height")
+                note = gr.Markdown(on_size(w0, h0), elem_id="size-note")
+                with gr.Row():
+                    steps = gr.Slider(1, 100, value=default_steps, step=1, label="Steps", elem_id="steps")
+                    guidance = gr.Slider(0.0, 10.0, value=4.0, step=0.1, label="Guidance")
+                with gr.Row():
+                    seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
+                    randomise = gr.Button("Random seed", size="sm")
+                    images = gr.Slider(1, studio.limits.max_images, value=1, step=1, label="Images")
+                with gr.Accordion("Advanced settings", open=False):
+                    dtype = gr.Radio(["bf16", "fp16", "fp32"], value=studio.default_dtype, label="dtype")
+                    offload = gr.Radio(["none", "model", "sequential"], value="none", label="CPU offload (GPU only)")
+                    decode = gr.Radio(["tiled", "full", "official"], value="tiled", label="VAE decode")
+                with gr.Row():
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    cmp_go = gr.Button("Compare", elem_id="compare")
+                    stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
+            with gr.Column(scale=3):
+                with gr.Tab("Result"):
+                    result = gr.Gallery(label="Result", columns=2, height=520, elem_id="result")
+                    result_meta = gr.JSON(label="Sidecar")
+                with gr.Tab("Compare"):
+                    second = gr.Textbox(compare_slot.ref if compare_slot else "", label="Second model",
+                                        placeholder="models:/ultraflux@challenger or a checkpoint directory")  # fmt: skip
+                    with gr.Row():
+                        img_a = gr.Image(label="model", type="filepath", elem_id="compare-a")
+                        img_b = gr.Image(label="compare", type="filepath", elem_id="compare-b")
+                    with gr.Row():
+                        label_a, label_b = gr.Markdown(), gr.Markdown()
+                    cmp_meta = gr.JSON(label="Both sidecars")
+                with gr.Tab("Gallery"):
+                    refresh = gr.Button("Refresh", size="sm")
+                    gallery = gr.Gallery(label=f"Everything in {studio.out}, newest first", columns=4, height=480,
+                                         elem_id="gallery")  # fmt: skip
+                    with gr.Row():
+                        picked = gr.JSON(label="Sidecar")
+                        downloads = gr.File(label="Download PNG + JSON", file_count="multiple", elem_id="downloads")
+        paths = gr.State([])
+        # Hidden outputs of the API endpoints (scripts get the file and the sidecar; the page shows its own).
+        with gr.Row(visible=False):
+            api_go, api_cmp = gr.Button(), gr.Button()
+            api_image, api_image_b, api_meta = gr.Image(type="filepath"), gr.Image(type="filepath"), gr.JSON()
+
+        base = [prompt, width, height, steps, guidance, seed]
+        advanced = [dtype, offload, decode]
+        device = {"concurrency_limit": 1, "concurrency_id": DEVICE}
+        gen = go.click(run_generate, base + [images] + advanced, [result, result_meta], api_visibility="private",
+                       **device)  # fmt: skip
+        cmp = cmp_go.click(run_compare, base + [second] + advanced, [img_a, img_b, label_a, label_b, cmp_meta],
+                           api_visibility="private", **device)  # fmt: skip
+        api_go.click(api_generate, base, [api_image, api_meta], api_name="generate", **device)
+        api_cmp.click(api_compare, base, [api_image, api_image_b, api_meta], api_name="compare", **device)
+        for event in (gen, cmp):
+            event.then(refresh_gallery, None, [gallery, paths], api_visibility="private")
+
+        def cancel(request: gr.Request) -> None:
+            studio.cancel(request.session_hash or "")
+
+        stop.click(cancel, None, None, cancels=[gen, cmp], queue=False, api_visibility="private")
+        randomise.click(lambda: secrets.randbelow(2**31), None, seed, queue=False, api_visibility="private")
+        for trigger in (aspect.change, family.change):
+            trigger(on_preset, [aspect, family], [width, height, note], queue=False, api_visibility="private")
+        for trigger in (width.change, height.change):
+            trigger(on_size, [width, height], note, queue=False, api_visibility="private")
+        refresh.click(refresh_gallery, None, [gallery, paths], api_visibility="private")
+        gallery.select(show_selected, paths, [picked, downloads], api_visibility="private")
+        demo.load(refresh_gallery, None, [gallery, paths], api_visibility="private")
+    return demo
+
+
+def theme() -> gr.themes.Base:
+    """Local system fonts only: the page must not fetch web fonts (offline machines, the browser test)."""
+    return gr.themes.Soft(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])

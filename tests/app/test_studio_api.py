@@ -1,0 +1,78 @@
+"""The running app through gradio_client: sizes, sidecars, queue order, error messages, the compare mode."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client
+from gradio_client.utils import Status
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from ultraflux_model.app.engine import list_outputs
+
+
+@pytest.fixture(scope="module")
+def client(studio_app):
+    return Client(studio_app.url, verbose=False, download_files=True)
+
+
+@pytest.mark.parametrize("size", [(256, 256), (512, 256)])
+def test_generate_endpoint_returns_image_and_sidecar(client, studio_app, size):
+    width, height = size
+    image_file, meta = client.predict("a red fox in snow", width, height, 2, 4.0, 11, api_name="/generate")
+    image = Image.open(image_file)
+    assert image.size == (width, height) and image.mode == "RGB"
+    assert np.asarray(image).std() > 0
+    assert (meta["width"], meta["height"], meta["seed"], meta["steps"], meta["prompt"]) == (width, height, 11, 2, "a red fox in snow")
+    served = Path(meta.pop("image_path"))
+    assert served.is_relative_to(studio_app.out) and served.is_file()
+    assert json.loads(served.with_suffix(".json").read_text()) == meta  # the sidecar beside the PNG
+    assert np.array_equal(np.asarray(Image.open(served)), np.asarray(image))  # the client got that very file
+    assert meta["model"] == str(studio_app.model) and len(meta["model_hash"]) == 64
+
+
+def test_two_requests_submitted_together_complete_in_order(client, studio_app):
+    first = client.submit("first", 256, 256, 2, 4.0, 1, api_name="/generate")
+    # submit() sends from a thread pool: wait until the server has the first job (queued or running) so that
+    # "first" really arrives first, then send the second while the first is still pending.
+    deadline = time.monotonic() + 60
+    while first.status().code in (Status.STARTING, Status.JOINING_QUEUE) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not first.done()
+    second = client.submit("second", 256, 256, 2, 4.0, 2, api_name="/generate")
+    meta_2, meta_1 = second.result(timeout=300)[1], first.result(timeout=300)[1]
+    assert (meta_1["prompt"], meta_1["seed"], meta_2["prompt"], meta_2["seed"]) == ("first", 1, "second", 2)
+    p1, p2 = Path(meta_1["image_path"]), Path(meta_2["image_path"])
+    # One job on the device at a time, first come first served: the first image is written before the second.
+    assert p1.stat().st_mtime_ns < p2.stat().st_mtime_ns
+    newest = [path for path, _ in list_outputs(studio_app.out)[:2]]
+    assert newest == [p2, p1]  # the gallery lists newest first
+
+
+@pytest.mark.parametrize(
+    "size,message",
+    [((250, 256), "nearest valid size is 256x256"), ((8192, 4096), "over the limit of 16.9 MP per image")],
+)
+def test_bad_request_returns_the_message(client, size, message):
+    with pytest.raises(AppError, match=message) as err:
+        client.predict("a fox", *size, 2, 4.0, 0, api_name="/generate")
+    assert "Traceback" not in str(err.value)
+
+
+def test_compare_returns_both_models_on_the_same_seed(client, studio_app):
+    a_file, b_file, meta = client.predict("a lighthouse", 512, 256, 2, 4.0, 5, api_name="/compare")
+    a, b = np.asarray(Image.open(a_file)), np.asarray(Image.open(b_file))
+    assert a.shape == b.shape == (256, 512, 3)
+    assert not np.array_equal(a, b)  # different weights, same prompt and seed
+    left, right = meta["model"], meta["compare"]
+    assert (left["model"], right["model"]) == (str(studio_app.model), str(studio_app.compare))
+    assert left["model_hash"] != right["model_hash"]
+    assert left["seed"] == right["seed"] == 5 and left["prompt"] == right["prompt"] == "a lighthouse"
+    for side in (left, right):
+        assert set(side["scores"]) == {"glcm", "compression_ratio", "shannon_entropy", "flat_percentage"}
+        assert side["scores"]["shannon_entropy"] > 0
