@@ -18,6 +18,7 @@ from ultraflux_model.config import (
 from ultraflux_model.data.commands import app as data_app
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.training.commands import train_app
+from ultraflux_model.training.plan_command import plan_command
 
 app = typer.Typer(
     help="UltraFlux: native-4K text-to-image generation, data, training.",
@@ -28,6 +29,7 @@ config_app = typer.Typer(help="Inspect and validate the config tree (params.yaml
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")  # ultraflux_model/data/commands.py
 app.add_typer(train_app)  # train, vae-train (ultraflux_model/training/commands.py)
+app.command("plan")(plan_command)  # ultraflux_model/training/plan_command.py
 
 
 @config_app.command("dump")

@@ -56,3 +56,21 @@ def sample_timesteps(
 ) -> torch.Tensor:
     """``n`` timesteps [n] of the configured law restricted to [t_min, t_max]."""
     return timesteps_from_uniform(torch.rand(n, generator=generator, dtype=torch.float64), cfg, t_min, t_max)
+
+
+def band_probability(cfg: TimestepConfig, t_min: float, t_max: float) -> float:
+    """Probability that the configured (shifted) law draws t in [t_min, t_max]."""
+    band = torch.tensor([t_min, t_max], dtype=torch.float64)
+    lo, hi = _base_cdf(unshift_timesteps(band, cfg.shift), cfg)
+    return float(hi - lo)
+
+
+def band_share(cfg: TimestepConfig, draw: tuple[float, float], band: tuple[float, float]) -> float:
+    """Share of draws restricted to ``draw`` = (t_min, t_max) that fall in ``band``, e.g. stage 1 in stage 2's band.
+
+    Near 1 means the two stages see almost the same noise levels, so the curriculum's band changes little.
+    """
+    lo, hi = max(draw[0], band[0]), min(draw[1], band[1])
+    if lo >= hi:
+        return 0.0
+    return band_probability(cfg, lo, hi) / band_probability(cfg, *draw)
