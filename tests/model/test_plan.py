@@ -151,7 +151,8 @@ def test_plan_cli_json_for_the_paper_run(tmp_path):
     assert plan["fits"] is True and plan["max_micro_batch"] >= 1
     stage1, stage2 = plan["stages"]
     assert stage1["global_batch"] == stage2["global_batch"] == 64
-    assert stage2["stage1_draws_in_band"] == pytest.approx(band_share(TimestepConfig(shift=3.0), (0, 1), (0.541, 1)))
+    # the reproduction's law: σ uniform over FLUX.1-dev's unshifted training schedule, so 1 − 0.541 of the draws
+    assert stage2["stage1_draws_in_band"] == pytest.approx(0.459)
 
 
 def test_largest_fitting_micro_batch_is_the_boundary(tmp_path):
@@ -177,3 +178,16 @@ def test_plan_reads_a_local_checkpoint_and_prints_a_table(tmp_path):
     assert f"transformer: {tiny_params:,} parameters" in result.output and "stage-1 draws in band" in result.output
     bad = CliRunner().invoke(app, ["plan", "--gpus", "0"])
     assert bad.exit_code != 0
+
+
+def test_unshifted_band_reads_the_scheduler_index_band():
+    """σ ≥ 0.541 on the unshifted schedule = scheduler indices 0–459 = shifted σ ≥ shift(0.541) = 0.7795 at shift 3."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    static = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False).sigmas
+    cfg = TimestepConfig(sampling="uniform", shift=3.0, band_schedule="unshifted")
+    t = sample_timesteps(50_000, cfg, 0.541, 1.0, generator=torch.Generator().manual_seed(0))
+    assert float(t.min()) == pytest.approx(float(static[459]), abs=1e-4) and float(t.max()) <= 1.0
+    assert band_share(cfg, (0.0, 1.0), (0.541, 1.0)) == pytest.approx(0.459)
+    shifted = TimestepConfig(sampling="uniform", shift=3.0)
+    assert band_share(shifted, (0.0, 1.0), (0.541, 1.0)) == pytest.approx(1 - 0.541 / (3 - 2 * 0.541))
