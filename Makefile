@@ -46,7 +46,7 @@ GPU_WHEELS ?= build/gpu-wheels
 .PHONY: gpu-wheels
 gpu-wheels:
 	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
-	python3 -m pip download --quiet --only-binary=:all: --no-deps --dest $(GPU_WHEELS) \
+	$(if $(wildcard $(PY)),$(PY),python3) -m pip download --quiet --only-binary=:all: --no-deps --dest $(GPU_WHEELS) \
 	  --python-version $(GPU_PY) --implementation cp --platform manylinux2014_x86_64 \
 	  --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
 	  -c requirements/constraints.txt -r requirements/gpu-wheels.txt

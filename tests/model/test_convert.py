@@ -49,9 +49,8 @@ def flux_dev(tmp_path_factory) -> Path:
     t5, t5_tok = tiny_t5()
     t5.save_pretrained(root / "text_encoder_2")
     t5_tok.save_pretrained(root / "tokenizer_2")
-    FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15).save_pretrained(
-        root / "scheduler"
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    scheduler.save_pretrained(root / "scheduler")  # FLUX.1-dev's: dynamic shifting
     (root / "model_index.json").write_text(json.dumps(MODEL_INDEX))
     return root
 

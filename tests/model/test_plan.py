@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from activation_probe import flux_inputs, held_for_backward
 from ultraflux_model.cli import app
-from ultraflux_model.config import TimestepConfig, load_config
+from ultraflux_model.config import StageConfig, TimestepConfig, load_config
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 from ultraflux_model.training.memory import (
     GB,
@@ -126,7 +126,7 @@ def test_activation_formula_matches_real_width_run(real_width_model, image_token
     assert plain["saved"] == pytest.approx(want_plain.held, rel=ACTIVATION_RTOL)
     assert ckpt["saved"] + ckpt["checkpoint_inputs"] == pytest.approx(want_ckpt.held, rel=ACTIVATION_RTOL)
     # recomputing the largest block in backward brings back exactly what the plain run holds for it
-    blocks = double_block_bytes(shape, image_tokens, text_tokens, 2) + single_block_bytes(shape, image_tokens, text_tokens, 2)
+    blocks = sum(f(shape, image_tokens, text_tokens, 2) for f in (double_block_bytes, single_block_bytes))
     assert want_ckpt.recompute < blocks and plain["saved"] > ckpt["saved"] + ckpt["checkpoint_inputs"]
 
 
@@ -147,7 +147,8 @@ def test_plan_cli_json_for_the_paper_run(tmp_path):
     assert plan["tokens"] == {"image": 16_512, "text": 512, "bucket": [6144, 2752]}  # 192 × 86 tokens
     pg = plan["per_gpu"]
     assert pg["model_states_gb"] == pytest.approx((18 * FLUX_DEV_PARAMS / 8 + 4 * plan["largest_layer_params"]) / GB)
-    assert pg["total_gb"] == pytest.approx(pg["model_states_gb"] + pg["ema_gb"] + pg["reserve_gb"] + pg["activations_gb"])
+    parts = ("model_states_gb", "ema_gb", "reserve_gb", "activations_gb")
+    assert pg["total_gb"] == pytest.approx(sum(pg[k] for k in parts))
     assert plan["fits"] is True and plan["max_micro_batch"] >= 1
     stage1, stage2 = plan["stages"]
     assert stage1["global_batch"] == stage2["global_batch"] == 64
@@ -161,7 +162,9 @@ def test_largest_fitting_micro_batch_is_the_boundary(tmp_path):
     stages = [s.model_dump() for s in cfg.train.stages]
     for micro, fits in ((best, True), (best + 1, False)):
         over = tmp_path / f"m{micro}.yaml"
-        over.write_text(yaml.safe_dump({"train": {"stages": [{**stages[0], "batch_size": micro, "grad_accum": 1}]}}))
+        batch = ({"micro_batch": micro, "global_batch": micro * 8} if "micro_batch" in StageConfig.model_fields
+                 else {"batch_size": micro, "grad_accum": 1})  # the stage batch fields before/after their rename
+        over.write_text(yaml.safe_dump({"train": {"stages": [{**stages[0], **batch}]}}))
         layered = load_config(ROOT / "params.yaml", ROOT / "configs/4k.yaml", over)
         assert stage_batch(layered.train.stages[0], 8)[0] == micro
         assert plan_run(layered, gpus=8, gpu_memory_gb=80)["fits"] is fits

@@ -131,14 +131,16 @@ def flux_dev_command(
     out = convert_flux_dev(src, dst, vae=vae)
     typer.echo(f"wrote {out}")
     if vae == "f16-init":
-        typer.echo("next: `ultraflux vae-train` post-trains the F16 decoder (the encoder and its latents stay as they are)")
+        typer.echo("next: `ultraflux vae-train` post-trains the F16 decoder (the encoder and its latents stay)")
 
 
 @convert_app.command("assemble")
 def assemble_command(
     base: str = typer.Argument(..., help="complete checkpoint (dir or hub id), e.g. Owen777/UltraFlux-v1"),
     dst: Path = typer.Argument(..., help="new directory"),
-    transformer: str | None = typer.Option(None, help="transformer dir or hub id, e.g. Owen777/UltraFlux-v1-1-Transformer"),
+    transformer: str | None = typer.Option(
+        None, help="transformer dir or hub id, e.g. Owen777/UltraFlux-v1-1-Transformer"
+    ),
     vae: str | None = typer.Option(None, help="vae dir or hub id"),
 ) -> None:
     """A complete checkpoint: BASE with its transformer and/or VAE replaced (files hard-linked)."""

@@ -151,7 +151,9 @@ def plan_run(
     stages = []
     for st in cfg.train.stages:
         micro, glob = stage_batch(st, world)
-        act: Activations = activation_bytes(shape, image_tokens, text_tokens, micro_batch=micro, b=b, checkpointing=ckpt)
+        act: Activations = activation_bytes(
+            shape, image_tokens, text_tokens, micro_batch=micro, b=b, checkpointing=ckpt
+        )
         total = fixed + act.peak
         step_s = glob * step_flops(shape, params, image_tokens, text_tokens, ckpt) / (world * peak_tflops * 1e12 * mfu)
         stages.append(StagePlan(
@@ -197,7 +199,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines = [
         f"transformer: {plan['params']:,} parameters (largest layer {plan['largest_layer_params']:,}); "
         f"from {plan['architecture']}",
-        f"run: {plan['world_size']} GPUs ({plan['nodes']} node(s) × {plan['gpus']}), {plan['gpu_memory_gb']:g} GB each, "
+        f"run: {plan['world_size']} GPUs ({plan['nodes']} node(s) × {plan['gpus']}), "
+        f"{plan['gpu_memory_gb']:g} GB each, "
         f"ZeRO-{plan['zero_stage']}, {plan['precision']}, gradient checkpointing "
         f"{'on' if plan['gradient_checkpointing'] else 'off'}",
         f"largest bucket: {tok['bucket'][0]}×{tok['bucket'][1]} = {tok['image']:,} image + {tok['text']} text tokens",
