@@ -57,3 +57,16 @@ ui: setup
 	@export MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/artifacts/mlflow.db} GRADIO_ANALYTICS_ENABLED=False; \
 	  models=$$($(PY) -m ultraflux_model.app.release artifacts/release) || exit 2; \
 	  echo "ultraflux ui $$models"; $(VENV)/bin/ultraflux ui $$models --out artifacts/studio --steps 4
+
+## Wheels a bare GPU host lacks (requirements/gpu-wheels.txt), for benchmarks/gpu_check.sh; GPU_PY picks the
+## host's Python (3.12); the folder travels with the checkout (ignored by git, well under 64 MiB).
+GPU_PY ?= 3.12
+GPU_WHEELS ?= build/gpu-wheels
+.PHONY: gpu-wheels
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(if $(wildcard $(PY)),$(PY),python3) -m pip download --quiet --only-binary=:all: --no-deps --dest $(GPU_WHEELS) \
+	  --python-version $(GPU_PY) --implementation cp --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
+	  -c requirements/constraints.txt -r requirements/gpu-wheels.txt
+	@du -sh $(GPU_WHEELS) && ls $(GPU_WHEELS)

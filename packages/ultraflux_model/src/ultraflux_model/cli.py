@@ -16,9 +16,11 @@ from ultraflux_model.config import (
     resolve_config,
 )
 from ultraflux_model.app.commands import ui
+from ultraflux_model.convert import convert_app
 from ultraflux_model.data.commands import app as data_app
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.training.commands import train_app
+from ultraflux_model.training.plan_command import plan_command
 
 app = typer.Typer(
     help="UltraFlux: native-4K text-to-image generation, data, training.",
@@ -30,6 +32,8 @@ app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")  # ultraflux_model/data/commands.py
 app.add_typer(train_app)  # train, vae-train (ultraflux_model/training/commands.py)
 app.command("ui")(ui)  # the web app (ultraflux_model/app/commands.py)
+app.command("plan")(plan_command)  # ultraflux_model/training/plan_command.py
+app.add_typer(convert_app, name="convert")  # flux-dev, assemble (ultraflux_model/convert.py)
 
 
 @config_app.command("dump")

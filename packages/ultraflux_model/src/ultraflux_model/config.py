@@ -221,6 +221,11 @@ class TimestepConfig(Section):
     logit_mean: float = Field(0.0, description="mean of the normal behind the logit-normal law")
     logit_std: float = Field(1.0, gt=0.0, description="std of the normal behind the logit-normal law")
     shift: float = Field(1.0, gt=0.0, description="t ← s·t / (1 + (s−1)·t) after sampling (1 = none)")
+    band_schedule: Literal["shifted", "unshifted"] = Field(
+        "shifted",
+        description="a stage's t_min/t_max bound the shifted t (the σ in z_t), or the draw before the shift "
+        "(scheduler-index reading); identical when shift is 1 (docs/training.md, timestep law)",
+    )
 
 
 class StageConfig(Section):

@@ -42,13 +42,20 @@ def timesteps_from_uniform(
 ) -> torch.Tensor:
     """Map uniform draws ``u`` [B] in [0, 1) to timesteps [B] of the configured law restricted to [t_min, t_max].
 
-    The band is on the final (shifted) t, as the SACL stage-2 band σ ≥ 0.541 is.
+    ``cfg.band_schedule`` says where the band is read: on the final (shifted) t, or on the draw before the
+    shift (the band then maps to [shift(t_min), shift(t_max)] of the final t).
     """
-    band = torch.tensor([t_min, t_max], dtype=torch.float64)
-    lo, hi = _base_cdf(unshift_timesteps(band, cfg.shift), cfg)
+    lo, hi = _base_cdf(_base_band(cfg, t_min, t_max), cfg)
     p = lo + (hi - lo) * u.to(torch.float64)
     t = shift_timesteps(_base_icdf(p, cfg), cfg.shift)
-    return t.clamp(t_min, t_max).to(torch.float32)
+    final = shift_timesteps(_base_band(cfg, t_min, t_max), cfg.shift)
+    return t.clamp(float(final[0]), float(final[1])).to(torch.float32)
+
+
+def _base_band(cfg: TimestepConfig, t_min: float, t_max: float) -> torch.Tensor:
+    """The band [2] on the unshifted draw (float64)."""
+    band = torch.tensor([t_min, t_max], dtype=torch.float64)
+    return band if cfg.band_schedule == "unshifted" else unshift_timesteps(band, cfg.shift)
 
 
 def sample_timesteps(
@@ -56,3 +63,20 @@ def sample_timesteps(
 ) -> torch.Tensor:
     """``n`` timesteps [n] of the configured law restricted to [t_min, t_max]."""
     return timesteps_from_uniform(torch.rand(n, generator=generator, dtype=torch.float64), cfg, t_min, t_max)
+
+
+def band_probability(cfg: TimestepConfig, t_min: float, t_max: float) -> float:
+    """Probability that the configured law draws t in the band [t_min, t_max] (read as ``cfg.band_schedule`` says)."""
+    lo, hi = _base_cdf(_base_band(cfg, t_min, t_max), cfg)
+    return float(hi - lo)
+
+
+def band_share(cfg: TimestepConfig, draw: tuple[float, float], band: tuple[float, float]) -> float:
+    """Share of draws restricted to ``draw`` = (t_min, t_max) that fall in ``band``, e.g. stage 1 in stage 2's band.
+
+    Near 1 means the two stages see almost the same noise levels, so the curriculum's band changes little.
+    """
+    lo, hi = max(draw[0], band[0]), min(draw[1], band[1])
+    if lo >= hi:
+        return 0.0
+    return band_probability(cfg, lo, hi) / band_probability(cfg, *draw)

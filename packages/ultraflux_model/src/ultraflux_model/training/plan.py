@@ -1,0 +1,232 @@
+"""``ultraflux plan``: size a training run before GPUs are booked.
+
+The parameter count is exact: the transformer is built from its ``config.json`` on the meta device (no
+memory, no weights). Model states and activations come from ``training/memory.py``; the timestep shares from
+the configured law (``training/timesteps.py``); the step time from the FLOPs of a step at an assumed MFU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from ultraflux_model.config import StageConfig, UltraFluxConfig
+from ultraflux_model.errors import UltraFluxError
+from ultraflux_model.training.memory import GB, Activations, FluxShape, activation_bytes, model_state_bytes
+
+FLUX_DEV_OVERRIDES = {"guidance_embeds": True}  # FLUX.1-dev = the class defaults plus the guidance embedding
+H200_BF16_DENSE_TFLOPS = 989.0
+
+
+def transformer_config(model: str) -> tuple[dict[str, Any], str]:
+    """The transformer ``config.json`` of a checkpoint (local dir, or a hub id already in the HF cache).
+
+    Falls back to FLUX.1-dev's architecture (what UltraFlux-v1 has) when the checkpoint is not on this
+    machine, and says so in the returned source.
+    """
+    for candidate in (Path(model) / "transformer" / "config.json", Path(model) / "config.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text()), str(candidate)
+    if not str(model).startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(str(model), "transformer/config.json", local_files_only=True)
+            return json.loads(Path(path).read_text()), f"{model} (HF cache)"
+        except Exception:  # not cached: the architecture defaults below are the documented fallback
+            pass
+    return dict(FLUX_DEV_OVERRIDES), f"FLUX.1-dev architecture ({model} is not on this machine)"
+
+
+def count_parameters(config: dict[str, Any]) -> tuple[int, int, FluxShape]:
+    """(parameters, largest layer's parameters, widths) of the transformer built on the meta device."""
+    import torch
+
+    from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
+
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    try:
+        with torch.device("meta"):
+            model = UltraFluxTransformer2DModel(**kwargs)
+    except TypeError as err:
+        raise UltraFluxError(f"the transformer config does not fit UltraFluxTransformer2DModel: {err}") from err
+    params = sum(p.numel() for p in model.parameters())
+    # DeepSpeed's notion of a layer: one module's own parameters (what ZeRO-3 gathers at once)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    cfg = model.config
+    dim = cfg.num_attention_heads * cfg.attention_head_dim
+    shape = FluxShape(
+        dim=dim,
+        heads=cfg.num_attention_heads,
+        head_dim=cfg.attention_head_dim,
+        mlp_dim=int(dim * 4.0),
+        in_channels=cfg.in_channels,
+        joint_dim=cfg.joint_attention_dim,
+        pooled_dim=cfg.pooled_projection_dim,
+        double_blocks=cfg.num_layers,
+        single_blocks=cfg.num_single_layers,
+    )
+    return params, largest, shape
+
+
+def stage_batch(stage: StageConfig, world_size: int) -> tuple[int, int]:
+    """(per-rank micro-batch, global batch) of a stage.
+
+    Reads ``micro_batch``/``global_batch`` where the config has them, else today's ``batch_size × grad_accum``.
+    """
+    micro = getattr(stage, "micro_batch", None) or stage.batch_size
+    glob = getattr(stage, "global_batch", None) or stage.batch_size * stage.grad_accum * world_size
+    return int(micro), int(glob)
+
+
+def largest_bucket_tokens(family: str) -> tuple[int, tuple[int, int]]:
+    """Image tokens of the family's largest bucket and that bucket (width, height)."""
+    from ultraflux_model.config import TOKEN_PX
+    from ultraflux_model.data.buckets import family_buckets
+
+    best = max(family_buckets(family), key=lambda b: (b.width // TOKEN_PX) * (b.height // TOKEN_PX))
+    return (best.width // TOKEN_PX) * (best.height // TOKEN_PX), (best.width, best.height)
+
+
+def ds_settings(cfg: UltraFluxConfig) -> tuple[int, str]:
+    """(ZeRO stage, precision) the run will use on GPUs: the JSON file's values when one is set."""
+    ds = cfg.train.deepspeed
+    stage, precision = ds.zero_stage, "fp32" if ds.precision == "fp32" else "bf16"
+    if ds.config_file is not None and Path(ds.config_file).is_file():
+        data = json.loads(Path(ds.config_file).read_text())
+        stage = int(data.get("zero_optimization", {}).get("stage", stage))
+        if data.get("bf16", {}).get("enabled") is True:
+            precision = "bf16"
+    return stage, precision
+
+
+def step_flops(shape: FluxShape, params: int, image_tokens: int, text_tokens: int, checkpointing: bool) -> float:
+    """Training FLOPs of one sample: 2·P·S per matmul pass (forward, 2× backward, +1 recompute) plus attention."""
+    s = image_tokens + text_tokens
+    passes = 4 if checkpointing else 3
+    attention = 4 * s * s * shape.dim * (shape.double_blocks + shape.single_blocks)
+    return passes * (2 * params * s + attention)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    name: str
+    micro_batch: int
+    global_batch: int
+    grad_accum: float
+    steps: int
+    activations_gb: float
+    total_gb: float
+    fits: bool
+    step_s: float
+    hours: float
+    stage1_draws_in_band: float  # share of stage 1's timestep draws that fall in this stage's band
+
+
+def plan_run(
+    cfg: UltraFluxConfig, *, gpus: int, gpu_memory_gb: float, nodes: int = 1, reserve_gb: float = 3.0,
+    mfu: float = 0.4, peak_tflops: float = H200_BF16_DENSE_TFLOPS,
+) -> dict[str, Any]:
+    """Everything ``ultraflux plan`` prints, as plain data (the ``--json`` output)."""
+    from ultraflux_model.training.timesteps import band_share
+
+    if gpus < 1 or nodes < 1:
+        raise UltraFluxError(f"--gpus and --nodes must be ≥ 1 (got {gpus}, {nodes})")
+    world = gpus * nodes
+    config, source = transformer_config(cfg.train.model)
+    params, largest, shape = count_parameters(config)
+    zero_stage, precision = ds_settings(cfg)
+    b = 2 if precision == "bf16" else 4
+    image_tokens, bucket = largest_bucket_tokens(cfg.data.buckets.family)
+    text_tokens = cfg.data.cache.max_sequence_length
+    states = model_state_bytes(params, largest, zero_stage=zero_stage, precision=precision, gpus=world)
+    ema = 4 * params / world if cfg.train.ema.enabled else 0.0
+    fixed = states.total + ema + reserve_gb * GB
+    ckpt = cfg.train.gradient_checkpointing
+    one = activation_bytes(shape, image_tokens, text_tokens, micro_batch=1, b=b, checkpointing=ckpt)
+    max_micro = max(0, int((gpu_memory_gb * GB - fixed) // one.peak))
+    first = cfg.train.stages[0]
+    stages = []
+    for st in cfg.train.stages:
+        micro, glob = stage_batch(st, world)
+        act: Activations = activation_bytes(
+            shape, image_tokens, text_tokens, micro_batch=micro, b=b, checkpointing=ckpt
+        )
+        total = fixed + act.peak
+        step_s = glob * step_flops(shape, params, image_tokens, text_tokens, ckpt) / (world * peak_tflops * 1e12 * mfu)
+        stages.append(StagePlan(
+            name=st.name, micro_batch=micro, global_batch=glob, grad_accum=glob / (micro * world), steps=st.steps,
+            activations_gb=act.peak / GB, total_gb=total / GB, fits=total <= gpu_memory_gb * GB,
+            step_s=step_s, hours=step_s * st.steps / 3600,
+            stage1_draws_in_band=band_share(cfg.train.timesteps, (first.t_min, first.t_max), (st.t_min, st.t_max)),
+        ))
+    by_stage = {
+        z: (model_state_bytes(params, largest, zero_stage=z, precision=precision, gpus=world).total + ema) / GB
+        for z in (0, 1, 2, 3)
+    }
+    head = stages[0]
+    return {
+        "params": params,
+        "largest_layer_params": largest,
+        "architecture": source,
+        "gpus": gpus, "nodes": nodes, "world_size": world, "gpu_memory_gb": gpu_memory_gb,
+        "zero_stage": zero_stage, "precision": precision, "gradient_checkpointing": ckpt,
+        "tokens": {"image": image_tokens, "text": text_tokens, "bucket": list(bucket)},
+        "per_gpu": {
+            "model_states_gb": states.total / GB,
+            "model_states": {k: v / GB for k, v in asdict(states).items()},
+            "ema_gb": ema / GB,
+            "reserve_gb": reserve_gb,
+            "activations_gb": head.activations_gb,
+            "activations_per_sample_gb": {"held": one.held / GB, "recompute": one.recompute / GB},
+            "total_gb": head.total_gb,
+        },
+        "model_states_by_zero_stage_gb": by_stage,
+        "fits": all(s.fits for s in stages),
+        "max_micro_batch": max_micro,
+        "stages": [asdict(s) for s in stages],
+        "time": {"mfu": mfu, "peak_tflops": peak_tflops, "hours": sum(s.hours for s in stages)},
+    }
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """The human-readable table ``ultraflux plan`` prints."""
+    pg = plan["per_gpu"]
+    ms = pg["model_states"]
+    tok = plan["tokens"]
+    lines = [
+        f"transformer: {plan['params']:,} parameters (largest layer {plan['largest_layer_params']:,}); "
+        f"from {plan['architecture']}",
+        f"run: {plan['world_size']} GPUs ({plan['nodes']} node(s) × {plan['gpus']}), "
+        f"{plan['gpu_memory_gb']:g} GB each, "
+        f"ZeRO-{plan['zero_stage']}, {plan['precision']}, gradient checkpointing "
+        f"{'on' if plan['gradient_checkpointing'] else 'off'}",
+        f"largest bucket: {tok['bucket'][0]}×{tok['bucket'][1]} = {tok['image']:,} image + {tok['text']} text tokens",
+        "",
+        "per GPU (GB)",
+        f"  params {ms['params']:.2f} + grads {ms['grads']:.2f} + master {ms['master']:.2f} + optimizer "
+        f"{ms['optimizer']:.2f} + gathered layer {ms['gathered']:.2f} = model states {pg['model_states_gb']:.2f}",
+        f"  EMA {pg['ema_gb']:.2f}, reserve (CUDA context, NCCL, fragmentation) {pg['reserve_gb']:.2f}",
+        f"  activations per sample: held {pg['activations_per_sample_gb']['held']:.2f} + recompute "
+        f"{pg['activations_per_sample_gb']['recompute']:.2f}",
+        "  model states + EMA by ZeRO stage: "
+        + ", ".join(f"{z}: {v:.1f}" for z, v in plan["model_states_by_zero_stage_gb"].items()),
+        "",
+        f"{'stage':<10}{'micro':>6}{'global':>8}{'accum':>7}{'act GB':>8}{'total GB':>10}{'fits':>6}"
+        f"{'step s':>8}{'hours':>8}{'stage-1 draws in band':>23}",
+    ]
+    for s in plan["stages"]:
+        lines.append(
+            f"{s['name']:<10}{s['micro_batch']:>6}{s['global_batch']:>8}{s['grad_accum']:>7.2f}"
+            f"{s['activations_gb']:>8.2f}{s['total_gb']:>10.2f}{'yes' if s['fits'] else 'NO':>6}"
+            f"{s['step_s']:>8.2f}{s['hours']:>8.1f}{s['stage1_draws_in_band']:>22.1%}"
+        )
+    lines += [
+        "",
+        f"fits: {'yes' if plan['fits'] else 'NO'}; largest micro-batch that fits: {plan['max_micro_batch']}",
+        f"time at {plan['time']['mfu']:.0%} MFU of {plan['time']['peak_tflops']:g} TFLOP/s: "
+        f"{plan['time']['hours']:.1f} h in all",
+    ]
+    return "\n".join(lines)
