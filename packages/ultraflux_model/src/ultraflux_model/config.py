@@ -233,8 +233,11 @@ class StageConfig(Section):
     t_max: float = Field(1.0, gt=0.0, le=1.0, description="upper end of the timestep band")
     steps: int = Field(8, ge=1, description="optimizer steps")
     lr: float = Field(1e-4, gt=0.0)
-    batch_size: int = Field(2, ge=1, description="micro batch per rank")
-    grad_accum: int = Field(1, ge=1, description="micro batches per optimizer step (effective = batch·accum·ranks)")
+    micro_batch: int = Field(2, ge=1, description="samples per rank per forward/backward")
+    global_batch: int = Field(
+        2, ge=1, validate_default=True,
+        description="samples per optimizer step over all ranks (paper 64); accumulation = global / (micro × ranks)",
+    )
     warmup_steps: int = Field(0, ge=0, description="linear lr warm-up")
 
     @field_validator("t_max")
@@ -244,6 +247,27 @@ class StageConfig(Section):
         if t_min is not None and t_min >= t_max:
             raise ValueError(f"t_min ({t_min}) must be below t_max ({t_max})")
         return t_max
+
+    @field_validator("global_batch")
+    @classmethod
+    def _global_batch_holds_micro_batches(cls, global_batch: int, info: Any) -> int:
+        micro = info.data.get("micro_batch")
+        if micro is not None and global_batch % micro:
+            raise ValueError(f"global_batch ({global_batch}) must be a multiple of micro_batch ({micro})")
+        return global_batch
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro batches per rank per optimizer step: global_batch / (micro_batch × world_size), exactly."""
+        per_round = self.micro_batch * world_size
+        if self.global_batch % per_round:
+            rounds = self.global_batch // self.micro_batch
+            fits = [n for n in range(1, rounds + 1) if rounds % n == 0]
+            raise UltraFluxError(
+                f"stage {self.name}: global_batch {self.global_batch} is not a multiple of micro_batch "
+                f"{self.micro_batch} x {world_size} ranks = {per_round}; set train.stages.{self.name}.global_batch "
+                f"to a multiple of {per_round}, change micro_batch, or launch one of {fits} ranks"
+            )
+        return self.global_batch // per_round
 
 
 class DeepSpeedConfig(Section):
@@ -286,7 +310,7 @@ class TrainConfig(Section):
     run_dir: Path = Field(Path("artifacts/train"), description="checkpoints, exports and metrics go here")
     stages: tuple[StageConfig, ...] = (
         StageConfig(name="stage1", steps=40, lr=1e-3),
-        StageConfig(name="stage2", subset="stage2", t_min=0.541, steps=10, lr=5e-4, batch_size=1, grad_accum=2),
+        StageConfig(name="stage2", subset="stage2", t_min=0.541, steps=10, lr=5e-4, micro_batch=1, global_batch=2),
     )
     timesteps: TimestepConfig = TimestepConfig()
     loss: LossConfig = LossConfig()

@@ -99,14 +99,17 @@ class StrictPretrainedMixin:
         # model exactly is a broken checkpoint.
         problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
         if problems:
-            detail = "; ".join(
-                f"{k}: {', '.join(map(str, v[:5]))}{' ...' if len(v) > 5 else ''}" for k, v in problems.items()
-            )
-            raise UltraFluxError(
-                f"weights in {pretrained_model_name_or_path}{'/' + subfolder if subfolder else ''} do not match "
-                f"{cls.__name__} built from its config.json ({detail})"
-            )
+            source = f"{pretrained_model_name_or_path}{'/' + subfolder if subfolder else ''}"
+            raise UltraFluxError(mismatch_message(source, cls.__name__, problems))
         return (model, info) if wants_info else model
+
+
+def mismatch_message(source: str, class_name: str, problems: dict[str, list[Any]]) -> str:
+    """One line naming (up to five of) the missing / unexpected / mis-shaped tensors of a checkpoint."""
+    detail = "; ".join(
+        f"{k}: {', '.join(map(str, v[:5]))}{' ...' if len(v) > 5 else ''}" for k, v in problems.items() if v
+    )
+    return f"weights in {source} do not match {class_name} built from its config.json ({detail})"
 
 
 def resolve_checkpoint(model: str | Path) -> Path:
