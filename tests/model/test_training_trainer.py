@@ -23,7 +23,14 @@ from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 from ultraflux_model.training.curriculum import stage_plans
 from ultraflux_model.training.distributed import DistInfo, free_port
-from ultraflux_model.training.trainer import BatchStream, draw_noise_and_t, predict_x0, train, train_stage
+from ultraflux_model.training.trainer import (
+    BatchStream,
+    draw_noise_and_t,
+    first_sample_of,
+    predict_x0,
+    train,
+    train_stage,
+)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -54,7 +61,7 @@ def make_cfg(base: Path, cache: Path, run_dir: Path, stages: list[dict], **train
     })
 
 
-STAGE1 = {"name": "stage1", "steps": 6, "lr": 1e-3, "batch_size": 2, "grad_accum": 2}
+STAGE1 = {"name": "stage1", "steps": 6, "lr": 1e-3, "micro_batch": 2, "global_batch": 4}
 
 
 Weights = dict[str, torch.Tensor]
@@ -73,24 +80,27 @@ def plain_torch_run(cfg: UltraFluxConfig, stage_index: int, world_size: int, ste
                                   weight_decay=train_cfg.weight_decay)
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
     dataset = CachedLatentDataset(train_cfg.cache_dir, subset=None if st.subset == "all" else st.subset)
-    streams = [BatchStream(dataset, list(range(len(dataset))), st.batch_size, seed=train_cfg.seed,
-                           dist=DistInfo(rank=r, world_size=world_size, local_rank=0, device=torch.device("cpu")))
+    accum = st.grad_accum(world_size)
+    streams = [BatchStream(dataset, list(range(len(dataset))), st.micro_batch, seed=train_cfg.seed,
+                           dist=DistInfo(rank=r, world_size=world_size, local_rank=0, device=torch.device("cpu")),
+                           grad_accum=accum)
                for r in range(world_size)]
     losses = []
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for micro in range(st.grad_accum):
+        for micro in range(accum):
             for rank, stream in enumerate(streams):
                 batch = stream.next(torch.device("cpu"))
                 b = batch["latents"].shape[0]
-                noise, t = draw_noise_and_t(tuple(batch["latents"].shape), rank * b, seed=train_cfg.seed,
-                                            stage_index=stage_index, step=step, micro=micro, stage=st,
+                noise, t = draw_noise_and_t(tuple(batch["latents"].shape),
+                                            first_sample_of(micro, rank, world_size, b), seed=train_cfg.seed,
+                                            stage_index=stage_index, step=step, stage=st,
                                             timesteps=train_cfg.timesteps)
                 pred, target = predict_x0(model, batch, noise, t, guidance=train_cfg.guidance, dtype=torch.float32)
                 loss = training_loss(pred, target, t, cfg=train_cfg.loss, kernel="eager")
-                (loss / (st.grad_accum * world_size)).backward()
-                total += loss.item() / (st.grad_accum * world_size)
+                (loss / (accum * world_size)).backward()
+                total += loss.item() / (accum * world_size)
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.deepspeed.gradient_clipping)
         optimizer.step()
         with torch.no_grad():
@@ -157,7 +167,7 @@ def test_zero3_two_ranks_match_plain_torch_and_deepspeed_consolidation(tiny_chec
                                                                         tmp_path: Path) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    stage = {"name": "stage1", "steps": 3, "lr": 1e-3, "batch_size": 1, "grad_accum": 1}
+    stage = {"name": "stage1", "steps": 3, "lr": 1e-3, "micro_batch": 1, "global_batch": 2}
     cfg = make_cfg(tiny_checkpoint, cache_dir, tmp_path / "run", [stage], checkpoint={"every": 3})
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(dump_config(cfg))
@@ -222,8 +232,9 @@ def test_stages_chain_export_generates_and_mlflow_has_the_runs(tiny_checkpoint: 
     from ultraflux_model.inference.pipeline import generate
 
     run_dir = tmp_path / "run"
-    stages = [{"name": "stage1", "steps": 2, "lr": 1e-3, "batch_size": 2},
-              {"name": "stage2", "subset": "stage2", "t_min": 0.541, "steps": 2, "lr": 1e-3, "batch_size": 1}]
+    stages = [{"name": "stage1", "steps": 2, "lr": 1e-3, "micro_batch": 2, "global_batch": 2},
+              {"name": "stage2", "subset": "stage2", "t_min": 0.541, "steps": 2, "lr": 1e-3, "micro_batch": 1,
+               "global_batch": 1}]
     cfg = make_cfg(tiny_checkpoint, cache_dir, run_dir, stages, sample_sizes=[[64, 64], [96, 64]], sample_steps=2)
     results = train(cfg)
     assert [r.name for r in results] == ["stage1", "stage2"]
