@@ -16,8 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ultraflux_model.config import DataConfig, StageConfig, UltraFluxConfig, dump_config
-from ultraflux_model.data import stages as data_stages
+from ultraflux_model.config import StageConfig, UltraFluxConfig, dump_config
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.training.distributed import free_port
 
@@ -33,17 +32,6 @@ def test_accumulation_is_derived_from_the_world_size_and_refused_when_it_does_no
         stage.grad_accum(3)
     with pytest.raises(ValueError, match="multiple of micro_batch"):
         StageConfig(micro_batch=3, global_batch=64)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    cfg = DataConfig.model_validate({"root": str(root), "synthetic": {"n": 16},
-                                     "cache": {"model": str(tiny_checkpoint), "max_sequence_length": 8}})
-    for run in (data_stages.run_ingest, data_stages.run_score, data_stages.run_filter, data_stages.run_bucket,
-                data_stages.run_shard, data_stages.run_cache):
-        run(cfg, **({"progress": False} if run not in (data_stages.run_filter, data_stages.run_bucket) else {}))
-    return root / "cache"
 
 
 def _config_file(tiny_checkpoint: Path, cache_dir: Path, run_dir: Path) -> Path:
@@ -87,11 +75,11 @@ def _outcome(run_dir: Path) -> tuple[list[float], dict[str, torch.Tensor], dict[
 
 
 @pytest.mark.slow
-def test_one_rank_with_accumulation_two_ranks_and_two_nodes_agree(tiny_checkpoint: Path, cache_dir: Path,
+def test_one_rank_with_accumulation_two_ranks_and_two_nodes_agree(tiny_checkpoint: Path, training_cache: Path,
                                                                   tmp_path: Path) -> None:
     py, torchrun = [sys.executable], [sys.executable, "-m", "torch.distributed.run"]
     runs = {name: tmp_path / name for name in ("one_rank_accum2", "two_ranks", "two_nodes")}
-    files = {name: _config_file(tiny_checkpoint, cache_dir, path) for name, path in runs.items()}
+    files = {name: _config_file(tiny_checkpoint, training_cache, path) for name, path in runs.items()}
     _run_all([py + _train(files["one_rank_accum2"])])
     _run_all([torchrun + ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
                           *_train(files["two_ranks"])]])

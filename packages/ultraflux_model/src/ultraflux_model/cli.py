@@ -120,8 +120,6 @@ def generate(
 
 def main() -> None:
     """Entry point that turns ``UltraFluxError`` into a one-line message and exit code 2."""
-    try:
-        app()
-    except UltraFluxError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise SystemExit(2) from None
+    from ultraflux_model.console import run
+
+    run(app)

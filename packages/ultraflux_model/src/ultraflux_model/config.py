@@ -10,6 +10,7 @@ re-declared (the eval package does not import this one).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -409,15 +410,58 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _parse_override(item: str) -> dict[str, Any]:
-    """``"generate.steps=10"`` → nested dict; the value is parsed as YAML (numbers, lists, bools)."""
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``"generate.steps=10"`` → (["generate", "steps"], 10); the value is parsed as YAML (numbers, lists, bools)."""
     if "=" not in item:
         raise UltraFluxError(f"override {item!r} must look like section.key=value")
     dotted, raw = item.split("=", 1)
-    value: Any = yaml.safe_load(raw) if raw else ""
-    for key in reversed(dotted.strip().split(".")):
-        value = {key: value}
-    return value
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise UltraFluxError(f"override {item!r} has an empty key; write section.key=value")
+    return keys, yaml.safe_load(raw) if raw else ""
+
+
+def _list_position(items: list[Any], key: str, where: str) -> int:
+    """Index of a list item named by position (``0``) or by its ``name`` field (``stage2``)."""
+    names = [item.get("name") if isinstance(item, dict) else None for item in items]
+    if key.lstrip("-").isdigit():
+        index = int(key)
+        if not -len(items) <= index < len(items):
+            raise UltraFluxError(f"{where} has {len(items)} item(s) {names}; there is no item {index}")
+        return index % len(items)
+    if key in names:
+        return names.index(key)
+    raise UltraFluxError(f"{where} has no item named {key!r}; items: {names} (or use a position 0..{len(items) - 1})")
+
+
+def _apply_override(tree: dict[str, Any], keys: list[str], value: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``tree`` with the value at ``keys`` set; list items (e.g. ``train.stages``) are addressed by
+    position or ``name``. Sections the files did not set are taken from ``defaults`` first, so overriding one
+    field of a default stage keeps the others."""
+    out = copy.deepcopy(tree)
+    node: Any = out
+    default: Any = defaults
+    for depth, key in enumerate(keys):
+        where = ".".join(keys[:depth]) or "config"
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            index = _list_position(node, key, where)
+            if last:
+                node[index] = value
+                break
+            default = None
+            node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise UltraFluxError(f"{where} is a value, not a section: cannot set {'.'.join(keys)}")
+        if last:
+            node[key] = value
+            break
+        child_default = default.get(key) if isinstance(default, dict) else None
+        if key not in node or not isinstance(node[key], (dict, list)):
+            node[key] = copy.deepcopy(child_default) if isinstance(child_default, (dict, list)) else {}
+        node, default = node[key], child_default
+    return out
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -446,8 +490,9 @@ def load_config(*paths: Path | str, overrides: list[str] | tuple[str, ...] = ())
     merged: dict[str, Any] = {}
     for path in paths:
         merged = _deep_merge(merged, _read_yaml(Path(path)))
+    defaults = UltraFluxConfig().model_dump(mode="json") if overrides else {}
     for item in overrides:
-        merged = _deep_merge(merged, _parse_override(item))
+        merged = _apply_override(merged, *_parse_override(item), defaults)
     return config_from_dict(merged, source=" + ".join(str(p) for p in paths) or "config")
 
 

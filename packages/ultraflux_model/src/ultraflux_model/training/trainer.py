@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
+from ultraflux_eval.lineage import git_sha
 from ultraflux_model.config import DeepSpeedConfig, LossConfig, StageConfig, UltraFluxConfig, dump_config
 from ultraflux_model.diffusion.latents import image_ids, pack_latents, text_ids, unpack_latents
 from ultraflux_model.diffusion.losses import training_loss, x0_from_velocity
@@ -292,8 +293,6 @@ def _load_transformer(path: Path, ds_config: dict[str, Any]) -> torch.nn.Module:
 
 
 def _tracker_for(cfg: UltraFluxConfig, plan: StagePlan, dist: DistInfo, resume: bool) -> Tracker:
-    from ultraflux_eval.registry import git_sha
-
     run_dir = Path(cfg.train.run_dir)
     uri = resolve_tracking_uri(cfg.tracking, run_dir)
     tracker = Tracker(uri, cfg.tracking.experiment, active=dist.is_main, artifact_dir=run_dir / "mlartifacts")
