@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from ultraflux_model.config import StageConfig, UltraFluxConfig, dump_config
+from ultraflux_model.data.buckets import BucketBatchSampler
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.training.distributed import free_port
 
@@ -32,6 +33,27 @@ def test_accumulation_is_derived_from_the_world_size_and_refused_when_it_does_no
         stage.grad_accum(3)
     with pytest.raises(ValueError, match="multiple of micro_batch"):
         StageConfig(micro_batch=3, global_batch=64)
+
+
+def test_every_split_of_a_global_batch_sees_the_same_batches_per_step_across_epochs() -> None:
+    keys = ["a"] * 7 + ["b"] * 6 + ["c"] * 4  # 17 batches of 1: an epoch is not a whole number of steps of 4
+    per_step = 4
+
+    def steps(world_size: int, rounds: int, epochs: int = 3) -> list[list[int]]:
+        samplers = [BucketBatchSampler(keys, 1, seed=5, rank=r, world_size=world_size, step_batches=rounds)
+                    for r in range(world_size)]
+        out = []
+        for epoch in range(epochs):
+            for s in samplers:
+                s.set_epoch(epoch)
+            per_rank = [list(s) for s in samplers]
+            for i in range(0, len(per_rank[0]), rounds):  # one optimizer step: `rounds` batches from each rank
+                out.append(sorted(b[0] for batches in per_rank for b in batches[i : i + rounds]))
+        return out
+
+    one_rank = steps(1, per_step)
+    assert len(one_rank) == 3 * (17 // per_step) and all(len(step) == per_step for step in one_rank)
+    assert steps(2, per_step // 2) == steps(4, 1) == one_rank
 
 
 def _config_file(tiny_checkpoint: Path, cache_dir: Path, run_dir: Path) -> Path:

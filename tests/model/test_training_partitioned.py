@@ -26,13 +26,6 @@ HERE = Path(__file__).resolve()
 LAUNCH_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise AssertionError(f"{field} not in /proc/self/status")
-
-
 def rank_main(checkpoint: Path, out: Path) -> None:
     """One rank: build + load partitioned, record the memory high-water mark, then verify the weights."""
     import torch
@@ -42,6 +35,7 @@ def rank_main(checkpoint: Path, out: Path) -> None:
     from ultraflux_model.config import DeepSpeedConfig, StageConfig
     from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
     from ultraflux_model.training.distributed import init_distributed
+    from ultraflux_model.training.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
     from ultraflux_model.training.partitioned import build_partitioned, checkpoint_index
     from ultraflux_model.training.trainer import deepspeed_config
 
@@ -50,10 +44,10 @@ def rank_main(checkpoint: Path, out: Path) -> None:
     config = deepspeed_config(ds, StageConfig(micro_batch=1, global_batch=dist.world_size), dist.world_size)
     transformer = checkpoint / "transformer"
 
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS: the baseline
-    baseline = _status_kib("VmRSS") * 1024
+    assert reset_peak_rss()  # the high-water mark restarts at the current RSS: the baseline
+    baseline = rss_bytes()
     model = build_partitioned(UltraFluxTransformer2DModel, transformer, config)
-    peak = _status_kib("VmHWM") * 1024
+    peak = peak_rss_bytes()
 
     params = dict(model.named_parameters())
     report = {

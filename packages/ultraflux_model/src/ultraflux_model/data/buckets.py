@@ -217,10 +217,10 @@ class BucketBatchSampler:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "step_batches": self.step_batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("seed", "batch_size", "world_size"):
+        for name in ("seed", "batch_size", "world_size", "step_batches"):
             if name in state and state[name] != getattr(self, name):
                 raise UltraFluxError(
                     f"sampler state was saved with {name}={state[name]} but this sampler has "

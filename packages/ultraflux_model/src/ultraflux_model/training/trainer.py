@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +42,7 @@ from ultraflux_model.training.curriculum import (
 )
 from ultraflux_model.training.distributed import DistInfo, barrier, init_distributed, sum_across_ranks, use_bf16
 from ultraflux_model.training.ema import ShardedEma
+from ultraflux_model.training.memory import peak_rss_bytes
 from ultraflux_model.training.timesteps import timesteps_from_uniform
 from ultraflux_model.training.tracking import (
     Tracker,
@@ -187,8 +186,7 @@ def band_name(t: float) -> str:
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss_kb / (2**30 if sys.platform == "darwin" else 2**20)
+    return peak_rss_bytes() / 2**30
 
 
 # ----------------------------------------------------------------------------------------------- data
