@@ -16,6 +16,7 @@ FULL: dict[str, list[str]] = {
     "bench_scores": [],
     "bench_eval": [],
     "bench_training": [],
+    "bench_partitioned_load": ["--layers", "2", "--single-layers", "2"],
 }
 QUICK: dict[str, list[str]] = {
     "bench_kernels": ["--quick", "--repeats", "3", "--warmup", "1", "--threads", "1"],
@@ -23,6 +24,7 @@ QUICK: dict[str, list[str]] = {
     "bench_scores": ["--sizes", "1920x1080", "--repeats", "1", "--images", "2"],
     "bench_eval": ["--sizes", "1024x1024", "--repeats", "1"],
     "bench_training": ["--repeats", "2"],
+    "bench_partitioned_load": [],
 }
 
 

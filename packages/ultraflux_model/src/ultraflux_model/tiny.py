@@ -207,13 +207,14 @@ def write_tiny_checkpoint(directory: Path | str, seed: int = 0, *, width_preset:
     transformer (``write_transformer_streamed``) and sizes the text encoders' outputs to its widths.
     """
     directory = Path(directory)
+    plain = width_preset == "tiny" and layers is None and single_layers is None and dtype == torch.float32
+    config = None if plain else transformer_config(width_preset, layers, single_layers)  # validate before writing
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    if width_preset == "tiny" and layers is None and single_layers is None and dtype == torch.float32:
+    if config is None:
         tiny_transformer().save_pretrained(directory / "transformer", safe_serialization=True)
         text_dim, pooled_dim = TEXT_DIM, POOLED_DIM
     else:
-        config = transformer_config(width_preset, layers, single_layers)
         write_transformer_streamed(directory / "transformer", config, dtype=dtype, seed=seed)
         text_dim, pooled_dim = config["joint_attention_dim"], config["pooled_projection_dim"]
     tiny_vae().save_pretrained(directory / "vae", safe_serialization=True)

@@ -199,6 +199,12 @@ def build_partitioned(cls: type, directory: Path, ds_config: dict[str, Any]) -> 
     import deepspeed
 
     directory = Path(directory)
+    offload = (ds_config.get("zero_optimization", {}).get("offload_param") or {}).get("device", "none")
+    if offload == "nvme":
+        raise UltraFluxError(
+            "partitioned loading writes each rank's slice into its in-memory partition; NVMe parameter offload "
+            "swaps partitions out: set zero_optimization.offload_param.device to cpu or none"
+        )
     weights_name = getattr(cls, "weights_name", "diffusion_pytorch_model")
     entries = checkpoint_index(directory, weights_name)
     config = json.loads((directory / "config.json").read_text())
