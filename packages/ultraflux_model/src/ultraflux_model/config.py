@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ultraflux_eval.config import EvalConfig
 from ultraflux_model.errors import UltraFluxError
@@ -248,6 +248,16 @@ class StageConfig(Section):
         if t_min is not None and t_min >= t_max:
             raise ValueError(f"t_min ({t_min}) must be below t_max ({t_max})")
         return t_max
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_batch_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and {"batch_size", "grad_accum"} & set(data):
+            raise ValueError(
+                "batch_size and grad_accum were replaced: set micro_batch (per rank, the old batch_size) and "
+                "global_batch (samples per optimizer step over all ranks = old batch_size x grad_accum x ranks)"
+            )
+        return data
 
     @field_validator("global_batch")
     @classmethod
