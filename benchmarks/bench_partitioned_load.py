@@ -1,6 +1,6 @@
 """Host memory of building + loading the transformer on each of N ranks: ZeRO-3 partitioned and streamed
-(``training/partitioned.py``) against the whole-model ``from_pretrained`` each rank did before, measured in the
-same run on the same checkpoint.
+(``training/partitioned.py``, parameters in ``--precision``) against the whole-model fp32 ``from_pretrained`` each
+rank did before, measured in the same run on the same checkpoint.
 
 The checkpoint is a real-width (FLUX.1-dev widths) transformer with few blocks, written by ``ultraflux init-tiny
 --width-preset flux-dev`` unless ``--checkpoint`` names one. Each rank resets its RSS high-water mark right before
@@ -48,10 +48,12 @@ def rank_worker(mode: str, transformer: Path, out: Path, precision: str) -> None
     if mode == "partitioned":
         model = build_partitioned(UltraFluxTransformer2DModel, transformer, config)
         numel = sum(p.ds_numel for p in model.parameters())
-    else:
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        model = UltraFluxTransformer2DModel.from_pretrained(transformer, torch_dtype=dtype)
+    else:  # what the trainer did before: the whole model in fp32 on every rank, for DeepSpeed to partition
+        model = UltraFluxTransformer2DModel.from_pretrained(transformer, torch_dtype=torch.float32)
         numel = sum(p.numel() for p in model.parameters())
+        # An unconverted tensor may still be a lazy view of the file's memory map; count it as resident, as
+        # DeepSpeed's partitioning (which reads every parameter) would make it.
+        sum(float(p.detach().float().sum()) for p in model.parameters())
     seconds = time.perf_counter() - started
     (out / f"{mode}-rank{dist.rank}.json").write_text(json.dumps({
         "rank": dist.rank, "world_size": dist.world_size, "numel": numel, "seconds": seconds,
