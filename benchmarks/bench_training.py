@@ -68,7 +68,7 @@ def bench_row(label: str, model: UltraFluxTransformer2DModel, size: tuple[int, i
     width, height = size
     bf16 = device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    stage = StageConfig(batch_size=batch, grad_accum=1)
+    stage = StageConfig(micro_batch=batch, global_batch=batch)
     ds = DeepSpeedConfig(precision="bf16" if bf16 else "fp32")
     model.enable_gradient_checkpointing()
     model.train()
@@ -87,7 +87,7 @@ def bench_row(label: str, model: UltraFluxTransformer2DModel, size: tuple[int, i
 
     def step() -> None:
         noise, t = draw_noise_and_t(tuple(data["latents"].shape), 0, seed=0, stage_index=0, step=counter["step"],
-                                    micro=0, stage=stage, timesteps=TimestepConfig())
+                                    stage=stage, timesteps=TimestepConfig())
         pred, target = predict_x0(engine, data, noise, t, guidance=3.5 if cfg.guidance_embeds else None, dtype=dtype)
         loss = training_loss(pred, target, t.to(device), cfg=LossConfig(), kernel="auto")
         engine.backward(loss)

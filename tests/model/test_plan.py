@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from activation_probe import flux_inputs, held_for_backward
 from ultraflux_model.cli import app
-from ultraflux_model.config import StageConfig, TimestepConfig, load_config
+from ultraflux_model.config import TimestepConfig, load_config
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 from ultraflux_model.training.memory import (
     GB,
@@ -162,8 +162,7 @@ def test_largest_fitting_micro_batch_is_the_boundary(tmp_path):
     stages = [s.model_dump() for s in cfg.train.stages]
     for micro, fits in ((best, True), (best + 1, False)):
         over = tmp_path / f"m{micro}.yaml"
-        batch = ({"micro_batch": micro, "global_batch": micro * 8} if "micro_batch" in StageConfig.model_fields
-                 else {"batch_size": micro, "grad_accum": 1})  # the stage batch fields before/after their rename
+        batch = {"micro_batch": micro, "global_batch": micro * 8}
         over.write_text(yaml.safe_dump({"train": {"stages": [{**stages[0], **batch}]}}))
         layered = load_config(ROOT / "params.yaml", ROOT / "configs/4k.yaml", over)
         assert stage_batch(layered.train.stages[0], 8)[0] == micro

@@ -61,14 +61,13 @@ def stage_dict(name: str, steps: int, *, micro_batch: int, grad_accum: int = 1, 
     """The one place these tests spell a stage's batch fields (renamed configs change only this function).
 
     ``ranks`` is the world size the stage runs on (the global batch is micro_batch · grad_accum · ranks)."""
-    del ranks  # needed once the stage states its global batch instead of grad_accum
-    return {"name": name, "steps": steps, "lr": 1e-3, "batch_size": micro_batch, "grad_accum": grad_accum, **extra}
+    return {"name": name, "steps": steps, "lr": 1e-3, "micro_batch": micro_batch,
+            "global_batch": micro_batch * grad_accum * ranks, **extra}
 
 
 def stage_batch(st, world_size: int) -> tuple[int, int]:  # noqa: ANN001 - a StageConfig
     """(per-rank micro batch, micro batches per optimizer step) of a stage on ``world_size`` ranks."""
-    del world_size
-    return st.batch_size, st.grad_accum
+    return st.micro_batch, st.global_batch // (st.micro_batch * world_size)
 
 
 # warm-up makes the logged lr move, so the lr comparison below can fail
@@ -84,9 +83,10 @@ Weights = dict[str, torch.Tensor]
 # under test, plus the documented random-stream protocol (one SeedSequence per sample: a uniform, then ε).
 
 
-def ref_noise_and_uniform(shape: tuple[int, ...], seed: int, stage: int, step: int, micro: int,
+def ref_noise_and_uniform(shape: tuple[int, ...], seed: int, stage: int, step: int,
                           sample: int) -> tuple[torch.Tensor, torch.Tensor]:
-    state = np.random.SeedSequence([seed, stage, step, micro, sample]).generate_state(2, np.uint64)[0] >> 1
+    """``sample`` is the place in the step's global batch, so every split into ranks × rounds draws the same."""
+    state = np.random.SeedSequence([seed, stage, step, sample]).generate_state(2, np.uint64)[0] >> 1
     g = torch.Generator().manual_seed(int(state))
     u = torch.rand((), generator=g, dtype=torch.float64)
     return torch.randn(shape, generator=g), u
@@ -166,7 +166,8 @@ def plain_torch_run(cfg: UltraFluxConfig, stage_index: int, world_size: int, ste
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
     dataset = CachedLatentDataset(train_cfg.cache_dir, subset=None if st.subset == "all" else st.subset)
     keys = dataset.bucket_keys()
-    samplers = [BucketBatchSampler(keys, micro_batch, seed=train_cfg.seed, rank=r, world_size=world_size)
+    samplers = [BucketBatchSampler(keys, micro_batch, seed=train_cfg.seed, rank=r, world_size=world_size,
+                                   step_batches=accum)
                 for r in range(world_size)]
     iters = [iter(s) for s in samplers]
 
@@ -190,8 +191,10 @@ def plain_torch_run(cfg: UltraFluxConfig, stage_index: int, world_size: int, ste
                 batch = next_batch(rank)
                 z = batch["latents"].float()
                 b, _, h, w = z.shape
-                draws = [ref_noise_and_uniform(tuple(z.shape[1:]), train_cfg.seed, stage_index, step, micro,
-                                               rank * b + i) for i in range(b)]
+                # the sampler deals the step's global micro batches round-robin: round `micro` of `rank` is #micro·W+rank
+                first = (micro * world_size + rank) * b
+                draws = [ref_noise_and_uniform(tuple(z.shape[1:]), train_cfg.seed, stage_index, step, first + i)
+                         for i in range(b)]
                 eps = torch.stack([d[0] for d in draws])
                 t = torch.tensor([ref_timestep(float(d[1]), train_cfg.timesteps, st.t_min, st.t_max) for d in draws],
                                  dtype=torch.float32)

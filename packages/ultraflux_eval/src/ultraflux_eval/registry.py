@@ -22,10 +22,8 @@ The mutex lives where the registry lives:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,6 +35,7 @@ from filelock import FileLock, Timeout
 
 from ultraflux_eval.config import PromotionConfig
 from ultraflux_eval.errors import EvalError
+from ultraflux_eval.lineage import config_hash, dvc_data_hash, git_sha  # noqa: F401  (re-exported for callers)
 from ultraflux_eval.tracking import client_for
 
 TAG_KEYS = ("git_sha", "dvc_data_hash", "config_hash", "eval_run_id")
@@ -54,25 +53,6 @@ class PromotionDecision:
     candidate_value: float
     champion_value: float | None
     reason: str
-
-
-def git_sha(repo: Path = Path(".")) -> str:
-    """``HEAD`` of the repository at ``repo`` (``unknown`` outside a git checkout)."""
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
-def config_hash(text: str) -> str:
-    """sha256 of a serialised config (the ``params.yaml`` text of the run)."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def dvc_data_hash(lock_file: Path = Path("dvc.lock")) -> str:
-    """sha256 of ``dvc.lock`` — it pins the md5 of every tracked data output (``none`` without DVC state)."""
-    return hashlib.sha256(lock_file.read_bytes()).hexdigest() if lock_file.is_file() else "none"
 
 
 def default_lock_path(uri: str, model_name: str) -> Path:

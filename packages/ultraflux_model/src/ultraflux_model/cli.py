@@ -60,11 +60,27 @@ def config_validate(paths: list[Path]) -> None:
 
 
 @app.command("init-tiny")
-def init_tiny(directory: Path = typer.Argument(..., help="where to write the checkpoint"), seed: int = 0) -> None:
-    """Write a complete tiny checkpoint in the official layout (random weights, offline tokenizers)."""
+def init_tiny(
+    directory: Path = typer.Argument(..., help="where to write the checkpoint"),
+    seed: int = 0,
+    width_preset: str = typer.Option("tiny", help="transformer widths: tiny | flux-dev (3072 hidden, 24 heads)"),
+    layers: int | None = typer.Option(None, help="double-stream blocks (default: the preset's; flux-dev 19)"),
+    single_layers: int | None = typer.Option(None, help="single-stream blocks (default: the preset's; flux-dev 38)"),
+    dtype: Dtype = typer.Option("fp32", help="transformer weights on disk: fp32 | bf16 | fp16"),
+) -> None:
+    """Write a complete checkpoint in the official layout (random weights, offline tokenizers).
+
+    Default: the tiny test model. ``--width-preset flux-dev --layers 1 --single-layers 1``: a real-width
+    transformer with few blocks (written layer by layer into safetensors shards) for real-scale checks on CPU.
+    """
+    import torch
+
     from ultraflux_model.tiny import write_tiny_checkpoint
 
-    typer.echo(f"wrote {write_tiny_checkpoint(directory, seed=seed)}")
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    path = write_tiny_checkpoint(directory, seed=seed, width_preset=width_preset,  # type: ignore[arg-type]
+                                 layers=layers, single_layers=single_layers, dtype=torch_dtype)
+    typer.echo(f"wrote {path}")
 
 
 @app.command()
@@ -112,8 +128,6 @@ def generate(
 
 def main() -> None:
     """Entry point that turns ``UltraFluxError`` into a one-line message and exit code 2."""
-    try:
-        app()
-    except UltraFluxError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise SystemExit(2) from None
+    from ultraflux_model.console import run
+
+    run(app)

@@ -10,11 +10,12 @@ re-declared (the eval package does not import this one).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ultraflux_eval.config import EvalConfig
 from ultraflux_model.errors import UltraFluxError
@@ -239,8 +240,11 @@ class StageConfig(Section):
     t_max: float = Field(1.0, gt=0.0, le=1.0, description="upper end of the timestep band")
     steps: int = Field(8, ge=1, description="optimizer steps")
     lr: float = Field(1e-4, gt=0.0)
-    batch_size: int = Field(2, ge=1, description="micro batch per rank")
-    grad_accum: int = Field(1, ge=1, description="micro batches per optimizer step (effective = batch·accum·ranks)")
+    micro_batch: int = Field(2, ge=1, description="samples per rank per forward/backward")
+    global_batch: int = Field(
+        2, ge=1, validate_default=True,
+        description="samples per optimizer step over all ranks (paper 64); accumulation = global / (micro × ranks)",
+    )
     warmup_steps: int = Field(0, ge=0, description="linear lr warm-up")
 
     @field_validator("t_max")
@@ -250,6 +254,37 @@ class StageConfig(Section):
         if t_min is not None and t_min >= t_max:
             raise ValueError(f"t_min ({t_min}) must be below t_max ({t_max})")
         return t_max
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_batch_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict) and {"batch_size", "grad_accum"} & set(data):
+            raise ValueError(
+                "batch_size and grad_accum were replaced: set micro_batch (per rank, the old batch_size) and "
+                "global_batch (samples per optimizer step over all ranks = old batch_size x grad_accum x ranks)"
+            )
+        return data
+
+    @field_validator("global_batch")
+    @classmethod
+    def _global_batch_holds_micro_batches(cls, global_batch: int, info: Any) -> int:
+        micro = info.data.get("micro_batch")
+        if micro is not None and global_batch % micro:
+            raise ValueError(f"global_batch ({global_batch}) must be a multiple of micro_batch ({micro})")
+        return global_batch
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro batches per rank per optimizer step: global_batch / (micro_batch × world_size), exactly."""
+        per_round = self.micro_batch * world_size
+        if self.global_batch % per_round:
+            rounds = self.global_batch // self.micro_batch
+            fits = [n for n in range(1, rounds + 1) if rounds % n == 0]
+            raise UltraFluxError(
+                f"stage {self.name}: global_batch {self.global_batch} is not a multiple of micro_batch "
+                f"{self.micro_batch} x {world_size} ranks = {per_round}; set train.stages.{self.name}.global_batch "
+                f"to a multiple of {per_round}, change micro_batch, or launch one of {fits} ranks"
+            )
+        return self.global_batch // per_round
 
 
 class DeepSpeedConfig(Section):
@@ -292,7 +327,7 @@ class TrainConfig(Section):
     run_dir: Path = Field(Path("artifacts/train"), description="checkpoints, exports and metrics go here")
     stages: tuple[StageConfig, ...] = (
         StageConfig(name="stage1", steps=40, lr=1e-3),
-        StageConfig(name="stage2", subset="stage2", t_min=0.541, steps=10, lr=5e-4, batch_size=1, grad_accum=2),
+        StageConfig(name="stage2", subset="stage2", t_min=0.541, steps=10, lr=5e-4, micro_batch=1, global_batch=2),
     )
     timesteps: TimestepConfig = TimestepConfig()
     loss: LossConfig = LossConfig()
@@ -437,15 +472,58 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _parse_override(item: str) -> dict[str, Any]:
-    """``"generate.steps=10"`` → nested dict; the value is parsed as YAML (numbers, lists, bools)."""
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    """``"generate.steps=10"`` → (["generate", "steps"], 10); the value is parsed as YAML (numbers, lists, bools)."""
     if "=" not in item:
         raise UltraFluxError(f"override {item!r} must look like section.key=value")
     dotted, raw = item.split("=", 1)
-    value: Any = yaml.safe_load(raw) if raw else ""
-    for key in reversed(dotted.strip().split(".")):
-        value = {key: value}
-    return value
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise UltraFluxError(f"override {item!r} has an empty key; write section.key=value")
+    return keys, yaml.safe_load(raw) if raw else ""
+
+
+def _list_position(items: list[Any], key: str, where: str) -> int:
+    """Index of a list item named by position (``0``) or by its ``name`` field (``stage2``)."""
+    names = [item.get("name") if isinstance(item, dict) else None for item in items]
+    if key.lstrip("-").isdigit():
+        index = int(key)
+        if not -len(items) <= index < len(items):
+            raise UltraFluxError(f"{where} has {len(items)} item(s) {names}; there is no item {index}")
+        return index % len(items)
+    if key in names:
+        return names.index(key)
+    raise UltraFluxError(f"{where} has no item named {key!r}; items: {names} (or use a position 0..{len(items) - 1})")
+
+
+def _apply_override(tree: dict[str, Any], keys: list[str], value: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``tree`` with the value at ``keys`` set; list items (e.g. ``train.stages``) are addressed by
+    position or ``name``. Sections the files did not set are taken from ``defaults`` first, so overriding one
+    field of a default stage keeps the others."""
+    out = copy.deepcopy(tree)
+    node: Any = out
+    default: Any = defaults
+    for depth, key in enumerate(keys):
+        where = ".".join(keys[:depth]) or "config"
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            index = _list_position(node, key, where)
+            if last:
+                node[index] = value
+                break
+            default = None
+            node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise UltraFluxError(f"{where} is a value, not a section: cannot set {'.'.join(keys)}")
+        if last:
+            node[key] = value
+            break
+        child_default = default.get(key) if isinstance(default, dict) else None
+        if key not in node or not isinstance(node[key], (dict, list)):
+            node[key] = copy.deepcopy(child_default) if isinstance(child_default, (dict, list)) else {}
+        node, default = node[key], child_default
+    return out
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -474,8 +552,9 @@ def load_config(*paths: Path | str, overrides: list[str] | tuple[str, ...] = ())
     merged: dict[str, Any] = {}
     for path in paths:
         merged = _deep_merge(merged, _read_yaml(Path(path)))
+    defaults = UltraFluxConfig().model_dump(mode="json") if overrides else {}
     for item in overrides:
-        merged = _deep_merge(merged, _parse_override(item))
+        merged = _apply_override(merged, *_parse_override(item), defaults)
     return config_from_dict(merged, source=" + ".join(str(p) for p in paths) or "config")
 
 

@@ -100,14 +100,17 @@ class StrictPretrainedMixin:
         # model exactly is a broken checkpoint.
         problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
         if problems:
-            detail = "; ".join(
-                f"{k}: {', '.join(map(str, v[:5]))}{' ...' if len(v) > 5 else ''}" for k, v in problems.items()
-            )
-            raise UltraFluxError(
-                f"weights in {pretrained_model_name_or_path}{'/' + subfolder if subfolder else ''} do not match "
-                f"{cls.__name__} built from its config.json ({detail})"
-            )
+            source = f"{pretrained_model_name_or_path}{'/' + subfolder if subfolder else ''}"
+            raise UltraFluxError(mismatch_message(source, cls.__name__, problems))
         return (model, info) if wants_info else model
+
+
+def mismatch_message(source: str, class_name: str, problems: dict[str, list[Any]]) -> str:
+    """One line naming (up to five of) the missing / unexpected / mis-shaped tensors of a checkpoint."""
+    detail = "; ".join(
+        f"{k}: {', '.join(map(str, v[:5]))}{' ...' if len(v) > 5 else ''}" for k, v in problems.items() if v
+    )
+    return f"weights in {source} do not match {class_name} built from its config.json ({detail})"
 
 
 def resolve_checkpoint(model: str | Path, tracking_uri: str | None = None) -> Path:
@@ -115,8 +118,9 @@ def resolve_checkpoint(model: str | Path, tracking_uri: str | None = None) -> Pa
 
     - a local directory: itself;
     - ``models:/name@alias``, ``models:/name/version``, ``models:/<model_id>``, ``runs:/<run>/<path>``: a release
-      from the MLflow tracking server at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI``), downloaded once into the content-addressed
-      cache (``$ULTRAFLUX_MODEL_CACHE``, default ``~/.cache/ultraflux/models``; see ``ultraflux_model.release``);
+      from the MLflow tracking server at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI``), downloaded once into
+      the content-addressed cache (``$ULTRAFLUX_MODEL_CACHE``, default ``~/.cache/ultraflux/models``; see
+      ``ultraflux_model.release``);
     - a hub id: fetched (or found in the HF cache) as a snapshot. Only safetensors, JSON and tokenizer files are
       fetched: pickled weights are never downloaded.
     """

@@ -137,7 +137,10 @@ class BucketBatchSampler:
     of ``batch_size`` (a short tail is dropped when ``drop_last``), and the batches of all buckets are shuffled
     together. With ``world_size > 1`` the global batch list is cut to a multiple of ``world_size`` (wrapped
     around when ``drop_last`` is false) and rank ``r`` takes batches ``r, r + world_size, …`` — disjoint across
-    ranks and the same count on each, so collective ops never wait on a rank that ran out.
+    ranks and the same count on each, so collective ops never wait on a rank that ran out. With
+    ``step_batches`` (gradient-accumulation rounds per optimizer step) the cut is to a multiple of
+    ``world_size × step_batches``, so an epoch never ends inside an optimizer step and every split of a global
+    batch over ranks and rounds sees the same batches per step.
 
     ``state_dict()`` records the epoch and how many batches this rank has yielded in it; after
     ``load_state_dict`` the next iteration continues with the identical remaining batches. (With DataLoader
@@ -153,9 +156,10 @@ class BucketBatchSampler:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = True,
+        step_batches: int = 1,
     ) -> None:
-        if batch_size < 1:
-            raise UltraFluxError(f"batch_size must be at least 1, got {batch_size}")
+        if batch_size < 1 or step_batches < 1:
+            raise UltraFluxError(f"batch_size and step_batches must be at least 1, got {batch_size}, {step_batches}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise UltraFluxError(f"rank {rank} is not in [0, world_size={world_size})")
         self._groups: dict[Hashable, list[int]] = defaultdict(list)
@@ -168,6 +172,7 @@ class BucketBatchSampler:
         self.rank = rank
         self.world_size = world_size
         self.drop_last = drop_last
+        self.step_batches = step_batches
         self.epoch = 0
         self.position = 0
 
@@ -180,12 +185,13 @@ class BucketBatchSampler:
             batches.extend(indices[i : i + self.batch_size] for i in range(0, stop, self.batch_size))
         order = rng.permutation(len(batches))
         batches = [batches[i] for i in order]
-        if self.world_size > 1 and batches:
+        per_step = self.world_size * self.step_batches
+        if per_step > 1 and batches:
             if self.drop_last:
-                batches = batches[: len(batches) - len(batches) % self.world_size]
+                batches = batches[: len(batches) - len(batches) % per_step]
             else:
-                short = (-len(batches)) % self.world_size
-                batches = batches + batches[:short]
+                short = (-len(batches)) % per_step
+                batches = batches + (batches * (short // len(batches) + 1))[:short]
         return batches
 
     def _rank_batches(self) -> list[list[int]]:
@@ -211,10 +217,10 @@ class BucketBatchSampler:
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "batch_size": self.batch_size,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "step_batches": self.step_batches}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("seed", "batch_size", "world_size"):
+        for name in ("seed", "batch_size", "world_size", "step_batches"):
             if name in state and state[name] != getattr(self, name):
                 raise UltraFluxError(
                     f"sampler state was saved with {name}={state[name]} but this sampler has "

@@ -18,18 +18,9 @@ from __future__ import annotations
 import torch
 
 from ultraflux_model.config import KernelChoice, LossConfig
+from ultraflux_model.diffusion.loss_checks import check_even_image, check_loss_inputs, check_loss_params
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.kernels.dispatch import use_triton
-
-def _check_even_image(x: torch.Tensor, name: str) -> None:
-    if x.dim() != 4:
-        raise UltraFluxError(f"{name} must be [B, C, H, W], got shape {tuple(x.shape)}")
-    height, width = x.shape[-2:]
-    if height % 2 or width % 2 or height == 0 or width == 0:
-        raise UltraFluxError(
-            f"{name} has spatial size {height}x{width}: the Haar DWT needs even, non-zero H and W "
-            "(crop or pad the latents to an even size)"
-        )
 
 
 def haar_dwt2(x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +32,7 @@ def haar_dwt2(x: torch.Tensor) -> torch.Tensor:
         ``[B, 4C, H/2, W/2]``: channels ``[0, C)`` hold cA, then cH, cV, cD (pywt's order), so the
         high-frequency sub-bands are ``out[:, C:]``.
     """
-    _check_even_image(x, "x")
+    check_even_image(x, "x")
     a, b = x[..., 0::2, 0::2], x[..., 0::2, 1::2]  # top-left, top-right of each 2x2 block
     c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]  # bottom-left, bottom-right
     # Orthonormal: each sub-band is ±a ±b ±c ±d over 2 (1/√2 per axis), so W is its own inverse's transpose.
@@ -55,14 +46,6 @@ def pseudo_huber(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     float32 once ``|r/c|`` drops below ~3e-4, which would zero small residuals' loss and gradient.
     """
     return r.square() / (torch.sqrt(1.0 + (r / c).square()) + 1.0)
-
-
-def check_loss_params(*, gamma: float, alpha: float, beta: float, c_min: float, c_max: float, t_clamp: float) -> None:
-    """Raise ``UltraFluxError`` for hyper-parameters outside :class:`~ultraflux_model.config.LossConfig`'s ranges."""
-    try:
-        LossConfig(gamma=gamma, alpha=alpha, beta=beta, c_min=c_min, c_max=c_max, t_clamp=t_clamp)
-    except ValueError as err:  # pydantic's ValidationError lists every offending field
-        raise UltraFluxError(f"invalid loss parameters: {err}") from err
 
 
 def snr_weights(
@@ -88,19 +71,6 @@ def snr_weights(
     omega = t / (1.0 - t) * capped.pow(beta)
     c = c_min + (c_max - c_min) * (capped / gamma).pow(alpha)
     return omega, c
-
-
-def check_loss_inputs(pred_x0: torch.Tensor, target_x0: torch.Tensor, t: torch.Tensor) -> None:
-    """Raise ``UltraFluxError`` unless pred/target are equal-shape ``[B, C, H, W]`` (even H, W) and t is ``[B]``."""
-    _check_even_image(pred_x0, "pred_x0")
-    if pred_x0.shape != target_x0.shape:
-        raise UltraFluxError(
-            f"pred_x0 {tuple(pred_x0.shape)} and target_x0 {tuple(target_x0.shape)} must have the same shape"
-        )
-    if t.shape != (pred_x0.shape[0],):
-        raise UltraFluxError(f"t must be [B] = [{pred_x0.shape[0]}] (one time per sample), got {tuple(t.shape)}")
-    if not (pred_x0.is_floating_point() and target_x0.is_floating_point() and t.is_floating_point()):
-        raise UltraFluxError("pred_x0, target_x0 and t must be floating-point tensors")
 
 
 def snr_huber_wavelet_loss(

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ultraflux_model.diffusion.losses import check_loss_inputs, check_loss_params
+from ultraflux_model.diffusion.loss_checks import check_loss_inputs, check_loss_params
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.kernels.launch import check_launchable
 

@@ -22,7 +22,7 @@ import typer
 
 from ultraflux_model.config import load_config
 
-train_app = typer.Typer(no_args_is_help=True)
+train_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 
 
 @train_app.command("train")
@@ -65,6 +65,6 @@ def vae_train_command(
 
 
 if __name__ == "__main__":  # the entry point for torchrun -m / deepspeed --module
-    from ultraflux_model.cli import main
+    from ultraflux_model.console import run
 
-    main()
+    run(train_app)

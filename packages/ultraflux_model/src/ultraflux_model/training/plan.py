@@ -72,13 +72,9 @@ def count_parameters(config: dict[str, Any]) -> tuple[int, int, FluxShape]:
 
 
 def stage_batch(stage: StageConfig, world_size: int) -> tuple[int, int]:
-    """(per-rank micro-batch, global batch) of a stage.
-
-    Reads ``micro_batch``/``global_batch`` where the config has them, else today's ``batch_size × grad_accum``.
-    """
-    micro = getattr(stage, "micro_batch", None) or stage.batch_size
-    glob = getattr(stage, "global_batch", None) or stage.batch_size * stage.grad_accum * world_size
-    return int(micro), int(glob)
+    """(per-rank micro-batch, global batch) of a stage; ``world_size`` is checked to split the global batch."""
+    stage.grad_accum(world_size)  # refuses a global batch these ranks cannot split evenly
+    return stage.micro_batch, stage.global_batch
 
 
 def largest_bucket_tokens(family: str) -> tuple[int, tuple[int, int]]:

@@ -14,8 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ultraflux_eval.lineage import dvc_output_md5  # noqa: F401  (the trainer's data tag; re-exported)
 from ultraflux_model.config import TrackingConfig
 from ultraflux_model.errors import UltraFluxError
 
@@ -59,22 +58,6 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = str(value)[:6000]
     return out
-
-
-def dvc_output_md5(data_path: Path, lock_file: Path = Path("dvc.lock")) -> str:
-    """The md5 that ``dvc.lock`` records for the output at ``data_path`` ("untracked" when DVC does not track it).
-
-    More specific than a hash of the whole lock file: it changes only when the training data itself does.
-    """
-    if not lock_file.is_file():
-        return "untracked"
-    lock = yaml.safe_load(lock_file.read_text()) or {}
-    target = os.path.normpath(str(data_path))
-    for stage in (lock.get("stages") or {}).values():
-        for out in stage.get("outs", []) or []:
-            if os.path.normpath(str(out.get("path", ""))) == target:
-                return str(out.get("md5", "untracked"))
-    return "untracked"
 
 
 class Tracker:

@@ -7,18 +7,17 @@ engine and EMA, resumes from the latest checkpoint when asked, then loops::
     z (cached latents), ε and t (drawn per sample from a seed derived from the step) →
     z_t = (1−t)·z + t·ε → v = DiT(z_t) → x̂₀ = z_t − t·v → SNR-aware Huber wavelet loss(x̂₀, z)
 
-Every random number of a step comes from generators seeded by (seed, stage, step, micro batch, sample),
-so the stream of noise does not depend on what ran before: a resumed run and an uninterrupted one see
-the same ε and t, and N ranks together see what one process with the global batch would.
+Every random number of a step comes from generators seeded by (seed, stage, step, sample), where sample is
+the sample's place in the step's global batch, so the stream of noise does not depend on what ran before or
+on how the global batch is split: a resumed run and an uninterrupted one see the same ε and t, and N ranks
+with A accumulation rounds see what one process with N·A rounds would (same samples, same noise).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
+from ultraflux_eval.lineage import git_sha
 from ultraflux_model.config import DeepSpeedConfig, LossConfig, StageConfig, UltraFluxConfig, dump_config
 from ultraflux_model.diffusion.latents import image_ids, pack_latents, text_ids, unpack_latents
 from ultraflux_model.diffusion.losses import training_loss, x0_from_velocity
@@ -42,6 +42,7 @@ from ultraflux_model.training.curriculum import (
 )
 from ultraflux_model.training.distributed import DistInfo, barrier, init_distributed, sum_across_ranks, use_bf16
 from ultraflux_model.training.ema import ShardedEma
+from ultraflux_model.training.host_memory import peak_rss_bytes
 from ultraflux_model.training.timesteps import timesteps_from_uniform
 from ultraflux_model.training.tracking import (
     Tracker,
@@ -73,9 +74,9 @@ class StageResult:
 def deepspeed_config(ds: DeepSpeedConfig, stage: StageConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON config for a stage: ``ds.config_file`` (with ``"auto"`` batch keys filled) or generated."""
     batch = {
-        "train_micro_batch_size_per_gpu": stage.batch_size,
-        "gradient_accumulation_steps": stage.grad_accum,
-        "train_batch_size": stage.batch_size * stage.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": stage.micro_batch,
+        "gradient_accumulation_steps": stage.grad_accum(world_size),
+        "train_batch_size": stage.global_batch,
     }
     bf16 = use_bf16(ds)
     if ds.config_file is not None:
@@ -86,8 +87,8 @@ def deepspeed_config(ds: DeepSpeedConfig, stage: StageConfig, world_size: int) -
         for key, value in batch.items():
             if config.get(key, "auto") not in ("auto", value):
                 raise UltraFluxError(
-                    f"{path} sets {key}={config[key]} but the stage needs {value} (batch_size={stage.batch_size}, "
-                    f"grad_accum={stage.grad_accum}, ranks={world_size}); set it to \"auto\""
+                    f"{path} sets {key}={config[key]} but the stage needs {value} (micro_batch={stage.micro_batch}, "
+                    f"global_batch={stage.global_batch}, ranks={world_size}); set it to \"auto\""
                 )
             config[key] = value
         if config.get("gradient_clipping") == "auto":
@@ -115,19 +116,28 @@ def deepspeed_config(ds: DeepSpeedConfig, stage: StageConfig, world_size: int) -
     }
 
 
-def sample_seed(seed: int, stage: int, step: int, micro: int, sample: int) -> int:
-    """A well-mixed 63-bit seed for one sample of one micro batch (independent streams per tuple)."""
-    return int(np.random.SeedSequence([seed, stage, step, micro, sample]).generate_state(2, np.uint64)[0] >> 1)
+def sample_seed(seed: int, stage: int, step: int, sample: int) -> int:
+    """A well-mixed 63-bit seed for one sample of a step's global batch (independent streams per tuple)."""
+    return int(np.random.SeedSequence([seed, stage, step, sample]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def first_sample_of(micro: int, rank: int, world_size: int, micro_batch: int) -> int:
+    """Place in the step's global batch of the first sample of accumulation round ``micro`` on ``rank``.
+
+    Round ``micro`` of ``rank`` takes the sampler's global micro batch ``micro·world_size + rank`` of the step
+    (``BucketBatchSampler`` deals global batches round-robin over ranks), so this is that batch's offset.
+    """
+    return (micro * world_size + rank) * micro_batch
 
 
 def draw_noise_and_t(
-    latent_shape: tuple[int, ...], first_sample: int, *, seed: int, stage_index: int, step: int, micro: int,
+    latent_shape: tuple[int, ...], first_sample: int, *, seed: int, stage_index: int, step: int,
     stage: StageConfig, timesteps: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """ε ``[B, C, h, w]`` and t ``[B]`` (CPU, fp32) for samples ``first_sample ..`` of a global micro batch."""
+    """ε ``[B, C, h, w]`` and t ``[B]`` (CPU, fp32) for samples ``first_sample ..`` of the step's global batch."""
     noise, uniform = [], []
     for i in range(latent_shape[0]):
-        g = torch.Generator().manual_seed(sample_seed(seed, stage_index, step, micro, first_sample + i))
+        g = torch.Generator().manual_seed(sample_seed(seed, stage_index, step, first_sample + i))
         uniform.append(torch.rand((), generator=g, dtype=torch.float64))
         noise.append(torch.randn(latent_shape[1:], generator=g))
     t = timesteps_from_uniform(torch.stack(uniform), timesteps, stage.t_min, stage.t_max)
@@ -176,8 +186,7 @@ def band_name(t: float) -> str:
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss_kb / (2**30 if sys.platform == "darwin" else 2**20)
+    return peak_rss_bytes() / 2**30
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -186,20 +195,22 @@ def peak_memory_gb(device: torch.device) -> float:
 class BatchStream:
     """Endless bucketed batches of one rank over a subset of the cache, with a resumable position."""
 
-    def __init__(self, dataset: Any, indices: list[int], batch_size: int, *, seed: int, dist: DistInfo) -> None:
+    def __init__(self, dataset: Any, indices: list[int], batch_size: int, *, seed: int, dist: DistInfo,
+                 grad_accum: int = 1) -> None:
         from ultraflux_model.data.buckets import BucketBatchSampler
 
         keys = dataset.bucket_keys()
         self.dataset, self.indices = dataset, indices
         self.sampler = BucketBatchSampler(
             [keys[i] for i in indices], batch_size, seed=seed, rank=dist.rank, world_size=dist.world_size,
-            drop_last=True,
+            drop_last=True, step_batches=grad_accum,
         )
         if len(self.sampler) == 0:
             raise UltraFluxError(
-                f"the stage's subset has {len(indices)} cached samples, too few for one batch of {batch_size} per "
-                f"rank on {dist.world_size} rank(s) within one aspect-ratio bucket; lower the stage's batch_size, "
-                "widen its subset or cache more data"
+                f"the stage's subset has {len(indices)} cached samples, too few for one optimizer step of "
+                f"{grad_accum} micro batch(es) of {batch_size} per rank on {dist.world_size} rank(s), each within "
+                "one aspect-ratio bucket; lower the stage's micro_batch or global_batch, widen its subset or cache "
+                "more data"
             )
         self._iter: Iterator[list[int]] | None = None
 
@@ -261,7 +272,9 @@ def write_sample_grids(export_dir: Path, cfg: UltraFluxConfig, out_dir: Path, tr
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def _load_transformer(path: Path) -> torch.nn.Module:
+def _load_transformer(path: Path, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """The transformer to train; under ZeRO-3 built partitioned with its weights streamed into the partitions
+    (no rank ever holds the whole model), otherwise loaded whole in fp32 for DeepSpeed to wrap."""
     from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 
     if not (path / "config.json").is_file():
@@ -270,12 +283,14 @@ def _load_transformer(path: Path) -> torch.nn.Module:
             "(ultraflux init-tiny DIR writes a tiny one); later stages start from the previous stage's export, "
             "so run that stage first"
         )
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        from ultraflux_model.training.partitioned import build_partitioned
+
+        return build_partitioned(UltraFluxTransformer2DModel, path, ds_config)
     return UltraFluxTransformer2DModel.from_pretrained(path, torch_dtype=torch.float32)
 
 
 def _tracker_for(cfg: UltraFluxConfig, plan: StagePlan, dist: DistInfo, resume: bool) -> Tracker:
-    from ultraflux_eval.registry import git_sha
-
     run_dir = Path(cfg.train.run_dir)
     uri = resolve_tracking_uri(cfg.tracking, run_dir)
     tracker = Tracker(uri, cfg.tracking.experiment, active=dist.is_main, artifact_dir=run_dir / "mlartifacts")
@@ -310,6 +325,7 @@ def train_stage(cfg: UltraFluxConfig, stage: str | int, *, resume: bool = False)
             "another train.run_dir"
         )
     dist = init_distributed(train.deepspeed)
+    grad_accum = st.grad_accum(dist.world_size)  # refuses a global batch the ranks cannot split evenly
     plan.dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(train.seed)
     import deepspeed
@@ -317,12 +333,14 @@ def train_stage(cfg: UltraFluxConfig, stage: str | int, *, resume: bool = False)
     from ultraflux_model.data.cache import CachedLatentDataset
 
     dataset = CachedLatentDataset(train.cache_dir, subset=None if st.subset == "all" else st.subset)
-    stream = BatchStream(dataset, list(range(len(dataset))), st.batch_size, seed=train.seed, dist=dist)
+    stream = BatchStream(dataset, list(range(len(dataset))), st.micro_batch, seed=train.seed, dist=dist,
+                         grad_accum=grad_accum)
 
     from ultraflux_model.inference.pipeline import resolve_checkpoint
 
     base = resolve_checkpoint(train.model)  # a local folder, or a hub id fetched as safetensors only
-    model = _load_transformer(base / TRANSFORMER_DIR if plan.index == 0 else plan.init_from)
+    ds_config = deepspeed_config(train.deepspeed, st, dist.world_size)
+    model = _load_transformer(base / TRANSFORMER_DIR if plan.index == 0 else plan.init_from, ds_config)
     model.set_rope_kernel(cfg.kernels.rope)
     if train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -335,7 +353,7 @@ def train_stage(cfg: UltraFluxConfig, stage: str | int, *, resume: bool = False)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(train.deepspeed, st, dist.world_size), dist_init_required=False,
+        config=ds_config, dist_init_required=False,
     )
     dtype = torch.bfloat16 if use_bf16(train.deepspeed) else torch.float32
     ema = ShardedEma(engine.module, train.ema.decay) if train.ema.enabled else None
@@ -357,12 +375,12 @@ def train_stage(cfg: UltraFluxConfig, stage: str | int, *, resume: bool = False)
             started = time.perf_counter()
             # [summed micro-batch losses, images, image tokens] of this rank, all-reduced once per step
             totals = torch.zeros(3, dtype=torch.float64)
-            for micro in range(st.grad_accum):
+            for micro in range(grad_accum):
                 batch = stream.next(dist.device)
                 b, _, h, w = batch["latents"].shape
                 noise, t = draw_noise_and_t(
-                    tuple(batch["latents"].shape), dist.rank * b, seed=train.seed, stage_index=plan.index, step=step,
-                    micro=micro, stage=st, timesteps=train.timesteps,
+                    tuple(batch["latents"].shape), first_sample_of(micro, dist.rank, dist.world_size, b),
+                    seed=train.seed, stage_index=plan.index, step=step, stage=st, timesteps=train.timesteps,
                 )
                 t = t.to(dist.device)
                 pred_x0, target = predict_x0(engine, batch, noise, t, guidance=guidance, dtype=dtype)
@@ -376,7 +394,7 @@ def train_stage(cfg: UltraFluxConfig, stage: str | int, *, resume: bool = False)
             if ema is not None:
                 ema.update()
             loss_sum, images, tokens = sum_across_ranks(totals).tolist()
-            mean_loss = loss_sum / (st.grad_accum * dist.world_size)
+            mean_loss = loss_sum / (grad_accum * dist.world_size)
             seconds = time.perf_counter() - started
             result.steps.append(step + 1)
             result.losses.append(mean_loss)
