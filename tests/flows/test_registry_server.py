@@ -112,6 +112,8 @@ def test_release_fetch_generate_serve_and_promote_through_the_server(tmp_path, t
     # 3. `mlflow models serve` of the alias (its own cache: it downloads too) answers with an image
     port = free_port()
     serve_env = _client_env(tmp_path, uri, "cache-serve")
+    # `mlflow models serve` execs `uvicorn` by name: the venv's bin must be on PATH, as in an activated venv
+    serve_env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), serve_env.get("PATH", "")])
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/ultraflux@champion", "--env-manager",
            "local", "--host", "127.0.0.1", "--port", str(port)]
     with ServerProcess("mlflow models serve", cmd, f"http://127.0.0.1:{port}/ping", tmp_path / "logs" / "serve.log",
