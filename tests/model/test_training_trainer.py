@@ -18,8 +18,7 @@ import scipy.special
 import torch
 from safetensors.torch import load_file
 
-from ultraflux_model.config import DataConfig, UltraFluxConfig, dump_config
-from ultraflux_model.data import stages as data_stages
+from ultraflux_model.config import UltraFluxConfig, dump_config
 from ultraflux_model.data.cache import CachedLatentDataset
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
@@ -32,19 +31,10 @@ REPO = Path(__file__).resolve().parents[2]
 LAUNCH_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The real data pipeline on the synthetic set: ingest → score → filter → bucket → shard → cache."""
-    root = tmp_path_factory.mktemp("data")
-    cfg = DataConfig.model_validate({"root": str(root), "synthetic": {"n": 16}, "cache": {"model": str(tiny_checkpoint),
-                                                                                          "max_sequence_length": 8}})
-    data_stages.run_ingest(cfg, progress=False)
-    data_stages.run_score(cfg, progress=False)
-    data_stages.run_filter(cfg)
-    data_stages.run_bucket(cfg)
-    data_stages.run_shard(cfg, progress=False)
-    data_stages.run_cache(cfg, progress=False)
-    return root / "cache"
+@pytest.fixture(scope="session")
+def cache_dir(training_cache: Path) -> Path:
+    """The real data pipeline's cache on the synthetic set (tests/model/conftest.py)."""
+    return training_cache
 
 
 def make_cfg(base: Path, cache: Path, run_dir: Path, stages: list[dict], **train: object) -> UltraFluxConfig:
