@@ -34,7 +34,8 @@ from ultraflux_eval.session import run_evaluation
 from ultraflux_eval.tracking import check_tracking_reachable, resolve_tracking_uri
 from ultraflux_model.config import GenerateConfig, ServeConfig, UltraFluxConfig, dump_config, resolve_config
 from ultraflux_model.pretrained import resolve_checkpoint
-from ultraflux_model.release import is_registry_uri, log_release
+from ultraflux_model.release import is_registry_uri
+from ultraflux_model.serving.publish import log_release
 from ultraflux_model.serving.pyfunc import serving_config
 from ultraflux_model.training.tracking import resolve_tracking_uri as resolve_root_tracking_uri
 

@@ -21,7 +21,8 @@ from PIL import Image
 from ultraflux_model import UltraFluxError, UltraFluxTransformer2DModel
 from ultraflux_model.config import GenerateConfig, ServeConfig
 from ultraflux_model.pretrained import assemble_checkpoint, fingerprint, resolve_checkpoint
-from ultraflux_model.release import BLOBS_DIR, CACHE_ENV, Manifest, fetch_release, log_release
+from ultraflux_model.release import BLOBS_DIR, CACHE_ENV, Manifest, fetch_release
+from ultraflux_model.serving.publish import log_release
 from ultraflux_model.serving.pyfunc import parse_requests, serving_config
 
 TAGS = {"git_sha": "abc", "dvc_data_hash": "none", "config_hash": "0"}

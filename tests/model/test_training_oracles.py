@@ -45,7 +45,7 @@ def reference_timesteps(n: int, cfg: TimestepConfig, t_min: float, t_max: float,
 
 def trainer_timesteps(cfg: TimestepConfig, st: StageConfig, n: int = N_DRAWS, step: int = 0) -> tuple[torch.Tensor,
                                                                                                        torch.Tensor]:
-    noise, t = draw_noise_and_t((n, 1, 2, 2), 0, seed=1234, stage_index=1, step=step, micro=0, stage=st,
+    noise, t = draw_noise_and_t((n, 1, 2, 2), 0, seed=1234, stage_index=1, step=step, stage=st,
                                 timesteps=cfg)
     return noise, t
 

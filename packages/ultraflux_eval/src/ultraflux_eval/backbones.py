@@ -33,6 +33,7 @@ import torch
 import yaml
 from torch import nn
 
+from ultraflux_eval.checkpoints import load_state_dict_file
 from ultraflux_eval.errors import EvalError
 
 MANIFEST = "manifest.yaml"
@@ -261,16 +262,6 @@ def load_clip(folder: Path) -> ClipBundle:
     except (OSError, ValueError) as err:
         raise EvalError(f"cannot load the CLIP backbone from {folder}: {err}") from err
     return ClipBundle(model, tokenizer, processor, max_length=model.config.text_config.max_position_embeddings)
-
-
-def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
-    """safetensors, or a torch checkpoint read with ``weights_only=True`` (never unpickles code)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
 def load_aesthetic_head(path: Path) -> AestheticHead:

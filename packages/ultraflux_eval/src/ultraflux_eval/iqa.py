@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ultraflux_eval.checkpoints import load_state_dict_file
 from ultraflux_eval.errors import EvalError
 
 PYIQA_HINT = "pip install 'ultraflux-eval[paper]' && pip install --no-deps pyiqa==0.1.16"
@@ -67,8 +68,6 @@ def build_musiq(state_dict: dict[str, torch.Tensor] | None = None, tiny: bool = 
 
 def load_musiq(path: Path) -> MusiqScorer:
     """pyiqa's MUSIQ checkpoint (``.pth`` read with ``weights_only=True``, or ``.safetensors``)."""
-    from ultraflux_eval.backbones import load_state_dict_file
-
     try:
         state = load_state_dict_file(Path(path))
     except Exception as err:  # noqa: BLE001 - unsafe or corrupt pickles raise several types

@@ -18,6 +18,10 @@ the same weights share one cached copy, and a cached copy is never stale.
 Blobs are read and written through MLflow's own artifact repositories (``mlflow-artifacts:`` through the tracking
 server's proxy, ``s3://``, local files), so clients need only the tracking URI, never store credentials of their own
 when the server proxies artifacts.
+
+Logging a release (the writing side, which needs the pyfunc flavor and so the model package) lives in
+``ultraflux_model.serving.publish``; this module is the storage layout and the way back, which
+``pretrained.resolve_checkpoint`` uses without importing any model code.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ultraflux_model.errors import UltraFluxError
 
@@ -145,64 +148,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-@dataclass(frozen=True)
-class LoggedRelease:
-    """A checkpoint logged as an MLflow model: ``model_uri`` (``models:/<model_id>``) is what registry versions
-    point at; ``uploaded`` lists the blobs this release had to send."""
-
-    model_id: str
-    model_uri: str
-    manifest: Manifest
-    uploaded: list[str]
-
-
-def log_release(
-    checkpoint: Path,
-    tracking_uri: str,
-    run_id: str,
-    serving: dict[str, Any] | None = None,
-    name: str = "ultraflux",
-) -> LoggedRelease:
-    """Log ``checkpoint`` as a pyfunc MLflow model of run ``run_id`` (blobs content-addressed, see the module doc).
-
-    ``serving`` is the served model's config (generation defaults and request ceilings,
-    :func:`ultraflux_model.serving.pyfunc.serving_config`); it defaults to ``GenerateConfig()``'s values.
-    """
-    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
-    from mlflow.models import Model
-    from mlflow.tracking import MlflowClient
-
-    from ultraflux_model.pretrained import check_checkpoint_layout
-    from ultraflux_model.serving.pyfunc import save_pyfunc_model, serving_config
-
-    checkpoint = Path(checkpoint)
-    check_checkpoint_layout(checkpoint)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    run = client.get_run(run_id)
-    experiment = client.get_experiment(run.info.experiment_id)
-    manifest = build_manifest(checkpoint, f"{experiment.artifact_location.rstrip('/')}/{BLOBS_DIR}")
-    uploaded = upload_missing_blobs(checkpoint, manifest, tracking_uri)
-    logged = client.create_logged_model(
-        experiment_id=run.info.experiment_id, name=name, source_run_id=run_id, model_type="text-to-image",
-        tags={"ultraflux.content_hash": manifest.content_hash, "ultraflux.bytes": str(manifest.total_bytes)},
-    )
-    try:
-        with tempfile.TemporaryDirectory(prefix="ultraflux-model-") as tmp:
-            manifest_path = Path(tmp) / MANIFEST_NAME
-            manifest_path.write_text(manifest.to_json())
-            mlflow_model = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
-                                 model_id=logged.model_id)
-            local = Path(tmp) / "model"
-            save_pyfunc_model(local, manifest_path, serving or serving_config(), mlflow_model)
-            client.log_model_artifacts(logged.model_id, str(local))
-        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-    except Exception:
-        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
-        raise
-    client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-    return LoggedRelease(logged.model_id, f"models:/{logged.model_id}", manifest, uploaded)
-
-
 def model_cache_root() -> Path:
     """``$ULTRAFLUX_MODEL_CACHE``, else ``$XDG_CACHE_HOME/ultraflux/models`` (``~/.cache/ultraflux/models``)."""
     configured = os.environ.get(CACHE_ENV)
@@ -280,7 +225,7 @@ def release_manifest(model_uri: str, tracking_uri: str) -> Manifest:
         if not manifest_path.is_file():
             raise UltraFluxError(
                 f"{model_uri} is not an UltraFlux release (no artifacts/{MANIFEST_NAME}); log releases with "
-                "flows/release_flow.py or ultraflux_model.release.log_release"
+                "flows/release_flow.py or ultraflux_model.serving.publish.log_release"
             )
         return Manifest.read(manifest_path)
 

@@ -72,8 +72,9 @@ def count_parameters(config: dict[str, Any]) -> tuple[int, int, FluxShape]:
 
 
 def stage_batch(stage: StageConfig, world_size: int) -> tuple[int, int]:
-    """(per-rank micro-batch, global batch) of a stage; ``world_size`` is checked to split the global batch."""
-    stage.grad_accum(world_size)  # refuses a global batch these ranks cannot split evenly
+    """(per-rank micro-batch, global batch) of a stage. A plan reports a global batch that ``world_size`` ranks cannot
+    split evenly (fractional accumulation in the table) instead of refusing it, as training would."""
+    del world_size
     return stage.micro_batch, stage.global_batch
 
 
