@@ -222,7 +222,9 @@ def server_promotion_lock(uri: str, model_name: str, timeout_s: float = LOCK_TIM
             )
             break
         except MlflowException as err:
-            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+            # RESOURCE_DOES_NOT_EXIST too: on a name clash the SQL store re-reads the existing model, which its
+            # holder may have deleted meanwhile (mlflow's SqlAlchemyStore.create_registered_model) — still "busy"
+            if not any(code in str(err.error_code) for code in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST")):
                 raise
         holder = _break_if_expired(client, lock_name, ttl_s)
         if time.monotonic() > deadline:
