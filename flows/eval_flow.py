@@ -20,10 +20,8 @@ from prefect import flow, get_run_logger, task
 from ultraflux_eval.config import EvalConfig
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.evaluate import benchmark_prompts, load_image_dir, validate_spec
+from ultraflux_eval.lineage import config_hash, dvc_data_hash, git_sha
 from ultraflux_eval.registry import (
-    config_hash,
-    dvc_data_hash,
-    git_sha,
     is_registered_model_uri,
     promote_if_better,
     record_evaluation,

@@ -17,13 +17,13 @@ from ultraflux_model.config import (
     TrainConfig,
     UltraFluxConfig,
 )
+from ultraflux_eval.lineage import dvc_output_md5
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.training.curriculum import stage_plans
 from ultraflux_model.training.ema import ShardedEma
 from ultraflux_model.training.timesteps import sample_timesteps, shift_timesteps, unshift_timesteps
 from ultraflux_model.training.tracking import (
     check_tracking_reachable,
-    dvc_output_md5,
     flatten,
     resolve_tracking_uri,
 )

@@ -35,7 +35,6 @@ from filelock import FileLock, Timeout
 
 from ultraflux_eval.config import PromotionConfig
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.lineage import config_hash, dvc_data_hash, git_sha  # noqa: F401  (re-exported for callers)
 from ultraflux_eval.tracking import client_for
 
 TAG_KEYS = ("git_sha", "dvc_data_hash", "config_hash", "eval_run_id")

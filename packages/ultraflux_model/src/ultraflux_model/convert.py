@@ -29,9 +29,9 @@ from pathlib import Path
 import typer
 
 from ultraflux_model.errors import UltraFluxError
+from ultraflux_model.filesystem import link_or_copy
 from ultraflux_model.pretrained import (
     CHECKPOINT_PARTS,
-    _link_or_copy,
     assemble_checkpoint,
     check_checkpoint_layout,
     resolve_checkpoint,
@@ -110,12 +110,12 @@ def convert_flux_dev(src: str | Path, dst: str | Path, vae: str = "f16-init") ->
     tmp.mkdir(parents=True)
     for part in CHECKPOINT_PARTS:
         source = vae_source if part == "vae" else root / part
-        shutil.copytree(source, tmp / part, copy_function=_link_or_copy,
+        shutil.copytree(source, tmp / part, copy_function=link_or_copy,
                         ignore=shutil.ignore_patterns(".ultraflux-fingerprint.json"))
     _write_config(tmp / "transformer" / "config.json", transformer)
     _write_config(tmp / "vae" / "config.json", vae_config)
     if (root / "model_index.json").is_file():
-        _link_or_copy(str(root / "model_index.json"), str(tmp / "model_index.json"))
+        link_or_copy(str(root / "model_index.json"), str(tmp / "model_index.json"))
     check_checkpoint_layout(tmp)
     tmp.rename(dst)
     return dst

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ultraflux_model.errors import UltraFluxError
+from ultraflux_model.filesystem import link_or_copy
 from ultraflux_model.release import fetch_release, is_registry_uri
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -180,7 +181,7 @@ def assemble_checkpoint(base: Path | str, out: Path | str, replace: dict[str, Pa
         shutil.copytree(
             Path(replace.get(part) or root / part),
             tmp / part,
-            copy_function=_link_or_copy,
+            copy_function=link_or_copy,
             ignore=shutil.ignore_patterns(_HASH_CACHE),
         )
     if (root / "model_index.json").is_file():
@@ -193,14 +194,6 @@ def assemble_checkpoint(base: Path | str, out: Path | str, replace: dict[str, Pa
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
     return out
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-        return dst
-    except OSError:  # other filesystem, or links not allowed
-        return shutil.copy2(src, dst)
 
 
 def fingerprint(directory: Path) -> str:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ultraflux_model.errors import UltraFluxError
+from ultraflux_model.filesystem import file_sha256, link_or_copy
 
 MANIFEST_FORMAT = "ultraflux-release/1"
 MANIFEST_NAME = "manifest.json"
@@ -48,14 +49,6 @@ _SKIP_FILES = frozenset({".ultraflux-fingerprint.json"})  # a local hash cache, 
 def is_registry_uri(model: str | os.PathLike) -> bool:
     """``models:/…`` or ``runs:/…``: a model that lives in an MLflow tracking server / registry."""
     return str(model).startswith(REGISTRY_SCHEMES)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -135,17 +128,10 @@ def upload_missing_blobs(checkpoint: Path, manifest: Manifest, tracking_uri: str
     with tempfile.TemporaryDirectory(prefix="ultraflux-blobs-") as tmp:
         for sha in missing:
             staged = Path(tmp) / sha  # the artifact repository names the object after the local file
-            _link_or_copy(by_hash[sha], staged)
+            link_or_copy(by_hash[sha], staged)
             repo.log_artifact(str(staged))
             staged.unlink()
     return missing
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem
-        shutil.copyfile(src, dst)
 
 
 def model_cache_root() -> Path:

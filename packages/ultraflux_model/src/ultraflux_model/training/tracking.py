@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ultraflux_eval.lineage import dvc_output_md5  # noqa: F401  (the trainer's data tag; re-exported)
 from ultraflux_model.config import TrackingConfig
 from ultraflux_model.errors import UltraFluxError
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
-from ultraflux_eval.lineage import git_sha
+from ultraflux_eval.lineage import dvc_output_md5, git_sha
 from ultraflux_model.config import DeepSpeedConfig, LossConfig, StageConfig, UltraFluxConfig, dump_config
 from ultraflux_model.diffusion.latents import image_ids, pack_latents, text_ids, unpack_latents
 from ultraflux_model.diffusion.losses import training_loss, x0_from_velocity
@@ -47,7 +47,6 @@ from ultraflux_model.training.timesteps import timesteps_from_uniform
 from ultraflux_model.training.tracking import (
     Tracker,
     check_tracking_reachable,
-    dvc_output_md5,
     flatten,
     resolve_tracking_uri,
 )
