@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ultraflux_eval.checkpoints import load_state_dict_file
 from ultraflux_eval.errors import EvalError
 
 INPUT_SIDE = 299
@@ -130,12 +131,12 @@ def _skeleton() -> nn.Module:
 
 def load_standard_inception(path: Path) -> StandardInception:
     """torch-fidelity's Inception from its weights file (``weights-inception-2015-12-05-6726825d.pth`` format),
-    read once with ``torch.load(weights_only=True)``: tensors only, never code."""
+    read once through ``checkpoints.load_state_dict_file``: tensors only, never code."""
     path = Path(path)
     if not path.is_file():
         raise EvalError(f"Inception weights {path} do not exist: run `ultraflux-eval weights fetch --only fid`")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_state_dict_file(path)
     except Exception as err:  # noqa: BLE001 - torch raises several types for unsafe or corrupt pickles
         raise EvalError(f"{path} is not a plain tensor checkpoint (refused to unpickle it): {err}") from err
     if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
