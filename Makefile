@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements/ci.txt requirements/constraints.txt packages/ul
 	  else echo "note: install chromium and chromium-driver (apt) for the browser test"; fi; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/ci.txt -c requirements/constraints.txt
-	$(PY) -m pip install -q --no-deps -c requirements/constraints.txt pyiqa  # MUSIQ arch code; see docs/evaluation.md
+	$(PY) -m pip install -q --no-deps -c requirements/constraints.txt pyiqa  # MUSIQ and Q-Align arch code; see docs/evaluation.md
 	touch $@
 
 setup: $(VENV)/.installed

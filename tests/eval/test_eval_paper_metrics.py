@@ -42,9 +42,7 @@ def test_metrics_cli_lists_every_paper_metric(tmp_path):
         "fid", "hpsv3", "pickscore", "artimuse", "clip_score", "qalign", "musiq"}
 
 
-def test_unimplemented_and_missing_extras_are_clear_errors(monkeypatch):
-    with pytest.raises(EvalError, match="has no scorer in this version"):
-        require_metric("qalign")
+def test_missing_extras_are_clear_errors(monkeypatch):
     import builtins
 
     real_import = builtins.__import__
@@ -56,8 +54,9 @@ def test_unimplemented_and_missing_extras_are_clear_errors(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_pyiqa)
     monkeypatch.delitem(__import__("sys").modules, "pyiqa", raising=False)
-    with pytest.raises(EvalError, match=r"needs the `paper` extra .*ultraflux-eval\[paper\]"):
-        require_metric("musiq")
+    for metric in ("musiq", "qalign"):
+        with pytest.raises(EvalError, match=r"needs the `paper` extra .*ultraflux-eval\[paper\]"):
+            require_metric(metric)
 
 
 def test_musiq_real_architecture_loads_from_a_verified_checkpoint(tmp_path, pictures):
@@ -77,9 +76,10 @@ def test_musiq_real_architecture_loads_from_a_verified_checkpoint(tmp_path, pict
 
 
 def test_tiny_learned_paper_metrics_run_in_the_evaluation(pictures):
-    spec = BenchmarkConfig(metrics=("glcm", "musiq", "hpsv3"), aspect_ratios=BenchmarkConfig().aspect_ratios)
-    results = evaluate(pictures, PROMPTS, spec, backbones=bb.tiny_backbones(["musiq", "hpsv3"]))
-    for metric in ("musiq", "hpsv3"):
+    learned = ("musiq", "hpsv3", "qalign", "artimuse")
+    spec = BenchmarkConfig(metrics=("glcm", *learned), aspect_ratios=BenchmarkConfig().aspect_ratios)
+    results = evaluate(pictures, PROMPTS, spec, backbones=bb.tiny_backbones(learned))
+    for metric in learned:
         values = [row[metric] for row in results.rows]
         assert len(set(values)) == 3 and all(np.isfinite(values))  # varies with the image
         assert results.table["overall"][metric] == pytest.approx(np.mean(values))

@@ -27,7 +27,8 @@ def test_preset_validates_and_follows_the_protocol():
         assert width % 32 == 0 and height % 32 == 0  # token grid of the F16 VAE + 2x2 packing
     assert (cfg.generate.steps, cfg.generate.guidance, cfg.generate.shift) == (50, 4.0, 3.0)
     assert spec.seeds == (0,) and spec.fid_resize == "legacy" and spec.patch_size == 299
-    paper = {m.name for m in METRICS.values() if m.paper_4096 is not None and m.status == "ready"}
-    assert paper <= set(spec.metrics)  # every paper metric we can compute is in the list
+    paper = {m.name for m in METRICS.values() if m.paper_4096 is not None}
+    assert paper == {"fid", "clip_score", "pickscore", "hpsv3", "musiq", "qalign", "artimuse"}
+    assert paper <= set(spec.metrics)  # every metric of the paper's table is in the list
     assert spec.prompts_file is not None and spec.reference_dir is not None
     assert cfg.eval.backbones.source == "local"

@@ -26,19 +26,22 @@ def test_each_learned_column_names_its_scorer():
     images = [rng.integers(0, 256, (40, 56, 3), dtype=np.uint8) for _ in range(3)]
     known = [{"qalign_score": 4.5, "aesthetics_score": 7.0}, {"qalign_score": 2.0}, {}]
     rows = score_images(images, ScoringConfig(flat_patch=16), known)
-    assert [r["aesthetics_scorer"] for r in rows] == ["metadata", "laion-aesthetic:tiny", "laion-aesthetic:tiny"]
+    assert [r["aesthetics_scorer"] for r in rows] == ["metadata", "artimuse:tiny", "artimuse:tiny"]
     assert [r["qalign_scorer"] for r in rows] == ["metadata", "metadata", "qalign:tiny"]
+    assert 0.0 <= rows[1]["aesthetics_score"] <= 100.0 and 1.0 <= rows[2]["qalign_score"] <= 5.0
+    laion = score_images(images[:1], ScoringConfig(flat_patch=16, aesthetics_scorer="laion"), [{}])
+    assert laion[0]["aesthetics_scorer"] == "laion:tiny"
     none = score_images(images[:1], ScoringConfig(flat_patch=16, qalign="none", aesthetics="none"), [{}])
     assert none[0]["aesthetics_scorer"] is None and np.isnan(none[0]["aesthetics_score"])
 
 
 def test_one_scorer_ranks_and_a_mix_is_refused():
     cfg = FilterConfig(min_long_side=3840, min_short_side=2160, min_qalign=4.0, aesthetics_top=0.5)
-    out = apply_filters(_frame(["laion-aesthetic:tiny"] * 4), cfg)
+    out = apply_filters(_frame(["artimuse:tiny"] * 4), cfg)
     assert sorted(out.loc[out["in_train"], "key"]) == ["k2", "k3"]
     with pytest.raises(UltraFluxError, match=r"aesthetics_score mixes scores of different scorers "
-                                             r"\['laion-aesthetic:tiny', 'metadata'\]"):
-        apply_filters(_frame(["metadata", "metadata", "laion-aesthetic:tiny", "metadata"]), cfg)
+                                             r"\['artimuse:tiny', 'metadata'\]"):
+        apply_filters(_frame(["metadata", "metadata", "artimuse:tiny", "metadata"]), cfg)
     with pytest.raises(UltraFluxError, match="qalign_score mixes"):
         apply_filters(_frame(["metadata"] * 4, ["metadata", "qalign:tiny", "metadata", "metadata"]), cfg)
     # without the Q-Align rule its scorers do not matter; rows whose score is missing do not count as a scorer

@@ -10,7 +10,6 @@ from ultraflux_eval.scores import flat_percentage, load_rgb, shannon_entropy
 from ultraflux_model.config import ComputeConfig, FilterConfig, ScoringConfig
 from ultraflux_model.data.filters import apply_filters, select_subsets
 from ultraflux_model.data.ingest import ingest, read_manifest
-from ultraflux_model.data.qalign import TinyQAlign, qalign_readout
 from ultraflux_model.data.scoring import score_images, score_manifest, scoring_hash
 
 
@@ -120,15 +119,6 @@ def test_metadata_scores_are_reused_and_tiny_scorers_run(tmp_path):
     assert rows[1]["qalign_score"] == 2.0 and np.isfinite(rows[1]["aesthetics_score"])
     assert 1.0 <= rows[2]["qalign_score"] <= 5.0 and np.isfinite(rows[2]["aesthetics_score"])
     assert rows[1]["learned_from"] == "qalign_score:metadata,aesthetics_score:model"
-
-
-def test_qalign_readout_is_the_expected_level():
-    import torch
-
-    logits = torch.tensor([[50.0, 0, 0, 0, 0], [0, 0, 0, 0, 50.0], [0.0, 0, 0, 0, 0]])
-    assert torch.allclose(qalign_readout(logits), torch.tensor([5.0, 1.0, 3.0]))
-    scores = TinyQAlign()(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
-    assert scores.shape == (4,) and ((scores >= 1) & (scores <= 5)).all() and scores.std() > 0
 
 
 def _scores_frame() -> pd.DataFrame:

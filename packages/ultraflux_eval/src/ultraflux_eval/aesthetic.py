@@ -2,10 +2,13 @@
 
 - :class:`ClipAestheticScorer` — LAION-style aesthetic head on CLIP image embeddings (the dataset's
   ``aesthetics_score``; the ``aesthetic`` eval metric).
-- :class:`TorchImageScorer` — any ``nn.Module`` mapping float ``[N, 3, H, W]`` in [0, 1] to ``[N]`` scores. This is
-  the injection point for Q-Align, MUSIQ, ArtiMuse and similar IQA models: e.g. a ``pyiqa`` metric object
-  (``pyiqa.create_metric("musiq", pretrained_model_path=<local file>)`` is such a module) or a converted
-  checkpoint. The dataset filters (``Q-Align > 4``, aesthetics top 30 %) call the same interface.
+- :class:`TorchImageScorer` — any ``nn.Module`` mapping float ``[N, 3, H, W]`` in [0, 1] to ``[N]`` scores (MUSIQ;
+  also the injection point for other IQA networks, e.g. a ``pyiqa`` metric object).
+- Q-Align (:mod:`ultraflux_eval.qalign`) and ArtiMuse (:mod:`ultraflux_eval.artimuse`) are MLLM scorers with
+  their own prompt and preprocessing that implement the same interface.
+
+:func:`image_scorer` is the one place a no-reference metric's scorer is built from its backbones: the evaluation
+and the dataset filters (``Q-Align > 4``, ArtiMuse top 30 %, stage 2 top 5 %) both call it.
 
 Images are RGB ``uint8 [H, W, 3]`` arrays (or anything :func:`ultraflux_eval.scores.load_rgb` reads).
 """
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ultraflux_eval.backbones import AestheticHead, ClipBundle
+from ultraflux_eval.backbones import AestheticHead, Backbones, ClipBundle
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.scores import ImageLike, load_rgb
 
@@ -91,6 +94,22 @@ class TorchImageScorer:
                 )
             out.append(values[:, 0].double().cpu())
         return torch.cat(out).numpy()
+
+
+IMAGE_METRICS = ("aesthetic", "musiq", "qalign", "artimuse")  # no-reference, one score per image, no prompt
+
+
+def image_scorer(metric: str, backbones: Backbones, batch_size: int = 8, device: str = "cpu") -> ImageScorer:
+    """The scorer of a no-reference metric (:data:`IMAGE_METRICS`) over loaded ``backbones``."""
+    if metric == "aesthetic":
+        return ClipAestheticScorer(backbones.require("clip"), backbones.require("aesthetic_head"), batch_size, device)
+    if metric == "musiq":  # native resolution, one image at a time (MUSIQ's multi-scale patches need no resize)
+        return TorchImageScorer("musiq", backbones.require("musiq"), None, 1, device)
+    if metric in ("qalign", "artimuse"):  # MLLM scorers: their own preprocessing and prompt
+        scorer = backbones.require(metric)
+        scorer.batch_size = batch_size
+        return scorer.to(device)
+    raise EvalError(f"{metric!r} is not a no-reference image metric; those are {list(IMAGE_METRICS)}")
 
 
 def single_scorer(column: str, scorer_ids: Sequence[object]) -> str | None:

@@ -13,6 +13,8 @@ Production weights live in one directory with a ``manifest.yaml``::
       inception: inception/weights-inception-2015-12-05-6726825d.pth  # torch-fidelity's TF-ported Inception
       musiq: musiq/musiq_koniq_ckpt-e95806b9.pth   # pyiqa MUSIQ (KonIQ-10k), read with weights_only=True
       hpsv3: hpsv3                # Qwen2-VL-7B-Instruct config + processor files and HPSv3.safetensors
+      qalign: qalign              # q-future/one-align (mPLUG-Owl2): config, tokenizer, preprocessor, shards
+      artimuse: artimuse          # Thunderbolt215215/ArtiMuse (InternVL layout): config, tokenizer, shards
 
 Loading never downloads: a missing or altered file is an ``EvalError`` naming it (``ultraflux-eval weights fetch``
 fills the directory from the hubs at pinned revisions, see :mod:`ultraflux_eval.weights`). ``tiny`` backbones are
@@ -37,7 +39,7 @@ from ultraflux_eval.checkpoints import load_state_dict_file
 from ultraflux_eval.errors import EvalError
 
 MANIFEST = "manifest.yaml"
-ROLES = ("clip", "aesthetic_head", "pickscore", "hps", "inception", "musiq", "hpsv3")
+ROLES = ("clip", "aesthetic_head", "pickscore", "hps", "inception", "musiq", "hpsv3", "qalign", "artimuse")
 # which roles each metric needs
 METRIC_ROLES: dict[str, tuple[str, ...]] = {
     "clip_score": ("clip",),
@@ -48,6 +50,8 @@ METRIC_ROLES: dict[str, tuple[str, ...]] = {
     "patch_fid": ("inception",),
     "musiq": ("musiq",),
     "hpsv3": ("hpsv3",),
+    "qalign": ("qalign",),
+    "artimuse": ("artimuse",),
 }
 
 
@@ -289,6 +293,8 @@ class Backbones:
     fid_resize: str = "antialias"  # how whole images reach fid_size: antialias (tiny), legacy or clean (Inception)
     musiq: nn.Module | None = None
     hpsv3: object | None = None  # ultraflux_eval.hpsv3.HPSv3Scorer
+    qalign: object | None = None  # ultraflux_eval.qalign.QAlignScorer
+    artimuse: object | None = None  # ultraflux_eval.artimuse.ArtiMuseScorer
 
     def require(self, role: str) -> object:
         value = getattr(self, role)
@@ -323,6 +329,14 @@ def tiny_backbones(metrics: Iterable[str], seed: int = 0, fid_size: int = 64) ->
         from ultraflux_eval.hpsv3 import tiny_hpsv3
 
         out.hpsv3 = tiny_hpsv3(seed + 3)
+    if "qalign" in roles:
+        from ultraflux_eval.qalign import tiny_qalign
+
+        out.qalign = tiny_qalign(seed + 4)
+    if "artimuse" in roles:
+        from ultraflux_eval.artimuse import tiny_artimuse
+
+        out.artimuse = tiny_artimuse(seed + 5)
     return out
 
 
@@ -360,6 +374,14 @@ def local_backbones(
             from ultraflux_eval.hpsv3 import load_hpsv3
 
             out.hpsv3 = load_hpsv3(path)
+        elif role == "qalign":
+            from ultraflux_eval.qalign import load_qalign
+
+            out.qalign = load_qalign(path)
+        elif role == "artimuse":
+            from ultraflux_eval.artimuse import load_artimuse
+
+            out.artimuse = load_artimuse(path)
     return out
 
 

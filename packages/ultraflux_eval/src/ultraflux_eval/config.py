@@ -25,6 +25,8 @@ MetricName = Literal[
     "patch_fid",
     "musiq",
     "hpsv3",
+    "qalign",
+    "artimuse",
 ]
 WEIGHT_FREE_METRICS: tuple[str, ...] = ("glcm", "compression_ratio", "shannon_entropy", "flat_percentage")
 REFERENCE_METRICS: tuple[str, ...] = ("fid", "patch_fid")  # need a reference image directory

@@ -4,7 +4,7 @@
 metric's minimum, a reference set where FID is asked for), then computes:
 
 - per image: ``glcm``, ``shannon_entropy``, ``flat_percentage``, ``clip_score``, ``aesthetic``, ``pickscore``,
-  ``hps``, ``hpsv3``, ``musiq``, and any injected :class:`~ultraflux_eval.aesthetic.ImageScorer` (Q-Align, MUSIQ, ...);
+  ``hps``, ``hpsv3``, ``musiq``, ``qalign``, ``artimuse``, and any injected :class:`~ultraflux_eval.aesthetic.ImageScorer` (Q-Align, MUSIQ, ...);
 - per set: ``compression_ratio`` (Σ raw ÷ Σ JPEG bytes), ``fid`` (whole images) and ``patch_fid`` (native crops)
   against the reference images.
 
@@ -26,7 +26,7 @@ import numpy as np
 from rich.progress import track
 
 from ultraflux_eval import scores
-from ultraflux_eval.aesthetic import ClipAestheticScorer, ImageScorer, TorchImageScorer
+from ultraflux_eval.aesthetic import IMAGE_METRICS, ImageScorer, image_scorer
 from ultraflux_eval.alignment import PreferenceScorer, clip_score
 from ultraflux_eval.backbones import Backbones, tiny_backbones
 from ultraflux_eval.config import REFERENCE_METRICS, AspectSize, BenchmarkConfig
@@ -221,13 +221,10 @@ def evaluate(
     ]
 
     # Learned scorers, built once; the loop below decodes each image once and feeds every metric from it.
-    image_scorers: dict[str, ImageScorer] = dict(scorers or {})
-    if "aesthetic" in metrics:
-        clip, head = backbones.require("clip"), backbones.require("aesthetic_head")
-        image_scorers = {"aesthetic": ClipAestheticScorer(clip, head, batch_size, device), **image_scorers}
-    if "musiq" in metrics:  # native resolution, one image at a time (MUSIQ's multi-scale patches need no resize)
-        image_scorers = {"musiq": TorchImageScorer("musiq", backbones.require("musiq"), None, 1, device),
-                         **image_scorers}
+    image_scorers: dict[str, ImageScorer] = {
+        **{m: image_scorer(m, backbones, batch_size, device) for m in IMAGE_METRICS if m in metrics},
+        **(scorers or {}),
+    }
     preference = {
         name: PreferenceScorer(name, backbones.require(name), name, batch_size, device)
         for name in ("pickscore", "hps")

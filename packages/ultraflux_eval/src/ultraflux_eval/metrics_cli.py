@@ -18,11 +18,11 @@ def metrics_command(
 
     from ultraflux_eval.metrics import METRICS, weights_status
 
-    table = Table("metric", "kind", "backbone", "scale", "extra", "paper@4096", "weights", "status")
+    table = Table("metric", "kind", "backbone", "scale", "extra", "paper@4096", "weights", "comparable")
     for info in METRICS.values():
         table.add_row(info.name, info.kind, info.backbone, info.scale, info.extra or "-",
                       "-" if info.paper_4096 is None else f"{info.paper_4096:g}", weights_status(info, weights_dir),
-                      info.status)
+                      info.comparable)
     Console(width=220).print(table)
 
 

@@ -17,6 +17,7 @@ same fetch code runs against it in tests and on air-gapped machines.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -48,10 +49,17 @@ class Pin:
     revision: str | None  # HF commit / release tag; None = not pinned yet
     dest: str  # file or folder of the weights dir the role loads
     sha256: tuple[tuple[str, str], ...] = ()  # (file, full sha256) where known
+    optional: tuple[str, ...] = ()  # files taken when the repo has them (tokenizer variants differ between repos)
+    # a sharded checkpoint: the first of these index files the repo has; every shard its weight_map names is fetched
+    index: tuple[str, ...] = ()
 
     def target(self, name: str) -> str:
         """Where ``name`` lands in the weights dir."""
         return self.dest if len(self.files) == 1 and not self.dest.endswith("/") else f"{self.dest.rstrip('/')}/{name}"
+
+
+class MissingFile(EvalError):
+    """The hub has no such file in the pinned repo/revision."""
 
 
 PINS: tuple[Pin, ...] = (
@@ -70,6 +78,14 @@ PINS: tuple[Pin, ...] = (
     # HPSv3's base: its config and processor (the weights come with HPSv3.safetensors)
     Pin("hpsv3", "hf", "Qwen/Qwen2-VL-7B-Instruct", ("config.json", "preprocessor_config.json", "tokenizer.json",
                                                       "tokenizer_config.json", "chat_template.json"), None, "hpsv3/"),
+    # Q-Align's OneAlign (mPLUG-Owl2): LLaMA sentencepiece tokenizer, CLIP preprocessor, sharded weights
+    Pin("qalign", "hf", "q-future/one-align", ("config.json", "preprocessor_config.json", "tokenizer_config.json"),
+        None, "qalign/", optional=("tokenizer.model", "tokenizer.json", "special_tokens_map.json"),
+        index=("model.safetensors.index.json", "pytorch_model.bin.index.json")),
+    # ArtiMuse (InternVL3-8B layout): Qwen2 tokenizer with the <img>/<IMG_CONTEXT> tokens, safetensors shards
+    Pin("artimuse", "hf", "Thunderbolt215215/ArtiMuse", ("config.json", "tokenizer_config.json"), None, "artimuse/",
+        optional=("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json"),
+        index=("model.safetensors.index.json",)),
 )
 
 
@@ -99,7 +115,7 @@ class LocalHub:
     def download(self, pin: Pin, name: str, into: Path) -> Path:
         source = self._path(pin, name)
         if not source.is_file():
-            raise EvalError(f"{source} is missing from the local weights source")
+            raise MissingFile(f"{source} is missing from the local weights source")
         out = into / name
         shutil.copyfile(source, out)
         return out
@@ -119,14 +135,25 @@ class RemoteHub:
         if pin.kind == "url":
             import urllib.request
 
+            import urllib.error
+
             out = into / name
-            with urllib.request.urlopen(f"{pin.repo}/{name}", timeout=self.timeout_s) as response, \
-                    open(out, "wb") as handle:
-                shutil.copyfileobj(response, handle)
+            try:
+                with urllib.request.urlopen(f"{pin.repo}/{name}", timeout=self.timeout_s) as response, \
+                        open(out, "wb") as handle:
+                    shutil.copyfileobj(response, handle)
+            except urllib.error.HTTPError as err:
+                if err.code == 404:
+                    raise MissingFile(f"{pin.repo}/{name} does not exist (HTTP 404)") from err
+                raise
             return out
         from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
 
-        path = Path(hf_hub_download(pin.repo, name, revision=pin.revision, cache_dir=into / ".hf-cache"))
+        try:
+            path = Path(hf_hub_download(pin.repo, name, revision=pin.revision, cache_dir=into / ".hf-cache"))
+        except EntryNotFoundError as err:
+            raise MissingFile(f"{pin.repo}@{pin.revision or 'main'} has no file {name}") from err
         # the cache path is .../snapshots/<commit>/<name>: the commit `main` resolved to
         self._resolved[pin.repo] = path.parent.name
         return path
@@ -156,6 +183,11 @@ def _hand_list(pins: Iterable[Pin], weights_dir: Path) -> str:
     for pin in pins:
         where = f"https://huggingface.co/{pin.repo}/resolve/{pin.revision or 'main'}" if pin.kind == "hf" else pin.repo
         lines += [f"{where}/{name}  ->  {Path(weights_dir) / pin.target(name)}" for name in pin.files]
+        lines += [f"{where}/{name}  ->  {Path(weights_dir) / pin.target(name)}  (if the repo has it)"
+                  for name in pin.optional]
+        if pin.index:
+            lines.append(f"{where}/{' or '.join(pin.index)} and every shard its weight_map names  ->  "
+                         f"{Path(weights_dir) / pin.dest}")
     return "\n  ".join(lines)
 
 
@@ -191,6 +223,39 @@ def _check_sha(pin: Pin, name: str, path: Path) -> str:
     return digest
 
 
+def _fetch_one(pin: Pin, name: str, hub: Hub, weights_dir: Path, known: dict[str, str], tmp: Path) -> Path:
+    """Put ``name`` of ``pin`` in place (kept when the manifest already has it with the same sha256)."""
+    final = weights_dir / pin.target(name)
+    if final.is_file() and known.get(pin.target(name)) == sha256_file(final):
+        return final
+    got = hub.download(pin, name, tmp)
+    _check_sha(pin, name, got)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staged = final.with_name(final.name + ".part")
+    shutil.copyfile(got, staged)
+    os.replace(staged, final)  # a killed fetch never leaves a half-written weights file
+    return final
+
+
+def _shard_names(pin: Pin, hub: Hub, weights_dir: Path, known: dict[str, str], tmp: Path) -> list[str]:
+    """Fetch the first index file of ``pin.index`` the repo has; return the shard files it names."""
+    for index in pin.index:
+        try:
+            path = _fetch_one(pin, index, hub, weights_dir, known, tmp)
+        except MissingFile:
+            continue
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise EvalError(f"{pin.repo}/{index} is not a checkpoint index (no weight_map): {err}") from err
+        names = sorted(set(weight_map.values()))
+        unsafe = [n for n in names if "/" in n or n.startswith(".")]
+        if unsafe:
+            raise EvalError(f"{pin.repo}/{index} names shards outside its folder: {unsafe}")
+        return names
+    raise EvalError(f"{pin.repo}@{pin.revision or 'main'} has none of the checkpoint indexes {list(pin.index)}")
+
+
 def fetch_weights(
     weights_dir: Path,
     metrics: Iterable[str] | None = None,
@@ -218,16 +283,15 @@ def fetch_weights(
     with tempfile.TemporaryDirectory(dir=weights_dir, prefix=".fetch-") as tmp:
         for pin in pins:
             for name in pin.files:
-                rel = pin.target(name)
-                final = weights_dir / rel
-                if final.is_file() and old["files"].get(rel) == sha256_file(final):
+                _fetch_one(pin, name, hub, weights_dir, old["files"], Path(tmp))
+            for name in pin.optional:
+                try:
+                    _fetch_one(pin, name, hub, weights_dir, old["files"], Path(tmp))
+                except MissingFile:
                     continue
-                got = hub.download(pin, name, Path(tmp))
-                _check_sha(pin, name, got)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                staged = final.with_name(final.name + ".part")
-                shutil.copyfile(got, staged)
-                os.replace(staged, final)  # a killed fetch never leaves a half-written weights file
+            if pin.index:
+                for name in _shard_names(pin, hub, weights_dir, old["files"], Path(tmp)):
+                    _fetch_one(pin, name, hub, weights_dir, old["files"], Path(tmp))
             sources[f"{pin.role}:{pin.repo}"] = hub.resolved_revision(pin)
     backbones = dict(old.get("backbones", {}))
     backbones.update({p.role: p.dest.rstrip("/") for p in pins})

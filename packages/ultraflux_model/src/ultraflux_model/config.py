@@ -147,11 +147,15 @@ class ScoringConfig(Section):
 
     flat_patch: int = Field(64, ge=8, description="flatness patch side (official 240)")
     flat_threshold: float = Field(800.0, gt=0.0, description="Sobel-magnitude variance below this is flat")
-    qalign: Literal["tiny", "metadata", "none"] = Field(
-        "tiny", description="tiny: seeded random stand-in; metadata: only the metadata's qalign_score"
+    qalign: Literal["tiny", "local", "metadata", "none"] = Field(
+        "tiny", description="tiny: Q-Align's mPLUG-Owl2 at toy width, random; local: eval weights_dir (qalign); "
+        "metadata: only the metadata's qalign_score"
     )
     aesthetics: Literal["tiny", "local", "metadata", "none"] = Field(
-        "tiny", description="tiny: random CLIP + LAION head; local: eval weights_dir (clip, aesthetic_head)"
+        "tiny", description="tiny: aesthetics_scorer's architecture at toy width, random; local: eval weights_dir"
+    )
+    aesthetics_scorer: Literal["artimuse", "laion"] = Field(
+        "artimuse", description="artimuse: the paper's ArtiMuse (0-100); laion: LAION head on CLIP (1-10)"
     )
     weights_dir: Path = Field(Path("storage/eval-weights"), description="eval weights folder (manifest.yaml)")
     device: str = "cpu"

@@ -1,10 +1,10 @@
 """Score every ingested image, in parallel processes, into one resumable parquet.
 
 Weight-free scores come from ``ultraflux_eval.scores`` (the one implementation shared with evaluation):
-resolution, aspect ratio, flat percentage, Shannon entropy. Learned scores (Q-Align, aesthetics) come from
-``ultraflux_eval.aesthetic`` scorers with the backbones the config selects (tiny random ones in CI, local
-weights in production); when the metadata already carries them (``reuse_metadata_scores``) they are taken
-from there instead.
+resolution, aspect ratio, flat percentage, Shannon entropy. Learned scores (Q-Align, aesthetics by ArtiMuse or
+the LAION head) come from the evaluation's own scorers (``ultraflux_eval.aesthetic.image_scorer``) with the
+backbones the config selects (tiny random ones of the real architectures in CI, local weights in production);
+when the metadata already carries them (``reuse_metadata_scores``) they are taken from there instead.
 
 Work is cut into deterministic partitions (key-hash ranges, ``compute.partition_size`` images each) that
 ``ultraflux_model.compute`` runs in this process or on Ray (an actor pool, so learned scorers load once per
@@ -63,32 +63,34 @@ def scoring_hash(cfg: ScoringConfig, factory: Callable | None = None) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def default_scorers(cfg: ScoringConfig) -> dict[str, ScoreFn]:
-    """The learned scorers ``cfg`` asks for, keyed by score column (built with ``ultraflux_eval`` backbones).
+# the eval metric behind each data.scoring.aesthetics_scorer
+AESTHETIC_METRICS = {"artimuse": "artimuse", "laion": "aesthetic"}
 
-    ``aesthetics``: ``ClipAestheticScorer`` on tiny random CLIP + head, or on ``weights_dir`` (sha256-verified,
-    roles ``clip`` and ``aesthetic_head``). ``qalign``: the tiny stand-in through ``TorchImageScorer``.
-    """
-    scorers: dict[str, ScoreFn] = {}
+
+def _learned(cfg: ScoringConfig) -> dict[str, tuple[str, str, str]]:
+    """Score column → (scorer name, eval metric, backbone source) of the learned scores ``cfg`` computes."""
+    wanted = {}
     if cfg.aesthetics in ("tiny", "local"):
-        # imported here: weight-free-only workers then never pay for importing torch
-        from ultraflux_eval.aesthetic import ClipAestheticScorer
-        from ultraflux_eval.backbones import local_backbones, tiny_backbones
+        wanted["aesthetics_score"] = (cfg.aesthetics_scorer, AESTHETIC_METRICS[cfg.aesthetics_scorer], cfg.aesthetics)
+    if cfg.qalign in ("tiny", "local"):
+        wanted["qalign_score"] = ("qalign", "qalign", cfg.qalign)
+    return wanted
 
-        if cfg.aesthetics == "tiny":
-            nets = tiny_backbones(["aesthetic"])
-        else:
-            nets = local_backbones(cfg.weights_dir, ["aesthetic"])
-        aesthetic = ClipAestheticScorer(nets.require("clip"), nets.require("aesthetic_head"), cfg.batch_size,
-                                        cfg.device)
-        scorers["aesthetics_score"] = aesthetic.score
-    if cfg.qalign == "tiny":
-        from ultraflux_eval.aesthetic import TorchImageScorer
 
-        from ultraflux_model.data.qalign import TinyQAlign
+def default_scorers(cfg: ScoringConfig) -> dict[str, ScoreFn]:
+    """The learned scorers ``cfg`` asks for, keyed by score column: the evaluation's own scorers
+    (``ultraflux_eval.aesthetic.image_scorer``) on tiny random backbones or on ``weights_dir`` (sha256-verified).
 
-        scorers["qalign_score"] = TorchImageScorer("qalign", TinyQAlign(), size=64, batch_size=cfg.batch_size,
-                                                   device=cfg.device).score
+    ``aesthetics``: ArtiMuse (the paper's top-30 % / top-5 % ranking) or the LAION head; ``qalign``: Q-Align.
+    """
+    # imported here: weight-free-only workers then never pay for importing torch
+    from ultraflux_eval.aesthetic import image_scorer
+    from ultraflux_eval.backbones import backbones_from_config
+
+    scorers: dict[str, ScoreFn] = {}
+    for column, (_, metric, source) in _learned(cfg).items():
+        nets = backbones_from_config(source, cfg.weights_dir, [metric], fid_size=64)
+        scorers[column] = image_scorer(metric, nets, cfg.batch_size, cfg.device).score
     return scorers
 
 
@@ -99,9 +101,8 @@ def model_scorer_id(cfg: ScoringConfig, factory: Callable, column: str) -> str:
     """Id of the scorer a factory uses for ``column``: backbone and weights source, so scores from different
     networks (tiny vs local weights, LAION vs another head) never look alike."""
     if factory is default_scorers:
-        if column == "aesthetics_score":
-            return f"laion-aesthetic:{cfg.aesthetics}" + (f":{cfg.weights_dir}" if cfg.aesthetics == "local" else "")
-        return f"qalign:{cfg.qalign}"
+        name, _, source = _learned(cfg)[column]
+        return f"{name}:{source}" + (f":{cfg.weights_dir}" if source == "local" else "")
     return f"{factory.__module__}.{factory.__qualname__}:{column}"
 
 
