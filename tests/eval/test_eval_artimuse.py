@@ -64,12 +64,27 @@ def original_state(original: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
+def write_tokenizer(folder: Path) -> None:
+    """Qwen2 tokenizer files as InternVL releases them: vocab.json + merges.txt + tokenizer_config.json whose
+    added_tokens_decoder holds the chat and image tokens (no tokenizer.json)."""
+    vocab = tiny_tokenizer().get_vocab()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>"]
+    (folder / "vocab.json").write_text(json.dumps({k: i for k, i in vocab.items() if k not in specials}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    added = {str(vocab[token]): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
+                                 "single_word": False, "special": True} for token in specials}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": added, "additional_special_tokens": specials[1:],
+        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+        "errors": "replace", "model_max_length": 8192, "split_special_tokens": False}))
+
+
 def write_checkpoint(folder: Path, original: dict, state: dict[str, torch.Tensor], shards: int = 2) -> Path:
     """The released layout: config.json, tokenizer files, model-0000i-of-0000n.safetensors + index (or one
     model.safetensors without index when ``shards`` is 1)."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(original))
-    tiny_tokenizer().save_pretrained(folder)
+    write_tokenizer(folder)
     if shards == 1:
         save_file({k: t.contiguous() for k, t in state.items()}, folder / "model.safetensors")
         return folder
@@ -286,6 +301,14 @@ def test_strict_loading_names_the_offending_key(tmp_path, released):
     wrong = _variant(tmp_path / "d", released, lambda s: s.__setitem__("mlp1.3.bias", torch.zeros(5)))
     with pytest.raises(EvalError, match="size mismatch"):
         load_artimuse(wrong)
+    plain = _variant(tmp_path / "e", released, lambda s: None)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {i: t for i, t in config["added_tokens_decoder"].items()
+                                      if t["content"] != "<IMG_CONTEXT>"}
+    config["additional_special_tokens"].remove("<IMG_CONTEXT>")
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(EvalError, match=r"lacks InternVL's image tokens \['<IMG_CONTEXT>'\]"):
+        load_artimuse(plain)
 
 
 def test_pickles_and_missing_files_are_refused(tmp_path, released):
@@ -300,6 +323,11 @@ def test_pickles_and_missing_files_are_refused(tmp_path, released):
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "pytorch_model.bin"}}))
     with pytest.raises(EvalError, match="non-safetensors"):
         load_artimuse(folder)
+    (folder / "model.safetensors.index.json").unlink()
+    (folder / "model.safetensors").write_bytes(b"truncated")
+    write_tokenizer(folder)
+    with pytest.raises(EvalError, match="not a readable safetensors file"):
+        load_artimuse(folder)
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -309,6 +337,7 @@ def test_pickles_and_missing_files_are_refused(tmp_path, released):
     ({"downsample_ratio": 0.3}, "downsample_ratio"),
     ({"template": "phi3-chat"}, "template 'phi3-chat'"),
     ({"use_llm_lora": 128}, "LoRA"),
+    ({"llm_config": {"architectures": ["Qwen2ForCausalLM"], "hidden_size": "big"}}, "valid InternVL model"),
 ])
 def test_unsupported_configs_are_refused(change, message):
     original = {**tiny_original_config(400), **change}

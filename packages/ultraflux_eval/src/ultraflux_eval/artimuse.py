@@ -158,6 +158,7 @@ def convert_config(original: dict, *, image_token_id: int | None = None):
     passes through (legacy generation fields included); its ``rope_scaling`` only acts beyond
     ``max_position_embeddings``, far past the few-hundred-token score prompt.
     """
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import InternVLConfig
 
     if original.get("model_type", "internvl_chat") != "internvl_chat":
@@ -191,10 +192,13 @@ def convert_config(original: dict, *, image_token_id: int | None = None):
         use_mask_token=False, use_absolute_position_embeddings=True,
     )
     extra = {} if image_token_id is None else {"image_token_id": image_token_id}
-    return InternVLConfig(vision_config=vision_config, text_config=text, downsample_ratio=ratio,
-                          image_seq_length=num_image_tokens(original), projector_hidden_act="gelu",
-                          vision_feature_layer=-1, vision_feature_select_strategy="default",
-                          tie_word_embeddings=False, **extra)
+    try:
+        return InternVLConfig(vision_config=vision_config, text_config=text, downsample_ratio=ratio,
+                              image_seq_length=num_image_tokens(original), projector_hidden_act="gelu",
+                              vision_feature_layer=-1, vision_feature_select_strategy="default",
+                              tie_word_embeddings=False, **extra)
+    except (StrictDataclassError, TypeError, ValueError) as err:
+        raise EvalError(f"the ArtiMuse config.json does not describe a valid InternVL model: {err}") from err
 
 
 _VISION = "model.vision_tower."
@@ -318,6 +322,8 @@ def tiny_original_config(vocab_size: int, image_size: int = 56) -> dict:
     layer norm and qkv bias as in InternViT-300M, a 2-layer Qwen2 with GQA)."""
     return {
         "model_type": "internvl_chat", "architectures": ["InternVLChatModel"], "template": "internvl2_5",
+        "auto_map": {"AutoConfig": "configuration_internvl_chat.InternVLChatConfig",  # remote code: never run
+                     "AutoModel": "modeling_internvl_chat.InternVLChatModel"},
         "ps_version": "v2", "select_layer": -1, "downsample_ratio": 0.5, "force_image_size": image_size,
         "dynamic_image_size": True, "use_thumbnail": True, "max_dynamic_patch": 12,  # unused by score()
         "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
@@ -376,6 +382,7 @@ def load_artimuse(folder: Path, batch_size: int = 1, device: str = "cpu") -> Art
     """The released folder (``config.json`` of type internvl_chat, safetensors shards + index, tokenizer files),
     offline; built on the meta device and loaded strictly in place (no random init, no second copy)."""
     from accelerate import init_empty_weights
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
@@ -392,6 +399,9 @@ def load_artimuse(folder: Path, batch_size: int = 1, device: str = "cpu") -> Art
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
         raise EvalError(f"cannot load the ArtiMuse tokenizer from {folder}: {err}; {FETCH_HINT}") from err
+    lacking = [token for token in (IMG_START, IMG_END, IMG_CONTEXT) if token not in tokenizer.get_vocab()]
+    if lacking:
+        raise EvalError(f"the tokenizer in {folder} lacks InternVL's image tokens {lacking}")
     config = convert_config(original, image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT))
     # 8B parameters: built without memory or random init (meta device), then the checkpoint is assigned in
     # place; buffers stay real, since the rotary tables are not in the checkpoint
@@ -399,7 +409,11 @@ def load_artimuse(folder: Path, batch_size: int = 1, device: str = "cpu") -> Art
         model = InternVLForConditionalGeneration(config)
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        state.update(convert_checkpoint(load_file(shard)))
+        try:
+            tensors = load_file(shard)
+        except (OSError, SafetensorError) as err:
+            raise EvalError(f"{shard} is not a readable safetensors file ({err}); {FETCH_HINT}") from err
+        state.update(convert_checkpoint(tensors))
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
