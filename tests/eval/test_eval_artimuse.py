@@ -132,7 +132,12 @@ def hand_vit(state: dict, vision: dict, pixels: torch.Tensor) -> torch.Tensor:
     patches = F.conv2d(pixels, state[v + "embeddings.patch_embedding.weight"],
                        state[v + "embeddings.patch_embedding.bias"], stride=p).flatten(2).transpose(1, 2)
     cls = state[v + "embeddings.class_embedding"].expand(len(pixels), 1, -1)
-    x = torch.cat([cls, patches], 1) + state[v + "embeddings.position_embedding"]
+    position = state[v + "embeddings.position_embedding"]  # [1, 1 + g², C] for the config's image_size
+    g, side = math.isqrt(position.shape[1] - 1), math.isqrt(patches.shape[1])
+    grid = position[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)  # resampled as InternVisionEmbeddings does
+    grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+    position = torch.cat([position[:, :1], grid.reshape(1, -1, side * side).permute(0, 2, 1)], 1)
+    x = torch.cat([cls, patches], 1) + position
     batch, tokens, c = x.shape
     d = c // heads
     for i in range(vision["num_hidden_layers"]):
@@ -204,9 +209,10 @@ def test_vision_tower_and_projector_equal_internvit_by_hand(released, scorer, pi
 
 
 def test_internvit_6b_style_blocks_map_too(tmp_path, released, pictures):
-    """RMSNorm blocks with q/k normalisation and no qkv bias (InternViT-6B's variant) map and compute the same."""
+    """RMSNorm blocks with q/k normalisation and no qkv bias (InternViT-6B's variant) map and compute the same;
+    position embeddings trained at 42 px are resampled to the 56-px ``force_image_size``."""
     original = json.loads(json.dumps(released[1]))
-    original["vision_config"].update(norm_type="rms_norm", qk_normalization=True, qkv_bias=False)
+    original["vision_config"].update(norm_type="rms_norm", qk_normalization=True, qkv_bias=False, image_size=42)
     state = original_state(original, seed=3)
     scorer = load_artimuse(write_checkpoint(tmp_path / "ArtiMuse", original, state, shards=1))
     pixels = scorer.pixel_values(pictures)
@@ -328,6 +334,14 @@ def test_pickles_and_missing_files_are_refused(tmp_path, released):
     write_tokenizer(folder)
     with pytest.raises(EvalError, match="not a readable safetensors file"):
         load_artimuse(folder)
+
+
+def test_llama_language_model_converts_untied():
+    original = tiny_original_config(400)
+    original["llm_config"].update(architectures=["LlamaForCausalLM"], model_type="llama", tie_word_embeddings=True)
+    config = convert_config(original, image_token_id=7)
+    assert (config.text_config.model_type, config.tie_word_embeddings, config.image_token_id) == ("llama", False, 7)
+    assert (config.image_seq_length, config.vision_config.image_size) == (4, (56, 56))
 
 
 @pytest.mark.parametrize(("change", "message"), [
