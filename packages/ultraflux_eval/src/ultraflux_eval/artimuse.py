@@ -21,8 +21,9 @@ The release (``Thunderbolt215215/ArtiMuse``) ships remote code (``InternVLChatMo
   onto ``InternVLConfig``. transformers' feature path equals the original's for what we accept (pixel shuffle
   ``ps_version`` v2, last layer, CLS token dropped, no final vision norm); anything else is refused.
 
-One deliberate difference: upstream takes the expectation in the model dtype (bf16 on GPU, which rounds a
-score in [64, 100] to a multiple of 0.5); we take it in float64 from the same logits.
+Two deliberate differences: upstream takes the expectation in the model dtype (bf16 on GPU, which rounds a
+score in [64, 100] to a multiple of 0.5), we take it in float64 from the same logits; image files get their EXIF
+orientation applied (``scores.load_rgb``, as for every scorer here), upstream's ``Image.open`` does not.
 
 Checked only on tiny random models of the same architecture (tests/eval/test_eval_artimuse.py builds a checkpoint
 folder in the original layout and recomputes the network by hand from its tensors); the 8B release was not
