@@ -277,6 +277,12 @@ class ArtiMuseScorer:
             raise EvalError(f"the tokenizer lacks the ArtiMuse score tokens {missing}: not an ArtiMuse tokenizer")
         self.score_ids = torch.tensor([vocab[token] for token in SCORE_TOKENS], device=device)  # [101]
 
+    def to(self, device: str) -> ArtiMuseScorer:
+        """Move to ``device``; the weights keep their dtype (the release's bf16)."""
+        self.model.to(device)
+        self.input_ids, self.score_ids, self.device = self.input_ids.to(device), self.score_ids.to(device), device
+        return self
+
     def pixel_values(self, images: Sequence[ImageLike]) -> torch.Tensor:
         """``[N, 3, S, S]`` float32: bicubic resize to S×S (PIL, as torchvision's ``Resize`` on PIL images),
         [0, 1], ImageNet-normalised."""

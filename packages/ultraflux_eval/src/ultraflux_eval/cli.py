@@ -81,7 +81,8 @@ def compare_command(
 def weights_verify(
     weights_dir: Annotated[Path, typer.Argument(help="folder holding manifest.yaml")] = Path("storage/eval-weights"),
     role: Annotated[list[str] | None, typer.Option(
-        help="only these backbones (clip, aesthetic_head, pickscore, hps, inception, musiq)")] = None,
+        help="only these backbones (clip, aesthetic_head, pickscore, hps, inception, musiq, hpsv3, qalign, "
+             "artimuse)")] = None,
 ) -> None:
     """Check every file of the manifest (or of --role) exists with its sha256; exit 2 naming each bad file."""
     from ultraflux_eval.backbones import verify_weights
