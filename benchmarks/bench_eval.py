@@ -2,8 +2,9 @@
 
 The test image is a photo-like procedural texture (smooth gradients, edges, noise of varying strength), so
 the content-dependent costs (GLCM's non-zero co-occurrences, JPEG size) are realistic rather than worst case.
-Learned metrics run with the tiny CI backbones; their rows measure our pre-processing and batching overhead,
-not a production ViT-L. ``flat_percentage`` is also timed against the straightforward per-patch loop the
+Learned metrics run with the tiny CI backbones; their rows measure our pre-processing and batching overhead
+(for Q-Align: padding the 4K image to a square and CLIP preprocessing; for ArtiMuse: the bicubic tile), not a
+production ViT-L or 7-8B MLLM. ``flat_percentage`` is also timed against the straightforward per-patch loop the
 tests use as its reference (same values, asserted here too).
 
     python -m benchmarks.bench_eval [--repeats 3] [--sizes 4096x4096 5760x2880]
@@ -19,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from ultraflux_eval import fidelity, scores
-from ultraflux_eval.aesthetic import ClipAestheticScorer
+from ultraflux_eval.aesthetic import ClipAestheticScorer, image_scorer
 from ultraflux_eval.alignment import clip_score
 from ultraflux_eval.backbones import tiny_backbones
 
@@ -44,8 +45,9 @@ def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
 
 
 def cases(rgb: np.ndarray) -> list[tuple[str, Callable[[], object]]]:
-    nets = tiny_backbones(["clip_score", "aesthetic", "fid"], fid_size=299)
+    nets = tiny_backbones(["clip_score", "aesthetic", "fid", "qalign", "artimuse"], fid_size=299)
     aesthetic = ClipAestheticScorer(nets.clip, nets.aesthetic_head)
+    qalign, artimuse = image_scorer("qalign", nets), image_scorer("artimuse", nets)
     return [
         ("flat_percentage", lambda: scores.flat_percentage(rgb)),
         ("flat_percentage (per-patch loop ref)", lambda: ref_flat_percentage(rgb)),
@@ -56,6 +58,8 @@ def cases(rgb: np.ndarray) -> list[tuple[str, Callable[[], object]]]:
         ("patch_fid inputs (16 native 299 crops)", lambda: fidelity.patch_inputs([rgb], 299, 16)),
         ("clip_score (tiny CLIP)", lambda: clip_score(nets.clip, [rgb], ["a photo"])),
         ("aesthetic (tiny CLIP + head)", lambda: aesthetic.score([rgb])),
+        ("qalign (tiny mPLUG-Owl2; square pad + CLIP preprocess)", lambda: qalign.score([rgb])),
+        ("artimuse (tiny InternVL; bicubic 448-style tile)", lambda: artimuse.score([rgb])),
     ]
 
 
