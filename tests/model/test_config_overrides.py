@@ -33,6 +33,8 @@ def test_overrides_apply_to_a_presets_list_and_layer_with_files() -> None:
     ("train.stages.0.global_batch=3", r"global_batch \(3\) must be a multiple of micro_batch \(2\)"),
     ("train..seed=1", "empty key"),
     ("train.stages.0.grad_accum=2", "batch_size and grad_accum were replaced: set micro_batch"),
+    ("data.scoring.workers=4", r"data.scoring.workers: Extra inputs are not permitted \(removed in this version: set "
+                               r"compute.workers"),
 ])
 def test_bad_list_overrides_say_what_exists(override: str, message: str) -> None:
     with pytest.raises(UltraFluxError, match=message):

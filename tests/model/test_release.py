@@ -20,7 +20,7 @@ from PIL import Image
 
 from ultraflux_model import UltraFluxError, UltraFluxTransformer2DModel
 from ultraflux_model.config import GenerateConfig, ServeConfig
-from ultraflux_model.pretrained import assemble_checkpoint, fingerprint, resolve_checkpoint
+from ultraflux_model.pretrained import HUB_PATTERNS, assemble_checkpoint, fingerprint, resolve_checkpoint
 from ultraflux_model.release import BLOBS_DIR, CACHE_ENV, Manifest, fetch_release
 from ultraflux_model.serving.publish import log_release
 from ultraflux_model.serving.pyfunc import parse_requests, serving_config
@@ -141,3 +141,22 @@ def test_pyfunc_model_generates_pngs_from_the_registry(tiny_checkpoint, store):
     assert meta["model_hash"] == fingerprint(tiny_checkpoint)
     with pytest.raises(Exception, match="over the limit"):
         model.predict(pd.DataFrame({"prompt": ["too big"], "width": [128], "height": [128]}))
+
+
+def test_hub_snapshot_takes_the_diffusers_layout_only():
+    """FLUX.1-dev's repo (file list as published): the diffusers components are fetched; the root-level original
+    checkpoints (23.8 GB flux1-dev.safetensors, ae.safetensors), pickles and images are not."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    shards = [f"transformer/diffusion_pytorch_model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    wanted = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+              "text_encoder/model.safetensors", "text_encoder_2/config.json",
+              "text_encoder_2/model-00001-of-00002.safetensors", "text_encoder_2/model-00002-of-00002.safetensors",
+              "text_encoder_2/model.safetensors.index.json", "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
+              "tokenizer/tokenizer_config.json", "tokenizer/vocab.json", "tokenizer_2/special_tokens_map.json",
+              "tokenizer_2/spiece.model", "tokenizer_2/tokenizer.json", "tokenizer_2/tokenizer_config.json",
+              "transformer/config.json", *shards, "transformer/diffusion_pytorch_model.safetensors.index.json",
+              "vae/config.json", "vae/diffusion_pytorch_model.safetensors"]
+    unwanted = ["flux1-dev.safetensors", "ae.safetensors", "README.md", "LICENSE.md", "dev_grid.jpg", ".gitattributes",
+                "text_encoder/pytorch_model.bin", "vae/diffusion_pytorch_model.bin"]
+    assert sorted(filter_repo_objects(wanted + unwanted, allow_patterns=list(HUB_PATTERNS))) == sorted(wanted)

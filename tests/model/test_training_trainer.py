@@ -206,7 +206,7 @@ def plain_torch_run(cfg: UltraFluxConfig, stage_index: int, world_size: int, ste
                 ema[name].lerp_(p, 1.0 - train_cfg.ema.decay)
         out.losses.append(total)
         out.grad_norms.append(float(norm))
-        out.lrs.append(lr_at(step + 1))  # DeepSpeed steps the scheduler with the optimizer: the next step's lr
+        out.lrs.append(lr_at(step))  # the lr this step's update used
     out.weights.update({k: v.detach() for k, v in model.state_dict().items()})
     out.ema.update(ema)
     return out

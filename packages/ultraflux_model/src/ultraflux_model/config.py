@@ -547,8 +547,24 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> UltraFluxC
     try:
         return UltraFluxConfig.model_validate(data)
     except ValidationError as err:
-        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise UltraFluxError(f"invalid {source}:\n" + "\n".join(lines)) from err
+        raise UltraFluxError(f"invalid {source}:\n" + "\n".join(map(_error_line, err.errors()))) from err
+
+
+# Keys that older configs (and params.yaml files) have but this version removed, with where the setting lives now;
+# list indices are written `*`.
+REMOVED_KEYS = {
+    "data.scoring.workers": "set compute.workers (the compute engine parallelises every data stage)",
+}
+
+
+def _error_line(error: dict) -> str:
+    """One validation error as ``  dotted.path: message``, with the migration hint for a removed key."""
+    where = ".".join(str(p) for p in error["loc"])
+    line = f"  {where}: {error['msg']}"
+    pattern = ".".join("*" if isinstance(p, int) else str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden" and pattern in REMOVED_KEYS:
+        line += f" (removed in this version: {REMOVED_KEYS[pattern]})"
+    return line
 
 
 def load_config(*paths: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> UltraFluxConfig:

@@ -114,6 +114,13 @@ def mismatch_message(source: str, class_name: str, problems: dict[str, list[Any]
     return f"weights in {source} do not match {class_name} built from its config.json ({detail})"
 
 
+# What a diffusers checkpoint needs from a hub repo: model_index.json at the root, and the components' configs,
+# safetensors shards and tokenizer files in their subfolders. Nothing else at the root: repos such as FLUX.1-dev
+# also ship the whole model as single original-format files (flux1-dev.safetensors, 23.8 GB; ae.safetensors) that
+# diffusers never reads. Pickled weights (*.bin, *.pt) are never fetched.
+HUB_PATTERNS = ("model_index.json", "*/*.json", "*/*.safetensors", "*/*.txt", "*/*.model")
+
+
 def resolve_checkpoint(model: str | Path, tracking_uri: str | None = None) -> Path:
     """A local checkpoint directory for ``model``: the one place that turns a model reference into files.
 
@@ -122,8 +129,9 @@ def resolve_checkpoint(model: str | Path, tracking_uri: str | None = None) -> Pa
       from the MLflow tracking server at ``tracking_uri`` (default ``$MLFLOW_TRACKING_URI``), downloaded once into
       the content-addressed cache (``$ULTRAFLUX_MODEL_CACHE``, default ``~/.cache/ultraflux/models``; see
       ``ultraflux_model.release``);
-    - a hub id: fetched (or found in the HF cache) as a snapshot. Only safetensors, JSON and tokenizer files are
-      fetched: pickled weights are never downloaded.
+    - a hub id: fetched (or found in the HF cache) as a snapshot of :data:`HUB_PATTERNS`: the diffusers layout's
+      safetensors, JSON and tokenizer files; pickled weights and root-level single-file checkpoints are never
+      downloaded.
     """
     if is_registry_uri(model):
         return fetch_release(str(model), tracking_uri=tracking_uri)
@@ -136,9 +144,7 @@ def resolve_checkpoint(model: str | Path, tracking_uri: str | None = None) -> Pa
 
     try:
         return Path(
-            snapshot_download(
-                str(model), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*/*"]
-            )
+            snapshot_download(str(model), allow_patterns=list(HUB_PATTERNS))
         )
     except Exception as err:  # offline, unknown repo, auth: the hub raises many types
         raise UltraFluxError(

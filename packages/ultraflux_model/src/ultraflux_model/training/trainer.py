@@ -372,6 +372,9 @@ def train_stage(cfg: UltraFluxConfig, stage: str | int, *, resume: bool = False)
         for step in trange(start, st.steps, initial=start, total=st.steps, desc=st.name, unit="step",
                            disable=not dist.is_main):
             started = time.perf_counter()
+            # the lr this step's update uses: DeepSpeed steps the scheduler right after the optimizer, so after the
+            # loop get_lr() already returns the next step's
+            step_lr = engine.get_lr()[0]
             # [summed micro-batch losses, images, image tokens] of this rank, all-reduced once per step
             totals = torch.zeros(3, dtype=torch.float64)
             for micro in range(grad_accum):
@@ -402,7 +405,7 @@ def train_stage(cfg: UltraFluxConfig, stage: str | int, *, resume: bool = False)
                 grad_norm = engine.get_global_grad_norm()
                 metrics = {
                     "loss": mean_loss,
-                    "lr": engine.get_lr()[0],
+                    "lr": step_lr,
                     "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "step_time_s": seconds,
                     "images_per_s": images / seconds,
