@@ -43,17 +43,8 @@ def test_metrics_cli_lists_every_paper_metric(tmp_path):
 
 
 def test_missing_extras_are_clear_errors(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_pyiqa(name, *args, **kwargs):
-        if name.startswith("pyiqa"):
-            raise ImportError("No module named 'pyiqa'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_pyiqa)
-    monkeypatch.delitem(__import__("sys").modules, "pyiqa", raising=False)
+    # None in sys.modules makes every import of pyiqa fail, whether or not an earlier test imported it
+    monkeypatch.setitem(__import__("sys").modules, "pyiqa", None)
     for metric in ("musiq", "qalign"):
         with pytest.raises(EvalError, match=r"needs the `paper` extra .*ultraflux-eval\[paper\]"):
             require_metric(metric)

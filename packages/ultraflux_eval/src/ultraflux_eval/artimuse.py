@@ -43,6 +43,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ultraflux_eval.checkpoints import SAFETENSORS_LAYOUT, checkpoint_files
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.scores import ImageLike, load_rgb
 
@@ -363,21 +364,16 @@ _PICKLES = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 
 def _shards(folder: Path) -> list[Path]:
     """The safetensors files of a released folder (sharded via ``model.safetensors.index.json`` or single)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as err:
-            raise EvalError(f"{index} is not a safetensors index (no weight_map): {err}") from err
-        bad = [name for name in names if not name.endswith(".safetensors")]
+    files = checkpoint_files(folder)
+    if files is not None:
+        bad = [f.name for f in files if f.suffix != ".safetensors"]
         if bad:
-            raise EvalError(f"{index} lists non-safetensors files {bad}: ArtiMuse loads safetensors only")
-        missing = [name for name in names if not (folder / name).is_file()]
+            raise EvalError(f"{folder / SAFETENSORS_LAYOUT[0]} lists non-safetensors files {bad}: ArtiMuse loads "
+                            "safetensors only")
+        missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise EvalError(f"{folder} lacks the shards {missing}: {FETCH_HINT}")
-        return [folder / name for name in names]
-    if (folder / "model.safetensors").is_file():
-        return [folder / "model.safetensors"]
+        return files
     pickles = sorted(path.name for pattern in _PICKLES for path in folder.glob(pattern))
     if pickles:
         raise EvalError(f"{folder} holds only pickled weights {pickles}: ArtiMuse is loaded from safetensors only "

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-import json
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ultraflux_eval.checkpoints import load_state_dict_file
+from ultraflux_eval.checkpoints import PICKLE_LAYOUT, SAFETENSORS_LAYOUT, checkpoint_files, load_state_dict_file
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.scores import ImageLike, load_rgb
 
@@ -80,6 +79,16 @@ def _invert_attention_mask(self, mask: torch.Tensor) -> torch.Tensor:
     return (1.0 - extended) * torch.finfo(self.dtype).min
 
 
+def _bind(module: object, values: dict[str, object]) -> None:
+    """Set each name of ``module`` to its value; a None value removes the name."""
+    for name, value in values.items():
+        if value is None:
+            if hasattr(module, name):
+                delattr(module, name)
+        else:
+            setattr(module, name, value)
+
+
 @functools.cache
 def _owl2() -> tuple[object, dict[str, object]]:
     """pyiqa's mPLUG-Owl2 module, imported with transformers' Llama left as it was.
@@ -98,11 +107,7 @@ def _owl2() -> tuple[object, dict[str, object]]:
         raise EvalError(f"the qalign metric needs pyiqa's mPLUG-Owl2 code: {PAPER_HINT} ({err})") from err
     adaptive = {name: getattr(llama, name) for name in _LLAMA_NAMES}
     model_forward = llama.LlamaModel.forward
-    for name, value in saved.items():
-        if value is None:
-            delattr(llama, name)
-        else:
-            setattr(llama, name, value)
+    _bind(llama, saved)
     llama_config.LlamaConfig = saved_config
     llama.LlamaModel.forward, llama.LlamaForCausalLM.forward = saved_forward
     # pyiqa's own Llama model keeps the modality-adaptive forward (its causal-LM class defines its own forward)
@@ -119,16 +124,11 @@ def _modality_adaptive() -> Iterator[object]:
 
     owl2, adaptive = _owl2()
     saved = {name: getattr(llama, name, None) for name in adaptive}
-    for name, value in adaptive.items():
-        setattr(llama, name, value)
+    _bind(llama, adaptive)
     try:
         yield owl2
     finally:
-        for name, value in saved.items():
-            if value is None:
-                delattr(llama, name)
-            else:
-                setattr(llama, name, value)
+        _bind(llama, saved)
 
 
 @functools.cache
@@ -271,20 +271,6 @@ def tiny_qalign(seed: int = 0, image_size: int = 28) -> QAlignScorer:
     return QAlignScorer(network, tokenizer, processor)
 
 
-def _shards(folder: Path) -> list[Path]:
-    """The checkpoint files of a HF folder: safetensors first, else pickled ``.bin`` (sharded or single)."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-        index = folder / index_name
-        if index.is_file():
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / name for name in names]
-        if (folder / single).is_file():
-            return [folder / single]
-    raise EvalError(f"{folder} has no Q-Align checkpoint (model.safetensors[.index.json] or "
-                    "pytorch_model.bin[.index.json]): run `ultraflux-eval weights fetch --only qalign`")
-
-
 def load_qalign(folder: Path, task: str = "quality", device: str = "cpu") -> QAlignScorer:
     """``q-future/one-align`` from a local folder (config, tokenizer, preprocessor, shards), strictly offline."""
     from accelerate import init_empty_weights
@@ -295,14 +281,18 @@ def load_qalign(folder: Path, task: str = "quality", device: str = "cpu") -> QAl
         raise EvalError(f"no Q-Align weights folder {folder}: run `ultraflux-eval weights fetch --only qalign`")
     owl2, _ = _owl2()
     try:
-        with _legacy_config():
+        with _legacy_config():  # AutoTokenizer reads config.json too
             config = owl2.MPLUGOwl2Config.from_pretrained(folder, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         processor = CLIPImageProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as err:
         raise EvalError(f"cannot load Q-Align's config/tokenizer/preprocessor from {folder}: {err}") from err
+    shards = checkpoint_files(folder, (SAFETENSORS_LAYOUT, PICKLE_LAYOUT))  # safetensors when the repo has them
+    if shards is None:
+        raise EvalError(f"{folder} has no Q-Align checkpoint (model.safetensors[.index.json] or "
+                        "pytorch_model.bin[.index.json]): run `ultraflux-eval weights fetch --only qalign`")
     state: dict[str, torch.Tensor] = {}
-    for shard in _shards(folder):
+    for shard in shards:
         if not shard.is_file():
             raise EvalError(f"Q-Align shard {shard} is missing: run `ultraflux-eval weights fetch --only qalign`")
         state.update(load_state_dict_file(shard))

@@ -17,7 +17,6 @@ same fetch code runs against it in tests and on air-gapped machines.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ from typing import Protocol
 import yaml
 
 from ultraflux_eval.backbones import MANIFEST, METRIC_ROLES, read_manifest, sha256_file, write_manifest
+from ultraflux_eval.checkpoints import shard_names
 from ultraflux_eval.errors import EvalError
 
 # what transformers 5 loads a CLIP tokenizer + image processor from (the fast tokenizer's tokenizer.json)
@@ -244,15 +244,7 @@ def _shard_names(pin: Pin, hub: Hub, weights_dir: Path, known: dict[str, str], t
             path = _fetch_one(pin, index, hub, weights_dir, known, tmp)
         except MissingFile:
             continue
-        try:
-            weight_map = json.loads(path.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise EvalError(f"{pin.repo}/{index} is not a checkpoint index (no weight_map): {err}") from err
-        names = sorted(set(weight_map.values()))
-        unsafe = [n for n in names if "/" in n or n.startswith(".")]
-        if unsafe:
-            raise EvalError(f"{pin.repo}/{index} names shards outside its folder: {unsafe}")
-        return names
+        return shard_names(path)
     raise EvalError(f"{pin.repo}@{pin.revision or 'main'} has none of the checkpoint indexes {list(pin.index)}")
 
 
