@@ -14,7 +14,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 
 .PHONY: setup demo test test-fast bench clean ui
 
-$(VENV)/.installed: requirements/ci.txt requirements/constraints.txt packages/ultraflux_model/pyproject.toml packages/ultraflux_eval/pyproject.toml
+$(VENV)/.installed: requirements/ci.txt requirements/constraints.txt $(wildcard packages/*/pyproject.toml)
 	test -x $(PY) || python3 -m venv $(VENV)
 	# Headless Chromium + its driver for the web app's real-browser test (Debian packages; root installs them).
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \

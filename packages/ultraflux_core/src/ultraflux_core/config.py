@@ -1,0 +1,155 @@
+"""The config machinery every package shares: frozen sections that reject unknown keys, and the one loader that
+layers YAML files and ``section.key=value`` overrides.
+
+Each package owns its sections (``ultraflux_model.config``, ``ultraflux_data.config``, ``ultraflux_eval.config``,
+``ultraflux_core.tracking.config``); the root tree that ``params.yaml`` serialises is assembled above them
+(``ultraflux.config``). This module knows none of them: it works on any :class:`Section` subclass.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ultraflux_core.errors import UltraFluxError
+
+S = TypeVar("S", bound=BaseModel)
+
+
+class Section(BaseModel):
+    """Base of every config section: immutable, unknown keys rejected (a typo fails loudly)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` laid over ``base``; mappings merge key by key, anything else is replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) \
+            else value
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"generate.steps=10"`` → (["generate", "steps"], 10); the value is parsed as YAML (numbers, lists, bools)."""
+    if "=" not in item:
+        raise UltraFluxError(f"override {item!r} must look like section.key=value")
+    dotted, raw = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise UltraFluxError(f"override {item!r} has an empty key; write section.key=value")
+    return keys, yaml.safe_load(raw) if raw else ""
+
+
+def _list_position(items: list[Any], key: str, where: str) -> int:
+    """Index of a list item named by position (``0``) or by its ``name`` field (``stage2``)."""
+    names = [item.get("name") if isinstance(item, dict) else None for item in items]
+    if key.lstrip("-").isdigit():
+        index = int(key)
+        if not -len(items) <= index < len(items):
+            raise UltraFluxError(f"{where} has {len(items)} item(s) {names}; there is no item {index}")
+        return index % len(items)
+    if key in names:
+        return names.index(key)
+    raise UltraFluxError(f"{where} has no item named {key!r}; items: {names} (or use a position 0..{len(items) - 1})")
+
+
+def apply_override(tree: dict[str, Any], keys: list[str], value: Any, defaults: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``tree`` with the value at ``keys`` set; list items (e.g. ``train.stages``) are addressed by
+    position or ``name``. Sections the files did not set are taken from ``defaults`` first, so overriding one
+    field of a default stage keeps the others."""
+    out = copy.deepcopy(tree)
+    node: Any = out
+    default: Any = defaults
+    for depth, key in enumerate(keys):
+        where = ".".join(keys[:depth]) or "config"
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            index = _list_position(node, key, where)
+            if last:
+                node[index] = value
+                break
+            default = None
+            node = node[index]
+            continue
+        if not isinstance(node, dict):
+            raise UltraFluxError(f"{where} is a value, not a section: cannot set {'.'.join(keys)}")
+        if last:
+            node[key] = value
+            break
+        child_default = default.get(key) if isinstance(default, dict) else None
+        if key not in node or not isinstance(node[key], (dict, list)):
+            node[key] = copy.deepcopy(child_default) if isinstance(child_default, (dict, list)) else {}
+        node, default = node[key], child_default
+    return out
+
+
+def read_yaml(path: Path | str) -> dict[str, Any]:
+    """A YAML file holding a mapping (the one reader of config files)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UltraFluxError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UltraFluxError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise UltraFluxError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _error_line(error: Mapping[str, Any], prefix: str, removed: Mapping[str, str]) -> str:
+    """One validation error as ``  dotted.path: message``, with the migration hint for a removed key."""
+    where = prefix + ".".join(str(p) for p in error["loc"])
+    line = f"  {where}: {error['msg']}"
+    pattern = prefix + ".".join("*" if isinstance(p, int) else str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden" and pattern in removed:
+        line += f" (removed in this version: {removed[pattern]})"
+    return line
+
+
+def validate(model: type[S], data: Mapping[str, Any], source: str = "config", *, prefix: str = "",
+             removed: Mapping[str, str] | None = None) -> S:
+    """Validate a plain mapping as ``model``; the error lists every offending field path (``prefix`` names where
+    the mapping sits in the root tree, e.g. ``eval.``; ``removed`` maps a dotted key, list indices written ``*``,
+    to where the setting went)."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        lines = [_error_line(e, prefix, removed or {}) for e in err.errors()]
+        raise UltraFluxError(f"invalid {source}:\n" + "\n".join(lines)) from err
+
+
+def layered(
+    paths: Sequence[Path | str] = (), overrides: Sequence[str] = (), *, defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """YAML files merged in order (later wins) and ``key=value`` overrides applied, as a plain mapping.
+
+    ``defaults`` (the model's defaults dumped to JSON) fill the sections an override reaches into that the files
+    did not set, so one field of a default list item can be changed alone.
+    """
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged = deep_merge(merged, read_yaml(path))
+    for item in overrides:
+        merged = apply_override(merged, *parse_override(item), dict(defaults or {}))
+    return merged
+
+
+def load(model: type[S], paths: Sequence[Path | str] = (), overrides: Sequence[str] = (), *,
+         removed: Mapping[str, str] | None = None) -> S:
+    """The one config loader: ``model`` validated from layered YAML files and overrides (nothing → defaults)."""
+    defaults = model().model_dump(mode="json") if overrides else None
+    data = layered(paths, overrides, defaults=defaults)
+    return validate(model, data, " + ".join(str(p) for p in paths) or "config", removed=removed)
+
+
+def dump_config(config: BaseModel) -> str:
+    """YAML text of a config tree (the format of ``params.yaml``)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
