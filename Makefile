@@ -57,7 +57,7 @@ mutants: setup
 ## side by side with the newest other release. Open http://127.0.0.1:7860 (loopback only).
 ui: setup
 	@export MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/artifacts/mlflow.db} GRADIO_ANALYTICS_ENABLED=False; \
-	  models=$$($(PY) -m ultraflux_model.app.release artifacts/release) || exit 2; \
+	  models=$$($(PY) -m ultraflux_model.app.models artifacts/release) || exit 2; \
 	  echo "ultraflux ui $$models"; $(VENV)/bin/ultraflux ui $$models --out artifacts/studio --steps 4
 
 ## Wheels a bare GPU host lacks (requirements/gpu-wheels.txt), for benchmarks/gpu_check.sh; GPU_PY picks the

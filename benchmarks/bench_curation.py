@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from ultraflux_model.config import ComputeConfig, ScoringConfig
+from ultraflux_data.config import ComputeConfig, ScoringConfig
 
 from benchmarks.bench_eval import photo_like
 from benchmarks.report import print_rows, save_rows
@@ -77,10 +77,10 @@ def main() -> None:
     family = "4k" if args.side >= 3072 else "2k" if args.side >= 1536 else "1k" if args.side >= 768 else "512"
 
     import ray
-    from ultraflux_model.data.cache import build_caches
-    from ultraflux_model.data.ingest import ingest
-    from ultraflux_model.data.scoring import score_manifest
-    from ultraflux_model.tiny import write_tiny_checkpoint
+    from ultraflux_data.cache import build_caches
+    from ultraflux_data.ingest import ingest
+    from ultraflux_data.scoring import score_manifest
+    from ultraflux_model.checkpoint.tiny import write_tiny_checkpoint
 
     tmp = Path(tempfile.mkdtemp(prefix="bc", dir="/tmp"))  # short: Ray's socket paths live below it
     rows = []

@@ -22,6 +22,7 @@ Writes ``benchmarks/results/kernels_<device>[_quick].{csv,json}``.
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -30,6 +31,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from benchmarks.report import print_rows, save_rows
 from benchmarks.timing import copy_bandwidth, median_seconds
+from ultraflux_model.config import LossConfig
 from ultraflux_model.diffusion.losses import snr_huber_wavelet_loss
 
 ROPE_SHAPES = ((1, 24, 16896, 128), (2, 24, 4608, 128))  # [B, H, S, D]: 4096² + 512 text tokens; 2048² batch 2
@@ -81,11 +83,13 @@ def loss_workload(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     pred = torch.randn(shape, generator=gen, device=device, dtype=dtype, requires_grad=True)
     target = torch.randn(shape, generator=gen, device=device, dtype=dtype)
     t = torch.rand(shape[0], generator=gen, device=device)
-    functions = {"eager": snr_huber_wavelet_loss, "compile": torch.compile(snr_huber_wavelet_loss, dynamic=False)}
+    params = LossConfig().model_dump()  # the loss functions take every hyper-parameter
+    reference = functools.partial(snr_huber_wavelet_loss, **params)
+    functions = {"eager": reference, "compile": torch.compile(reference, dynamic=False)}
     if device.type == "cuda":
         from ultraflux_model.kernels.wavelet_loss import snr_huber_wavelet_loss as fused
 
-        functions["triton"] = fused
+        functions["triton"] = functools.partial(fused, **params)
     size = pred.numel() * pred.element_size()
     grad_out = torch.ones((), device=device)
     bytes_moved = {"fwd": 2 * size, "bwd": 3 * size, "fwd+bwd": 5 * size}

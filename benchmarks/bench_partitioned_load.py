@@ -90,7 +90,7 @@ def main() -> None:
         if checkpoint is None:
             import torch
 
-            from ultraflux_model.tiny import write_tiny_checkpoint
+            from ultraflux_model.checkpoint.tiny import write_tiny_checkpoint
 
             checkpoint = write_tiny_checkpoint(Path(tmp) / "ckpt", width_preset="flux-dev", layers=args.layers,
                                                single_layers=args.single_layers, dtype=torch.bfloat16)

@@ -5,7 +5,7 @@ Two kinds of rows:
 - ``dit-stack``: Flux-width blocks (24 heads × 128 = 3072 wide, T5 width 4096, CLIP 768) but only a few of them
   (``--double``/``--single``), at native-4K token counts (4096² → 16,384 image tokens + 512 text tokens). On a
   CPU the width is cut (``--heads``) and the sizes are small, so the row stays runnable.
-- ``tiny``: the tiny test/demo config (``ultraflux_model.tiny``) at the tiny bucket sizes.
+- ``tiny``: the tiny test/demo config (``ultraflux_model.checkpoint.tiny``) at the tiny bucket sizes.
 
 A step is what the trainer does: noise, DiT forward, x̂₀, SNR-aware Huber wavelet loss, backward, AdamW step
 (``deepspeed.initialize`` with torch AdamW, bf16 on CUDA / fp32 on CPU, ZeRO stage 3, one rank).
@@ -149,7 +149,7 @@ def main() -> None:
         if gpu:
             torch.cuda.empty_cache()
 
-    from ultraflux_model.tiny import tiny_transformer
+    from ultraflux_model.checkpoint.tiny import tiny_transformer
 
     for size in [(256, 256), (288, 224)]:
         torch.manual_seed(0)

@@ -1,10 +1,10 @@
 """Data flow: (download) → ingest → score → filter → bucket → shard → cache, with a summary artifact.
 
-Thin: each task is one call of ``ultraflux_model.data.stages`` (the functions ``dvc.yaml``'s stages run
+Thin: each task is one call of ``ultraflux_data.stages`` (the functions ``dvc.yaml``'s stages run
 through the CLI), so the flow and ``dvc repro`` produce the same folders under ``data.root``. Downloads get
 task-level retries on top of the per-URL retries; they land where ingest looks for them, so ingest resumes
 instead of fetching twice. The ``compute`` section goes to every per-image stage: with ``compute.engine=ray``
-the stage fans its partitions out on Ray (see ``ultraflux_model.compute``); Prefect only orders the stages.
+the stage fans its partitions out on Ray (see ``ultraflux_data.compute``); Prefect only orders the stages.
 
     python -m flows.data_flow --config params.yaml --set data.source=metadata.jsonl
 """
@@ -16,8 +16,9 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from ultraflux_model.config import ComputeConfig, DataConfig, resolve_config
-from ultraflux_model.data import stages
+from ultraflux.config import resolve_config
+from ultraflux_data import stages
+from ultraflux_data.config import ComputeConfig, DataConfig
 
 STAGES = ("ingest", "score", "filter", "bucket", "shard", "cache")
 
@@ -25,14 +26,7 @@ STAGES = ("ingest", "score", "filter", "bucket", "shard", "cache")
 @task(name="data-download", retries=2, retry_delay_seconds=10)
 def download(cfg: DataConfig, compute: ComputeConfig) -> dict[str, int]:
     """Fetch the http(s) images of a metadata source into ``<root>/ingest/downloads`` (resumable)."""
-    from ultraflux_model.data.download import download_urls, summarise
-    from ultraflux_model.data.metadata import read_metadata
-
-    records, _ = read_metadata(Path(cfg.source))
-    urls = [r.location for r in records if r.location and r.location.startswith(("http://", "https://"))]
-    results = download_urls(urls, stages.DataPaths(cfg.root).ingest / "downloads", cfg.download, progress=False,
-                            compute=compute)
-    return summarise(results)
+    return stages.run_download(cfg, progress=False, compute=compute)
 
 
 @task(name="data-ingest")

@@ -30,9 +30,11 @@ from ultraflux_eval.registry import (
 )
 from ultraflux_eval.session import run_evaluation
 from ultraflux_eval.tracking import check_tracking_reachable, resolve_tracking_uri
-from ultraflux_model.config import GenerateConfig, ServeConfig, UltraFluxConfig, dump_config, resolve_config
-from ultraflux_model.pretrained import resolve_checkpoint
-from ultraflux_model.release import is_registry_uri
+from ultraflux_model.config import GenerateConfig, ServeConfig
+from ultraflux.config import UltraFluxConfig, resolve_config
+from ultraflux_core.config import dump_config
+from ultraflux_model.checkpoint.resolve import resolve_checkpoint
+from ultraflux_core.tracking.uri import is_registry_uri
 from ultraflux_model.serving.publish import log_release
 from ultraflux_model.serving.pyfunc import serving_config
 from ultraflux_model.training.tracking import resolve_tracking_uri as resolve_root_tracking_uri
@@ -55,30 +57,13 @@ def resolve_eval_config(config: list[str], overrides: list[str], out: Path) -> U
 def generate_benchmark(
     model: str, gen: GenerateConfig, spec_cfg: EvalConfig, out_dir: Path, tracking_uri: str | None = None
 ) -> tuple[list[Path], list[str], list[str]]:
-    """Every prompt at every benchmark aspect ratio, once per seed; returns paths, prompts and aspect labels.
-
-    ``model`` may be a registry URI, fetched from ``tracking_uri`` through the model cache (sidecars name the URI).
-    """
-    from ultraflux_model.inference.pipeline import generate, load_pipeline
+    """The benchmark grid (prompts × aspect ratios × seeds); returns paths, prompts and aspect labels."""
+    from ultraflux_model.inference.grid import generate_grid
 
     spec = spec_cfg.benchmark
-    prompts = benchmark_prompts(spec)
-    pipe = load_pipeline(resolve_checkpoint(model, tracking_uri), dtype=gen.dtype, offload=gen.offload)
-    paths: list[Path] = []
-    texts: list[str] = []
-    labels: list[str] = []
-    for seed in spec.seeds:
-        for aspect in spec.aspect_ratios:
-            images = generate(
-                model, prompts, [(aspect.width, aspect.height)], steps=gen.steps, guidance=gen.guidance,
-                shift=gen.shift, seed=seed, dtype=gen.dtype, offload=gen.offload, vae_decode=gen.vae_decode,
-                max_sequence_length=gen.max_sequence_length,
-                out_dir=out_dir / f"seed{seed}" / aspect.name.replace(":", "x"), pipe=pipe, progress=False,
-            )
-            paths += [image.path for image in images]
-            texts += [image.prompt for image in images]
-            labels += [aspect.name] * len(images)
-    return paths, texts, labels
+    aspects = [(a.name, a.width, a.height) for a in spec.aspect_ratios]
+    grid = generate_grid(model, benchmark_prompts(spec), aspects, spec.seeds, gen, out_dir, tracking_uri)
+    return [g.image.path for g in grid], [g.image.prompt for g in grid], [g.aspect for g in grid]
 
 
 @task(name="collect-images")

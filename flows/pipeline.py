@@ -20,16 +20,17 @@ from flows.data_flow import data_flow
 from flows.release_flow import release_flow
 from flows.train_flow import train_flow
 from flows.vae_flow import vae_flow
-from ultraflux_model.config import resolve_config
-from ultraflux_model.errors import UltraFluxError
+from ultraflux.config import resolve_config
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.training.curriculum import stage_plans
 
 
 @task(name="base-checkpoint")
 def ensure_base_checkpoint(model: str, init_tiny: bool) -> str:
     """The base checkpoint must exist; with ``init_tiny`` a missing local one is written as the tiny checkpoint."""
-    from ultraflux_model.pretrained import check_checkpoint_layout, resolve_checkpoint
-    from ultraflux_model.tiny import write_tiny_checkpoint
+    from ultraflux_model.checkpoint.layout import check_checkpoint_layout
+    from ultraflux_model.checkpoint.resolve import resolve_checkpoint
+    from ultraflux_model.checkpoint.tiny import write_tiny_checkpoint
 
     path = Path(model)
     if not path.exists() and init_tiny:

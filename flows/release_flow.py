@@ -1,8 +1,8 @@
 """Release flow: assemble a complete checkpoint from trained parts, then evaluate, register and maybe promote it.
 
-Thin: the assembly is :func:`ultraflux_model.pretrained.assemble_checkpoint` (the base checkpoint with the
-trained transformer and/or post-trained VAE swapped in, written atomically); evaluation, logging the release
-as a pyfunc MLflow model (content-addressed blobs in the run's artifact store, ``ultraflux_model.release``),
+Thin: the assembly is :func:`ultraflux_model.release.assemble.assemble_release` (the base checkpoint with the
+trained transformer and/or post-trained VAE swapped in, written atomically, named by content); evaluation, logging the release
+as a pyfunc MLflow model (content-addressed blobs in the run's artifact store, ``ultraflux_model.release.manifest``),
 registration and the champion rule are the eval flow's. Consumers then use ``models:/ultraflux@champion``.
 
     python -m flows.release_flow --transformer artifacts/train/stage2/export --vae artifacts/vae-post/vae
@@ -10,20 +10,19 @@ registration and the champion rule are the eval flow's. Consumers then use ``mod
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 
 from flows.eval_flow import eval_flow
-from ultraflux_model.config import resolve_config
-from ultraflux_model.pretrained import assemble_checkpoint, fingerprint
+from ultraflux.config import resolve_config
+from ultraflux_model.release.assemble import assemble_release
 
 
-@task(name="assemble-checkpoint")
+@task(name="assemble-release")
 def assemble(base: str, out: str, transformer: str | None, vae: str | None) -> str:
-    return str(assemble_checkpoint(base, out, {"transformer": transformer, "vae": vae}))
+    return str(assemble_release(base, Path(out), {"transformer": transformer, "vae": vae}))
 
 
 @flow(name="ultraflux-release", log_prints=True)
@@ -37,14 +36,7 @@ def release_flow(
 ) -> dict[str, Any]:
     """``train.model`` with the given components replaced → ``out/ultraflux-<hash>`` → eval flow (register, promote)."""
     cfg = resolve_config(config, overrides)
-    staging = Path(out) / "staging"
-    checkpoint = Path(assemble(cfg.train.model, str(staging), transformer, vae))
-    # Named by content: re-releasing identical weights lands in (and registers) the same directory.
-    final = checkpoint.with_name(f"ultraflux-{fingerprint(checkpoint)[:12]}")
-    if final.exists():
-        shutil.rmtree(checkpoint)
-    else:
-        checkpoint.rename(final)
+    final = Path(assemble(cfg.train.model, out, transformer, vae))
     result = eval_flow(model=str(final), config=config, overrides=overrides, out=str(Path(out) / "eval"), promote=promote)
     print(f"released {final}: {result.get('registry')}")
     return {"checkpoint": str(final), **result}

@@ -1,65 +1,44 @@
 """Training flow: one subflow per SACL stage, each starting from the previous stage's export.
 
-Thin: each stage is one call of the library trainer, in this process (``nproc=1``) or through ``torchrun``
-for several ranks on this node (multi-node runs use the deepspeed launcher with a hostfile, see
-docs/training.md). With ``resume`` finished stages are skipped and an interrupted one continues.
+Thin: the stages to run are the trainer's (``stages_to_run``), each stage is one call of the library trainer, in
+this process (``nproc=1``) or on several ranks of this node through ``torchrun`` (multi-node runs: docs/training.md).
+With ``resume`` finished stages are skipped and an interrupted one continues.
 
     python -m flows.train_flow --config configs/tiny.yaml [--set train.seed=1] [--resume] [--nproc 2]
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from ultraflux_model.config import resolve_config
-from ultraflux_model.errors import UltraFluxError
-from ultraflux_model.training.curriculum import StagePlan, stage_plans
-from ultraflux_model.training.distributed import free_port
+from ultraflux.config import resolve_config
+from ultraflux_core.errors import UltraFluxError
+from ultraflux_model.training.curriculum import find_stage, stage_plans, stages_to_run
+from ultraflux_model.training.launch import run_ranks
 from ultraflux_model.training.tracking import check_tracking_reachable, resolve_tracking_uri
-from ultraflux_model.training.trainer import stage_done, train_stage
-
-LAUNCH_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+from ultraflux_model.training.trainer import train_stage
 
 
-def torchrun_command(nproc: int, config: list[str], overrides: list[str], stage: str, resume: bool) -> list[str]:
-    """The torchrun command line that trains ``stage`` on ``nproc`` ranks of this node."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), "-m", "ultraflux_model.training.commands", "train",
-           "--stage", stage]
+def train_program(config: list[str], overrides: list[str], stage: str, resume: bool) -> list[str]:
+    """``ultraflux train`` for one stage as a module run by torchrun on every rank."""
+    args = ["-m", "ultraflux.train_cli", "train", "--stage", stage]
     for path in config:
-        cmd += ["--config", path]
+        args += ["--config", path]
     for item in overrides:
-        cmd += ["--set", item]
-    return cmd + (["--resume"] if resume else [])
-
-
-def read_losses(plan: StagePlan) -> dict[int, float]:
-    """step → loss of a stage (the last row of a step wins after a resume)."""
-    losses: dict[int, float] = {}
-    if plan.metrics.is_file():
-        for line in plan.metrics.read_text().splitlines():
-            row = json.loads(line)
-            losses[row["step"]] = row["loss"]
-    return losses
+        args += ["--set", item]
+    return args + (["--resume"] if resume else [])
 
 
 @task(name="train-stage")
 def run_stage(config: list[str], overrides: list[str], stage: str, resume: bool, nproc: int) -> None:
     if nproc == 1:
         train_stage(resolve_config(config, overrides), stage, resume=resume)
-        return
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV_KEYS}  # the launcher sets its own
-    proc = subprocess.run(torchrun_command(nproc, config, overrides, stage, resume), env=env)
-    if proc.returncode != 0:
-        raise UltraFluxError(f"stage {stage} failed on {nproc} ranks (exit {proc.returncode}); see the log above")
+    else:
+        run_ranks(nproc, train_program(config, overrides, stage, resume), f"stage {stage}")
 
 
 @flow(name="ultraflux-train-stage")
@@ -67,12 +46,11 @@ def stage_flow(
     config: list[str], overrides: list[str], stage: str, resume: bool = False, nproc: int = 1
 ) -> dict[str, Any]:
     """One SACL stage: train (or continue) it to its step count, export, summarise."""
-    cfg = resolve_config(config, overrides)
-    plan = next(p for p in stage_plans(cfg.train) if p.stage.name == stage)
+    plan = find_stage(resolve_config(config, overrides).train, stage)
     if plan.index > 0 and not (plan.init_from / "config.json").is_file():
         raise UltraFluxError(f"stage {stage} starts from {plan.init_from}, which does not exist: run the stage before")
     run_stage(config, overrides, stage, resume, nproc)
-    losses = read_losses(plan)
+    losses = plan.losses()
     steps = sorted(losses)
     summary = {"stage": stage, "export": str(plan.export), "steps": len(steps),
                "first_loss": losses[steps[0]], "last_loss": losses[steps[-1]]}
@@ -93,13 +71,11 @@ def train_flow(config: list[str] | None = None, overrides: list[str] | None = No
     config, overrides = list(config or []), list(overrides or [])
     cfg = resolve_config(config, overrides)
     check_tracking_reachable(resolve_tracking_uri(cfg.tracking, Path(cfg.train.run_dir)), cfg.tracking.check_timeout_s)
-    results = []
+    pending = stages_to_run(cfg.train, resume=resume)
     for plan in stage_plans(cfg.train):
-        if resume and stage_done(plan):
+        if plan not in pending:
             print(f"{plan.stage.name}: already finished, skipped")
-            continue
-        results.append(stage_flow(config, overrides, plan.stage.name, resume=resume, nproc=nproc))
-    return results
+    return [stage_flow(config, overrides, plan.stage.name, resume=resume, nproc=nproc) for plan in pending]
 
 
 if __name__ == "__main__":

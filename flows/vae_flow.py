@@ -10,8 +10,8 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from ultraflux_model.config import UltraFluxConfig, resolve_config
-from ultraflux_model.vae.post_training import VaeReport, post_train_vae
+from ultraflux.config import UltraFluxConfig, resolve_config
+from ultraflux_data.vae_post import VaeReport, post_train_vae
 
 
 @task(name="post-train-vae-decoder")

@@ -25,8 +25,9 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
-# shared/ lies beside the checkout (in the workspace and in CI's fresh clone alike).
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "ultraflux_reference"
+# Tensors produced by the official UltraFlux code (tests/fixtures/ultraflux_reference/README.md): in the repository,
+# so a clone alone runs every parity test.
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "ultraflux_reference"
 
 _real_connect = socket.socket.connect
 
@@ -60,7 +61,7 @@ def reference_fixtures() -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete tiny UltraFlux checkpoint in the official layout, built offline once per session."""
-    from ultraflux_model.tiny import write_tiny_checkpoint
+    from ultraflux_model.checkpoint.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-ultraflux")
 

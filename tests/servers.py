@@ -29,9 +29,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # What child processes (flows, workers, servers) import: this checkout's packages, also when the venv's editable
 # install points elsewhere (a worktree, or the mutation guard's patched copy).
-REPO_PATH = os.pathsep.join(
-    str(p) for p in (REPO / "packages/ultraflux_model/src", REPO / "packages/ultraflux_eval/src", REPO)
-)
+PACKAGE_SRC = tuple(sorted(REPO.glob("packages/*/src")))
+REPO_PATH = os.pathsep.join(str(p) for p in (*PACKAGE_SRC, REPO))
 START_TIMEOUT_S = 180.0  # generous: 2 shared cores, cold imports of mlflow/prefect take tens of seconds
 
 

@@ -50,7 +50,7 @@ def _wait_until_up(proc: subprocess.Popen, url: str, log: Path) -> None:
 @pytest.fixture(scope="session")
 def second_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another tiny checkpoint (other seed: other weights, other hash)."""
-    from ultraflux_model.tiny import write_tiny_checkpoint
+    from ultraflux_model.checkpoint.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt2") / "tiny-ultraflux-b", seed=1)
 

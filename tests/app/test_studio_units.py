@@ -10,9 +10,10 @@ import torch
 
 from ultraflux_model.app.engine import Cancelled, Request, Studio, friendly_error, list_outputs
 from ultraflux_model.app.sizes import ASPECTS, FAMILIES, preset_size, size_note
-from ultraflux_model.config import MAX_4K_BUCKET_PIXELS, ServeConfig, UltraFluxConfig
-from ultraflux_model.data.buckets import BUCKETS, BUCKETS_4K
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_model.config import MAX_4K_BUCKET_PIXELS, ServeConfig
+from ultraflux.config import UltraFluxConfig
+from ultraflux_model.buckets import BUCKETS, BUCKETS_4K
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.inference.limits import check_request
 
 
@@ -118,7 +119,7 @@ def test_missing_model_and_missing_compare_fail_clearly(tmp_path):
 
 
 def test_make_ui_picks_the_newest_release_and_compares_with_the_previous(tmp_path):
-    from ultraflux_model.app.release import pick_models
+    from ultraflux_model.app.models import pick_models
 
     with pytest.raises(UltraFluxError, match="run `make demo` first"):
         pick_models(tmp_path)

@@ -13,7 +13,7 @@ PRESET = ROOT / "configs" / "eval" / "aesthetic-eval-4096.yaml"
 
 
 def test_preset_validates_and_follows_the_protocol():
-    from ultraflux_model.config import load_config
+    from ultraflux.config import load_config
 
     cfg = load_config(ROOT / "params.yaml", PRESET)
     spec = cfg.eval.benchmark

@@ -17,7 +17,7 @@ from tests.servers import REPO, REPO_PATH
 DRIVER = """
 import functools, json, sys, threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from ultraflux_model.data.synthetic import write_synthetic_dataset
+from ultraflux_data.synthetic import write_synthetic_dataset
 
 args = json.loads(sys.argv[1])
 src = write_synthetic_dataset(args["src"], n=6, seed=1, base_side=160)

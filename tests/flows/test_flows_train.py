@@ -18,7 +18,7 @@ from tests.servers import REPO, REPO_PATH
 DRIVER = """
 import json, sys
 from ultraflux_model.config import load_config
-from ultraflux_model.data import stages
+from ultraflux_data import stages
 from flows.train_flow import train_flow
 from flows.vae_flow import vae_flow
 args = json.loads(sys.argv[1])

@@ -32,7 +32,8 @@ def test_pipeline_runs_end_to_end_and_promotes_a_release(tmp_path: Path, monkeyp
     from mlflow.tracking import MlflowClient
 
     from ultraflux_model import UltraFluxTransformer2DModel
-    from ultraflux_model.pretrained import check_checkpoint_layout, fingerprint, resolve_checkpoint
+    from ultraflux_model.checkpoint.layout import check_checkpoint_layout, fingerprint
+    from ultraflux_model.checkpoint.resolve import resolve_checkpoint
 
     check_checkpoint_layout(releases[0])
     trained = fingerprint(artifacts / "train" / "stage2" / "export" / "transformer")

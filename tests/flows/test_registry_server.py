@@ -52,7 +52,7 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
 def _generate_champion(tmp_path: Path, uri: str, cwd: Path, cache: str) -> Image.Image:
     env = _client_env(tmp_path, uri, cache)
     out = cwd / f"generated-{cache}"
-    _run([sys.executable, "-c", "from ultraflux_model.cli import main; main()", "generate", "--model", "models:/ultraflux@champion",
+    _run([sys.executable, "-c", "from ultraflux.cli import main; main()", "generate", "--model", "models:/ultraflux@champion",
           "--prompt", "a red fox in snow", "--width", "96", "--height", "64", "--steps", "2", "--dtype", "fp32",
           "--out", str(out)], cwd, env)
     (png,) = out.glob("*.png")
@@ -73,8 +73,9 @@ def test_release_fetch_generate_serve_and_promote_through_the_server(tmp_path, t
     from ultraflux_eval.registry import registered_version
     from ultraflux_eval.tracking import client_for
     from ultraflux_model import UltraFluxError
-    from ultraflux_model.pretrained import fingerprint, resolve_checkpoint
-    from ultraflux_model.release import release_manifest
+    from ultraflux_model.checkpoint.layout import fingerprint
+    from ultraflux_model.checkpoint.resolve import resolve_checkpoint
+    from ultraflux_model.release.fetch import release_manifest
 
     uri = mlflow_server.uri
     work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"

@@ -32,7 +32,7 @@ LIST = Path(__file__).with_name("mutations.toml")
 # Not copied: VCS, environments, caches and run outputs (none of them is source a test imports).
 IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "artifacts", "storage", "mlruns", "__pycache__",
                                 ".pytest_cache", ".ruff_cache", "*.egg-info", "cache", "tmp", "node_modules")
-PACKAGE_SRC = ("packages/ultraflux_model/src", "packages/ultraflux_eval/src")
+PACKAGE_SRC = tuple(sorted(str(p.relative_to(REPO)) for p in REPO.glob("packages/*/src")))
 
 
 class MutationError(Exception):
@@ -90,12 +90,9 @@ def anchor_problem(m: Mutation, root: Path = REPO) -> str | None:
 
 
 def copy_tree(destination: Path) -> Path:
-    """A copy of the repository at ``destination/repo`` with ``shared/`` (the fixtures beside it) linked."""
+    """A copy of the repository at ``destination/repo`` (it stands alone: the fixtures are inside it)."""
     repo = destination / "repo"
     shutil.copytree(REPO, repo, ignore=IGNORE, symlinks=True)
-    shared = REPO.parent / "shared"
-    if shared.exists():
-        (destination / "shared").symlink_to(shared)
     return repo
 
 

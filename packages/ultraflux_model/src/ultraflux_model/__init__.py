@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_core.errors import UltraFluxError
 
 __all__ = ["UltraFluxAutoencoderKL", "UltraFluxError", "UltraFluxTransformer2DModel"]
 

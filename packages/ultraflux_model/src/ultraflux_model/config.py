@@ -1,24 +1,20 @@
-"""The one typed configuration tree.
+"""The config sections the model package owns: generation, kernels, the loss, training, VAE post-training,
+serving limits and the web app.
 
-``params.yaml`` is its serialisation, ``configs/*.yaml`` are presets layered over it, CLI flags and
-Prefect parameters are the same fields. Every section is frozen and rejects unknown keys, so a typo in a
-YAML file or a ``--set`` override fails loudly instead of being ignored.
-
-Sections are owned by the package that uses them; the eval package's section is imported, never
-re-declared (the eval package does not import this one).
+Every section is frozen and rejects unknown keys (``ultraflux_core.config.Section``), so a typo in a YAML file or
+a ``--set`` override fails loudly. The root tree that ``params.yaml`` serialises is assembled above the packages
+(``ultraflux.config``); this module imports no other package of ours but the ground floor.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from ultraflux_eval.config import EvalConfig
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_core.config import Section
+from ultraflux_core.errors import UltraFluxError
 
 Dtype = Literal["bf16", "fp16", "fp32"]
 Offload = Literal["none", "model", "sequential"]
@@ -26,12 +22,6 @@ VaeDecodeMode = Literal["tiled", "full", "official"]
 KernelChoice = Literal["auto", "eager", "triton"]
 
 TOKEN_PX = 32  # 16x VAE downsampling then 2x2 packing: one transformer token covers 32x32 pixels
-
-
-class Section(BaseModel):
-    """Base of every config section: immutable, unknown keys rejected."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class KernelConfig(Section):
@@ -67,7 +57,7 @@ class LossConfig(Section):
 class GenerateConfig(Section):
     """Text-to-image generation (defaults follow the official UltraFlux inference)."""
 
-    model: str = Field("artifacts/tiny-ultraflux", description="checkpoint directory or hub id")
+    model: str = Field("artifacts/tiny-ultraflux", description="checkpoint directory, hub id or models:/NAME@ALIAS")
     prompts: tuple[str, ...] = ("a red fox in fresh snow, golden hour, 4k photograph",)
     sizes: tuple[tuple[int, int], ...] = Field(
         ((4096, 4096),), description="(width, height) pairs; each side a multiple of 32"
@@ -106,114 +96,6 @@ def check_image_size(width: int, height: int) -> None:
             f"image size {width}x{height} is not supported: width and height must be positive multiples of "
             f"{TOKEN_PX} (16x VAE, 2x2 packing); the nearest valid size is {w}x{h}"
         )
-
-
-class SyntheticDataConfig(Section):
-    """Procedural demo/test dataset written when ``data.source`` is ``synthetic``."""
-
-    n: int = Field(24, ge=1, description="good images (a fixed set of bad/odd files is added on top)")
-    seed: int = 0
-    base_side: int = Field(320, ge=64, description="images hold about base_side² pixels at every aspect ratio")
-
-
-class DownloadConfig(Section):
-    """Safe HTTP(S) fetching of ``image_url``s."""
-
-    concurrency: int = Field(8, ge=1)
-    retries: int = Field(3, ge=0, description="extra attempts after connection errors, timeouts, 429 and 5xx")
-    backoff_s: float = Field(0.5, ge=0.0, description="first retry delay; doubles per attempt")
-    connect_timeout_s: float = Field(10.0, gt=0.0)
-    read_timeout_s: float = Field(30.0, gt=0.0)
-    max_bytes: int = Field(64 * 2**20, ge=1, description="larger bodies are aborted")
-    max_redirects: int = Field(5, ge=0)
-    allow_private: bool = Field(False, description="allow loopback/private/link-local targets everywhere")
-    private_hosts: tuple[str, ...] = Field((), description="host names/IPs allowed to be non-public (a mirror)")
-    content_types: tuple[str, ...] = (
-        "image/jpeg", "image/png", "image/webp", "image/tiff", "image/bmp", "image/gif", "application/octet-stream",
-    )
-
-
-class IngestConfig(Section):
-    """Decoding limits of ``ultraflux data ingest`` (quarantine rules)."""
-
-    max_pixels: int = Field(
-        80_000_000, ge=1, le=89_478_485, description="decompression-bomb limit (at most PIL's own 89.5 MP)"
-    )
-    min_side: int = Field(32, ge=1, description="shorter side below this is quarantined as tiny")
-
-
-class ScoringConfig(Section):
-    """Per-image scores: weight-free (resolution, flatness, entropy) and learned (Q-Align, aesthetics)."""
-
-    flat_patch: int = Field(64, ge=8, description="flatness patch side (official 240)")
-    flat_threshold: float = Field(800.0, gt=0.0, description="Sobel-magnitude variance below this is flat")
-    qalign: Literal["tiny", "local", "metadata", "none"] = Field(
-        "tiny", description="tiny: Q-Align's mPLUG-Owl2 at toy width, random; local: eval weights_dir (qalign); "
-        "metadata: only the metadata's qalign_score"
-    )
-    aesthetics: Literal["tiny", "local", "metadata", "none"] = Field(
-        "tiny", description="tiny: aesthetics_scorer's architecture at toy width, random; local: eval weights_dir"
-    )
-    aesthetics_scorer: Literal["artimuse", "laion"] = Field(
-        "artimuse", description="artimuse: the paper's ArtiMuse (0-100); laion: LAION head on CLIP (1-10)"
-    )
-    weights_dir: Path = Field(Path("storage/eval-weights"), description="eval weights folder (manifest.yaml)")
-    device: str = "cpu"
-    batch_size: int = Field(8, ge=1)
-    reuse_metadata_scores: bool = Field(True, description="take qalign/aesthetics from the metadata when present")
-
-
-class FilterConfig(Section):
-    """Dataset filters and subsets (official values in configs/4k.yaml)."""
-
-    min_long_side: int = Field(256, ge=1, description="official 3840")
-    min_short_side: int = Field(144, ge=1, description="official 2160")
-    max_flat: float = Field(0.5, ge=0.0, le=1.0, description="drop if flat share is above this")
-    min_entropy: float = Field(7.0, ge=0.0, le=8.0, description="keep if grayscale Shannon entropy ≥ this")
-    min_qalign: float | None = Field(
-        1.0, description="keep if Q-Align > this (official 4.0; Q-Align lies in [1, 5]); null skips the rule"
-    )
-    aesthetics_top: float = Field(0.75, gt=0.0, le=1.0, description="training set: top share by aesthetics (0.30)")
-    stage2_top: float = Field(0.4, gt=0.0, le=1.0, description="SACL stage 2: top share of the training set (0.05)")
-    vae_least_flat: float = Field(0.5, gt=0.0, le=1.0, description="VAE post-training: least-flat share (0.5)")
-
-
-class BucketConfig(Section):
-    """Aspect-ratio bucket family used for shards and caches."""
-
-    family: Literal["4k", "2k", "1k", "512", "256"] = "256"
-
-
-class ShardConfig(Section):
-    """Training shards: tar files of bucket-sized PNG/JPEG + JSON."""
-
-    samples_per_shard: int = Field(64, ge=1)
-    image_format: Literal["png", "jpeg"] = "png"
-
-
-class CacheConfig(Section):
-    """Latent and text-embedding caches (F16 VAE latents, T5 sequence, CLIP pooled)."""
-
-    model: Path = Field(Path("artifacts/tiny-ultraflux"), description="checkpoint with vae/ and text encoders")
-    max_sequence_length: int = Field(32, ge=1, le=512, description="T5 tokens (official 512)")
-    batch_size: int = Field(4, ge=1)
-    dtype: Dtype = "fp32"
-    device: str = "cpu"
-
-
-class DataConfig(Section):
-    """MultiAspect-4K pipeline: ingest → score → filter → bucket → shard → cache (see docs/data.md)."""
-
-    source: str = Field("synthetic", description="'synthetic', a folder of images, or a jsonl/parquet/csv file")
-    root: Path = Field(Path("artifacts/data"), description="every stage writes below this folder")
-    synthetic: SyntheticDataConfig = SyntheticDataConfig()
-    download: DownloadConfig = DownloadConfig()
-    ingest: IngestConfig = IngestConfig()
-    scoring: ScoringConfig = ScoringConfig()
-    filter: FilterConfig = FilterConfig()
-    buckets: BucketConfig = BucketConfig()
-    shards: ShardConfig = ShardConfig()
-    cache: CacheConfig = CacheConfig()
 
 
 TimestepSampling = Literal["uniform", "logit_normal"]
@@ -402,33 +284,6 @@ class VaeTrainConfig(Section):
         return crop
 
 
-class TrackingConfig(Section):
-    """MLflow tracking: a SQLite file in the run directory by default, a server by setting."""
-
-    uri: str | None = Field(
-        None, description="None: $MLFLOW_TRACKING_URI if set, else sqlite:///<run dir>/mlflow.db"
-    )
-    experiment: str = "ultraflux-train"
-    check_timeout_s: float = Field(5.0, gt=0.0, description="how long to wait for a server before giving up")
-
-
-class ComputeConfig(Section):
-    """Where the per-image data stages run (``ultraflux_model.compute``): in this process or on Ray.
-
-    ``local`` and ``ray`` run the same partition functions, so outputs are identical whichever engine ran them.
-    """
-
-    engine: Literal["local", "ray"] = Field("local", description="local: in this process; ray: Ray tasks/actors")
-    address: str | None = Field(
-        None, description="ray only. None: start a local Ray instance; 'auto' or 'ray://host:port': join a cluster"
-    )
-    workers: int = Field(1, ge=1, description="parallel Ray tasks / actors per stage (local runs one at a time)")
-    gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs per actor of the model stages (score, cache)")
-    partition_size: int = Field(
-        64, ge=1, description="target images per partition (partitions are key-hash ranges, a power of two of them)"
-    )
-
-
 # The largest bucket of the 4K family (6144×2752 = 16,908,288 px, pinned against data/buckets.py by a test).
 MAX_4K_BUCKET_PIXELS = 16_908_288
 
@@ -452,140 +307,3 @@ class UiConfig(Section):
     out: Path = Path("artifacts/studio")
     share: bool = Field(False, description="create a public gradio.live link (off unless asked)")
     steps: int = Field(28, ge=1, description="default sampling steps in the form")
-
-
-class UltraFluxConfig(Section):
-    """The whole tree, as serialised in ``params.yaml``."""
-
-    generate: GenerateConfig = GenerateConfig()
-    kernels: KernelConfig = KernelConfig()
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    vae_train: VaeTrainConfig = VaeTrainConfig()
-    tracking: TrackingConfig = TrackingConfig()
-    eval: EvalConfig = EvalConfig()
-    compute: ComputeConfig = ComputeConfig()
-    serve: ServeConfig = ServeConfig()
-    ui: UiConfig = UiConfig()
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    """``"generate.steps=10"`` → (["generate", "steps"], 10); the value is parsed as YAML (numbers, lists, bools)."""
-    if "=" not in item:
-        raise UltraFluxError(f"override {item!r} must look like section.key=value")
-    dotted, raw = item.split("=", 1)
-    keys = dotted.strip().split(".")
-    if not all(keys):
-        raise UltraFluxError(f"override {item!r} has an empty key; write section.key=value")
-    return keys, yaml.safe_load(raw) if raw else ""
-
-
-def _list_position(items: list[Any], key: str, where: str) -> int:
-    """Index of a list item named by position (``0``) or by its ``name`` field (``stage2``)."""
-    names = [item.get("name") if isinstance(item, dict) else None for item in items]
-    if key.lstrip("-").isdigit():
-        index = int(key)
-        if not -len(items) <= index < len(items):
-            raise UltraFluxError(f"{where} has {len(items)} item(s) {names}; there is no item {index}")
-        return index % len(items)
-    if key in names:
-        return names.index(key)
-    raise UltraFluxError(f"{where} has no item named {key!r}; items: {names} (or use a position 0..{len(items) - 1})")
-
-
-def _apply_override(tree: dict[str, Any], keys: list[str], value: Any, defaults: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``tree`` with the value at ``keys`` set; list items (e.g. ``train.stages``) are addressed by
-    position or ``name``. Sections the files did not set are taken from ``defaults`` first, so overriding one
-    field of a default stage keeps the others."""
-    out = copy.deepcopy(tree)
-    node: Any = out
-    default: Any = defaults
-    for depth, key in enumerate(keys):
-        where = ".".join(keys[:depth]) or "config"
-        last = depth == len(keys) - 1
-        if isinstance(node, list):
-            index = _list_position(node, key, where)
-            if last:
-                node[index] = value
-                break
-            default = None
-            node = node[index]
-            continue
-        if not isinstance(node, dict):
-            raise UltraFluxError(f"{where} is a value, not a section: cannot set {'.'.join(keys)}")
-        if last:
-            node[key] = value
-            break
-        child_default = default.get(key) if isinstance(default, dict) else None
-        if key not in node or not isinstance(node[key], (dict, list)):
-            node[key] = copy.deepcopy(child_default) if isinstance(child_default, (dict, list)) else {}
-        node, default = node[key], child_default
-    return out
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UltraFluxError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UltraFluxError(f"config file {path} is not valid YAML: {err}") from err
-    if not isinstance(data, dict):
-        raise UltraFluxError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def config_from_dict(data: dict[str, Any], source: str = "config") -> UltraFluxConfig:
-    """Validate a plain mapping; errors list every offending field path."""
-    try:
-        return UltraFluxConfig.model_validate(data)
-    except ValidationError as err:
-        raise UltraFluxError(f"invalid {source}:\n" + "\n".join(map(_error_line, err.errors()))) from err
-
-
-# Keys that older configs (and params.yaml files) have but this version removed, with where the setting lives now;
-# list indices are written `*`.
-REMOVED_KEYS = {
-    "data.scoring.workers": "set compute.workers (the compute engine parallelises every data stage)",
-}
-
-
-def _error_line(error: dict) -> str:
-    """One validation error as ``  dotted.path: message``, with the migration hint for a removed key."""
-    where = ".".join(str(p) for p in error["loc"])
-    line = f"  {where}: {error['msg']}"
-    pattern = ".".join("*" if isinstance(p, int) else str(p) for p in error["loc"])
-    if error["type"] == "extra_forbidden" and pattern in REMOVED_KEYS:
-        line += f" (removed in this version: {REMOVED_KEYS[pattern]})"
-    return line
-
-
-def load_config(*paths: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> UltraFluxConfig:
-    """Layer YAML files (later wins, e.g. ``params.yaml`` then ``configs/tiny.yaml``) and ``key=value`` overrides."""
-    merged: dict[str, Any] = {}
-    for path in paths:
-        merged = _deep_merge(merged, _read_yaml(Path(path)))
-    defaults = UltraFluxConfig().model_dump(mode="json") if overrides else {}
-    for item in overrides:
-        merged = _apply_override(merged, *_parse_override(item), defaults)
-    return config_from_dict(merged, source=" + ".join(str(p) for p in paths) or "config")
-
-
-def resolve_config(
-    config: list[str | Path] | tuple[str | Path, ...] | None = None, overrides: list[str] | tuple[str, ...] | None = None
-) -> UltraFluxConfig:
-    """What every entry point (CLI, flows) resolves: files layered in order plus overrides; nothing → defaults."""
-    config, overrides = list(config or []), list(overrides or [])
-    return load_config(*config, overrides=overrides) if config or overrides else UltraFluxConfig()
-
-
-def dump_config(config: BaseModel) -> str:
-    """YAML text of a config tree (the format of ``params.yaml``)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from ultraflux_model.config import Dtype, Offload, ServeConfig, VaeDecodeMode
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.inference.limits import check_request
 from ultraflux_model.inference.pipeline import GeneratedImage, StepCallback, UltraFluxPipeline, generate, load_pipeline
-from ultraflux_model.pretrained import fingerprint
+from ultraflux_model.checkpoint.layout import fingerprint
 
 SIDES = ("model", "compare")
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ultraflux_model.config import TOKEN_PX, nearest_valid_size
-from ultraflux_model.data.buckets import assign_bucket
+from ultraflux_model.buckets import assign_bucket
 
 ASPECTS: dict[str, tuple[int, int]] = {
     "1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "16:9": (16, 9), "9:16": (9, 16),

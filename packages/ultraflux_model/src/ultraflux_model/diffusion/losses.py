@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from ultraflux_model.config import KernelChoice, LossConfig
-from ultraflux_model.diffusion.loss_checks import check_even_image, check_loss_inputs, check_loss_params
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_model.kernels.checks import check_even_image, check_loss_inputs, check_loss_params
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.kernels.dispatch import use_triton
 
 
@@ -51,12 +51,12 @@ def pseudo_huber(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def snr_weights(
     t: torch.Tensor,
     *,
-    gamma: float = 5.0,
-    alpha: float = 0.5,
-    beta: float = 0.5,
-    c_min: float = 0.2,
-    c_max: float = 1.0,
-    t_clamp: float = 1e-3,
+    gamma: float,
+    alpha: float,
+    beta: float,
+    c_min: float,
+    c_max: float,
+    t_clamp: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample loss weight ω(t) and pseudo-Huber scale c(t).
 
@@ -78,12 +78,12 @@ def snr_huber_wavelet_loss(
     target_x0: torch.Tensor,
     t: torch.Tensor,
     *,
-    gamma: float = 5.0,
-    alpha: float = 0.5,
-    beta: float = 0.5,
-    c_min: float = 0.2,
-    c_max: float = 1.0,
-    t_clamp: float = 1e-3,
+    gamma: float,
+    alpha: float,
+    beta: float,
+    c_min: float,
+    c_max: float,
+    t_clamp: float,
 ) -> torch.Tensor:
     """SNR-aware pseudo-Huber loss on the Haar wavelet residual (reference implementation).
 

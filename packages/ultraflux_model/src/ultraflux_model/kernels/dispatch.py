@@ -13,8 +13,7 @@ import os
 
 import torch
 
-from ultraflux_model.config import KernelChoice
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_core.errors import UltraFluxError
 
 
 def triton_available() -> bool:
@@ -25,8 +24,9 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def use_triton(choice: KernelChoice, tensor: torch.Tensor) -> bool:
-    """True when ``tensor`` should go through the Triton kernel under ``choice``."""
+def use_triton(choice: str, tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` should go through the Triton kernel under ``choice`` (``auto``, ``eager`` or ``triton``:
+    the values of ``ultraflux_model.config.KernelChoice``; a plain string here because kernels import no config)."""
     if choice == "eager":
         return False
     if choice == "auto":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_core.errors import UltraFluxError
 
 
 def check_launchable(kernel: object, *tensors: torch.Tensor) -> None:

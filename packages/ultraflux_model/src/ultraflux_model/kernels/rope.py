@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.kernels.launch import check_launchable
 
 # (elements of x per head per program, heads per program) by device type. On CUDA: 16 rows of D=128 per

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ultraflux_model.diffusion.loss_checks import check_loss_inputs, check_loss_params
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_model.kernels.checks import check_loss_inputs, check_loss_params
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.kernels.launch import check_launchable
 
 # (output columns, output positions) per program by device type. On CUDA: 64 half-resolution columns
@@ -200,12 +200,12 @@ def snr_huber_wavelet_loss(
     target_x0: torch.Tensor,
     t: torch.Tensor,
     *,
-    gamma: float = 5.0,
-    alpha: float = 0.5,
-    beta: float = 0.5,
-    c_min: float = 0.2,
-    c_max: float = 1.0,
-    t_clamp: float = 1e-3,
+    gamma: float,
+    alpha: float,
+    beta: float,
+    c_min: float,
+    c_max: float,
+    t_clamp: float,
 ) -> torch.Tensor:
     """Fused twin of :func:`ultraflux_model.diffusion.losses.snr_huber_wavelet_loss` (same arguments, same value).
 

@@ -16,7 +16,7 @@ from diffusers.models.transformers.transformer_flux import FluxTransformer2DMode
 from ultraflux_model.config import KernelChoice
 from ultraflux_model.modules.attention import UltraFluxAttnProcessor
 from ultraflux_model.modules.rope import AxisOrder, ResonanceYarnPosEmbed, RopeMethod
-from ultraflux_model.pretrained import StrictPretrainedMixin
+from ultraflux_model.checkpoint.loading import StrictPretrainedMixin
 
 logger = logging.getLogger(__name__)
 

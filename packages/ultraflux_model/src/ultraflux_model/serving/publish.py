@@ -1,5 +1,5 @@
 """Log a checkpoint as a content-addressed MLflow model with the pyfunc flavor (the storage layout and the way back
-to a local directory are in ``ultraflux_model.release``)."""
+to a local directory are in ``ultraflux_model.release.manifest``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ultraflux_model.pretrained import check_checkpoint_layout
-from ultraflux_model.release import BLOBS_DIR, MANIFEST_NAME, Manifest, build_manifest, upload_missing_blobs
+from ultraflux_model.checkpoint.layout import check_checkpoint_layout
+from ultraflux_model.release.manifest import BLOBS_DIR, MANIFEST_NAME, Manifest, build_manifest, upload_missing_blobs
 from ultraflux_model.serving.pyfunc import save_pyfunc_model, serving_config
 
 

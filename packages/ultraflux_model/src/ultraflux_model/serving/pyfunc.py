@@ -24,7 +24,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 from ultraflux_model.config import GenerateConfig, ServeConfig
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.inference.limits import check_request
 
 OPTIONAL_COLUMNS: dict[str, type] = {"width": int, "height": int, "steps": int, "guidance": float, "seed": int}
@@ -125,7 +125,8 @@ class UltraFluxPyfunc(PythonModel):
 
     def load_context(self, context) -> None:  # noqa: ANN001 - mlflow PythonModelContext
         from ultraflux_model.inference.pipeline import load_pipeline
-        from ultraflux_model.release import Manifest, materialize
+        from ultraflux_model.release.manifest import Manifest
+        from ultraflux_model.release.fetch import materialize
 
         self.config = dict(context.model_config)
         self.root = materialize(Manifest.read(Path(context.artifacts["manifest"])))

@@ -7,15 +7,17 @@ have any number of them; each starts from the previous stage's consolidated expo
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ultraflux_model.config import StageConfig, TrainConfig
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_core.errors import UltraFluxError
 
 EXPORT_DIR = "export"
 TRANSFORMER_DIR = "transformer"
 EMA_EXPORT_DIR = "export_ema"
+DONE_MARKER = "DONE"  # in the stage folder once its final export is complete
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,20 @@ class StagePlan:
     def metrics(self) -> Path:
         return self.dir / "metrics.jsonl"
 
+    @property
+    def done(self) -> bool:
+        """The stage ran to its last step and its final export is complete."""
+        return (self.dir / DONE_MARKER).is_file()
+
+    def losses(self) -> dict[int, float]:
+        """step → logged loss (the last row of a step wins after a resume); empty before the first step."""
+        losses: dict[int, float] = {}
+        if self.metrics.is_file():
+            for line in self.metrics.read_text().splitlines():
+                row = json.loads(line)
+                losses[row["step"]] = row["loss"]
+        return losses
+
 
 def stage_plans(train: TrainConfig) -> list[StagePlan]:
     """One plan per configured stage; stage k > 0 starts from stage k−1's exported (non-EMA) transformer."""
@@ -63,3 +79,13 @@ def find_stage(train: TrainConfig, name: str) -> StagePlan:
         if plan.stage.name == name:
             return plan
     raise UltraFluxError(f"no stage named {name!r}; configured stages: {[s.name for s in train.stages]}")
+
+
+def stages_to_run(train: TrainConfig, *, resume: bool = False, only: list[str] | None = None) -> list[StagePlan]:
+    """The stages a run trains, in order: all of them, or those named in ``only``; with ``resume`` the finished
+    ones are skipped (an interrupted one continues from its latest checkpoint)."""
+    unknown = sorted(set(only or ()) - {s.name for s in train.stages})
+    if unknown:
+        raise UltraFluxError(f"unknown stage(s) {unknown}; configured stages: {[s.name for s in train.stages]}")
+    return [plan for plan in stage_plans(train)
+            if (not only or plan.stage.name in only) and not (resume and plan.done)]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ultraflux_model.config import DeepSpeedConfig
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_core.errors import UltraFluxError
 
 
 @dataclass(frozen=True)

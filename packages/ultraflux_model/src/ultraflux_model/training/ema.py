@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_core.errors import UltraFluxError
 
 
 def local_shard(param: torch.nn.Parameter) -> torch.Tensor:

@@ -24,7 +24,7 @@ params 4 + grads 4 + Adam 8 (stage 3 gathers 8·largest_layer). The EMA (fp32, o
 **Activations** (what autograd holds for backward) of one Flux block, per sample, for ``s`` tokens of a
 stream of width D, MLP width F = 4D, H heads, S = N + T joint tokens, compute dtype of ``b`` bytes. The
 counts are the unique tensors autograd saves (parameters excluded), read off diffusers' blocks with our
-attention processor; ``tests/model/test_plan.py`` checks them against a measured real-width run.
+attention processor; ``tests/model/training/test_plan.py`` checks them against a measured real-width run.
 
 * dual-stream block, per stream (image s = N, text s = T):
   8 tensors [s, D] (AdaLN-Zero LayerNorm input and normalised output, the modulated q/k/v input, the

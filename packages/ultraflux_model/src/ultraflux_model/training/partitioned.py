@@ -23,8 +23,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from ultraflux_model.errors import UltraFluxError
-from ultraflux_model.pretrained import check_local_component, mismatch_message, unknown_config_keys
+from ultraflux_core.errors import UltraFluxError
+from ultraflux_model.checkpoint.loading import check_local_component, mismatch_message, unknown_config_keys
 
 # safetensors dtype codes (https://github.com/huggingface/safetensors, format spec) → torch dtypes
 DTYPES: dict[str, torch.dtype] = {

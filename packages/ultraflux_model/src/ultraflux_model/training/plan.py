@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ultraflux_model.config import StageConfig, UltraFluxConfig
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_model.config import DeepSpeedConfig, StageConfig, TrainConfig
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.training.memory import GB, Activations, FluxShape, activation_bytes, model_state_bytes
 
 FLUX_DEV_OVERRIDES = {"guidance_embeds": True}  # FLUX.1-dev = the class defaults plus the guidance embedding
@@ -81,15 +81,14 @@ def stage_batch(stage: StageConfig, world_size: int) -> tuple[int, int]:
 def largest_bucket_tokens(family: str) -> tuple[int, tuple[int, int]]:
     """Image tokens of the family's largest bucket and that bucket (width, height)."""
     from ultraflux_model.config import TOKEN_PX
-    from ultraflux_model.data.buckets import family_buckets
+    from ultraflux_model.buckets import family_buckets
 
     best = max(family_buckets(family), key=lambda b: (b.width // TOKEN_PX) * (b.height // TOKEN_PX))
     return (best.width // TOKEN_PX) * (best.height // TOKEN_PX), (best.width, best.height)
 
 
-def ds_settings(cfg: UltraFluxConfig) -> tuple[int, str]:
+def ds_settings(ds: DeepSpeedConfig) -> tuple[int, str]:
     """(ZeRO stage, precision) the run will use on GPUs: the JSON file's values when one is set."""
-    ds = cfg.train.deepspeed
     stage, precision = ds.zero_stage, "fp32" if ds.precision == "fp32" else "bf16"
     if ds.config_file is not None and Path(ds.config_file).is_file():
         data = json.loads(Path(ds.config_file).read_text())
@@ -123,30 +122,33 @@ class StagePlan:
 
 
 def plan_run(
-    cfg: UltraFluxConfig, *, gpus: int, gpu_memory_gb: float, nodes: int = 1, reserve_gb: float = 3.0,
-    mfu: float = 0.4, peak_tflops: float = H200_BF16_DENSE_TFLOPS,
+    train: TrainConfig, *, bucket_family: str, text_tokens: int, gpus: int, gpu_memory_gb: float, nodes: int = 1,
+    reserve_gb: float = 3.0, mfu: float = 0.4, peak_tflops: float = H200_BF16_DENSE_TFLOPS,
 ) -> dict[str, Any]:
-    """Everything ``ultraflux plan`` prints, as plain data (the ``--json`` output)."""
+    """Everything ``ultraflux plan`` prints, as plain data (the ``--json`` output).
+
+    ``bucket_family`` and ``text_tokens`` are the data the run trains on (``data.buckets.family``,
+    ``data.cache.max_sequence_length``): activations are sized at the family's largest bucket.
+    """
     from ultraflux_model.training.timesteps import band_share
 
     if gpus < 1 or nodes < 1:
         raise UltraFluxError(f"--gpus and --nodes must be ≥ 1 (got {gpus}, {nodes})")
     world = gpus * nodes
-    config, source = transformer_config(cfg.train.model)
+    config, source = transformer_config(train.model)
     params, largest, shape = count_parameters(config)
-    zero_stage, precision = ds_settings(cfg)
+    zero_stage, precision = ds_settings(train.deepspeed)
     b = 2 if precision == "bf16" else 4
-    image_tokens, bucket = largest_bucket_tokens(cfg.data.buckets.family)
-    text_tokens = cfg.data.cache.max_sequence_length
+    image_tokens, bucket = largest_bucket_tokens(bucket_family)
     states = model_state_bytes(params, largest, zero_stage=zero_stage, precision=precision, gpus=world)
-    ema = 4 * params / world if cfg.train.ema.enabled else 0.0
+    ema = 4 * params / world if train.ema.enabled else 0.0
     fixed = states.total + ema + reserve_gb * GB
-    ckpt = cfg.train.gradient_checkpointing
+    ckpt = train.gradient_checkpointing
     one = activation_bytes(shape, image_tokens, text_tokens, micro_batch=1, b=b, checkpointing=ckpt)
     max_micro = max(0, int((gpu_memory_gb * GB - fixed) // one.peak))
-    first = cfg.train.stages[0]
+    first = train.stages[0]
     stages = []
-    for st in cfg.train.stages:
+    for st in train.stages:
         micro, glob = stage_batch(st, world)
         act: Activations = activation_bytes(
             shape, image_tokens, text_tokens, micro_batch=micro, b=b, checkpointing=ckpt
@@ -157,7 +159,7 @@ def plan_run(
             name=st.name, micro_batch=micro, global_batch=glob, grad_accum=glob / (micro * world), steps=st.steps,
             activations_gb=act.peak / GB, total_gb=total / GB, fits=total <= gpu_memory_gb * GB,
             step_s=step_s, hours=step_s * st.steps / 3600,
-            stage1_draws_in_band=band_share(cfg.train.timesteps, (first.t_min, first.t_max), (st.t_min, st.t_max)),
+            stage1_draws_in_band=band_share(train.timesteps, (first.t_min, first.t_max), (st.t_min, st.t_max)),
         ))
     by_stage = {
         z: (model_state_bytes(params, largest, zero_stage=z, precision=precision, gpus=world).total + ema) / GB

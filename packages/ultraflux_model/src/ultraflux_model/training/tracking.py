@@ -14,8 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ultraflux_model.config import TrackingConfig
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_core.tracking.config import TrackingConfig
+from ultraflux_core.errors import UltraFluxError
 
 PARENT_TAG = "mlflow.parentRunId"
 

@@ -22,23 +22,27 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from tqdm.auto import trange
 
 from ultraflux_eval.lineage import dvc_output_md5, git_sha
-from ultraflux_model.config import DeepSpeedConfig, LossConfig, StageConfig, UltraFluxConfig, dump_config
+from ultraflux_model.config import DeepSpeedConfig, GenerateConfig, KernelConfig, LossConfig, StageConfig, TrainConfig
+from ultraflux_core.config import dump_config
+from ultraflux_core.tracking.config import TrackingConfig
 from ultraflux_model.diffusion.latents import image_ids, pack_latents, text_ids, unpack_latents
 from ultraflux_model.diffusion.losses import training_loss, x0_from_velocity
-from ultraflux_model.errors import UltraFluxError
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.training.checkpoint import CheckpointManager, export_transformer
 from ultraflux_model.training.curriculum import (
+    DONE_MARKER,
     TRANSFORMER_DIR,
     StagePlan,
     find_stage,
     stage_plans,
+    stages_to_run,
 )
 from ultraflux_model.training.distributed import DistInfo, barrier, init_distributed, sum_across_ranks, use_bf16
 from ultraflux_model.training.ema import ShardedEma
@@ -51,8 +55,23 @@ from ultraflux_model.training.tracking import (
     resolve_tracking_uri,
 )
 
+class RunConfig(Protocol):
+    """What the trainer reads of the root config tree (``ultraflux.config.UltraFluxConfig`` is one): the training
+    section, the kernel choice, where to track, and the generation settings of the sample grids. The whole tree is
+    what gets logged (``config.yaml``), so it must dump itself."""
+
+    @property
+    def train(self) -> TrainConfig: ...
+    @property
+    def kernels(self) -> KernelConfig: ...
+    @property
+    def tracking(self) -> TrackingConfig: ...
+    @property
+    def generate(self) -> GenerateConfig: ...
+    def model_dump(self, *, mode: str = ...) -> dict[str, Any]: ...
+
+
 T_BANDS = (0.0, 0.25, 0.5, 0.75, 1.0)  # edges of the per-timestep-band loss metrics
-DONE_MARKER = "DONE"  # in the stage folder once its final export is complete
 
 
 @dataclass
@@ -196,7 +215,7 @@ class BatchStream:
 
     def __init__(self, dataset: Any, indices: list[int], batch_size: int, *, seed: int, dist: DistInfo,
                  grad_accum: int = 1) -> None:
-        from ultraflux_model.data.buckets import BucketBatchSampler
+        from ultraflux_model.training.sampler import BucketBatchSampler
 
         keys = dataset.bucket_keys()
         self.dataset, self.indices = dataset, indices
@@ -214,7 +233,7 @@ class BatchStream:
         self._iter: Iterator[list[int]] | None = None
 
     def next(self, device: torch.device) -> dict[str, Any]:
-        from ultraflux_model.data.cache import collate_latents
+        from ultraflux_model.training.latent_cache import collate_latents
 
         while True:
             if self._iter is None:
@@ -239,9 +258,12 @@ class BatchStream:
 # ----------------------------------------------------------------------------------------------- exports
 
 
-def write_sample_grids(export_dir: Path, cfg: UltraFluxConfig, out_dir: Path, tracker: Tracker, step: int,
-                       stage: str, device: torch.device) -> list[Path]:
-    """Generate every sample prompt at each sample aspect ratio with the export; log one grid per ratio."""
+def write_sample_grids(export_dir: Path, cfg: RunConfig, out_dir: Path, tracker: Tracker, step: int,
+                       stage: str, device: torch.device, text_tokens: int) -> list[Path]:
+    """Generate every sample prompt at each sample aspect ratio with the export; log one grid per ratio.
+
+    ``text_tokens``: the T5 length the model trains on (the cached embeddings'), so samples see what training saw.
+    """
     from PIL import Image
 
     from ultraflux_model.inference.pipeline import generate, load_pipeline
@@ -254,7 +276,7 @@ def write_sample_grids(export_dir: Path, cfg: UltraFluxConfig, out_dir: Path, tr
         images = generate(
             export_dir, list(train.sample_prompts), [(width, height)], steps=train.sample_steps,
             guidance=cfg.generate.guidance, shift=cfg.generate.shift, seed=train.seed, dtype=dtype,
-            max_sequence_length=cfg.data.cache.max_sequence_length, out_dir=out_dir / f"{width}x{height}",
+            max_sequence_length=text_tokens, out_dir=out_dir / f"{width}x{height}",
             pipe=pipe, progress=False,
         )
         grid = Image.new("RGB", (width * len(images), height))
@@ -289,7 +311,7 @@ def _load_transformer(path: Path, ds_config: dict[str, Any]) -> torch.nn.Module:
     return UltraFluxTransformer2DModel.from_pretrained(path, torch_dtype=torch.float32)
 
 
-def _tracker_for(cfg: UltraFluxConfig, plan: StagePlan, dist: DistInfo, resume: bool) -> Tracker:
+def _tracker_for(cfg: RunConfig, plan: StagePlan, dist: DistInfo, resume: bool) -> Tracker:
     run_dir = Path(cfg.train.run_dir)
     uri = resolve_tracking_uri(cfg.tracking, run_dir)
     tracker = Tracker(uri, cfg.tracking.experiment, active=dist.is_main, artifact_dir=run_dir / "mlartifacts")
@@ -310,7 +332,7 @@ def _tracker_for(cfg: UltraFluxConfig, plan: StagePlan, dist: DistInfo, resume: 
     return tracker
 
 
-def train_stage(cfg: UltraFluxConfig, stage: str | int, *, resume: bool = False) -> StageResult:
+def train_stage(cfg: RunConfig, stage: str | int, *, resume: bool = False) -> StageResult:
     """Train one SACL stage to its configured step count (collective over the launched ranks)."""
     train = cfg.train
     plan = stage_plans(train)[stage] if isinstance(stage, int) else find_stage(train, stage)
@@ -329,13 +351,13 @@ def train_stage(cfg: UltraFluxConfig, stage: str | int, *, resume: bool = False)
     torch.manual_seed(train.seed)
     import deepspeed
 
-    from ultraflux_model.data.cache import CachedLatentDataset
+    from ultraflux_model.training.latent_cache import CachedLatentDataset
 
     dataset = CachedLatentDataset(train.cache_dir, subset=None if st.subset == "all" else st.subset)
     stream = BatchStream(dataset, list(range(len(dataset))), st.micro_batch, seed=train.seed, dist=dist,
                          grad_accum=grad_accum)
 
-    from ultraflux_model.inference.pipeline import resolve_checkpoint
+    from ultraflux_model.checkpoint.resolve import resolve_checkpoint
 
     base = resolve_checkpoint(train.model)  # a local folder, or a hub id fetched as safetensors only
     ds_config = deepspeed_config(train.deepspeed, st, dist.world_size)
@@ -426,7 +448,7 @@ def train_stage(cfg: UltraFluxConfig, stage: str | int, *, resume: bool = False)
                 _export(engine, ema, plan, base, dist)
                 if dist.is_main and train.sample_sizes:
                     write_sample_grids(plan.export, cfg, plan.dir / "samples" / f"step{step + 1:07d}", tracker,
-                                       step + 1, st.name, dist.device)
+                                       step + 1, st.name, dist.device, dataset.text_tokens)
         if start >= st.steps and not (plan.dir / DONE_MARKER).exists():
             _export(engine, ema, plan, base, dist)  # resumed after the last checkpoint, before the export
         if dist.is_main:
@@ -444,7 +466,7 @@ def _export(engine: Any, ema: ShardedEma | None, plan: StagePlan, base: Path, di
     Each is assembled atomically by ``assemble_checkpoint`` (frozen components hard-linked where possible), so
     it is always a complete checkpoint that ``ultraflux generate`` and the next stage load.
     """
-    from ultraflux_model.pretrained import assemble_checkpoint
+    from ultraflux_model.checkpoint.layout import assemble_checkpoint
 
     targets = [(plan.export, None)]
     if ema is not None:
@@ -457,28 +479,15 @@ def _export(engine: Any, ema: ShardedEma | None, plan: StagePlan, base: Path, di
         barrier()
 
 
-def stage_done(plan: StagePlan) -> bool:
-    return (plan.dir / DONE_MARKER).is_file()
-
-
-def train(cfg: UltraFluxConfig, *, resume: bool = False, stages: list[str] | None = None) -> list[StageResult]:
+def train(cfg: RunConfig, *, resume: bool = False, stages: list[str] | None = None) -> list[StageResult]:
     """Run the configured stages in order (each starts from the previous one's export).
 
     With ``resume`` finished stages are skipped and an interrupted one continues from its latest checkpoint.
     """
-    results = []
-    unknown = sorted(set(stages or ()) - {s.name for s in cfg.train.stages})
-    if unknown:
-        raise UltraFluxError(f"unknown stage(s) {unknown}; configured stages: {[s.name for s in cfg.train.stages]}")
+    plans = stages_to_run(cfg.train, resume=resume, only=stages)
     run_dir = Path(cfg.train.run_dir)
     check_tracking_reachable(resolve_tracking_uri(cfg.tracking, run_dir), cfg.tracking.check_timeout_s)
     run_dir.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
-    for plan in stage_plans(cfg.train):
-        if stages and plan.stage.name not in stages:
-            continue
-        if resume and stage_done(plan):
-            continue
-        results.append(train_stage(cfg, plan.index, resume=resume))
-    return results
+    return [train_stage(cfg, plan.index, resume=resume) for plan in plans]

@@ -22,8 +22,8 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.autoencoders.vae import DecoderOutput
 from torch import nn
 
-from ultraflux_model.errors import UltraFluxError
-from ultraflux_model.pretrained import StrictPretrainedMixin
+from ultraflux_core.errors import UltraFluxError
+from ultraflux_model.checkpoint.loading import StrictPretrainedMixin
 from ultraflux_model.vae.streamed_decode import OFFICIAL_PARTITIONED, SAME, streamed_decode
 
 DecodeMode = Literal["tiled", "full", "official"]

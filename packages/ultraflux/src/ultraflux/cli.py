@@ -1,0 +1,121 @@
+"""``ultraflux`` command line: the composition of every package's commands over the one config tree.
+
+Commands are thin: options are generated from the config fields (``ultraflux_core.options``), resolved with the
+one loader (``ultraflux.config``) and handed to library functions. Library imports happen inside the commands so
+``ultraflux --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ultraflux.config import load_config, resolve_config
+from ultraflux.convert_cli import convert_app
+from ultraflux.plan_cli import plan_command
+from ultraflux.train_cli import train_app
+from ultraflux.ui_cli import ui
+from ultraflux_core.config import dump_config
+from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.options import Options, config_options, override_value
+from ultraflux_data.commands import app as data_app
+from ultraflux_model.config import Dtype, GenerateConfig
+
+app = typer.Typer(
+    help="UltraFlux: native-4K text-to-image generation, data, training.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect and validate the config tree (params.yaml + presets).", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")  # ultraflux_data/commands.py
+app.add_typer(train_app)  # train, vae-train (ultraflux/train_cli.py)
+app.command("ui")(ui)  # the web app (ultraflux/ui_cli.py)
+app.command("plan")(plan_command)  # ultraflux/plan_cli.py
+app.add_typer(convert_app, name="convert")  # flux-dev, assemble (ultraflux/convert_cli.py)
+
+
+@config_app.command("dump")
+def config_dump(
+    config: list[Path] = typer.Option([], "--config", "-c", help="YAML files layered in order"),
+    set_: list[str] = typer.Option([], "--set", help="section.key=value overrides"),
+    out: Path | None = typer.Option(None, help="write here instead of stdout"),
+) -> None:
+    """Print the resolved config (defaults when no file is given) as params.yaml-style YAML."""
+    text = dump_config(resolve_config(config, set_))
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)  # a DVC stage's out: its folder may not exist yet
+        out.write_text(text)
+
+
+@config_app.command("validate")
+def config_validate(paths: list[Path]) -> None:
+    """Validate each YAML file layered over nothing (exit 1 with every bad field listed)."""
+    for path in paths:
+        load_config(path)
+        typer.echo(f"ok  {path}")
+
+
+@app.command("init-tiny")
+def init_tiny(
+    directory: Path = typer.Argument(..., help="where to write the checkpoint"),
+    seed: int = 0,
+    width_preset: str = typer.Option("tiny", help="transformer widths: tiny | flux-dev (3072 hidden, 24 heads)"),
+    layers: int | None = typer.Option(None, help="double-stream blocks (default: the preset's; flux-dev 19)"),
+    single_layers: int | None = typer.Option(None, help="single-stream blocks (default: the preset's; flux-dev 38)"),
+    dtype: Dtype = typer.Option("fp32", help="transformer weights on disk: fp32 | bf16 | fp16"),
+) -> None:
+    """Write a complete checkpoint in the official layout (random weights, offline tokenizers).
+
+    Default: the tiny test model. ``--width-preset flux-dev --layers 1 --single-layers 1``: a real-width
+    transformer with few blocks (written layer by layer into safetensors shards) for real-scale checks on CPU.
+    """
+    from ultraflux_model.checkpoint.tiny import write_tiny_checkpoint
+    from ultraflux_model.dtypes import TORCH_DTYPES
+
+    path = write_tiny_checkpoint(directory, seed=seed, width_preset=width_preset,  # type: ignore[arg-type]
+                                 layers=layers, single_layers=single_layers, dtype=TORCH_DTYPES[dtype])
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+@config_options(Options("generate", GenerateConfig, exclude=("prompts", "sizes")))
+def generate(
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="a prompt; repeat for several (generate.prompts)"),
+    prompts_file: Path | None = typer.Option(None, help="text file, one prompt per line (generate.prompts)"),
+    width: int | None = typer.Option(None, help="pixels, multiple of 32 (generate.sizes)"),
+    height: int | None = typer.Option(None, help="pixels, multiple of 32 (generate.sizes)"),
+    *,
+    config: list[Path],
+    overrides: list[str],
+) -> None:
+    """Generate images; each PNG gets a JSON sidecar (prompt, seed, size, model hash, timings, peak memory).
+
+    --model takes a checkpoint directory, a hub id or a registry URI (models:/NAME@ALIAS); image k uses seed+k.
+    """
+    from ultraflux_model.inference.pipeline import generate_from_config
+
+    prompts = list(prompt)
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise UltraFluxError(f"prompts file {prompts_file} does not exist")
+        prompts += [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+    if (width is None) != (height is None):
+        raise UltraFluxError("give both --width and --height (or neither, to use generate.sizes)")
+    if prompts:
+        overrides.append(f"generate.prompts={override_value(prompts)}")
+    if width is not None:
+        overrides.append(f"generate.sizes={override_value([[width, height]])}")
+    cfg = resolve_config(config, overrides)
+    for image in generate_from_config(cfg.generate, rope_kernel=cfg.kernels.rope):
+        typer.echo(f"{image.path}  ({image.width}x{image.height}, seed {image.seed})")
+
+
+def main() -> None:
+    """Entry point that turns ``UltraFluxError`` into a one-line message and exit code 2."""
+    from ultraflux_core.console import run
+
+    run(app)

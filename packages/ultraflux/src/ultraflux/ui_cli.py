@@ -1,0 +1,48 @@
+"""``ultraflux ui``: start UltraFlux Studio on one machine (loopback by default, no share link unless asked)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from ultraflux.config import resolve_config
+from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.options import Options, config_options
+from ultraflux_model.config import UiConfig
+
+
+@config_options(Options("ui", UiConfig))
+def ui(*, config: list[Path], overrides: list[str]) -> None:
+    """Start the web app: generate at any aspect ratio, watch progress, browse the gallery, compare two models.
+
+    --model and --compare take a checkpoint directory, a hub id or a registry URI (models:/NAME@ALIAS).
+    """
+    cfg = resolve_config(config, overrides)
+    # Gradio phones home for analytics and version checks unless told not to; read when gradio is imported.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from ultraflux_model.app.engine import Studio
+
+    try:
+        from ultraflux_model.app.studio import CSS, build_app, theme
+    except ModuleNotFoundError as err:
+        raise UltraFluxError(f"the web app needs gradio ({err}): pip install 'ultraflux-model[app]'") from err
+
+    studio = Studio(cfg.ui.model, out=cfg.ui.out, limits=cfg.serve, compare=cfg.ui.compare,
+                    transformer=cfg.ui.transformer)  # fmt: skip
+    # Load once, before serving: a missing or broken model fails here with one line, not on the first request.
+    for side in studio.slots:
+        typer.echo(f"loaded {side}: {studio.load(side).label}")
+    demo = build_app(studio, default_steps=cfg.ui.steps)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(
+        server_name=cfg.ui.host,
+        server_port=cfg.ui.port or None,
+        share=cfg.ui.share,
+        allowed_paths=[str(Path(cfg.ui.out).resolve())],
+        show_error=True,
+        ssr_mode=False,
+        theme=theme(),
+        css=CSS,
+    )

@@ -1,0 +1,141 @@
+"""The config sections the data package owns: ``data`` (ingest → score → filter → bucket → shard → cache) and
+``compute`` (where the per-image stages run). Frozen, unknown keys rejected (``ultraflux_core.config.Section``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from ultraflux_core.config import Section
+from ultraflux_model.config import Dtype
+
+
+class SyntheticDataConfig(Section):
+    """Procedural demo/test dataset written when ``data.source`` is ``synthetic``."""
+
+    n: int = Field(24, ge=1, description="good images (a fixed set of bad/odd files is added on top)")
+    seed: int = 0
+    base_side: int = Field(320, ge=64, description="images hold about base_side² pixels at every aspect ratio")
+
+
+class DownloadConfig(Section):
+    """Safe HTTP(S) fetching of ``image_url``s."""
+
+    concurrency: int = Field(8, ge=1)
+    retries: int = Field(3, ge=0, description="extra attempts after connection errors, timeouts, 429 and 5xx")
+    backoff_s: float = Field(0.5, ge=0.0, description="first retry delay; doubles per attempt")
+    connect_timeout_s: float = Field(10.0, gt=0.0)
+    read_timeout_s: float = Field(30.0, gt=0.0)
+    max_bytes: int = Field(64 * 2**20, ge=1, description="larger bodies are aborted")
+    max_redirects: int = Field(5, ge=0)
+    allow_private: bool = Field(False, description="allow loopback/private/link-local targets everywhere")
+    private_hosts: tuple[str, ...] = Field((), description="host names/IPs allowed to be non-public (a mirror)")
+    content_types: tuple[str, ...] = (
+        "image/jpeg", "image/png", "image/webp", "image/tiff", "image/bmp", "image/gif", "application/octet-stream",
+    )
+
+
+class IngestConfig(Section):
+    """Decoding limits of ``ultraflux data ingest`` (quarantine rules)."""
+
+    max_pixels: int = Field(
+        80_000_000, ge=1, le=89_478_485, description="decompression-bomb limit (at most PIL's own 89.5 MP)"
+    )
+    min_side: int = Field(32, ge=1, description="shorter side below this is quarantined as tiny")
+
+
+class ScoringConfig(Section):
+    """Per-image scores: weight-free (resolution, flatness, entropy) and learned (Q-Align, aesthetics)."""
+
+    flat_patch: int = Field(64, ge=8, description="flatness patch side (official 240)")
+    flat_threshold: float = Field(800.0, gt=0.0, description="Sobel-magnitude variance below this is flat")
+    qalign: Literal["tiny", "local", "metadata", "none"] = Field(
+        "tiny", description="tiny: Q-Align's mPLUG-Owl2 at toy width, random; local: eval weights_dir (qalign); "
+        "metadata: only the metadata's qalign_score"
+    )
+    aesthetics: Literal["tiny", "local", "metadata", "none"] = Field(
+        "tiny", description="tiny: aesthetics_scorer's architecture at toy width, random; local: eval weights_dir"
+    )
+    aesthetics_scorer: Literal["artimuse", "laion"] = Field(
+        "artimuse", description="artimuse: the paper's ArtiMuse (0-100); laion: LAION head on CLIP (1-10)"
+    )
+    weights_dir: Path = Field(Path("storage/eval-weights"), description="eval weights folder (manifest.yaml)")
+    device: str = "cpu"
+    batch_size: int = Field(8, ge=1)
+    reuse_metadata_scores: bool = Field(True, description="take qalign/aesthetics from the metadata when present")
+
+
+class FilterConfig(Section):
+    """Dataset filters and subsets (official values in configs/4k.yaml)."""
+
+    min_long_side: int = Field(256, ge=1, description="official 3840")
+    min_short_side: int = Field(144, ge=1, description="official 2160")
+    max_flat: float = Field(0.5, ge=0.0, le=1.0, description="drop if flat share is above this")
+    min_entropy: float = Field(7.0, ge=0.0, le=8.0, description="keep if grayscale Shannon entropy ≥ this")
+    min_qalign: float | None = Field(
+        1.0, description="keep if Q-Align > this (official 4.0; Q-Align lies in [1, 5]); null skips the rule"
+    )
+    aesthetics_top: float = Field(0.75, gt=0.0, le=1.0, description="training set: top share by aesthetics (0.30)")
+    stage2_top: float = Field(0.4, gt=0.0, le=1.0, description="SACL stage 2: top share of the training set (0.05)")
+    vae_least_flat: float = Field(0.5, gt=0.0, le=1.0, description="VAE post-training: least-flat share (0.5)")
+
+
+class BucketConfig(Section):
+    """Aspect-ratio bucket family used for shards and caches."""
+
+    family: Literal["4k", "2k", "1k", "512", "256"] = "256"
+
+
+class ShardConfig(Section):
+    """Training shards: tar files of bucket-sized PNG/JPEG + JSON."""
+
+    samples_per_shard: int = Field(64, ge=1)
+    image_format: Literal["png", "jpeg"] = "png"
+
+
+class CacheConfig(Section):
+    """Latent and text-embedding caches (F16 VAE latents, T5 sequence, CLIP pooled)."""
+
+    model: Path = Field(Path("artifacts/tiny-ultraflux"), description="checkpoint with vae/ and text encoders")
+    max_sequence_length: int = Field(32, ge=1, le=512, description="T5 tokens (official 512)")
+    batch_size: int = Field(4, ge=1)
+    dtype: Dtype = "fp32"
+    device: str = "cpu"
+
+
+class DataConfig(Section):
+    """MultiAspect-4K pipeline: ingest → score → filter → bucket → shard → cache (see docs/data.md)."""
+
+    source: str = Field("synthetic", description="'synthetic', a folder of images, or a jsonl/parquet/csv file")
+    root: Path = Field(Path("artifacts/data"), description="every stage writes below this folder")
+    synthetic: SyntheticDataConfig = SyntheticDataConfig()
+    download: DownloadConfig = DownloadConfig()
+    ingest: IngestConfig = IngestConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    filter: FilterConfig = FilterConfig()
+    buckets: BucketConfig = BucketConfig()
+    shards: ShardConfig = ShardConfig()
+    cache: CacheConfig = CacheConfig()
+
+
+
+
+class ComputeConfig(Section):
+    """Where the per-image data stages run (``ultraflux_data.compute``): in this process or on Ray.
+
+    ``local`` and ``ray`` run the same partition functions, so outputs are identical whichever engine ran them.
+    """
+
+    engine: Literal["local", "ray"] = Field("local", description="local: in this process; ray: Ray tasks/actors")
+    address: str | None = Field(
+        None, description="ray only. None: start a local Ray instance; 'auto' or 'ray://host:port': join a cluster"
+    )
+    workers: int = Field(1, ge=1, description="parallel Ray tasks / actors per stage (local runs one at a time)")
+    gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs per actor of the model stages (score, cache)")
+    partition_size: int = Field(
+        64, ge=1, description="target images per partition (partitions are key-hash ranges, a power of two of them)"
+    )
+
+

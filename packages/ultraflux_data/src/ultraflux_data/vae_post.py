@@ -1,0 +1,229 @@
+"""F16 VAE decoder post-training, the job: which images, the held-out before/after report, tracking.
+
+The decoder trainer itself is the model's (``ultraflux_model.training.vae_decoder``); this job sits above the
+model and metrics packages because it needs both: training images come from the filter's ``vae`` subset
+(``<root>/subsets/vae.parquet``, the paper's least-flat selection) or a folder ranked by the eval package's flatness
+score, each file counted once; before and after training the held-out images are reconstructed at native
+resolution and scored with the eval package's one implementation of each metric (rFID on native-resolution crops
+with the standard Inception when ``backbones`` is a weights dir, PSNR, SSIM, LPIPS). The result is a ``vae/``
+folder that ``UltraFluxAutoencoderKL.from_pretrained`` loads, and a JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.tracking.config import TrackingConfig
+from ultraflux_model.checkpoint.resolve import resolve_checkpoint
+from ultraflux_model.config import VaeTrainConfig
+from ultraflux_model.training.vae_decoder import (
+    center_crop_to_tokens,
+    decoder_trainable_vae,
+    export_vae,
+    reconstruct,
+    to_model_range,
+    to_uint8,
+    train_decoder,
+)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+@dataclass
+class VaeReport:
+    """Held-out reconstruction metrics before/after, the training losses, and where the VAE went."""
+
+    before: dict[str, float]
+    after: dict[str, float]
+    losses: list[float] = field(default_factory=list)
+    export: Path = Path()
+    train_images: int = 0
+    heldout_images: int = 0
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+
+def _subset_paths(subset: Path) -> list[Path]:
+    """Image files of a filter subset (``<root>/subsets/vae.parquet``): its ``path`` column, relative to the
+    ingest folder next to ``subsets/`` (the data stages' layout), in the subset's order."""
+    import pandas as pd
+
+    frame = pd.read_parquet(subset)
+    if "path" not in frame:
+        raise UltraFluxError(f"{subset} has no `path` column: point vae_train.images at the filter's vae.parquet")
+    ingest = subset.parent.parent / "ingest"
+    return [Path(p) if Path(p).is_absolute() else ingest / p for p in frame["path"]]
+
+
+def load_images(source: Path, min_side: int) -> tuple[list[tuple[Path, np.ndarray]], dict[str, str]]:
+    """Readable RGB images with both sides ≥ ``min_side``, each counted once; the rest with a reason.
+
+    ``source``: the filter's ``vae`` subset parquet (the paper's least-flat selection), or a folder walked
+    recursively. Files with the same bytes (an ingest root holds ``downloads/`` and ``images/`` copies of one
+    picture) are counted once: the first in name order is kept, the others are skipped as duplicates.
+    """
+    import hashlib
+
+    from ultraflux_eval.errors import EvalError
+    from ultraflux_eval.scores import load_rgb
+
+    source = Path(source)
+    if source.suffix == ".parquet" and source.is_file():
+        paths = _subset_paths(source)
+    elif source.is_dir():
+        paths = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        raise UltraFluxError(f"vae_train.images {source} is neither a folder of images nor a subset .parquet")
+    images, skipped, seen = [], {}, {}
+    for path in paths:
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as err:
+            skipped[str(path)] = f"unreadable: {err}"
+            continue
+        if digest in seen:
+            skipped[str(path)] = f"duplicate of {seen[digest]}"
+            continue
+        seen[digest] = path
+        try:
+            array = load_rgb(path)
+        except (EvalError, OSError, ValueError) as err:
+            skipped[str(path)] = f"unreadable: {err}"
+            continue
+        if min(array.shape[:2]) < min_side:
+            skipped[str(path)] = f"smaller than the {min_side}px crop"
+            continue
+        images.append((path, array))
+    return images, skipped
+
+
+def least_flat(arrays: list[np.ndarray], share: float, patch: int) -> list[int]:
+    """Indices of the ``share`` of images with the lowest flat percentage (ties by index)."""
+    from ultraflux_eval.scores import flat_percentage
+
+    flatness = [flat_percentage(a, patch=patch) for a in arrays]
+    keep = max(1, math.ceil(share * len(arrays) - 1e-9))
+    return sorted(sorted(range(len(arrays)), key=lambda i: (flatness[i], i))[:keep])
+
+
+
+RFID_CROPS_PER_IMAGE = 16  # native-resolution crops per held-out image for rFID (spread over the full-tile grid)
+
+
+def rfid_native(originals: list[np.ndarray], recons: list[np.ndarray], extractor: torch.nn.Module,
+                side: int) -> float:
+    """rFID on native-resolution ``side×side`` crops (299 with the standard Inception: the crops reach it
+    unresized, so 4K detail is compared instead of a 14× downscale); the same crop positions in both sets."""
+    from ultraflux_eval.fidelity import frechet_distance, patch_inputs
+
+    usable = [i for i, a in enumerate(originals) if min(a.shape[:2]) >= side]
+    if not usable:
+        raise UltraFluxError(f"rFID needs held-out images of at least {side}x{side} px; use larger images")
+    real = patch_inputs([originals[i] for i in usable], side, RFID_CROPS_PER_IMAGE)
+    fake = patch_inputs([recons[i] for i in usable], side, RFID_CROPS_PER_IMAGE)
+    return frechet_distance(real, fake, extractor)
+
+
+@torch.no_grad()
+def reconstruction_metrics(vae: torch.nn.Module, arrays: list[np.ndarray], lpips_model: torch.nn.Module,
+                           extractor: torch.nn.Module, fid_side: int, device: torch.device) -> dict[str, float]:
+    """rFID (native-resolution crops), PSNR, SSIM and LPIPS of native-resolution reconstructions of ``arrays``."""
+    from ultraflux_eval.fidelity import lpips_distance, psnr, ssim
+
+    originals = [center_crop_to_tokens(a) for a in arrays]
+    recons = [to_uint8(reconstruct(vae, to_model_range(a)[None].to(device))[0]) for a in originals]
+    lpips_cpu = lpips_model.to("cpu")
+    metrics = {
+        "psnr": float(np.mean([psnr(a, b) for a, b in zip(originals, recons, strict=True)])),
+        "ssim": float(np.mean([ssim(a, b) for a, b in zip(originals, recons, strict=True)])),
+        "lpips": float(np.mean([lpips_distance(a, b, lpips_cpu) for a, b in zip(originals, recons, strict=True)])),
+        "rfid": rfid_native(originals, recons, extractor, fid_side),
+    }
+    lpips_model.to(device)
+    return metrics
+
+
+def _lpips(cfg: VaeTrainConfig) -> torch.nn.Module:
+    from safetensors.torch import load_file
+    from ultraflux_eval.fidelity import build_lpips
+
+    if cfg.lpips_alexnet is not None and not Path(cfg.lpips_alexnet).is_file():
+        raise UltraFluxError(
+            f"vae_train.lpips_alexnet {cfg.lpips_alexnet} does not exist (torchvision AlexNet state dict, safetensors)"
+        )
+    torch.manual_seed(cfg.seed)  # the random trunk (CI) is seeded
+    model = build_lpips(load_file(str(cfg.lpips_alexnet)) if cfg.lpips_alexnet else None)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _fid_extractor(cfg: VaeTrainConfig) -> tuple[torch.nn.Module, int]:
+    from ultraflux_eval.backbones import local_backbones, tiny_backbones
+
+    if cfg.backbones == "tiny":
+        backbones = tiny_backbones(["fid"], seed=cfg.seed)
+    else:
+        backbones = local_backbones(Path(cfg.backbones), ["fid"])
+    return backbones.require("inception"), backbones.fid_size
+
+
+
+def post_train_vae(cfg: VaeTrainConfig, tracking: TrackingConfig) -> VaeReport:
+    """Post-train the decoder of ``cfg.model``'s VAE; write ``cfg.out/vae`` and ``cfg.out/report.json``."""
+    from ultraflux_model.training.tracking import Tracker, check_tracking_reachable, flatten, resolve_tracking_uri
+
+    out = Path(cfg.out)
+    uri = resolve_tracking_uri(tracking, out)
+    check_tracking_reachable(uri, tracking.check_timeout_s)
+    images, skipped = load_images(cfg.images, cfg.crop)
+    if len(images) < cfg.heldout + 1:
+        raise UltraFluxError(
+            f"{cfg.images} has {len(images)} usable images (≥ {cfg.crop}px), need more than vae_train.heldout="
+            f"{cfg.heldout}; add images or lower heldout/crop"
+        )
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(images)).tolist()
+    heldout = [images[i][1] for i in order[: cfg.heldout]]
+    pool = [images[i][1] for i in order[cfg.heldout :]]
+    # the filter's vae subset is already the least-flat selection: rank again only for a plain folder
+    share = 1.0 if Path(cfg.images).suffix == ".parquet" else cfg.least_flat
+    train_arrays = [pool[i] for i in least_flat(pool, share, cfg.flat_patch)]
+
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    base = resolve_checkpoint(cfg.model)  # a local folder, or a hub id fetched as safetensors only
+    vae = decoder_trainable_vae(base, device)
+    lpips_model = _lpips(cfg).to(device)
+    extractor, fid_side = _fid_extractor(cfg)
+
+    out.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(uri, tracking.experiment, active=True, artifact_dir=out / "mlartifacts")
+    tracker.start(f"vae-post/{out.name}", tags={"component": "vae", "images": str(cfg.images)})
+    tracker.log_params(flatten({"vae_train": cfg.model_dump(mode="json")}))
+    try:
+        vae.eval()
+        before = reconstruction_metrics(vae, heldout, lpips_model, extractor, fid_side, device)
+        tracker.log_metrics({f"before/{k}": v for k, v in before.items()}, step=0)
+        losses = train_decoder(vae, train_arrays, lpips_model, cfg, rng,
+                               on_step=lambda step, parts: tracker.log_metrics(parts, step=step))
+        after = reconstruction_metrics(vae, heldout, lpips_model, extractor, fid_side, device)
+        tracker.log_metrics({f"after/{k}": v for k, v in after.items()}, step=cfg.steps)
+        export = export_vae(vae, out / "vae")
+        report = VaeReport(before=before, after=after, losses=losses, export=export, train_images=len(train_arrays),
+                           heldout_images=len(heldout), skipped=skipped)
+        report_path = out / "report.json"
+        report_path.write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+        tracker.log_artifact(report_path)
+        tracker.end("FINISHED")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    return report
