@@ -19,7 +19,7 @@ from ultraflux.ui_cli import ui
 from ultraflux_core.config import dump_config
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.options import Options, config_options, override_value
-from ultraflux_data.commands import app as data_app
+from ultraflux.data_cli import app as data_app
 from ultraflux_model.config import Dtype, GenerateConfig
 
 app = typer.Typer(
@@ -29,7 +29,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect and validate the config tree (params.yaml + presets).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-app.add_typer(data_app, name="data")  # ultraflux_data/commands.py
+app.add_typer(data_app, name="data")  # ultraflux/data_cli.py
 app.add_typer(train_app)  # train, vae-train (ultraflux/train_cli.py)
 app.command("ui")(ui)  # the web app (ultraflux/ui_cli.py)
 app.command("plan")(plan_command)  # ultraflux/plan_cli.py
