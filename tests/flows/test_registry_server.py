@@ -72,7 +72,7 @@ def test_release_fetch_generate_serve_and_promote_through_the_server(tmp_path, t
     from mlflow.entities import LoggedModelStatus
     from ultraflux_eval.registry import registered_version
     from ultraflux_eval.tracking import client_for
-    from ultraflux_model import UltraFluxError
+    from ultraflux_core.errors import UltraFluxError
     from ultraflux_model.checkpoint.layout import fingerprint
     from ultraflux_model.checkpoint.resolve import resolve_checkpoint
     from ultraflux_model.release.fetch import release_manifest

@@ -1,4 +1,4 @@
-"""Reference SNR-aware Huber wavelet loss: Haar DWT vs PyWavelets, weights vs DESIGN §3, a numpy oracle, gradcheck."""
+"""Reference SNR-aware Huber wavelet loss: Haar DWT vs PyWavelets, weights vs docs/design.md §3, a numpy oracle, gradcheck."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ LOSS = LossConfig().model_dump()
 
 
 def _numpy_loss(pred: np.ndarray, target: np.ndarray, t: np.ndarray, gamma, alpha, beta, c_min, c_max) -> float:
-    """DESIGN §3 written out literally with pywt as W, in float64 (independent of the torch code)."""
+    """docs/design.md §3 written out literally with pywt as W, in float64 (independent of the torch code)."""
     losses = []
     for b in range(pred.shape[0]):
         tb = min(max(float(t[b]), 1e-3), 1 - 1e-3)

@@ -51,7 +51,7 @@ def test_pos_embed_matches_official_including_variants(reference_fixtures):
 
 
 def _scalar_reference(dim: int, span: int, train_len: int, theta: float = 10000.0) -> tuple[list[float], float]:
-    """DESIGN.md §3 written out pair by pair with Python floats (independent of the module's vectorised code)."""
+    """docs/design.md §3 written out pair by pair with Python floats (independent of the module's vectorised code)."""
     half = dim // 2
     omegas = [theta ** (-2 * k / dim) for k in range(half)]
     if span <= train_len:

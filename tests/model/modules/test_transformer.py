@@ -11,7 +11,8 @@ import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
 
-from ultraflux_model import UltraFluxError, UltraFluxTransformer2DModel
+from ultraflux_core.errors import UltraFluxError
+from ultraflux_model import UltraFluxTransformer2DModel
 from ultraflux_model.diffusion.latents import image_ids, text_ids
 from ultraflux_model.modules.rope import ResonanceYarnPosEmbed
 

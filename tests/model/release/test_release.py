@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ultraflux_model import UltraFluxError, UltraFluxTransformer2DModel
+from ultraflux_core.errors import UltraFluxError
+from ultraflux_model import UltraFluxTransformer2DModel
 from ultraflux_model.config import GenerateConfig, ServeConfig
 from ultraflux_model.checkpoint.resolve import HUB_PATTERNS, resolve_checkpoint
 from ultraflux_model.checkpoint.layout import assemble_checkpoint, fingerprint

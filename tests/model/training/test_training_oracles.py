@@ -1,4 +1,4 @@
-"""Independent oracles for the trainer's math (DESIGN §3 flow matching and SACL bands).
+"""Independent oracles for the trainer's math (docs/design.md §3 flow matching and SACL bands).
 
 Nothing here is computed by the code under test: a stub DiT with a known output pins the noising
 z_t = (1−t)·z + t·ε, the velocity target v = ε − z and x̂₀ = z_t − t·v; thousands of drawn timesteps are

@@ -68,7 +68,7 @@ STAGE1 = stage_dict("stage1", 6, micro_batch=2, grad_accum=2, warmup_steps=3)
 Weights = dict[str, torch.Tensor]
 
 
-# ---------------------------------------------------------------------- the reference loop, from DESIGN.md §3
+# ---------------------------------------------------------------------- the reference loop, from docs/design.md §3
 # Written from the formulas, importing nothing from the trainer or the loss module: only the data order
 # (BucketBatchSampler, collate_latents), the model class and the Flux token layout are shared with the code
 # under test, plus the documented random-stream protocol (one SeedSequence per sample: a uniform, then ε).
@@ -114,7 +114,7 @@ def ref_haar(x: torch.Tensor) -> torch.Tensor:
 
 
 def ref_loss(x0_hat: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, cfg) -> torch.Tensor:  # noqa: ANN001
-    """SNR-aware pseudo-Huber wavelet loss, DESIGN §3, in float64."""
+    """SNR-aware pseudo-Huber wavelet loss, docs/design.md §3, in float64."""
     tc = t.double().clamp(cfg.t_clamp, 1 - cfg.t_clamp)
     snr = ((1 - tc) / tc) ** 2
     capped = torch.minimum(snr, torch.full_like(snr, cfg.gamma))

@@ -1,6 +1,6 @@
 """MultiAspect-4K metadata: one record type, readers for jsonl / parquet / csv, and a validation report.
 
-Field names follow the released metadata (DESIGN.md §3); common aliases from other dumps are accepted
+Field names follow the released metadata (docs/design.md §3); common aliases from other dumps are accepted
 (``url`` → ``image_url``, ``caption``/``text``/``prompt`` → ``caption_en``, …). Unknown fields are kept on the
 record (pydantic ``extra="allow"``) so nothing a user supplied is lost on the way to the manifest.
 A row that does not validate never aborts the read: it lands in the report with its line number and reason.

@@ -1,16 +1,14 @@
-"""UltraFlux model package: Resonance-YaRN DiT, F16 VAE, generation, data and training.
+"""UltraFlux model package: the Resonance-YaRN DiT, the F16 VAE, generation, training and releases.
 
-The model classes are imported lazily so that light modules (config, data, CLI help) do not pay for
-importing diffusers.
+The model classes are imported lazily so that light modules (config, checkpoint resolution, the CLI's help) do
+not pay for importing diffusers.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ultraflux_core.errors import UltraFluxError
-
-__all__ = ["UltraFluxAutoencoderKL", "UltraFluxError", "UltraFluxTransformer2DModel"]
+__all__ = ["UltraFluxAutoencoderKL", "UltraFluxTransformer2DModel"]
 
 
 def __getattr__(name: str) -> Any:

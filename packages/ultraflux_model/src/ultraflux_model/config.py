@@ -36,7 +36,7 @@ class KernelConfig(Section):
 
 
 class LossConfig(Section):
-    """SNR-aware Huber wavelet loss (DESIGN §3). γ, α, β are not published: these defaults are ours."""
+    """SNR-aware Huber wavelet loss (docs/design.md §3). γ, α, β are not published: these defaults are ours."""
 
     gamma: float = Field(5.0, gt=0.0, description="SNR cap γ in min(SNR, γ)")
     alpha: float = Field(0.5, ge=0.0, description="exponent of the Huber scale schedule c(t)")
@@ -116,7 +116,7 @@ class TimestepConfig(Section):
 
 
 class StageConfig(Section):
-    """One Stage-wise Aesthetic Curriculum stage (DESIGN §3 SACL)."""
+    """One Stage-wise Aesthetic Curriculum stage (docs/design.md §3 SACL)."""
 
     name: str = Field("stage1", pattern=r"^[A-Za-z0-9_.-]+$", description="folder name of the stage's outputs")
     subset: Literal["all", "stage2"] = Field(
@@ -253,7 +253,7 @@ class TrainConfig(Section):
 
 
 class VaeTrainConfig(Section):
-    """F16 VAE decoder post-training (encoder frozen; DESIGN §3)."""
+    """F16 VAE decoder post-training (encoder frozen; docs/design.md §3)."""
 
     model: str = Field("artifacts/tiny-ultraflux", description="checkpoint whose vae/ is post-trained")
     images: Path = Field(Path("artifacts/data/ingest/images"), description="folder of training images (recursive, "

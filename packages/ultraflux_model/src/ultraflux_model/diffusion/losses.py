@@ -1,4 +1,4 @@
-"""Training losses: the SNR-aware Huber wavelet loss (DESIGN §3) as pure-torch references, and its dispatcher.
+"""Training losses: the SNR-aware Huber wavelet loss (docs/design.md §3) as pure-torch references, and its dispatcher.
 
 The references are differentiable, readable and the oracle of the fused Triton kernel in
 :mod:`ultraflux_model.kernels.wavelet_loss`; :func:`training_loss` picks between the two with the one

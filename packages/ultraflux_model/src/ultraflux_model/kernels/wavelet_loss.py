@@ -36,7 +36,7 @@ _TILING = {"cuda": (64, 1024), "cpu": (512, 65536)}
 
 @triton.jit
 def _snr_weights(t, gamma, alpha, beta, c_min, c_max, t_clamp):
-    """ω(t) and c(t) of DESIGN §3 for one sample (x^p written as 2^(p·log2 x): plain tl ops, no libdevice)."""
+    """ω(t) and c(t) of docs/design.md §3 for one sample (x^p written as 2^(p·log2 x): plain tl ops, no libdevice)."""
     t = tl.minimum(tl.maximum(t, t_clamp), 1.0 - t_clamp)
     capped = tl.minimum((1.0 - t) * (1.0 - t) / (t * t), gamma)  # min(SNR, γ) > 0
     omega = t / (1.0 - t) * tl.exp2(beta * tl.log2(capped))

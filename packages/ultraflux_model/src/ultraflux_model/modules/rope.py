@@ -2,7 +2,7 @@
 
 This is the positional embedding of the official UltraFlux transformer. Every detail below (float64
 tables, float32 ramps, the resonance rounding, the YaRN blend bands and the magnitude factor) is pinned
-by ``shared/fixtures/ultraflux_reference/{rope_1d,pos_embed}``.
+by ``tests/fixtures/ultraflux_reference/{rope_1d,pos_embed}``.
 
 Per axis of ``dim`` channels (``dim/2`` interleaved pairs) and training window ``L`` tokens:
 

@@ -1,7 +1,7 @@
 """Stage-wise Aesthetic Curriculum: which data, timestep band and starting weights each stage uses.
 
 Stage 1 trains on everything over the whole timestep range; stage 2 continues from stage 1's export on
-the top share by aesthetics in the high-noise band (DESIGN §3 SACL). Stages are config, so a run may
+the top share by aesthetics in the high-noise band (docs/design.md §3 SACL). Stages are config, so a run may
 have any number of them; each starts from the previous stage's consolidated export.
 """
 
