@@ -21,26 +21,15 @@ from flows.release_flow import release_flow
 from flows.train_flow import train_flow
 from flows.vae_flow import vae_flow
 from ultraflux.config import resolve_config
-from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.training.curriculum import stage_plans
 
 
 @task(name="base-checkpoint")
 def ensure_base_checkpoint(model: str, init_tiny: bool) -> str:
     """The base checkpoint must exist; with ``init_tiny`` a missing local one is written as the tiny checkpoint."""
-    from ultraflux_model.checkpoint.layout import check_checkpoint_layout
-    from ultraflux_model.checkpoint.resolve import resolve_checkpoint
-    from ultraflux_model.checkpoint.tiny import write_tiny_checkpoint
+    from ultraflux_model.checkpoint.tiny import ensure_checkpoint
 
-    path = Path(model)
-    if not path.exists() and init_tiny:
-        write_tiny_checkpoint(path)
-    elif not path.exists() and not str(model).startswith((".", "/")) and "/" in model:
-        path = resolve_checkpoint(model)  # a hub id
-    elif not path.exists():
-        raise UltraFluxError(f"base checkpoint {model} does not exist (pass init_tiny=True for the tiny demo model)")
-    check_checkpoint_layout(path)
-    return str(path)
+    return str(ensure_checkpoint(model, init_tiny))
 
 
 @flow(name="ultraflux-pipeline", log_prints=True)

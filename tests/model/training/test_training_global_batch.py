@@ -7,7 +7,6 @@ Real DeepSpeed ZeRO-3 on gloo, the real data pipeline's cache, the real CLI entr
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

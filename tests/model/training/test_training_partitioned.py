@@ -13,7 +13,6 @@ Run by pytest (the test at the bottom launches this file under torchrun) and by 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -4,7 +4,6 @@ stage chaining, export → generate, and MLflow tracking. Real data modules, rea
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

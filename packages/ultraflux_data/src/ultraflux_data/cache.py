@@ -34,7 +34,6 @@ import pandas as pd
 import torch
 from PIL import Image
 from pydantic import BaseModel
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ultraflux_data.compute import map_partitions

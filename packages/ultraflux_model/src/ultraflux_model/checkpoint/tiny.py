@@ -227,3 +227,21 @@ def write_tiny_checkpoint(directory: Path | str, seed: int = 0, *, width_preset:
     FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False).save_pretrained(directory / "scheduler")
     (directory / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
     return directory
+
+
+def ensure_checkpoint(model: str, init_tiny: bool) -> Path:
+    """The local directory of a complete base checkpoint: ``model`` itself, a hub id fetched, or (with
+    ``init_tiny``) the tiny checkpoint written where a missing local one was expected (the demo's first run)."""
+    from ultraflux_model.checkpoint.layout import check_checkpoint_layout
+    from ultraflux_model.checkpoint.resolve import resolve_checkpoint
+
+    path = Path(model)
+    if not path.exists() and init_tiny:
+        write_tiny_checkpoint(path)
+    elif not path.exists() and not str(model).startswith((".", "/")) and "/" in model:
+        path = resolve_checkpoint(model)  # a hub id
+    elif not path.exists():
+        raise UltraFluxError(f"base checkpoint {model} does not exist (pass init_tiny=True for the tiny demo model)")
+    check_checkpoint_layout(path)
+    return path
+
