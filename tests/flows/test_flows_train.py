@@ -17,7 +17,7 @@ from tests.servers import REPO, REPO_PATH
 # copy of the repository (tests/mutations) is what the flows run.
 DRIVER = """
 import json, sys
-from ultraflux_model.config import load_config
+from ultraflux.config import load_config
 from ultraflux_data import stages
 from flows.train_flow import train_flow
 from flows.vae_flow import vae_flow

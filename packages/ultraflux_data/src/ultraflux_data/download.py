@@ -1,6 +1,6 @@
 """Safe, resumable download of image URLs.
 
-Rules (all in :class:`~ultraflux_model.config.DownloadConfig`): http and https only; every hop of a redirect
+Rules (all in :class:`~ultraflux_data.config.DownloadConfig`): http and https only; every hop of a redirect
 chain is checked again (scheme, and every address the host resolves to must be public unless
 ``allow_private``); connect and read timeouts; a byte limit enforced on ``Content-Length`` and while streaming;
 an allowed ``Content-Type`` list plus a magic-byte check of the body; retries with exponential backoff on

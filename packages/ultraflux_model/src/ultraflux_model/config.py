@@ -284,7 +284,7 @@ class VaeTrainConfig(Section):
         return crop
 
 
-# The largest bucket of the 4K family (6144×2752 = 16,908,288 px, pinned against data/buckets.py by a test).
+# The largest bucket of the 4K family (6144×2752 = 16,908,288 px, pinned against ultraflux_model/buckets.py by a test).
 MAX_4K_BUCKET_PIXELS = 16_908_288
 
 

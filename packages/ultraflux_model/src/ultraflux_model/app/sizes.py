@@ -1,4 +1,4 @@
-"""Aspect-ratio presets of the web app, taken from the one bucket table (``data/buckets.py``)."""
+"""Aspect-ratio presets of the web app, taken from the one bucket table (``ultraflux_model/buckets.py``)."""
 
 from __future__ import annotations
 
