@@ -1,4 +1,4 @@
-"""Lineage of a run or release: which code, config and data produced it (one implementation for both packages).
+"""Lineage of a run or release: which code, config and data produced it (one implementation for every package).
 
 Weight-free and light (no MLflow, no torch): the training loop tags its runs with these, the registry tags the
 model versions it registers, and the evaluation flow both.

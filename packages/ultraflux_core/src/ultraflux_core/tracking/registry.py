@@ -33,9 +33,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from ultraflux_eval.config import PromotionConfig
-from ultraflux_eval.errors import EvalError
-from ultraflux_eval.tracking import client_for
+from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.tracking.config import PromotionConfig
+from ultraflux_core.tracking.uri import client_for, logged_model_id
 
 TAG_KEYS = ("git_sha", "dvc_data_hash", "config_hash", "eval_run_id")
 LOCK_TIMEOUT_S = 120.0
@@ -71,7 +71,7 @@ def register_checkpoint(uri: str, model_name: str, source: str, tags: dict[str, 
 
     missing = [k for k in TAG_KEYS if not tags.get(k)]
     if missing:
-        raise EvalError(f"registering {source} needs tags {missing}")
+        raise UltraFluxError(f"registering {source} needs tags {missing}")
     client = client_for(uri)
     try:
         client.create_registered_model(model_name)
@@ -88,66 +88,12 @@ def register_checkpoint(uri: str, model_name: str, source: str, tags: dict[str, 
     return str(version.version)
 
 
-def logged_model_id(source: str) -> str | None:
-    """``m-…`` of a ``models:/<model_id>`` URI (a logged model, not a registry name/version/alias)."""
-    rest = str(source).removeprefix("models:/")
-    return rest if rest != str(source) and rest.startswith("m-") and "/" not in rest else None
 
 
-def is_registered_model_uri(model_uri: str) -> bool:
-    """``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (a registry entry), not ``models:/<model_id>`` or ``runs:/``."""
-    return model_uri.startswith("models:/") and logged_model_id(model_uri) is None
 
 
-def registered_version(uri: str, model_uri: str) -> tuple[str, str]:
-    """``(model name, version)`` that ``models:/name@alias``, ``models:/name/<version>`` or ``models:/name/latest``
-    names at ``uri``; ``EvalError`` for anything else or a name/alias/version that does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    rest = model_uri.removeprefix("models:/")
-    if rest == model_uri or logged_model_id(model_uri) or not rest:
-        raise EvalError(f"{model_uri} is not a registered model URI (models:/NAME@ALIAS, models:/NAME/VERSION)")
-    client = client_for(uri)
-    try:
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            return name, str(client.get_model_version_by_alias(name, alias).version)
-        name, _, version = rest.partition("/")
-        if version == "latest":
-            return name, latest_version(uri, name)[0]
-        if not version.isdigit():
-            raise EvalError(f"{model_uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest")
-        return name, str(client.get_model_version(name, version).version)
-    except MlflowException as err:
-        raise EvalError(f"{model_uri} does not resolve at {uri}: {err.message}") from err
 
 
-def model_download_uri(uri: str, model_uri: str) -> str:
-    """The artifact URI holding the files of ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
-    ``models:/NAME/latest``, ``models:/<model_id>`` or ``runs:/<run_id>/<path>``, resolved at ``uri``.
-
-    ``runs:/<run_id>/<name>`` names the run's logged model called ``name`` if it has one, else the run artifact
-    at ``path``. Explicit because MLflow's own resolution reads the process-global tracking URI.
-    """
-    from mlflow.exceptions import MlflowException
-
-    client = client_for(uri)
-    model_id = logged_model_id(model_uri)
-    try:
-        if model_uri.startswith("runs:/"):
-            run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
-            run = client.get_run(run_id)
-            for output in (run.outputs.model_outputs if run.outputs else []):
-                logged = client.get_logged_model(output.model_id)
-                if logged.name == path.strip("/"):
-                    return str(logged.artifact_location)
-            return f"{run.info.artifact_uri.rstrip('/')}/{path.strip('/')}"
-        if model_id is not None:
-            return str(client.get_logged_model(model_id).artifact_location)
-        name, version = registered_version(uri, model_uri)
-        return str(client.get_model_version_download_uri(name, version))
-    except MlflowException as err:
-        raise EvalError(f"{model_uri} does not resolve at {uri}: {err.message}") from err
 
 
 def record_evaluation(uri: str, model_name: str, version: str, run_id: str) -> None:
@@ -156,18 +102,6 @@ def record_evaluation(uri: str, model_name: str, version: str, run_id: str) -> N
     client_for(uri).set_model_version_tag(model_name, version, "eval_run_id", run_id)
 
 
-def latest_version(uri: str, model_name: str) -> tuple[str, str]:
-    """``(version, source)`` of the highest registered version of ``model_name``; ``EvalError`` if none."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        versions = client_for(uri).search_model_versions(f"name='{model_name}'")
-    except MlflowException as err:
-        raise EvalError(f"cannot list versions of {model_name} at {uri}: {err.message}") from err
-    if not versions:
-        raise EvalError(f"no registered versions of {model_name!r} at {uri}: register one (eval flow with model=...)")
-    newest = max(versions, key=lambda v: int(v.version))
-    return str(newest.version), str(newest.source)
 
 
 def _metric_of(client, model_name: str, version: str, metric: str) -> float:
@@ -176,7 +110,7 @@ def _metric_of(client, model_name: str, version: str, metric: str) -> float:
     run_id = (info.tags or {}).get("eval_run_id") or info.run_id
     metrics = client.get_run(run_id).data.metrics
     if metric not in metrics:
-        raise EvalError(f"model version {model_name}/{version} (run {run_id}) has no metric {metric!r} to compare")
+        raise UltraFluxError(f"model version {model_name}/{version} (run {run_id}) has no metric {metric!r} to compare")
     return float(metrics[metric])
 
 
@@ -205,7 +139,7 @@ def server_promotion_lock(uri: str, model_name: str, timeout_s: float = LOCK_TIM
     """Hold the tracking server's promotion mutex for ``model_name`` (see the module doc); yields the token.
 
     Waits up to ``timeout_s`` (polling with growing pauses), breaks a lock whose expiry has passed, and raises
-    ``EvalError`` on timeout naming the holder.
+    ``UltraFluxError`` on timeout naming the holder.
     """
     from mlflow.exceptions import MlflowException
 
@@ -227,7 +161,7 @@ def server_promotion_lock(uri: str, model_name: str, timeout_s: float = LOCK_TIM
                 raise
         holder = _break_if_expired(client, lock_name, ttl_s)
         if time.monotonic() > deadline:
-            raise EvalError(
+            raise UltraFluxError(
                 f"promotion lock {lock_name!r} at {uri} is held by {holder} for more than {timeout_s:.0f}s; retry "
                 f"later, or delete registered model {lock_name!r} if that promoter is gone"
             )
@@ -281,7 +215,7 @@ def promotion_lock(uri: str, rule: PromotionConfig) -> Iterator[None]:
         with FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S):
             yield
     except Timeout as err:
-        raise EvalError(f"could not take the promotion lock {lock_path} within {LOCK_TIMEOUT_S}s") from err
+        raise UltraFluxError(f"could not take the promotion lock {lock_path} within {LOCK_TIMEOUT_S}s") from err
 
 
 def promote_if_better(uri: str, version: str, rule: PromotionConfig) -> PromotionDecision:
@@ -304,4 +238,4 @@ def promote_if_better(uri: str, version: str, rule: PromotionConfig) -> Promotio
             if _alias_holder(client, rule.model_name, rule.alias) == version:
                 reason = "no champion yet" if holder is None else f"beats v{holder} ({champion:.6g})"
                 return PromotionDecision(True, version, holder, candidate, champion, reason)
-    raise EvalError(f"alias {rule.alias!r} of {rule.model_name} kept moving during promotion of v{version}; retry")
+    raise UltraFluxError(f"alias {rule.alias!r} of {rule.model_name} kept moving during promotion of v{version}; retry")

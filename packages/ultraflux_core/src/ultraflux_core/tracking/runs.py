@@ -1,50 +1,20 @@
-"""MLflow edge of the model package (the only module here that imports mlflow).
+"""A run in MLflow as the training loops log it: one run (optionally nested under a parent), params flattened
+from the config tree, metrics per step, images and files as artifacts; inactive on non-zero ranks.
 
-Default store: ``sqlite:///<run dir>/mlflow.db`` with artifacts beside it, so a run needs no server.
-``tracking.uri`` or ``$MLFLOW_TRACKING_URI`` (read when a run starts, never at import) point it at a
-server; a server that does not answer is reported before any training work starts.
+Default store: ``sqlite:///<run dir>/mlflow.db`` with artifacts beside it, so a run needs no server
+(:meth:`ultraflux_core.tracking.config.TrackingConfig.resolve_uri`); a server that does not answer is reported
+before any training work starts (:func:`ultraflux_core.tracking.uri.check_tracking_reachable`).
 All calls go through an explicit ``MlflowClient`` bound to the run's URI (no process-global MLflow state).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ultraflux_model.config import TrackingConfig
-from ultraflux_model.errors import UltraFluxError
-
 PARENT_TAG = "mlflow.parentRunId"
-
-
-def resolve_tracking_uri(cfg: TrackingConfig, run_dir: Path) -> str:
-    """``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite file in ``run_dir``."""
-    if cfg.uri:
-        return cfg.uri
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
-
-
-def check_tracking_reachable(uri: str, timeout_s: float) -> None:
-    """Raise ``UltraFluxError`` now if ``uri`` is a server that does not answer, or a SQLite path that cannot be made.
-
-    The check itself is the eval package's (one implementation); only the advice names this package's settings.
-    """
-    from ultraflux_eval.errors import EvalError
-    from ultraflux_eval.tracking import check_tracking_reachable as check
-
-    try:
-        check(uri, timeout_s)
-    except EvalError as err:
-        raise UltraFluxError(
-            f"{err}. For training set tracking.uri or $MLFLOW_TRACKING_URI to a running server, or unset both "
-            "to log into a local SQLite file"
-        ) from None
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

@@ -1,31 +1,40 @@
-"""MLflow edge of the evaluation: one run per evaluation, metrics ``<metric>/<aspect>``, report artifacts,
-and run-to-run comparison. Uses an explicit ``MlflowClient`` per call (no process-global tracking state)."""
+"""Where MLflow lives and what a model URI names: the tracking URI of a run (one resolution for every package),
+a fail-fast reachability check, a client bound to a URI, and the kinds of model URI (``models:/…``, ``runs:/…``)
+with their resolution to a registry version or an artifact location.
+
+Every call goes through an explicit ``MlflowClient`` bound to the URI it is given: MLflow's own resolution reads
+the process-global tracking URI, which two stores in one process (training and evaluation, tests) would share.
+``mlflow`` is imported inside the functions (the ``ultraflux-core[tracking]`` extra), so importing this is cheap.
+"""
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ultraflux_eval.config import TrackingConfig
-from ultraflux_eval.errors import EvalError
-from ultraflux_eval.evaluate import EvalResults
+from ultraflux_core.errors import UltraFluxError
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-
-
-def resolve_tracking_uri(config: TrackingConfig) -> str:
-    """``config.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a local SQLite file (read at call time)."""
-    return config.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+REGISTRY_SCHEMES = ("models:/", "runs:/")
+# the root ``tracking`` section's settings; a caller with its own section passes its own advice
+DEFAULT_ADVICE = ("set tracking.uri or $MLFLOW_TRACKING_URI to a running server, or unset both to log into a local "
+                  "SQLite file")
 
 
-def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
+def resolve_tracking_uri(uri: str | None, default_store: Path | str) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI`` (read at call time), else ``sqlite:///<default_store>``.
+
+    ``default_store`` is written as given: a relative path stays relative to the working directory.
+    """
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default_store}"
+
+
+def check_tracking_reachable(uri: str, timeout_s: float = 5.0, advice: str = DEFAULT_ADVICE) -> None:
     """Fail fast, before any heavy work, when the tracking store cannot be reached.
 
     http(s): a TCP connect to the server within ``timeout_s``. sqlite / file: the parent directory must exist
-    (or be creatable). Raises ``EvalError`` naming the URI and what to change.
+    (or be creatable). Raises ``UltraFluxError`` naming the URI, ending with ``advice`` (which settings to change).
     """
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
@@ -34,24 +43,22 @@ def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
             with socket.create_connection((parsed.hostname, port), timeout=timeout_s):
                 return
         except OSError as err:
-            raise EvalError(
-                f"MLflow tracking server {uri} is unreachable ({err}); start it, or set eval.tracking.tracking_uri "
-                f"(e.g. {DEFAULT_TRACKING_URI} for a local store)"
-            ) from err
+            raise UltraFluxError(f"MLflow tracking server {uri} is unreachable ({err}); start it, or {advice}") from err
     if parsed.scheme == "sqlite":
         path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
         if path is not None and str(path) not in ("", ":memory:"):
             try:
                 path.resolve().parent.mkdir(parents=True, exist_ok=True)
             except OSError as err:
-                raise EvalError(f"cannot create the folder of the MLflow SQLite store {uri}: {err}") from err
+                raise UltraFluxError(
+                    f"cannot create the folder of the MLflow SQLite store {uri}: {err}; {advice}") from err
         return
     if parsed.scheme in ("", "file"):
         root = Path(parsed.path if parsed.scheme == "file" else uri)
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise EvalError(f"cannot create the MLflow file store {root}: {err}") from err
+            raise UltraFluxError(f"cannot create the MLflow file store {root}: {err}; {advice}") from err
 
 
 def client_for(uri: str):
@@ -69,63 +76,98 @@ def local_artifact_location(uri: str) -> str | None:
 
 
 def experiment_id(client, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created (artifacts per :func:`local_artifact_location`) if it is new."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
         return client.create_experiment(name, artifact_location=local_artifact_location(uri))
-    except Exception:  # another evaluation created it concurrently: read it back
+    except Exception:  # another process created it concurrently: read it back
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
             raise
         return experiment.experiment_id
 
 
-def log_evaluation(
-    results: EvalResults,
-    report_dir: Path,
-    config: TrackingConfig,
-    params: Mapping[str, object] | None = None,
-    tags: Mapping[str, str] | None = None,
-    run_name: str | None = None,
-) -> str:
-    """One MLflow run: params, ``<metric>/<aspect>`` metrics, the report folder as artifacts; returns the run id."""
-    from mlflow.entities import Metric, Param, RunTag
-
-    uri = resolve_tracking_uri(config)
-    check_tracking_reachable(uri, config.connect_timeout_s)
-    client = client_for(uri)
-    run = client.create_run(
-        experiment_id(client, config.experiment, uri), run_name=run_name or results.benchmark, tags=dict(tags or {})
-    )
-    run_id = run.info.run_id
-    try:
-        params = {"benchmark": results.benchmark, "aspects": ",".join(results.aspects), **(params or {})}
-        client.log_batch(
-            run_id,
-            metrics=[Metric(key, float(value), 0, 0) for key, value in sorted(results.flat_metrics().items())],
-            params=[Param(k, str(v)[:6000]) for k, v in params.items()],
-            tags=[RunTag("ultraflux.kind", "evaluation")],
-        )
-        client.log_artifacts(run_id, str(report_dir))
-    except Exception:
-        client.set_terminated(run_id, status="FAILED")
-        raise
-    client.set_terminated(run_id, status="FINISHED")
-    return run_id
+def is_registry_uri(model: str | os.PathLike) -> bool:
+    """``models:/…`` or ``runs:/…``: a model that lives in an MLflow tracking server / registry."""
+    return str(model).startswith(REGISTRY_SCHEMES)
 
 
-def run_metrics(uri: str, run_id: str) -> dict[str, float]:
-    """Latest value of every metric of a run; ``EvalError`` when the run does not exist."""
+def logged_model_id(source: str) -> str | None:
+    """``m-…`` of a ``models:/<model_id>`` URI (a logged model, not a registry name/version/alias)."""
+    rest = str(source).removeprefix("models:/")
+    return rest if rest != str(source) and rest.startswith("m-") and "/" not in rest else None
+
+
+def is_registered_model_uri(model_uri: str) -> bool:
+    """``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (a registry entry), not ``models:/<model_id>`` or
+    ``runs:/``."""
+    return model_uri.startswith("models:/") and logged_model_id(model_uri) is None
+
+
+def latest_version(uri: str, model_name: str) -> tuple[str, str]:
+    """``(version, source)`` of the highest registered version of ``model_name``; ``UltraFluxError`` if none."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return dict(client_for(uri).get_run(run_id).data.metrics)
+        versions = client_for(uri).search_model_versions(f"name='{model_name}'")
     except MlflowException as err:
-        raise EvalError(f"MLflow run {run_id} not found at {uri}: {err.message}") from err
+        raise UltraFluxError(f"cannot list versions of {model_name} at {uri}: {err.message}") from err
+    if not versions:
+        raise UltraFluxError(
+            f"no registered versions of {model_name!r} at {uri}: register one (eval flow with model=...)")
+    newest = max(versions, key=lambda v: int(v.version))
+    return str(newest.version), str(newest.source)
 
 
-def compare_runs(uri: str, run_a: str, run_b: str) -> list[tuple[str, float | None, float | None]]:
-    """``(metric, value in A, value in B)`` over the union of both runs' metric keys, sorted by key."""
-    a, b = run_metrics(uri, run_a), run_metrics(uri, run_b)
-    return [(key, a.get(key), b.get(key)) for key in sorted(set(a) | set(b))]
+def registered_version(uri: str, model_uri: str) -> tuple[str, str]:
+    """``(model name, version)`` that ``models:/name@alias``, ``models:/name/<version>`` or ``models:/name/latest``
+    names at ``uri``; ``UltraFluxError`` for anything else or a name/alias/version that does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    rest = model_uri.removeprefix("models:/")
+    if rest == model_uri or logged_model_id(model_uri) or not rest:
+        raise UltraFluxError(f"{model_uri} is not a registered model URI (models:/NAME@ALIAS, models:/NAME/VERSION)")
+    client = client_for(uri)
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        name, _, version = rest.partition("/")
+        if version == "latest":
+            return name, latest_version(uri, name)[0]
+        if not version.isdigit():
+            raise UltraFluxError(
+                f"{model_uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest")
+        return name, str(client.get_model_version(name, version).version)
+    except MlflowException as err:
+        raise UltraFluxError(f"{model_uri} does not resolve at {uri}: {err.message}") from err
+
+
+def model_download_uri(uri: str, model_uri: str) -> str:
+    """The artifact URI holding the files of ``models:/NAME@ALIAS``, ``models:/NAME/VERSION``,
+    ``models:/NAME/latest``, ``models:/<model_id>`` or ``runs:/<run_id>/<path>``, resolved at ``uri``.
+
+    ``runs:/<run_id>/<name>`` names the run's logged model called ``name`` if it has one, else the run artifact
+    at ``path``.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(uri)
+    model_id = logged_model_id(model_uri)
+    try:
+        if model_uri.startswith("runs:/"):
+            run_id, _, path = model_uri.removeprefix("runs:/").partition("/")
+            run = client.get_run(run_id)
+            for output in (run.outputs.model_outputs if run.outputs else []):
+                logged = client.get_logged_model(output.model_id)
+                if logged.name == path.strip("/"):
+                    return str(logged.artifact_location)
+            return f"{run.info.artifact_uri.rstrip('/')}/{path.strip('/')}"
+        if model_id is not None:
+            return str(client.get_logged_model(model_id).artifact_location)
+        name, version = registered_version(uri, model_uri)
+        return str(client.get_model_version_download_uri(name, version))
+    except MlflowException as err:
+        raise UltraFluxError(f"{model_uri} does not resolve at {uri}: {err.message}") from err
