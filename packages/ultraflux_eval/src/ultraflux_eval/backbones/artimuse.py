@@ -25,8 +25,8 @@ Two deliberate differences: upstream takes the expectation in the model dtype (b
 score in [64, 100] to a multiple of 0.5), we take it in float64 from the same logits; image files get their EXIF
 orientation applied (``scores.load_rgb``, as for every scorer here), upstream's ``Image.open`` does not.
 
-Checked only on tiny random models of the same architecture (tests/eval/test_eval_artimuse.py builds a checkpoint
-folder in the original layout and recomputes the network by hand from its tensors); the 8B release was not
+Checked only on tiny random models of the same architecture (tests/eval/backbones/test_eval_artimuse.py builds a
+checkpoint folder in the original layout and recomputes the network by hand from its tensors); the 8B release was not
 reachable here, so agreement with the paper's numbers is not verified.
 """
 
@@ -43,9 +43,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ultraflux_eval.checkpoints import SAFETENSORS_LAYOUT, checkpoint_files
+from ultraflux_eval.backbones.checkpoints import SAFETENSORS_LAYOUT, checkpoint_files
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.scores import ImageLike, load_rgb
+from ultraflux_eval.metrics.scores import ImageLike, load_rgb
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

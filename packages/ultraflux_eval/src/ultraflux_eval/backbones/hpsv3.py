@@ -22,7 +22,7 @@ from PIL import Image
 from torch import nn
 
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.scores import ImageLike, load_rgb
+from ultraflux_eval.metrics.scores import ImageLike, load_rgb
 
 REWARD_TOKEN = "<|Reward|>"
 PIXELS = 256 * 28 * 28  # HPSv3 feeds every image at exactly this many pixels (min_pixels = max_pixels)

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ultraflux_eval.checkpoints import load_state_dict_file
+from ultraflux_eval.backbones.checkpoints import load_state_dict_file
 from ultraflux_eval.errors import EvalError
+from ultraflux_eval.metrics.table import PAPER_EXTRA_HINT
 
-PYIQA_HINT = "pip install 'ultraflux-eval[paper]' && pip install --no-deps pyiqa==0.1.16"
 # pyiqa's MUSIQ defaults (KonIQ-10k checkpoint: one regression output)
 MUSIQ_ARCH = dict(num_class=1, hidden_size=384, mlp_dim=1152, num_heads=6, num_layers=14,
                   longer_side_lengths=[224, 384])
@@ -36,7 +36,7 @@ def _musiq_class() -> type[nn.Module]:
     try:
         return importlib.import_module("pyiqa.archs.musiq_arch").MUSIQ
     except ImportError as err:
-        raise EvalError(f"the musiq metric needs pyiqa's architecture code: {PYIQA_HINT} ({err})") from err
+        raise EvalError(f"the musiq metric needs pyiqa's architecture code: {PAPER_EXTRA_HINT} ({err})") from err
 
 
 class MusiqScorer(nn.Module):
@@ -64,6 +64,11 @@ def build_musiq(state_dict: dict[str, torch.Tensor] | None = None, tiny: bool = 
         except RuntimeError as err:
             raise EvalError(f"the MUSIQ checkpoint does not fit pyiqa's KonIQ MUSIQ: {err}") from err
     return MusiqScorer(net)
+
+
+def tiny_musiq(seed: int = 0) -> MusiqScorer:
+    """MUSIQ's class at toy width (:data:`TINY_MUSIQ_ARCH`), seeded random weights."""
+    return build_musiq(tiny=True, seed=seed)
 
 
 def load_musiq(path: Path) -> MusiqScorer:

@@ -41,16 +41,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ultraflux_eval.checkpoints import PICKLE_LAYOUT, SAFETENSORS_LAYOUT, checkpoint_files, load_state_dict_file
+from ultraflux_eval.backbones.checkpoints import (
+    PICKLE_LAYOUT,
+    SAFETENSORS_LAYOUT,
+    checkpoint_files,
+    load_state_dict_file,
+)
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.scores import ImageLike, load_rgb
+from ultraflux_eval.metrics.scores import ImageLike, load_rgb
+from ultraflux_eval.metrics.table import PAPER_EXTRA_HINT
 
 LEVELS = ("excellent", "good", "fair", "poor", "bad")
 LEVEL_WEIGHTS = (5.0, 4.0, 3.0, 2.0, 1.0)
 IMAGE_TOKEN = "<|image|>"
 PROMPT = "USER: How would you rate the {task} of this image?\n<|image|>\nASSISTANT: The {task} of the image is"
 OWL2_MODULE = "pyiqa.archs.q_align.modeling_mplug_owl2"
-PAPER_HINT = "pip install 'ultraflux-eval[paper]' && pip install --no-deps pyiqa==0.1.16"
 # what replace_llama_modality_adaptive() rebinds in transformers' Llama module
 # Random weights at the usual init (std 0.02) give level logits that barely depend on the image (all scores ≈ 2.93);
 # std 0.5 makes the toy model's scores spread over [1, 3] and differ per image, which is what tests need.
@@ -104,7 +109,7 @@ def _owl2() -> tuple[object, dict[str, object]]:
     try:
         owl2 = importlib.import_module(OWL2_MODULE)
     except ImportError as err:
-        raise EvalError(f"the qalign metric needs pyiqa's mPLUG-Owl2 code: {PAPER_HINT} ({err})") from err
+        raise EvalError(f"the qalign metric needs pyiqa's mPLUG-Owl2 code: {PAPER_EXTRA_HINT} ({err})") from err
     adaptive = {name: getattr(llama, name) for name in _LLAMA_NAMES}
     model_forward = llama.LlamaModel.forward
     _bind(llama, saved)

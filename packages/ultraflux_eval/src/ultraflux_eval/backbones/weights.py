@@ -1,11 +1,30 @@
-"""``ultraflux-eval weights fetch``: download every backbone from its hub at a pinned revision, check sha256,
-write the manifest that :mod:`ultraflux_eval.backbones` loads from.
+"""The local weights folder of the learned metrics: its ``manifest.yaml`` (written, read, verified by sha256) and
+``ultraflux-eval weights fetch``, which fills it from the hubs at pinned revisions.
 
-Pins (:data:`PINS`): Hugging Face repos at a commit, GitHub release assets at a tag. Integrity, strongest first:
-a full ``sha256`` in the pin; else the sha256 prefix that torch-hub style file names carry
-(``…-6726825d.pth``); a file with neither is recorded on first fetch (trust on first use) and verified from then
-on by the manifest. A repo without a known commit (``revision=None``) is fetched only with ``allow_unpinned``, and
-the resolved commit is written to the manifest's ``sources:`` so the next fetch can be pinned to it.
+Production weights live in one directory with a ``manifest.yaml``::
+
+    files:                      # every file, relative to the directory, with its sha256
+      clip/config.json: 3f1c...
+      clip/model.safetensors: 9a0b...
+    backbones:                  # which file or folder each backbone loads from
+      clip: clip                # HF CLIPModel folder (CLIP score; features for the aesthetic head)
+      aesthetic_head: aesthetic/head.safetensors   # LAION MLP (768-1024-128-64-16-1) on CLIP image embeds
+      pickscore: pickscore      # HF CLIPModel folder (PickScore_v1)
+      hps: hps                  # HF CLIPModel folder (HPS-style preference model in HF CLIP layout)
+      inception: inception/weights-inception-2015-12-05-6726825d.pth  # torch-fidelity's TF-ported Inception
+      musiq: musiq/musiq_koniq_ckpt-e95806b9.pth   # pyiqa MUSIQ (KonIQ-10k), read with weights_only=True
+      hpsv3: hpsv3                # Qwen2-VL-7B-Instruct config + processor files and HPSv3.safetensors
+      qalign: qalign              # q-future/one-align (mPLUG-Owl2): config, tokenizer, preprocessor, shards
+      artimuse: artimuse          # Thunderbolt215215/ArtiMuse (InternVL layout): config, tokenizer, shards
+
+Loading never downloads: a missing or altered file is an ``EvalError`` naming it.
+
+Fetching: pins (:data:`~ultraflux_eval.backbones.registry.PINS`) are Hugging Face repos at a commit and GitHub
+release assets at a tag. Integrity, strongest first: a full ``sha256`` in the pin; else the sha256 prefix that
+torch-hub style file names carry (``…-6726825d.pth``); a file with neither is recorded on first fetch (trust on
+first use) and verified from then on by the manifest. A repo without a known commit (``revision=None``) is fetched
+only with ``allow_unpinned``, and the resolved commit is written to the manifest's ``sources:`` so the next fetch
+can be pinned to it.
 
 Safetensors wherever upstream publishes them; the pickled checkpoints (torch-fidelity's Inception, pyiqa's MUSIQ,
 LAION's aesthetic head) are only ever read with ``weights_only=True``.
@@ -23,70 +42,110 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import yaml
 
-from ultraflux_eval.backbones import MANIFEST, METRIC_ROLES, read_manifest, sha256_file, write_manifest
-from ultraflux_eval.checkpoints import shard_names
+from ultraflux_core.files import file_sha256
+from ultraflux_eval.backbones.checkpoints import shard_names
+from ultraflux_eval.backbones.registry import PINS, ROLES, Pin, pins_for
 from ultraflux_eval.errors import EvalError
 
-# what transformers 5 loads a CLIP tokenizer + image processor from (the fast tokenizer's tokenizer.json)
-CLIP_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                        "preprocessor_config.json")
+MANIFEST = "manifest.yaml"
 
 
-@dataclass(frozen=True)
-class Pin:
-    """One backbone: where it comes from and which files make it up."""
+def read_manifest(weights_dir: Path) -> dict:
+    path = Path(weights_dir) / MANIFEST
+    if not path.is_file():
+        raise EvalError(
+            f"no weights manifest at {path}: put the backbone files in {weights_dir} and run "
+            f"`ultraflux-eval weights manifest {weights_dir}` (or use eval.backbones.source=tiny)"
+        )
+    try:
+        manifest = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise EvalError(f"weights manifest {path} is not valid YAML: {err}") from err
+    if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("backbones", {}), dict):
+        raise EvalError(f"weights manifest {path} needs a `files:` mapping (path: sha256) and a `backbones:` mapping")
+    unknown = set(manifest.get("backbones", {})) - set(ROLES)
+    if unknown:
+        raise EvalError(f"weights manifest {path} names unknown backbones {sorted(unknown)}; known: {list(ROLES)}")
+    return manifest
 
-    role: str
-    kind: str  # "hf" (Hugging Face repo) or "url" (release asset; `repo` is the URL folder)
-    repo: str
-    files: tuple[str, ...]
-    revision: str | None  # HF commit / release tag; None = not pinned yet
-    dest: str  # file or folder of the weights dir the role loads
-    sha256: tuple[tuple[str, str], ...] = ()  # (file, full sha256) where known
-    optional: tuple[str, ...] = ()  # files taken when the repo has them (tokenizer variants differ between repos)
-    # a sharded checkpoint: the first of these index files the repo has; every shard its weight_map names is fetched
-    index: tuple[str, ...] = ()
 
-    def target(self, name: str) -> str:
-        """Where ``name`` lands in the weights dir."""
-        return self.dest if len(self.files) == 1 and not self.dest.endswith("/") else f"{self.dest.rstrip('/')}/{name}"
+def role_files(manifest: dict, role: str) -> list[str]:
+    """Manifest files that belong to a role (the file itself, or every file under its folder)."""
+    target = manifest["backbones"][role].rstrip("/")
+    return [f for f in manifest["files"] if f == target or f.startswith(target + "/")]
+
+
+def verify_weights(weights_dir: Path, roles: Iterable[str] | None = None) -> list[str]:
+    """Check that every manifest file of ``roles`` (all when None) exists with its sha256; return the checked files.
+
+    Raises ``EvalError`` listing each missing or altered file.
+    """
+    weights_dir = Path(weights_dir)
+    manifest = read_manifest(weights_dir)
+    wanted = list(manifest.get("backbones", {})) if roles is None else list(roles)
+    missing_roles = [r for r in wanted if r not in manifest.get("backbones", {})]
+    if missing_roles:
+        raise EvalError(
+            f"weights manifest {weights_dir / MANIFEST} has no entry for {missing_roles}: add them under `backbones:`"
+        )
+    if roles is None:
+        files = sorted(manifest["files"])
+    else:
+        files = sorted({f for role in wanted for f in role_files(manifest, role)})
+    problems = []
+    for rel in files:
+        path = weights_dir / rel
+        if not path.is_file():
+            problems.append(f"missing file {path}")
+        elif file_sha256(path) != manifest["files"][rel]:
+            problems.append(f"sha256 mismatch for {path} (expected {manifest['files'][rel]})")
+    for role in wanted:
+        if not role_files(manifest, role):
+            problems.append(f"backbone {role!r} points at {manifest['backbones'][role]!r}, which lists no files")
+    if problems:
+        raise EvalError("eval weights are not usable:\n  " + "\n  ".join(problems))
+    return files
+
+
+def write_manifest(weights_dir: Path, backbones: dict[str, str]) -> Path:
+    """Hash every file under ``weights_dir`` and write ``manifest.yaml`` mapping roles to paths."""
+    weights_dir = Path(weights_dir)
+    unknown = set(backbones) - set(ROLES)
+    if unknown:
+        raise EvalError(f"unknown backbones {sorted(unknown)}; known: {list(ROLES)}")
+    files = {
+        str(p.relative_to(weights_dir)): file_sha256(p)
+        for p in sorted(weights_dir.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    path = weights_dir / MANIFEST
+    path.write_text(yaml.safe_dump({"files": files, "backbones": backbones}, sort_keys=True))
+    return path
+
+
+def weights_status(roles: tuple[str, ...], weights_dir: Path) -> str:
+    """``n/a`` (no backbone), ``present`` (every manifest file of ``roles`` exists; not re-hashed here),
+    or ``missing: ...``."""
+    if not roles:
+        return "n/a"
+    if not (Path(weights_dir) / MANIFEST).is_file():
+        return "missing: no manifest"
+    manifest = read_manifest(weights_dir)
+    absent = [r for r in roles if r not in manifest.get("backbones", {}) or not role_files(manifest, r)]
+    if absent:
+        return f"missing: {', '.join(absent)}"
+    files = [f for r in roles for f in role_files(manifest, r)]
+    gone = [f for f in files if not (Path(weights_dir) / f).is_file()]
+    return f"missing: {len(gone)} files" if gone else "present"
 
 
 class MissingFile(EvalError):
     """The hub has no such file in the pinned repo/revision."""
-
-
-PINS: tuple[Pin, ...] = (
-    Pin("inception", "url", "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0",
-        ("weights-inception-2015-12-05-6726825d.pth",), "v0.2.0",
-        "inception/weights-inception-2015-12-05-6726825d.pth"),
-    # commit as pinned in public code that loads this model (the hub's history keeps it)
-    Pin("clip", "hf", "openai/clip-vit-base-patch16", ("config.json", "model.safetensors", *CLIP_TOKENIZER_FILES),
-        "57c216476eefef5ab752ec549e440a49ae4ae5f3", "clip/"),
-    Pin("pickscore", "hf", "yuvalkirstain/PickScore_v1", ("config.json", "model.safetensors"), None, "pickscore/"),
-    # PickScore's processor and tokenizer are those of the CLIP-H it was fine-tuned from
-    Pin("pickscore", "hf", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", CLIP_TOKENIZER_FILES, None, "pickscore/"),
-    Pin("musiq", "hf", "chaofengc/IQA-PyTorch-Weights", ("musiq_koniq_ckpt-e95806b9.pth",), None,
-        "musiq/musiq_koniq_ckpt-e95806b9.pth"),
-    Pin("hpsv3", "hf", "MizzenAI/HPSv3", ("HPSv3.safetensors",), None, "hpsv3/"),
-    # HPSv3's base: its config and processor (the weights come with HPSv3.safetensors)
-    Pin("hpsv3", "hf", "Qwen/Qwen2-VL-7B-Instruct", ("config.json", "preprocessor_config.json", "tokenizer.json",
-                                                      "tokenizer_config.json", "chat_template.json"), None, "hpsv3/"),
-    # Q-Align's OneAlign (mPLUG-Owl2): LLaMA sentencepiece tokenizer, CLIP preprocessor, sharded weights
-    Pin("qalign", "hf", "q-future/one-align", ("config.json", "preprocessor_config.json", "tokenizer_config.json"),
-        None, "qalign/", optional=("tokenizer.model", "tokenizer.json", "special_tokens_map.json"),
-        index=("model.safetensors.index.json", "pytorch_model.bin.index.json")),
-    # ArtiMuse (InternVL3-8B layout): Qwen2 tokenizer with the <img>/<IMG_CONTEXT> tokens, safetensors shards
-    Pin("artimuse", "hf", "Thunderbolt215215/ArtiMuse", ("config.json", "tokenizer_config.json"), None, "artimuse/",
-        optional=("tokenizer.json", "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json"),
-        index=("model.safetensors.index.json",)),
-)
 
 
 class Hub(Protocol):
@@ -162,20 +221,6 @@ class RemoteHub:
         return pin.revision if pin.kind == "url" else self._resolved.get(pin.repo, pin.revision)
 
 
-def pins_for(metrics: Iterable[str] | None, pins: tuple[Pin, ...] = PINS) -> list[Pin]:
-    """Pins (of ``pins``) of the roles ``metrics`` need (every pin when None)."""
-    if metrics is None:
-        return list(pins)
-    metrics = list(metrics)
-    unknown = [m for m in metrics if m not in METRIC_ROLES]
-    if unknown:
-        raise EvalError(f"no downloadable backbone for {unknown}; metrics with weights: {sorted(METRIC_ROLES)}")
-    roles = {role for m in metrics for role in METRIC_ROLES[m]}
-    missing = sorted(roles - {p.role for p in pins})
-    if missing:
-        raise EvalError(f"no pinned source for backbones {missing}: place their files by hand and run "
-                        "`ultraflux-eval weights manifest`")
-    return [p for p in pins if p.role in roles]
 
 
 def _hand_list(pins: Iterable[Pin], weights_dir: Path) -> str:
@@ -213,7 +258,7 @@ def check_online(pins: list[Pin], weights_dir: Path, timeout_s: float = 3.0) -> 
 
 
 def _check_sha(pin: Pin, name: str, path: Path) -> str:
-    digest = sha256_file(path)
+    digest = file_sha256(path)
     full = dict(pin.sha256).get(name)
     if full is not None and digest != full:
         raise EvalError(f"{pin.repo}/{name}: sha256 {digest} != pinned {full}; refusing it")
@@ -226,7 +271,7 @@ def _check_sha(pin: Pin, name: str, path: Path) -> str:
 def _fetch_one(pin: Pin, name: str, hub: Hub, weights_dir: Path, known: dict[str, str], tmp: Path) -> Path:
     """Put ``name`` of ``pin`` in place (kept when the manifest already has it with the same sha256)."""
     final = weights_dir / pin.target(name)
-    if final.is_file() and known.get(pin.target(name)) == sha256_file(final):
+    if final.is_file() and known.get(pin.target(name)) == file_sha256(final):
         return final
     got = hub.download(pin, name, tmp)
     _check_sha(pin, name, got)

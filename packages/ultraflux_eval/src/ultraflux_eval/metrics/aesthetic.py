@@ -4,13 +4,13 @@
   ``aesthetics_score``; the ``aesthetic`` eval metric).
 - :class:`TorchImageScorer` — any ``nn.Module`` mapping float ``[N, 3, H, W]`` in [0, 1] to ``[N]`` scores (MUSIQ;
   also the injection point for other IQA networks, e.g. a ``pyiqa`` metric object).
-- Q-Align (:mod:`ultraflux_eval.qalign`) and ArtiMuse (:mod:`ultraflux_eval.artimuse`) are MLLM scorers with
-  their own prompt and preprocessing that implement the same interface.
+- Q-Align (:mod:`ultraflux_eval.backbones.qalign`) and ArtiMuse (:mod:`ultraflux_eval.backbones.artimuse`) are
+  MLLM scorers with their own prompt and preprocessing that implement the same interface.
 
 :func:`image_scorer` is the one place a no-reference metric's scorer is built from its backbones: the evaluation
 and the dataset filters (``Q-Align > 4``, ArtiMuse top 30 %, stage 2 top 5 %) both call it.
 
-Images are RGB ``uint8 [H, W, 3]`` arrays (or anything :func:`ultraflux_eval.scores.load_rgb` reads).
+Images are RGB ``uint8 [H, W, 3]`` arrays (or anything :func:`ultraflux_eval.metrics.scores.load_rgb` reads).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ultraflux_eval.backbones import AestheticHead, Backbones, ClipBundle
+from ultraflux_eval.backbones.clip import AestheticHead, ClipBundle
+from ultraflux_eval.backbones.loading import Backbones
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.scores import ImageLike, load_rgb
+from ultraflux_eval.metrics.scores import ImageLike, load_rgb
 
 
 @runtime_checkable

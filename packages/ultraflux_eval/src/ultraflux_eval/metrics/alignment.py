@@ -4,7 +4,7 @@
 - :class:`PreferenceScorer` — PickScore (``logit_scale · cos``, the PickScore_v1 convention) or HPS-style
   (``cos``, the HPSv2 convention) with a preference-tuned CLIP in HF layout.
 
-Images are RGB ``uint8 [H, W, 3]`` arrays (or anything :func:`ultraflux_eval.scores.load_rgb` reads); prompts
+Images are RGB ``uint8 [H, W, 3]`` arrays (or anything :func:`ultraflux_eval.metrics.scores.load_rgb` reads); prompts
 align with images one to one.
 """
 
@@ -16,9 +16,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ultraflux_eval.backbones import ClipBundle
+from ultraflux_eval.backbones.clip import ClipBundle
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.scores import ImageLike, load_rgb
+from ultraflux_eval.metrics.scores import ImageLike, load_rgb
 
 
 def pair_cosines(

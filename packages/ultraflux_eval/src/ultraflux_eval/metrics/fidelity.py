@@ -1,14 +1,14 @@
 """Distribution and paired fidelity metrics.
 
 - :func:`fid` — Fréchet distance of whole images brought to the extractor's input side. With the standard
-  Inception (:mod:`ultraflux_eval.inception`) and the ``legacy`` resize this is torch-fidelity's FID to float
+  Inception (:mod:`ultraflux_eval.metrics.inception`) and the ``legacy`` resize this is torch-fidelity's FID to float
   precision (same features, same statistics, same eigenvalue formula); ``clean`` is clean-fid's resize.
 - :func:`patch_fid` — the same on non-overlapping 299×299 crops taken at native resolution (no resize), so 4K
   detail is what gets compared (see docs/evaluation.md for the definition and its sources).
 - :func:`psnr`, :func:`ssim`, :func:`ms_ssim`, :func:`lpips_distance` — paired metrics at native resolution
   (reconstruction quality, e.g. VAE decoder before/after post-training).
 
-Images are RGB ``uint8 [H, W, 3]`` arrays (or anything :func:`ultraflux_eval.scores.load_rgb` reads).
+Images are RGB ``uint8 [H, W, 3]`` arrays (or anything :func:`ultraflux_eval.metrics.scores.load_rgb` reads).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from torchmetrics.functional.image import (
 )
 
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.inception import INPUT_SIDE, prepare
-from ultraflux_eval.scores import ImageLike, load_rgb
+from ultraflux_eval.metrics.inception import INPUT_SIDE, prepare
+from ultraflux_eval.metrics.scores import ImageLike, load_rgb
 
 FidResize = Literal["antialias", "legacy", "clean"]
 MS_SSIM_MIN_SIDE = 161  # 5 scales of an 11-px Gaussian window: the coarsest scale must still hold the window
@@ -123,7 +123,7 @@ def frechet_distance(
 
 def fid_inputs(images: Sequence[ImageLike], side: int, resize: FidResize = "antialias") -> list[torch.Tensor]:
     """Whole images → the extractor's input: ``legacy`` / ``clean`` give the standard Inception's float
-    ``[3, 299, 299]`` (torch-fidelity's or clean-fid's resize, see :mod:`ultraflux_eval.inception`);
+    ``[3, 299, 299]`` (torch-fidelity's or clean-fid's resize, see :mod:`ultraflux_eval.metrics.inception`);
     ``antialias`` gives uint8 ``[3, side, side]`` for the tiny CI extractors."""
     if resize == "antialias":
         return [resize_uint8(x, side) for x in images]

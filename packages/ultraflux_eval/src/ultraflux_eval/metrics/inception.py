@@ -15,6 +15,8 @@ Resize modes (:func:`prepare`):
 
 Both feed float ``[N, 3, 299, 299]`` in [0, 255] to the same network, which maps ``x ↦ (x − 128) / 128`` first.
 
+CI's stand-in for it is :class:`TinyFeatureExtractor` (random conv features at any input side).
+
 Trust: torch-fidelity's release file is a pickle (``.pth``); the manifest checks its sha256 and it is read only
 with ``torch.load(weights_only=True)`` (torch-fidelity's own loader, which unpickles freely, is bypassed).
 """
@@ -30,7 +32,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ultraflux_eval.checkpoints import load_state_dict_file
+from ultraflux_eval.backbones.checkpoints import load_state_dict_file
 from ultraflux_eval.errors import EvalError
 
 INPUT_SIDE = 299
@@ -147,6 +149,32 @@ def load_standard_inception(path: Path) -> StandardInception:
     except RuntimeError as err:
         raise EvalError(f"{path} does not fit torch-fidelity's Inception: {err}") from err
     return StandardInception(net)
+
+
+class TinyFeatureExtractor(nn.Module):
+    """Random conv features for FID in CI: uint8 ``[N, 3, H, W]`` → ``[N, 32]`` float32.
+
+    Mean and standard deviation pooling of two random conv layers: the features respond to colour, contrast
+    and texture, so different image sets get different statistics.
+    """
+
+    num_features = 32
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        for conv in (self.conv1, self.conv2):
+            fan_in = conv.in_channels * 9
+            conv.weight.data = torch.randn(conv.weight.shape, generator=generator) * (2.0 / fan_in) ** 0.5
+            conv.bias.data = torch.randn(conv.bias.shape, generator=generator) * 0.1
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 127.5 - 1.0
+        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], dim=1)
 
 
 def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -1,16 +1,17 @@
-"""Every metric of the paper's table (and the weight-free detail metrics) in one registry.
+"""The one metric table: every metric of the paper's table (and the weight-free detail metrics), once.
 
-Each entry says which backbone (upstream id) it runs, on what scale its numbers are, which pip extra it needs,
-the paper's UltraFlux value at 4096² (Aesthetic-Eval@4096) and whether our number is comparable with it.
-``ultraflux-eval metrics`` prints this table with the local weights' presence; ``docs/evaluation.md`` explains
-each definition.
+Each entry says which backbones (rows of :mod:`ultraflux_eval.backbones.registry`) it runs, the upstream model,
+on what scale its numbers are, which pip extra it needs, the paper's UltraFlux value at 4096² (Aesthetic-Eval@4096)
+and whether our number is comparable with it. Everything else that names metrics derives from it: the names
+``eval.benchmark.metrics`` accepts (:data:`MetricName`, in table order, which is the config schema's order),
+:data:`WEIGHT_FREE_METRICS`, :data:`REFERENCE_METRICS`, :data:`METRIC_ROLES` and the ``ultraflux-eval metrics``
+listing (with the local weights' presence). ``docs/evaluation.md`` explains each definition.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from ultraflux_eval.errors import EvalError
@@ -25,7 +26,7 @@ class MetricInfo:
 
     name: str
     kind: Kind
-    roles: tuple[str, ...]  # backbone roles of the weights manifest (empty for weight-free metrics)
+    roles: tuple[str, ...]  # backbones it runs: rows of the backbone registry (empty for weight-free metrics)
     backbone: str  # upstream model id ("-" for weight-free)
     scale: str
     extra: str | None  # pip extra of ultraflux-eval that provides the code
@@ -42,11 +43,6 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
                "yes: Diffusion-4K's eval.py definition, exact"),
     MetricInfo("shannon_entropy", "weight-free", (), "-", "bits, 0-8", None, (), True, None, "not in the table"),
     MetricInfo("flat_percentage", "weight-free", (), "-", "share 0-1", None, (), False, None, "not in the table"),
-    MetricInfo("fid", "distribution", ("inception",), "torch-fidelity pt_inception-2015-12-05", "0-inf", None,
-               ("torch_fidelity",), False, 143.11,
-               "yes with real weights, legacy resize and the paper's reference set"),
-    MetricInfo("patch_fid", "distribution", ("inception",), "torch-fidelity pt_inception-2015-12-05", "0-inf",
-               None, ("torch_fidelity",), False, None, "not in UltraFlux's table (Diffusion-4K-style detail FID)"),
     MetricInfo("clip_score", "learned", ("clip",), "openai/clip-vit-base-patch16", "0-100", "learned",
                ("transformers",), True, 34.62,
                "yes with openai/clip-vit-base-patch16 (Diffusion-4K's script; UltraFlux publishes no eval code)"),
@@ -56,6 +52,11 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
                "learned", ("transformers",), True, 22.69, "yes with real weights"),
     MetricInfo("hps", "learned", ("hps",), "HPSv2-style CLIP (HF layout)", "cos (~0.27)", "learned",
                ("transformers",), True, None, "no: HPSv2 convention, the paper reports HPSv3"),
+    MetricInfo("fid", "distribution", ("inception",), "torch-fidelity pt_inception-2015-12-05", "0-inf", None,
+               ("torch_fidelity",), False, 143.11,
+               "yes with real weights, legacy resize and the paper's reference set"),
+    MetricInfo("patch_fid", "distribution", ("inception",), "torch-fidelity pt_inception-2015-12-05", "0-inf",
+               None, ("torch_fidelity",), False, None, "not in UltraFlux's table (Diffusion-4K-style detail FID)"),
     MetricInfo("musiq", "learned", ("musiq",), "pyiqa musiq_koniq_ckpt-e95806b9.pth", "0-100 (KonIQ MOS)", "paper",
                ("pyiqa",), True, 46.13, "yes with pyiqa's default KonIQ checkpoint (the paper names no variant)"),
     MetricInfo("hpsv3", "learned", ("hpsv3",), "MizzenAI/HPSv3 over Qwen/Qwen2-VL-7B-Instruct", "mu, ~0-15", "paper",
@@ -68,6 +69,14 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
                "paper", ("transformers", "accelerate"), True, 68.36,
                "yes with real weights if the key mapping holds (checked on tiny models only; see docs)"),
 )}
+
+# Built from the table so that a name exists in one place; pydantic validates against it and lists the names in
+# its error. `Literal[tuple]` is `Literal[a, b, ...]` at runtime (type checkers see a plain str here).
+MetricName = Literal[tuple(METRICS)]  # type: ignore[valid-type]
+WEIGHT_FREE_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS.values() if m.kind == "weight-free")
+# need a reference image directory
+REFERENCE_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS.values() if m.kind == "distribution")
+METRIC_ROLES: dict[str, tuple[str, ...]] = {m.name: m.roles for m in METRICS.values() if m.roles}
 
 
 def metric_info(name: str) -> MetricInfo:
@@ -87,20 +96,3 @@ def require_metric(name: str) -> MetricInfo:
             raise EvalError(f"metric {name!r} needs the `{info.extra}` extra ({module} is missing): {hint}") from err
     return info
 
-
-def weights_status(info: MetricInfo, weights_dir: Path) -> str:
-    """``n/a`` (weight-free), ``present`` (every manifest file of its roles exists; not re-hashed here),
-    or ``missing: ...``."""
-    if not info.roles:
-        return "n/a"
-    from ultraflux_eval.backbones import MANIFEST, read_manifest, role_files
-
-    if not (Path(weights_dir) / MANIFEST).is_file():
-        return "missing: no manifest"
-    manifest = read_manifest(weights_dir)
-    absent = [r for r in info.roles if r not in manifest.get("backbones", {}) or not role_files(manifest, r)]
-    if absent:
-        return f"missing: {', '.join(absent)}"
-    files = [f for r in info.roles for f in role_files(manifest, r)]
-    gone = [f for f in files if not (Path(weights_dir) / f).is_file()]
-    return f"missing: {len(gone)} files" if gone else "present"

@@ -4,7 +4,8 @@
 metric's minimum, a reference set where FID is asked for), then computes:
 
 - per image: ``glcm``, ``shannon_entropy``, ``flat_percentage``, ``clip_score``, ``aesthetic``, ``pickscore``,
-  ``hps``, ``hpsv3``, ``musiq``, ``qalign``, ``artimuse``, and any injected :class:`~ultraflux_eval.aesthetic.ImageScorer` (Q-Align, MUSIQ, ...);
+  ``hps``, ``hpsv3``, ``musiq``, ``qalign``, ``artimuse``, and any injected
+  :class:`~ultraflux_eval.metrics.aesthetic.ImageScorer` (Q-Align, MUSIQ, ...);
 - per set: ``compression_ratio`` (Σ raw ÷ Σ JPEG bytes), ``fid`` (whole images) and ``patch_fid`` (native crops)
   against the reference images.
 
@@ -25,15 +26,15 @@ from pathlib import Path
 import numpy as np
 from rich.progress import track
 
-from ultraflux_eval import scores
-from ultraflux_eval.aesthetic import IMAGE_METRICS, ImageScorer, image_scorer
-from ultraflux_eval.alignment import PreferenceScorer, clip_score
-from ultraflux_eval.backbones import Backbones, tiny_backbones
-from ultraflux_eval.config import REFERENCE_METRICS, AspectSize, BenchmarkConfig
+from ultraflux_eval.backbones.loading import Backbones, tiny_backbones
+from ultraflux_eval.config import AspectSize, BenchmarkConfig
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.fidelity import FrechetDistance, fid_inputs, patch_inputs
-from ultraflux_eval.metrics import require_metric
-from ultraflux_eval.scores import ImageLike
+from ultraflux_eval.metrics import scores
+from ultraflux_eval.metrics.aesthetic import IMAGE_METRICS, ImageScorer, image_scorer
+from ultraflux_eval.metrics.alignment import PreferenceScorer, clip_score
+from ultraflux_eval.metrics.fidelity import FrechetDistance, fid_inputs, patch_inputs
+from ultraflux_eval.metrics.scores import ImageLike
+from ultraflux_eval.metrics.table import REFERENCE_METRICS, require_metric
 
 OVERALL = "overall"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")

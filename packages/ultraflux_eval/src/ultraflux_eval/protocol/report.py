@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from ultraflux_eval.evaluate import OVERALL, EvalResults
-from ultraflux_eval.scores import ImageLike, load_rgb
+from ultraflux_eval.metrics.scores import ImageLike, load_rgb
+from ultraflux_eval.protocol.evaluate import OVERALL, EvalResults
 
 GRID_CELL = 256  # longest side of a grid thumbnail
 

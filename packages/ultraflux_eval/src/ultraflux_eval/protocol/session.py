@@ -11,13 +11,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ultraflux_eval.aesthetic import ImageScorer
-from ultraflux_eval.backbones import backbones_from_config
+from ultraflux_eval.backbones.loading import backbones_from_config
 from ultraflux_eval.config import EvalConfig
-from ultraflux_eval.evaluate import EvalResults, evaluate, list_images, validate_inputs
-from ultraflux_eval.report import write_report
-from ultraflux_eval.scores import ImageLike
-from ultraflux_eval.tracking import check_tracking_reachable, log_evaluation, resolve_tracking_uri
+from ultraflux_eval.metrics.aesthetic import ImageScorer
+from ultraflux_eval.metrics.scores import ImageLike
+from ultraflux_eval.protocol.evaluate import EvalResults, evaluate, list_images, validate_inputs
+from ultraflux_eval.protocol.logging import log_evaluation, reachable_tracking_uri
+from ultraflux_eval.protocol.report import write_report
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,7 @@ def run_evaluation(
     An unreachable tracking store and bad input (counts, unreadable files, sizes) fail here, before any
     network is loaded or image scored.
     """
-    uri = resolve_tracking_uri(config.tracking) if log else None
-    if uri is not None:
-        check_tracking_reachable(uri, config.tracking.connect_timeout_s)
+    uri = reachable_tracking_uri(config.tracking) if log else None
     spec = config.benchmark
     reference = list_images(spec.reference_dir) if spec.reference_dir is not None else None
     validate_inputs(images, prompts, spec, aspects, reference)  # cheap checks before loading any network
