@@ -19,11 +19,11 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from ultraflux_core.tracking.uri import check_tracking_reachable
 from ultraflux_model.config import resolve_config
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.training.curriculum import StagePlan, stage_plans
 from ultraflux_model.training.distributed import free_port
-from ultraflux_model.training.tracking import check_tracking_reachable, resolve_tracking_uri
 from ultraflux_model.training.trainer import stage_done, train_stage
 
 LAUNCH_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -92,7 +92,7 @@ def train_flow(config: list[str] | None = None, overrides: list[str] | None = No
     """Every configured SACL stage in order, as subflows; the tracking store is checked before any training."""
     config, overrides = list(config or []), list(overrides or [])
     cfg = resolve_config(config, overrides)
-    check_tracking_reachable(resolve_tracking_uri(cfg.tracking, Path(cfg.train.run_dir)), cfg.tracking.check_timeout_s)
+    check_tracking_reachable(cfg.tracking.resolve_uri(cfg.train.run_dir), cfg.tracking.check_timeout_s)
     results = []
     for plan in stage_plans(cfg.train):
         if resume and stage_done(plan):

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ultraflux_core.tracking.config import TrackingConfig
 from ultraflux_eval.config import EvalConfig
 from ultraflux_model.errors import UltraFluxError
 
@@ -400,16 +401,6 @@ class VaeTrainConfig(Section):
     def _crop_is_token_multiple(cls, crop: int) -> int:
         check_image_size(crop, crop)
         return crop
-
-
-class TrackingConfig(Section):
-    """MLflow tracking: a SQLite file in the run directory by default, a server by setting."""
-
-    uri: str | None = Field(
-        None, description="None: $MLFLOW_TRACKING_URI if set, else sqlite:///<run dir>/mlflow.db"
-    )
-    experiment: str = "ultraflux-train"
-    check_timeout_s: float = Field(5.0, gt=0.0, description="how long to wait for a server before giving up")
 
 
 class ComputeConfig(Section):

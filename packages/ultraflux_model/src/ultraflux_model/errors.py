@@ -1,8 +1,9 @@
-"""The one exception type of ``ultraflux_model``: messages say what to change."""
+"""The exception type of ``ultraflux_model``: the project's one base, ``ultraflux_core.errors.UltraFluxError``.
 
+Bound here, not re-declared, so that errors raised by the shared ground floor (tracking, config) and by this
+package are one type for its entry points and callers; modules may import it from ``ultraflux_core.errors``.
+"""
 
-class UltraFluxError(ValueError):
-    """Raised for bad input (sizes, configs, checkpoints, data) with an actionable message.
+from ultraflux_core.errors import UltraFluxError
 
-    A ``ValueError`` so that pydantic validators can raise it and report it as a field error.
-    """
+__all__ = ["UltraFluxError"]

@@ -14,9 +14,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from ultraflux_core.tracking.uri import is_registry_uri
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.filesystem import link_or_copy
-from ultraflux_model.release import fetch_release, is_registry_uri
+from ultraflux_model.release import fetch_release
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 CHECKPOINT_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")

@@ -42,13 +42,7 @@ MANIFEST_FORMAT = "ultraflux-release/1"
 MANIFEST_NAME = "manifest.json"
 BLOBS_DIR = "blobs"
 CACHE_ENV = "ULTRAFLUX_MODEL_CACHE"
-REGISTRY_SCHEMES = ("models:/", "runs:/")
 _SKIP_FILES = frozenset({".ultraflux-fingerprint.json"})  # a local hash cache, not part of the weights
-
-
-def is_registry_uri(model: str | os.PathLike) -> bool:
-    """``models:/…`` or ``runs:/…``: a model that lives in an MLflow tracking server / registry."""
-    return str(model).startswith(REGISTRY_SCHEMES)
 
 
 @dataclass(frozen=True)
@@ -195,14 +189,13 @@ def _download_blobs(manifest: Manifest, staging: Path, tracking_uri: str | None)
 def release_manifest(model_uri: str, tracking_uri: str) -> Manifest:
     """The manifest of the release at ``model_uri`` (only the small model directory is downloaded)."""
     from mlflow.exceptions import MlflowException
-    from ultraflux_eval.errors import EvalError
-    from ultraflux_eval.registry import model_download_uri
+    from ultraflux_core.tracking.uri import model_download_uri
 
     with tempfile.TemporaryDirectory(prefix="ultraflux-manifest-") as tmp:
         try:
             source = model_download_uri(tracking_uri, model_uri)
             local = Path(_repository(source, tracking_uri).download_artifacts("", dst_path=tmp))
-        except (EvalError, MlflowException, OSError) as err:
+        except (UltraFluxError, MlflowException, OSError) as err:
             raise UltraFluxError(
                 f"cannot resolve {model_uri} at {tracking_uri} ({err}). Set MLFLOW_TRACKING_URI to the tracking "
                 "server that holds the model, and check the name, version or alias"

@@ -211,8 +211,9 @@ class Studio:
 
 
 def scores(path: Path) -> dict[str, float]:
-    """The weight-free image scores of ``ultraflux_eval.scores`` (the paper's detail metrics and the filters')."""
-    from ultraflux_eval import scores as s
+    """The weight-free image scores of ``ultraflux_eval.metrics.scores`` (the paper's detail metrics and the
+    filters')."""
+    from ultraflux_eval.metrics import scores as s
 
     return {
         "glcm": round(s.glcm_score(path), 4),

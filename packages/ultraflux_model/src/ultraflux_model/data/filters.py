@@ -41,8 +41,8 @@ def _top(frame: pd.DataFrame, share: float, by: list[str], ascending: list[bool]
 
 def check_one_scorer(scores: pd.DataFrame, column: str) -> str | None:
     """The scorer id behind ``column`` (its ``<name>_scorer`` column); a mix of scorers is an error."""
-    from ultraflux_eval.aesthetic import single_scorer
     from ultraflux_eval.errors import EvalError
+    from ultraflux_eval.metrics.aesthetic import single_scorer
 
     from ultraflux_model.errors import UltraFluxError
 

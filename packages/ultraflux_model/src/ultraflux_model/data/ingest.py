@@ -38,11 +38,12 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.scores import load_rgb
+from ultraflux_eval.metrics.scores import load_rgb
 
 from ultraflux_model.compute import map_partitions
 from ultraflux_model.config import ComputeConfig, DataConfig, IngestConfig
 from ultraflux_model.data.download import download_urls
+from ultraflux_model.data.metadata import METADATA_SUFFIXES, SampleRecord, read_metadata
 from ultraflux_model.data.partitions import (
     atomic_bytes,
     atomic_parquet,
@@ -52,7 +53,6 @@ from ultraflux_model.data.partitions import (
     partition_lock,
     split_by_key,
 )
-from ultraflux_model.data.metadata import METADATA_SUFFIXES, SampleRecord, read_metadata
 from ultraflux_model.errors import UltraFluxError
 
 MANIFEST = "manifest.parquet"

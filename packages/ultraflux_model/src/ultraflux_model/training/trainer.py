@@ -28,7 +28,9 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
-from ultraflux_eval.lineage import dvc_output_md5, git_sha
+from ultraflux_core.tracking.lineage import dvc_output_md5, git_sha
+from ultraflux_core.tracking.runs import Tracker, flatten
+from ultraflux_core.tracking.uri import check_tracking_reachable
 from ultraflux_model.config import DeepSpeedConfig, LossConfig, StageConfig, UltraFluxConfig, dump_config
 from ultraflux_model.diffusion.latents import image_ids, pack_latents, text_ids, unpack_latents
 from ultraflux_model.diffusion.losses import training_loss, x0_from_velocity
@@ -44,12 +46,6 @@ from ultraflux_model.training.distributed import DistInfo, barrier, init_distrib
 from ultraflux_model.training.ema import ShardedEma
 from ultraflux_model.training.host_memory import peak_rss_bytes
 from ultraflux_model.training.timesteps import timesteps_from_uniform
-from ultraflux_model.training.tracking import (
-    Tracker,
-    check_tracking_reachable,
-    flatten,
-    resolve_tracking_uri,
-)
 
 T_BANDS = (0.0, 0.25, 0.5, 0.75, 1.0)  # edges of the per-timestep-band loss metrics
 DONE_MARKER = "DONE"  # in the stage folder once its final export is complete
@@ -291,7 +287,7 @@ def _load_transformer(path: Path, ds_config: dict[str, Any]) -> torch.nn.Module:
 
 def _tracker_for(cfg: UltraFluxConfig, plan: StagePlan, dist: DistInfo, resume: bool) -> Tracker:
     run_dir = Path(cfg.train.run_dir)
-    uri = resolve_tracking_uri(cfg.tracking, run_dir)
+    uri = cfg.tracking.resolve_uri(run_dir)
     tracker = Tracker(uri, cfg.tracking.experiment, active=dist.is_main, artifact_dir=run_dir / "mlartifacts")
     id_file = plan.dir / "mlflow_run_id"
     previous = id_file.read_text().strip() if resume and id_file.is_file() and dist.is_main else None
@@ -316,7 +312,7 @@ def train_stage(cfg: UltraFluxConfig, stage: str | int, *, resume: bool = False)
     plan = stage_plans(train)[stage] if isinstance(stage, int) else find_stage(train, stage)
     st = plan.stage
     # Fail on a bad tracking server before any heavy work (every rank checks, so all of them stop).
-    check_tracking_reachable(resolve_tracking_uri(cfg.tracking, Path(train.run_dir)), cfg.tracking.check_timeout_s)
+    check_tracking_reachable(cfg.tracking.resolve_uri(train.run_dir), cfg.tracking.check_timeout_s)
     # Every rank decides from the same files (run_dir is shared), so all of them stop together.
     if not resume and (plan.checkpoints / "latest").exists():
         raise UltraFluxError(
@@ -471,7 +467,7 @@ def train(cfg: UltraFluxConfig, *, resume: bool = False, stages: list[str] | Non
     if unknown:
         raise UltraFluxError(f"unknown stage(s) {unknown}; configured stages: {[s.name for s in cfg.train.stages]}")
     run_dir = Path(cfg.train.run_dir)
-    check_tracking_reachable(resolve_tracking_uri(cfg.tracking, run_dir), cfg.tracking.check_timeout_s)
+    check_tracking_reachable(cfg.tracking.resolve_uri(run_dir), cfg.tracking.check_timeout_s)
     run_dir.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
