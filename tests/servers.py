@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 # What child processes (flows, workers, servers) import: this checkout's packages, also when the venv's editable
 # install points elsewhere (a worktree, or the mutation guard's patched copy).
 REPO_PATH = os.pathsep.join(
-    str(p) for p in (REPO / "packages/ultraflux_model/src", REPO / "packages/ultraflux_eval/src", REPO)
+    str(p) for p in (REPO / "packages/ultraflux_core/src", REPO / "packages/ultraflux_model/src",
+                      REPO / "packages/ultraflux_eval/src", REPO)
 )
 START_TIMEOUT_S = 180.0  # generous: 2 shared cores, cold imports of mlflow/prefect take tens of seconds
 

@@ -1,7 +1,8 @@
 """No import cycles between the project's modules, counting every import (module level, in functions, under
 ``if __name__ == "__main__"``): a cycle makes import order matter and hides layering mistakes. Also the layering
-rules of DESIGN §2: the eval package never imports the model package, and training never reaches into the
-eval package's registry (lineage helpers live in ``ultraflux_eval.lineage``)."""
+rules of DESIGN §2: the ground floor (``ultraflux_core``) imports no other package of ours, the eval package never
+imports the model package, and training never imports the eval package (lineage, runs and the registry live in
+``ultraflux_core.tracking``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 import networkx as nx
 import pytest
 
-SRC = [Path(__file__).resolve().parents[1] / "packages" / pkg / "src" for pkg in ("ultraflux_model", "ultraflux_eval")]
+SRC = [Path(__file__).resolve().parents[1] / "packages" / pkg / "src" for pkg in ("ultraflux_core", "ultraflux_model",
+                                                                                        "ultraflux_eval")]
 
 
 def module_files() -> dict[str, Path]:
@@ -60,7 +62,9 @@ def test_no_import_cycles() -> None:
 
 @pytest.mark.parametrize(("importer", "forbidden"), [
     ("ultraflux_eval", "ultraflux_model"),
-    ("ultraflux_model.training", "ultraflux_eval.registry"),
+    ("ultraflux_model.training", "ultraflux_eval"),
+    ("ultraflux_core", "ultraflux_eval"),
+    ("ultraflux_core", "ultraflux_model"),
 ])
 def test_layering(importer: str, forbidden: str) -> None:
     graph = import_graph()

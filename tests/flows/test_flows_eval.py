@@ -132,7 +132,7 @@ def test_eval_flow_and_nightly_deployment(tmp_path, tiny_checkpoint, prefect_api
              json.dumps(nightly_params))
     _prefect(prefect_api, "worker", "start", "--pool", "ultraflux-process", "--run-once")
 
-    from ultraflux_eval.tracking import client_for
+    from ultraflux_core.tracking.uri import client_for
 
     client = client_for(uri)
     aspects = ["1:1", "16:9", "2:1", "1:2", "2.39:1", "overall"]
@@ -146,7 +146,7 @@ def test_eval_flow_and_nightly_deployment(tmp_path, tiny_checkpoint, prefect_api
         assert {f"{m}/{a}" for m in ("glcm", "clip_score", "compression_ratio") for a in aspects} <= set(metrics)
     assert "registry" not in out["dir"]  # a directory of images has no model to register
     assert out["dir"]["table"]["overall"]["n_images"] == len(sizes)
-    from ultraflux_eval import scores
+    from ultraflux_eval.metrics import scores
 
     per_image = [scores.glcm_score(p) for p in sorted(images_dir.glob("*.png"))]
     groups = {}

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from ultraflux_eval.scores import flat_percentage, load_rgb, shannon_entropy
+from ultraflux_eval.metrics.scores import flat_percentage, load_rgb, shannon_entropy
 from ultraflux_model.config import ComputeConfig, FilterConfig, ScoringConfig
 from ultraflux_model.data.filters import apply_filters, select_subsets
 from ultraflux_model.data.ingest import ingest, read_manifest

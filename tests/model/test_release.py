@@ -50,7 +50,7 @@ def _changed_transformer(tiny_checkpoint: Path, tmp_path: Path) -> Path:
 
 
 def test_second_release_uploads_only_the_changed_blobs_and_fetches_once(tiny_checkpoint, tmp_path, store):
-    from ultraflux_eval.registry import register_checkpoint
+    from ultraflux_core.tracking.registry import register_checkpoint
 
     uri, client, experiment = store
     first = log_release(tiny_checkpoint, uri, client.create_run(experiment).info.run_id)

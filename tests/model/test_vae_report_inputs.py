@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from ultraflux_eval.backbones import TinyFeatureExtractor
-from ultraflux_eval.fidelity import patch_fid
+from ultraflux_eval.metrics.fidelity import patch_fid
+from ultraflux_eval.metrics.inception import TinyFeatureExtractor
 from ultraflux_model.errors import UltraFluxError
 from ultraflux_model.vae.post_training import load_images, rfid_native
 

@@ -32,7 +32,7 @@ LIST = Path(__file__).with_name("mutations.toml")
 # Not copied: VCS, environments, caches and run outputs (none of them is source a test imports).
 IGNORE = shutil.ignore_patterns(".git", ".venv", "venv", "artifacts", "storage", "mlruns", "__pycache__",
                                 ".pytest_cache", ".ruff_cache", "*.egg-info", "cache", "tmp", "node_modules")
-PACKAGE_SRC = ("packages/ultraflux_model/src", "packages/ultraflux_eval/src")
+PACKAGE_SRC = ("packages/ultraflux_core/src", "packages/ultraflux_model/src", "packages/ultraflux_eval/src")
 
 
 class MutationError(Exception):

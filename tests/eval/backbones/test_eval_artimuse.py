@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
-from ultraflux_eval.artimuse import (ArtiMuseScorer, chat_query, convert_checkpoint, convert_config, load_artimuse,
-                                     score_token, tiny_artimuse, tiny_original_config, tiny_tokenizer)
+from ultraflux_eval.backbones.artimuse import (ArtiMuseScorer, chat_query, convert_checkpoint, convert_config,
+                                               load_artimuse, score_token, tiny_artimuse, tiny_original_config,
+                                               tiny_tokenizer)
 from ultraflux_eval.errors import EvalError
 
 LETTERS = string.ascii_lowercase

@@ -7,11 +7,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
-from ultraflux_eval import backbones as bb
-from ultraflux_eval.aesthetic import ClipAestheticScorer, ImageScorer, TorchImageScorer
-from ultraflux_eval.alignment import PreferenceScorer, clip_score, pair_cosines
+from ultraflux_eval.backbones.clip import tiny_aesthetic_head, tiny_clip
+from ultraflux_eval.backbones.loading import local_backbones, tiny_backbones
+from ultraflux_eval.backbones.weights import verify_weights, write_manifest
 from ultraflux_eval.cli import app
 from ultraflux_eval.errors import EvalError
+from ultraflux_eval.metrics.aesthetic import ClipAestheticScorer, ImageScorer, TorchImageScorer
+from ultraflux_eval.metrics.alignment import PreferenceScorer, clip_score, pair_cosines
 
 PROMPTS = ["a red fox in snow", "a lighthouse at night", "ramen on a table", "a city skyline, 4k"]
 
@@ -28,19 +30,19 @@ def pictures() -> list[np.ndarray]:
 def weights_dir(tmp_path_factory) -> tuple:
     """A local weights folder written from tiny networks: CLIP (HF layout) and an aesthetic head."""
     root = tmp_path_factory.mktemp("weights")
-    clip = bb.tiny_clip(seed=3)
+    clip = tiny_clip(seed=3)
     clip.model.save_pretrained(root / "clip", safe_serialization=True)
     clip.tokenizer.save_pretrained(root / "clip")
     clip.processor.save_pretrained(root / "clip")
-    head = bb.tiny_aesthetic_head(16, seed=4)
+    head = tiny_aesthetic_head(16, seed=4)
     (root / "aesthetic").mkdir()
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, root / "aesthetic" / "head.safetensors")
-    bb.write_manifest(root, {"clip": "clip", "aesthetic_head": "aesthetic/head.safetensors"})
+    write_manifest(root, {"clip": "clip", "aesthetic_head": "aesthetic/head.safetensors"})
     return root, clip, head
 
 
 def test_tiny_scores_are_not_degenerate(pictures):
-    nets = bb.tiny_backbones(["clip_score", "aesthetic", "pickscore", "hps"])
+    nets = tiny_backbones(["clip_score", "aesthetic", "pickscore", "hps"])
     scores = clip_score(nets.clip, pictures, PROMPTS)
     assert np.all(scores > 0) and np.ptp(scores) > 1.0  # positive and spread, not clamped to 0
     swapped = clip_score(nets.clip, pictures, PROMPTS[::-1])
@@ -56,7 +58,7 @@ def test_tiny_scores_are_not_degenerate(pictures):
 
 
 def test_clip_score_matches_a_direct_forward(pictures):
-    clip = bb.tiny_clip(seed=0)
+    clip = tiny_clip(seed=0)
     pixels = clip.processor(images=pictures, return_tensors="pt")["pixel_values"]
     tokens = clip.tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     with torch.no_grad():
@@ -67,8 +69,8 @@ def test_clip_score_matches_a_direct_forward(pictures):
 
 def test_local_weights_verify_and_load_offline(weights_dir, pictures):
     root, clip, head = weights_dir
-    assert len(bb.verify_weights(root)) >= 4
-    nets = bb.local_backbones(root, ["clip_score", "aesthetic"])
+    assert len(verify_weights(root)) >= 4
+    nets = local_backbones(root, ["clip_score", "aesthetic"])
     assert not nets.tiny and nets.pickscore is None
     assert np.allclose(clip_score(nets.clip, pictures, PROMPTS), clip_score(clip, pictures, PROMPTS), atol=1e-5)
     local = ClipAestheticScorer(nets.clip, nets.aesthetic_head).score(pictures)
@@ -83,14 +85,14 @@ def test_missing_or_altered_weights_are_named(weights_dir, tmp_path):
     shutil.copytree(root, copy)
     (copy / "aesthetic" / "head.safetensors").write_bytes(b"tampered")
     with pytest.raises(EvalError, match=r"sha256 mismatch for .*head\.safetensors"):
-        bb.local_backbones(copy, ["aesthetic"])
+        local_backbones(copy, ["aesthetic"])
     (copy / "clip" / "model.safetensors").unlink()
     with pytest.raises(EvalError, match=r"missing file .*clip/model\.safetensors"):
-        bb.verify_weights(copy, ["clip"])
+        verify_weights(copy, ["clip"])
     with pytest.raises(EvalError, match="no entry for \\['pickscore'\\]"):
-        bb.local_backbones(copy, ["pickscore"])
+        local_backbones(copy, ["pickscore"])
     with pytest.raises(EvalError, match="no weights manifest"):
-        bb.verify_weights(tmp_path / "empty")
+        verify_weights(tmp_path / "empty")
 
 
 def test_weights_cli(weights_dir, tmp_path):
@@ -105,7 +107,7 @@ def test_weights_cli(weights_dir, tmp_path):
     (folder / "inception.safetensors").write_bytes(b"x")
     made = runner.invoke(app, ["weights", "manifest", str(folder), "--backbone", "inception=inception.safetensors"])
     assert made.exit_code == 0, made.output
-    assert bb.verify_weights(folder, ["inception"]) == ["inception.safetensors"]
+    assert verify_weights(folder, ["inception"]) == ["inception.safetensors"]
 
 
 def test_torch_image_scorer_wraps_any_iqa_module(pictures):
@@ -129,11 +131,11 @@ def test_torch_image_scorer_wraps_any_iqa_module(pictures):
 
 def test_local_inception_features_for_fid(tmp_path):
     """The production FID extractor: torch-fidelity's Inception weights file from the manifest → 2048 features."""
-    from ultraflux_eval.inception import write_random_inception_weights
+    from ultraflux_eval.metrics.inception import write_random_inception_weights
 
     write_random_inception_weights(tmp_path / "inception" / "weights-inception.pth", seed=0)
-    bb.write_manifest(tmp_path, {"inception": "inception/weights-inception.pth"})
-    nets = bb.local_backbones(tmp_path, ["fid", "patch_fid"])
+    write_manifest(tmp_path, {"inception": "inception/weights-inception.pth"})
+    nets = local_backbones(tmp_path, ["fid", "patch_fid"])
     assert nets.fid_size == 299 and nets.clip is None and nets.fid_resize == "legacy"
     images = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8)
     with torch.no_grad():

@@ -10,16 +10,18 @@ import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
-from ultraflux_eval import backbones as bb
-from ultraflux_eval.aesthetic import TorchImageScorer
-from ultraflux_eval.alignment import clip_score
+from ultraflux_eval.backbones.clip import tiny_clip
+from ultraflux_eval.backbones.iqa import MUSIQ_ARCH, build_musiq
+from ultraflux_eval.backbones.loading import local_backbones, tiny_backbones
+from ultraflux_eval.backbones.weights import verify_weights, write_manifest
+from ultraflux_eval.backbones.weights import PINS, LocalHub, Pin, fetch_weights
 from ultraflux_eval.cli import app
 from ultraflux_eval.config import BenchmarkConfig
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.evaluate import evaluate
-from ultraflux_eval.iqa import MUSIQ_ARCH, build_musiq
-from ultraflux_eval.metrics import METRICS, require_metric
-from ultraflux_eval.weights import PINS, LocalHub, Pin, fetch_weights
+from ultraflux_eval.metrics.aesthetic import TorchImageScorer
+from ultraflux_eval.metrics.alignment import clip_score
+from ultraflux_eval.metrics.table import METRICS, require_metric
+from ultraflux_eval.protocol.evaluate import evaluate
 
 PROMPTS = ["a red fox in snow", "a lighthouse at night", "ramen on a table"]
 
@@ -57,8 +59,8 @@ def test_musiq_real_architecture_loads_from_a_verified_checkpoint(tmp_path, pict
     assert reference.net.transformer_encoder is not None and MUSIQ_ARCH["num_layers"] == 14
     (tmp_path / "musiq").mkdir()
     torch.save({"params": reference.net.state_dict()}, tmp_path / "musiq" / "ckpt.pth")
-    bb.write_manifest(tmp_path, {"musiq": "musiq/ckpt.pth"})
-    nets = bb.local_backbones(tmp_path, ["musiq"])
+    write_manifest(tmp_path, {"musiq": "musiq/ckpt.pth"})
+    nets = local_backbones(tmp_path, ["musiq"])
     image = pictures[0]
     ours = TorchImageScorer("musiq", nets.musiq, None, 1).score([image])
     direct = TorchImageScorer("musiq", reference, None, 1).score([image])
@@ -69,7 +71,7 @@ def test_musiq_real_architecture_loads_from_a_verified_checkpoint(tmp_path, pict
 def test_tiny_learned_paper_metrics_run_in_the_evaluation(pictures):
     learned = ("musiq", "hpsv3", "qalign", "artimuse")
     spec = BenchmarkConfig(metrics=("glcm", *learned), aspect_ratios=BenchmarkConfig().aspect_ratios)
-    results = evaluate(pictures, PROMPTS, spec, backbones=bb.tiny_backbones(learned))
+    results = evaluate(pictures, PROMPTS, spec, backbones=tiny_backbones(learned))
     for metric in learned:
         values = [row[metric] for row in results.rows]
         assert len(set(values)) == 3 and all(np.isfinite(values))  # varies with the image
@@ -80,7 +82,7 @@ def test_tiny_learned_paper_metrics_run_in_the_evaluation(pictures):
 def _clip_hub(root, revision):
     """A stand-in hub folder holding a tiny CLIP under the pinned repo and commit."""
     folder = root / "hf" / "openai" / "clip-vit-base-patch16" / revision
-    clip = bb.tiny_clip(seed=5)
+    clip = tiny_clip(seed=5)
     clip.model.save_pretrained(folder, safe_serialization=True)
     clip.tokenizer.save_pretrained(folder)
     clip.processor.save_pretrained(folder)
@@ -101,12 +103,12 @@ def test_fetch_from_a_local_hub_writes_a_loadable_manifest(tmp_path, pictures):
     assert manifest["backbones"] == {"clip": "clip"}
     assert manifest["sources"] == {"clip:openai/clip-vit-base-patch16": pin.revision}
     assert set(manifest["files"]) == {f"clip/{name}" for name in pin.files}
-    nets = bb.local_backbones(tmp_path / "w", ["clip_score"])
+    nets = local_backbones(tmp_path / "w", ["clip_score"])
     np.testing.assert_allclose(clip_score(nets.clip, pictures, PROMPTS), clip_score(clip, pictures, PROMPTS),
                                atol=1e-5)
     # a second fetch keeps verified files and still verifies
     assert fetch_weights(tmp_path / "w", ["clip_score"], hub=LocalHub(tmp_path / "hub")).is_file()
-    assert len(bb.verify_weights(tmp_path / "w")) == len(pin.files)
+    assert len(verify_weights(tmp_path / "w")) == len(pin.files)
 
 
 def test_fetch_checks_the_sha256_a_file_name_carries(tmp_path):
@@ -119,7 +121,7 @@ def test_fetch_checks_the_sha256_a_file_name_carries(tmp_path):
     (tmp_path / "hub" / "url" / bad.files[0]).write_bytes(payload)
     hub = LocalHub(tmp_path / "hub")
     fetch_weights(tmp_path / "ok", ["musiq"], hub=hub, pins=[good])
-    assert bb.verify_weights(tmp_path / "ok", ["musiq"]) == [good.dest]
+    assert verify_weights(tmp_path / "ok", ["musiq"]) == [good.dest]
     with pytest.raises(EvalError, match="does not start with 00000000"):
         fetch_weights(tmp_path / "bad", ["musiq"], hub=hub, pins=[bad])
     assert not (tmp_path / "bad" / bad.dest).exists()  # nothing half-fetched is left as a weights file
@@ -142,7 +144,7 @@ def test_hpsv3_in_its_real_architecture_round_trips_the_released_layout(tmp_path
     """A tiny Qwen2-VL + ranknet head, saved the way HPSv3.safetensors is laid out (transformers 4.45 keys:
     `visual.*`, `model.*`, `lm_head.*`, `rm_head.*`) next to its config and processor, loads and scores the same."""
     from safetensors.torch import save_file
-    from ultraflux_eval.hpsv3 import convert_checkpoint, load_hpsv3, tiny_hpsv3
+    from ultraflux_eval.backbones.hpsv3 import convert_checkpoint, load_hpsv3, tiny_hpsv3
 
     scorer = tiny_hpsv3(seed=0)
     scores = scorer.score(pictures, PROMPTS)

@@ -11,9 +11,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
-from ultraflux_eval import backbones as bb
-from ultraflux_eval.errors import EvalError
-from ultraflux_eval.qalign import (
+from ultraflux_eval.backbones.loading import local_backbones
+from ultraflux_eval.backbones.qalign import (
     IMAGE_TOKEN,
     LEVELS,
     PROMPT,
@@ -23,7 +22,8 @@ from ultraflux_eval.qalign import (
     qalign_readout,
     tiny_qalign,
 )
-from ultraflux_eval.weights import LocalHub, fetch_weights
+from ultraflux_eval.backbones.weights import LocalHub, fetch_weights
+from ultraflux_eval.errors import EvalError
 
 
 @pytest.fixture(scope="module")
@@ -140,5 +140,5 @@ def test_fetch_from_a_stand_in_hub_then_score_through_the_manifest(tmp_path, tin
     assert {"qalign/model-00001-of-00002.safetensors", "qalign/model-00002-of-00002.safetensors",
             "qalign/model.safetensors.index.json", "qalign/tokenizer.json"} <= set(manifest["files"])
     assert "qalign/tokenizer.model" not in manifest["files"]  # optional, absent from this repo
-    nets = bb.local_backbones(tmp_path / "w", ["qalign"])
+    nets = local_backbones(tmp_path / "w", ["qalign"])
     np.testing.assert_allclose(nets.qalign.score(pictures), tiny.score(pictures), atol=1e-5)

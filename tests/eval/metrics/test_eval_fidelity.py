@@ -8,9 +8,9 @@ import scipy.linalg
 import torch
 from skimage.metrics import structural_similarity
 from torchmetrics.image.fid import FrechetInceptionDistance
-from ultraflux_eval import fidelity
-from ultraflux_eval.backbones import TinyFeatureExtractor
 from ultraflux_eval.errors import EvalError
+from ultraflux_eval.metrics import fidelity
+from ultraflux_eval.metrics.inception import TinyFeatureExtractor
 
 
 def images(n: int, h: int, w: int, seed: int, scale: float = 1.0) -> list[np.ndarray]:

@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
-from ultraflux_eval import scores
 from ultraflux_eval.errors import EvalError
+from ultraflux_eval.metrics import scores
 
 # (height, width): square, landscape, portrait, 2.39:1, sides that are not multiples of 240 or 64.
 SIZES = [(480, 480), (300, 700), (517, 263), (241, 577), (250, 600), (130, 70)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from skimage.measure import shannon_entropy as skimage_entropy
-from ultraflux_eval import scores
+from ultraflux_eval.metrics import scores
 
 from test_eval_scores import ref_flat_percentage, ref_gray, textured
 

@@ -10,8 +10,8 @@ from PIL import Image
 from typer.testing import CliRunner
 from ultraflux_eval.cli import app
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.fidelity import native_crops
-from ultraflux_eval.inception import load_standard_inception, resize_clean, write_random_inception_weights
+from ultraflux_eval.metrics.fidelity import native_crops
+from ultraflux_eval.metrics.inception import load_standard_inception, resize_clean, write_random_inception_weights
 
 
 def _write_set(folder, count, width, height, seed, scale):

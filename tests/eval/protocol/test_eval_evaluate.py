@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-from ultraflux_eval import fidelity, scores
-from ultraflux_eval.backbones import tiny_backbones
+from ultraflux_eval.backbones.loading import tiny_backbones
 from ultraflux_eval.config import BenchmarkConfig
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.evaluate import OVERALL, evaluate, load_image_dir, nearest_aspect, validate_spec
+from ultraflux_eval.metrics import fidelity, scores
+from ultraflux_eval.protocol.evaluate import OVERALL, evaluate, load_image_dir, nearest_aspect, validate_spec
 
 ALL = ("glcm", "compression_ratio", "shannon_entropy", "flat_percentage", "clip_score", "aesthetic", "pickscore",
        "hps", "fid", "patch_fid")

@@ -1,21 +1,20 @@
 """End to end into a SQLite MLflow: one run per evaluation with metrics, plots, grids and reports; `compare`;
-registry promotion by the rule, also under concurrent promotions; unreachable servers fail before work."""
+unreachable servers fail before work. (Registry promotion: tests/core/tracking/test_core_registry.py.)"""
 
 from __future__ import annotations
 
-import multiprocessing
 import socket
 
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
+from ultraflux_core.tracking.uri import client_for
 from ultraflux_eval.cli import app
-from ultraflux_eval.config import BenchmarkConfig, EvalConfig, PromotionConfig, TrackingConfig
+from ultraflux_eval.config import BenchmarkConfig, EvalConfig, TrackingConfig
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.registry import latest_version, promote_if_better, record_evaluation, register_checkpoint
-from ultraflux_eval.session import run_evaluation
-from ultraflux_eval.tracking import client_for, compare_runs, log_evaluation
+from ultraflux_eval.protocol.logging import compare_runs
+from ultraflux_eval.protocol.session import run_evaluation
 
 METRICS = ("glcm", "compression_ratio", "shannon_entropy", "flat_percentage", "clip_score", "aesthetic")
 
@@ -73,7 +72,7 @@ def test_evaluation_run_logs_metrics_plots_grids_and_report(config, tmp_path):
 
 def test_logged_overall_is_the_per_image_mean_with_unequal_groups(config, tmp_path):
     """3 + 2 + 1 images: MLflow's ``<metric>/overall`` is the mean over images, not over the aspect rows."""
-    from ultraflux_eval import scores
+    from ultraflux_eval.metrics import scores
 
     images, prompts = tiny_set(config.benchmark, 3)
     keep = [0, 1, 2, 3, 4, 6]  # two prompts per aspect: 1:1 ×2, 16:9 ×2, 2:1 ×1, 1:2 ×1
@@ -116,107 +115,6 @@ def test_unreachable_server_fails_before_any_work(config, tmp_path):
     with pytest.raises(EvalError, match=f"MLflow tracking server http://127.0.0.1:{port} is unreachable"):
         run_evaluation([tmp_path / "missing.png"], ["x"], bad, tmp_path / "r")
     assert not (tmp_path / "r").exists()
-
-
-def _fake_eval_run(uri: str, value: float) -> str:
-    """A logged evaluation whose promotion metric is ``value``."""
-    from ultraflux_eval.evaluate import EvalResults
-
-    table = {"1:1": {"clip_score": value}, "overall": {"clip_score": value}}
-    results = EvalResults("t", ["1:1"], ["clip_score"], [], table)
-    return log_evaluation(results, _empty_dir(), TrackingConfig(tracking_uri=uri, experiment="reg"))
-
-
-def _empty_dir():
-    import tempfile
-    from pathlib import Path
-
-    return Path(tempfile.mkdtemp())
-
-
-def _register(uri: str, value: float, name: str = "ultraflux") -> str:
-    run_id = _fake_eval_run(uri, value)
-    tags = {"git_sha": "abc", "dvc_data_hash": "none", "config_hash": "cfg", "eval_run_id": run_id}
-    return register_checkpoint(uri, name, f"/ckpt/{value}", tags)
-
-
-def test_registry_moves_champion_only_when_the_rule_is_beaten(store):
-    uri, name = store, "rule-test"
-    rule = PromotionConfig(model_name=name, metric="clip_score/overall", min_delta=0.5)
-    client = client_for(uri)
-    v1 = _register(uri, 30.0, name)
-    assert promote_if_better(uri, v1, rule).promoted
-    v2 = _register(uri, 30.4, name)  # better, but not by more than min_delta
-    decision = promote_if_better(uri, v2, rule)
-    assert not decision.promoted and decision.previous_champion == v1
-    v3 = _register(uri, 31.0, name)
-    assert promote_if_better(uri, v3, rule).promoted
-    assert str(client.get_model_version_by_alias(name, "champion").version) == v3
-    tags = client.get_model_version(name, v3).tags
-    assert {"git_sha", "dvc_data_hash", "config_hash", "eval_run_id"} <= set(tags)
-    lower = PromotionConfig(model_name=name, metric="clip_score/overall", higher_is_better=False)
-    assert promote_if_better(uri, v1, lower).promoted  # lower-is-better rule: 30 beats 31
-    # a re-evaluation re-points a version at a new run; promotion compares that run
-    record_evaluation(uri, name, v2, _fake_eval_run(uri, 10.0))
-    assert promote_if_better(uri, v2, lower).promoted
-    assert latest_version(uri, name) == (v3, "/ckpt/31.0")
-    with pytest.raises(EvalError, match="no registered versions"):
-        latest_version(uri, "other")
-    with pytest.raises(EvalError, match="needs tags"):
-        register_checkpoint(uri, name, "/x", {"git_sha": "a"})
-
-
-def _promote_worker(uri: str, name: str, version: str, barrier) -> bool:
-    barrier.wait()  # all workers compare at the same moment
-    return promote_if_better(uri, version, PromotionConfig(model_name=name, metric="clip_score/overall")).promoted
-
-
-def _champion(uri: str, name: str) -> str:
-    return str(client_for(uri).get_model_version_by_alias(name, "champion").version)
-
-
-def test_worse_candidates_one_by_one_never_move_the_champion(store):
-    """Best first, then every worse candidate in turn: each is refused and the alias stays on the best."""
-    uri, name = store, "fixed-order"
-    rule = PromotionConfig(model_name=name, metric="clip_score/overall")
-    best = _register(uri, 35.0, name)
-    first = promote_if_better(uri, best, rule)
-    assert first.promoted and first.previous_champion is None and first.candidate_value == 35.0
-    for value in (34.0, 31.0, 35.0, 20.0):  # worse ones and a tie (not strictly better)
-        version = _register(uri, value, name)
-        decision = promote_if_better(uri, version, rule)
-        assert not decision.promoted, (value, decision.reason)
-        assert decision.previous_champion == best and decision.champion_value == 35.0
-        assert decision.candidate_value == value
-        assert _champion(uri, name) == best
-    # the lower-is-better rule reverses the order: the last (20.0) is now the best and takes the alias
-    lower = PromotionConfig(model_name=name, metric="clip_score/overall", higher_is_better=False)
-    assert promote_if_better(uri, version, lower).promoted and _champion(uri, name) == version
-
-
-@pytest.mark.slow
-def test_concurrent_promotions_leave_the_best_champion(store):
-    """Every interleaving must end with the best version as champion.
-
-    Round 1 races all candidates; round 2 races only the worse ones against the best champion, so an
-    implementation that promotes the wrong one (or always promotes) ends on a worse version in every interleaving
-    of round 2, not only in unlucky ones.
-    """
-    uri, name = store, "concurrent-test"
-    values = [31.0, 35.0, 33.0, 34.0]
-    versions = [_register(uri, v, name) for v in values]
-    best = versions[1]
-    context = multiprocessing.get_context("fork")
-    worse = [v for v in versions if v != best]
-    with context.Pool(len(versions)) as pool:
-        barrier = context.Manager().Barrier(len(versions))
-        outcomes = pool.starmap(_promote_worker, [(uri, name, v, barrier) for v in versions])
-        assert _champion(uri, name) == best
-        assert outcomes[1] is True  # the best beats whatever holds the alias when it compares
-        barrier = context.Manager().Barrier(len(worse))
-        again = pool.starmap(_promote_worker, [(uri, name, v, barrier) for v in worse])
-    assert again == [False] * len(worse)
-    assert _champion(uri, name) == best
 
 
 def test_cli_evaluates_a_directory(config, tmp_path):
