@@ -1,5 +1,5 @@
 """Evaluation report: Markdown + HTML tables, one PNG bar chart per metric across aspect ratios, one image grid
-per aspect ratio, and the per-image rows as CSV. Files only (MLflow logging lives in ``tracking.py``)."""
+per aspect ratio, and the per-image rows as CSV. Files only (MLflow logging lives in ``protocol/logging.py``)."""
 
 from __future__ import annotations
 
