@@ -19,14 +19,14 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from ultraflux_eval import fidelity, scores
-from ultraflux_eval.aesthetic import ClipAestheticScorer, image_scorer
-from ultraflux_eval.alignment import clip_score
-from ultraflux_eval.backbones import tiny_backbones
+from tests.eval.test_eval_scores import ref_flat_percentage
+from ultraflux_eval.backbones.loading import tiny_backbones
+from ultraflux_eval.metrics import fidelity, scores
+from ultraflux_eval.metrics.aesthetic import ClipAestheticScorer, image_scorer
+from ultraflux_eval.metrics.alignment import clip_score
 
 from benchmarks.report import print_rows, save_rows
 from benchmarks.timing import median_seconds
-from tests.eval.test_eval_scores import ref_flat_percentage
 
 CPU = torch.device("cpu")
 

@@ -32,7 +32,6 @@ FULL = (19, 38)
 
 def make_pipe(double: int, single: int, device: torch.device):
     from diffusers import FlowMatchEulerDiscreteScheduler
-
     from ultraflux_model.inference.pipeline import UltraFluxPipeline
     from ultraflux_model.vae.autoencoder import UltraFluxAutoencoderKL
 

@@ -28,11 +28,11 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
+from ultraflux_model.config import LossConfig
+from ultraflux_model.diffusion.losses import snr_huber_wavelet_loss
 
 from benchmarks.report import print_rows, save_rows
 from benchmarks.timing import copy_bandwidth, median_seconds
-from ultraflux_model.config import LossConfig
-from ultraflux_model.diffusion.losses import snr_huber_wavelet_loss
 
 ROPE_SHAPES = ((1, 24, 16896, 128), (2, 24, 4608, 128))  # [B, H, S, D]: 4096² + 512 text tokens; 2048² batch 2
 LOSS_SHAPES = ((1, 16, 256, 256), (8, 16, 128, 128))  # [B, C, H, W] latents of 4096² and 2048²

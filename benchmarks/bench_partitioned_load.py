@@ -32,7 +32,6 @@ LAUNCH_ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PO
 def rank_worker(mode: str, transformer: Path, out: Path, precision: str) -> None:
     """One rank (under torchrun): build + load in ``mode``, write {peak growth, numel, seconds} as JSON."""
     import torch
-
     from ultraflux_model.config import DeepSpeedConfig, StageConfig
     from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
     from ultraflux_model.training.distributed import init_distributed
@@ -89,7 +88,6 @@ def main() -> None:
         checkpoint = args.checkpoint
         if checkpoint is None:
             import torch
-
             from ultraflux_model.checkpoint.tiny import write_tiny_checkpoint
 
             checkpoint = write_tiny_checkpoint(Path(tmp) / "ckpt", width_preset="flux-dev", layers=args.layers,

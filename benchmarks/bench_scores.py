@@ -3,7 +3,7 @@
 Official approach (what the UltraFlux filter script does per image): grayscale, then for every full 240×240 patch
 ``cv2.Sobel(patch, CV_64F, 1, 0)`` / ``(0, 1)``, ``np.sqrt(gx**2 + gy**2)``, ``np.var`` (the eval tests'
 reference ``ref_flat_percentage``), and ``skimage.measure.shannon_entropy`` of the grayscale image. Ours:
-``ultraflux_eval.scores.flat_and_entropy`` (one grayscale conversion, int16 Sobel into reused buffers, a
+``ultraflux_eval.metrics.scores.flat_and_entropy`` (one grayscale conversion, int16 Sobel into reused buffers, a
 ``calcHist`` histogram). Both values must be identical (asserted before timing).
 
     python -m benchmarks.bench_scores [--repeats 3] [--sizes 3840x2160 4096x4096 5440x3072 6336x2624]
@@ -17,12 +17,12 @@ import argparse
 
 import torch
 from skimage.measure import shannon_entropy as skimage_entropy
-from ultraflux_eval import scores
+from tests.eval.test_eval_scores import ref_flat_percentage, ref_gray
+from ultraflux_eval.metrics import scores
 
 from benchmarks.bench_eval import photo_like
 from benchmarks.report import print_rows, save_rows
 from benchmarks.timing import median_seconds
-from tests.eval.test_eval_scores import ref_flat_percentage, ref_gray
 
 CPU = torch.device("cpu")
 

@@ -25,14 +25,14 @@ import argparse
 import time
 
 import torch
-
-from benchmarks.report import print_rows, save_rows
-from benchmarks.timing import median_seconds, synchronize
 from ultraflux_model.config import DeepSpeedConfig, LossConfig, StageConfig, TimestepConfig
 from ultraflux_model.diffusion.losses import training_loss
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 from ultraflux_model.training.distributed import init_distributed
 from ultraflux_model.training.trainer import deepspeed_config, draw_noise_and_t, predict_x0
+
+from benchmarks.report import print_rows, save_rows
+from benchmarks.timing import median_seconds, synchronize
 
 SPEC_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16
 

@@ -32,7 +32,6 @@ GB = 1 << 30
 def component_weights_gb() -> tuple[dict[str, float], float]:
     """bf16 bytes of each component of the released pipeline, and of its largest leaf module (all in GB)."""
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
-
     from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
     from ultraflux_model.vae.autoencoder import UltraFluxAutoencoderKL
 

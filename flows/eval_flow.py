@@ -17,27 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from ultraflux_eval.config import EvalConfig
-from ultraflux_eval.errors import EvalError
-from ultraflux_eval.evaluate import benchmark_prompts, load_image_dir, validate_spec
-from ultraflux_eval.lineage import config_hash, dvc_data_hash, git_sha
-from ultraflux_eval.registry import (
-    is_registered_model_uri,
-    promote_if_better,
-    record_evaluation,
-    register_checkpoint,
-    registered_version,
-)
-from ultraflux_eval.session import run_evaluation
-from ultraflux_eval.tracking import check_tracking_reachable, resolve_tracking_uri
-from ultraflux_model.config import GenerateConfig, ServeConfig
 from ultraflux.config import UltraFluxConfig, resolve_config
 from ultraflux_core.config import dump_config
+from ultraflux_core.tracking.lineage import config_hash, dvc_data_hash, git_sha
+from ultraflux_core.tracking.registry import promote_if_better, record_evaluation, register_checkpoint
+from ultraflux_core.tracking.uri import is_registered_model_uri, is_registry_uri, registered_version
+from ultraflux_eval.config import EvalConfig
+from ultraflux_eval.errors import EvalError
+from ultraflux_eval.protocol.evaluate import benchmark_prompts, load_image_dir, validate_spec
+from ultraflux_eval.protocol.logging import reachable_tracking_uri
+from ultraflux_eval.protocol.session import run_evaluation
 from ultraflux_model.checkpoint.resolve import resolve_checkpoint
-from ultraflux_core.tracking.uri import is_registry_uri
+from ultraflux_model.config import GenerateConfig, ServeConfig
 from ultraflux_model.serving.publish import log_release
 from ultraflux_model.serving.pyfunc import serving_config
-from ultraflux_model.training.tracking import resolve_tracking_uri as resolve_root_tracking_uri
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,7 +40,7 @@ def resolve_eval_config(config: list[str], overrides: list[str], out: Path) -> U
     ``$MLFLOW_TRACKING_URI``, then ``<out>/mlflow.db``), so one setting points training and evaluation."""
     cfg = resolve_config(config, overrides)
     if cfg.eval.tracking.tracking_uri is None:
-        uri = resolve_root_tracking_uri(cfg.tracking, out)
+        uri = cfg.tracking.resolve_uri(out)
         tracking = cfg.eval.tracking.model_copy(update={"tracking_uri": uri})
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"tracking": tracking})})
     return cfg
@@ -100,7 +93,7 @@ def register_and_promote(
 ) -> dict[str, Any]:
     """Register the model at ``source`` as a new version (or point an existing ``version`` at this evaluation),
     then apply the promotion rule when ``promote``."""
-    uri = resolve_tracking_uri(cfg.tracking)
+    uri = cfg.tracking.resolve_uri()
     name = cfg.promotion.model_name
     if version is None:
         version = register_checkpoint(uri, name, source, {**provenance, "eval_run_id": run_id})
@@ -138,8 +131,7 @@ def eval_flow(
         raise EvalError("give exactly one of model=..., model_uri=... or images_dir=...")
     if model is not None and is_registry_uri(model):
         raise EvalError(f"{model} is a registry URI: pass it as model_uri=... (model= is a checkpoint dir or hub id)")
-    uri = resolve_tracking_uri(cfg.eval.tracking)
-    check_tracking_reachable(uri, cfg.eval.tracking.connect_timeout_s)  # before generating anything
+    uri = reachable_tracking_uri(cfg.eval.tracking)  # before generating anything
     out_dir = Path(out)
     version = None
     generator = model or model_uri

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from ultraflux.config import resolve_config
+from ultraflux_model.training.curriculum import stage_plans
 
 from flows.data_flow import data_flow
 from flows.release_flow import release_flow
 from flows.train_flow import train_flow
 from flows.vae_flow import vae_flow
-from ultraflux.config import resolve_config
-from ultraflux_model.training.curriculum import stage_plans
 
 
 @task(name="base-checkpoint")

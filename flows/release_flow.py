@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
-
-from flows.eval_flow import eval_flow
 from ultraflux.config import resolve_config
 from ultraflux_model.release.assemble import assemble_release
+
+from flows.eval_flow import eval_flow
 
 
 @task(name="assemble-release")

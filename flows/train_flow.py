@@ -9,17 +9,15 @@ With ``resume`` finished stages are skipped and an interrupted one continues.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-
 from ultraflux.config import resolve_config
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.tracking.uri import check_tracking_reachable
 from ultraflux_model.training.curriculum import find_stage, stage_plans, stages_to_run
 from ultraflux_model.training.launch import run_ranks
-from ultraflux_model.training.tracking import check_tracking_reachable, resolve_tracking_uri
 from ultraflux_model.training.trainer import train_stage
 
 
@@ -70,7 +68,7 @@ def train_flow(config: list[str] | None = None, overrides: list[str] | None = No
     """Every configured SACL stage in order, as subflows; the tracking store is checked before any training."""
     config, overrides = list(config or []), list(overrides or [])
     cfg = resolve_config(config, overrides)
-    check_tracking_reachable(resolve_tracking_uri(cfg.tracking, Path(cfg.train.run_dir)), cfg.tracking.check_timeout_s)
+    check_tracking_reachable(cfg.tracking.resolve_uri(cfg.train.run_dir), cfg.tracking.check_timeout_s)
     pending = stages_to_run(cfg.train, resume=resume)
     for plan in stage_plans(cfg.train):
         if plan not in pending:

@@ -9,7 +9,6 @@ from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-
 from ultraflux.config import UltraFluxConfig, resolve_config
 from ultraflux_data.vae_post import VaeReport, post_train_vae
 

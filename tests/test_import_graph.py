@@ -146,7 +146,7 @@ def test_layering_has_no_exceptions() -> None:
     ("ultraflux_model.training.trainer", "ultraflux_data.cache", "may import only"),
     ("ultraflux_eval.metrics.scores", "ultraflux_model.config", "may import only"),
     ("ultraflux_model.inference.pipeline", "ultraflux_eval.errors", "may import only"),
-    ("ultraflux_core.config", "ultraflux_model.errors", "may import only"),
+    ("ultraflux_core.config", "ultraflux_model.config", "may import only"),
     ("ultraflux_model.kernels.wavelet_loss", "ultraflux_model.config", "is a leaf"),
     ("ultraflux_model.vae.autoencoder", "ultraflux_model.inference.pipeline", "runs back up"),
     ("ultraflux_model.training.trainer", "ultraflux_model.app.engine", "runs back up"),

@@ -16,8 +16,16 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from tests.infra_checks import (CLAIMS, NAMESPACE, REPO, job_template, k8s_documents, pod_volumes_and_mounts,
-                          validate_strict)
+
+from tests.infra_checks import (
+    CLAIMS,
+    NAMESPACE,
+    REPO,
+    job_template,
+    k8s_documents,
+    pod_volumes_and_mounts,
+    validate_strict,
+)
 
 
 @pytest.mark.parametrize("name,doc", k8s_documents(), ids=lambda x: x if isinstance(x, str) else x["kind"])

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gradio_client import Client
-from gradio_client.utils import Status
 from gradio_client.exceptions import AppError
+from gradio_client.utils import Status
 from PIL import Image
-
 from ultraflux_model.app.engine import list_outputs
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
 from ultraflux_model.app.engine import list_outputs
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

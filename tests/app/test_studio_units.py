@@ -7,13 +7,12 @@ import os
 
 import pytest
 import torch
-
+from ultraflux.config import UltraFluxConfig
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.app.engine import Cancelled, Request, Studio, friendly_error, list_outputs
 from ultraflux_model.app.sizes import ASPECTS, FAMILIES, preset_size, size_note
-from ultraflux_model.config import MAX_4K_BUCKET_PIXELS, ServeConfig
-from ultraflux.config import UltraFluxConfig
 from ultraflux_model.buckets import BUCKETS, BUCKETS_4K
-from ultraflux_core.errors import UltraFluxError
+from ultraflux_model.config import MAX_4K_BUCKET_PIXELS, ServeConfig
 from ultraflux_model.inference.limits import check_request
 
 

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 from PIL import Image
+from ultraflux_core.errors import UltraFluxError
+from ultraflux_data.bucketing import bucket_histogram_png, resize_center_crop
 from ultraflux_model.buckets import BUCKETS, Bucket, assign_bucket
 from ultraflux_model.training.sampler import BucketBatchSampler
-from ultraflux_data.bucketing import bucket_histogram_png, resize_center_crop
-from ultraflux_core.errors import UltraFluxError
 
 
 def test_table_sizes_are_token_multiples_near_the_target_area():

@@ -11,9 +11,9 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_data.config import DataConfig, IngestConfig
 from ultraflux_data.ingest import ingest, normalise_image, read_manifest
-from ultraflux_core.errors import UltraFluxError
 
 
 def _textured(w: int, h: int, seed: int) -> np.ndarray:

@@ -6,8 +6,8 @@ import json
 
 import pandas as pd
 import pytest
-from ultraflux_data.metadata import SampleRecord, read_metadata
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_data.metadata import SampleRecord, read_metadata
 
 ROWS = [
     {"image_url": "https://example.org/a.jpg", "caption_en": "a fox", "caption_zh": "狐狸", "qalign_score": 4.5,

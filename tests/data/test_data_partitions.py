@@ -7,8 +7,8 @@ import os
 
 import pandas as pd
 import pytest
-from ultraflux_data.partitions import atomic_bytes, part_name, partition_count, partition_of, split_by_key
 from ultraflux_core.files import link_or_copy
+from ultraflux_data.partitions import atomic_bytes, part_name, partition_count, partition_of, split_by_key
 
 
 def _keys(n: int) -> list[str]:
@@ -52,8 +52,8 @@ def test_no_needless_copies_ingest_links_and_shards_keep_bucket_sized_bytes(tmp_
 
     import numpy as np
     from PIL import Image
-    from ultraflux_data.config import ShardConfig
     from ultraflux_data.bucketing import add_bucket_columns
+    from ultraflux_data.config import ShardConfig
     from ultraflux_data.ingest import ingest, read_manifest
     from ultraflux_data.shards import write_shards
 

@@ -12,15 +12,15 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
-from ultraflux_data.config import DataConfig
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_data import stages
-from ultraflux_model.buckets import BUCKETS
-from ultraflux_model.training.sampler import BucketBatchSampler
-from ultraflux_model.training.latent_cache import CachedLatentDataset, collate_latents
 from ultraflux_data.cache import build_caches, model_hash
+from ultraflux_data.config import DataConfig
 from ultraflux_data.shards import iter_shards
 from ultraflux_data.synthetic import write_synthetic_dataset
-from ultraflux_core.errors import UltraFluxError
+from ultraflux_model.buckets import BUCKETS
+from ultraflux_model.training.latent_cache import CachedLatentDataset, collate_latents
+from ultraflux_model.training.sampler import BucketBatchSampler
 
 
 def test_synthetic_dataset_is_deterministic_and_varied(tmp_path):

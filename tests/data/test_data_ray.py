@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 from safetensors import safe_open
-from ultraflux_data.config import ComputeConfig, DataConfig
 from ultraflux_data import stages
+from ultraflux_data.config import ComputeConfig, DataConfig
 
 pytestmark = pytest.mark.slow
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_data.config import FilterConfig, ScoringConfig
 from ultraflux_data.filters import apply_filters
 from ultraflux_data.scoring import score_images
-from ultraflux_core.errors import UltraFluxError
 
 
 def _frame(aesthetics_ids, qalign_ids=None) -> pd.DataFrame:

@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from ultraflux_eval.scores import flat_percentage, load_rgb, shannon_entropy
 from ultraflux_data.config import ComputeConfig, FilterConfig, ScoringConfig
 from ultraflux_data.filters import apply_filters, select_subsets
 from ultraflux_data.ingest import ingest, read_manifest
 from ultraflux_data.scoring import score_images, score_manifest, scoring_hash
+from ultraflux_eval.metrics.scores import flat_percentage, load_rgb, shannon_entropy
 
 
 def constant_scorers(cfg: ScoringConfig) -> dict:

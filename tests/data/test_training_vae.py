@@ -8,14 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from ultraflux_core.tracking.config import TrackingConfig
-from ultraflux_model.config import VaeTrainConfig
-from ultraflux_data.synthetic import write_synthetic_dataset
 from ultraflux_core.errors import UltraFluxError
-from ultraflux_model.vae.autoencoder import UltraFluxAutoencoderKL
+from ultraflux_core.tracking.config import TrackingConfig
+from ultraflux_data.synthetic import write_synthetic_dataset
 from ultraflux_data.vae_post import load_images, post_train_vae
+from ultraflux_model.config import VaeTrainConfig
 from ultraflux_model.training.vae_decoder import random_crops, reconstruct
+from ultraflux_model.vae.autoencoder import UltraFluxAutoencoderKL
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
-from ultraflux_eval.backbones import TinyFeatureExtractor
-from ultraflux_eval.fidelity import patch_fid
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_data.vae_post import load_images, rfid_native
+from ultraflux_eval.metrics.fidelity import patch_fid
+from ultraflux_eval.metrics.inception import TinyFeatureExtractor
 
 
 def _save(path, seed, size=(80, 96)):

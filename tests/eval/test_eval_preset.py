@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from ultraflux_eval.config import load_eval_config
-from ultraflux_eval.metrics import METRICS
+from ultraflux_eval.metrics.table import METRICS
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESET = ROOT / "configs" / "eval" / "aesthetic-eval-4096.yaml"

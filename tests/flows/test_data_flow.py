@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers import REPO, REPO_PATH
+
 # Child processes import this checkout's packages (not whatever an editable install points at), so a mutated
 # copy of the repository (tests/mutations) is what the flows run.
 DRIVER = """

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from tests.code_snapshot import git_snapshot
 from tests.infra_checks import CLAIMS, NAMESPACE, pod_volumes_and_mounts, validate_strict
 

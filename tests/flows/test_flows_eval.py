@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from tests.code_snapshot import git_snapshot
 from PIL import Image
 
+from tests.code_snapshot import git_snapshot
 from tests.servers import REPO
+
 # Child processes import this checkout's packages (not whatever an editable install points at), so a mutated
 # copy of the repository (tests/mutations) is what the flows run.
 DRIVER = """
@@ -132,7 +133,7 @@ def test_eval_flow_and_nightly_deployment(tmp_path, tiny_checkpoint, prefect_api
              json.dumps(nightly_params))
     _prefect(prefect_api, "worker", "start", "--pool", "ultraflux-process", "--run-once")
 
-    from ultraflux_eval.tracking import client_for
+    from ultraflux_core.tracking.uri import client_for
 
     client = client_for(uri)
     aspects = ["1:1", "16:9", "2:1", "1:2", "2.39:1", "overall"]
@@ -146,7 +147,7 @@ def test_eval_flow_and_nightly_deployment(tmp_path, tiny_checkpoint, prefect_api
         assert {f"{m}/{a}" for m in ("glcm", "clip_score", "compression_ratio") for a in aspects} <= set(metrics)
     assert "registry" not in out["dir"]  # a directory of images has no model to register
     assert out["dir"]["table"]["overall"]["n_images"] == len(sizes)
-    from ultraflux_eval import scores
+    from ultraflux_eval.metrics import scores
 
     per_image = [scores.glcm_score(p) for p in sorted(images_dir.glob("*.png"))]
     groups = {}

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.servers import REPO, REPO_PATH
+
 # Child processes import this checkout's packages (not whatever an editable install points at), so a mutated
 # copy of the repository (tests/mutations) is what the flows run.
 DRIVER = """

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.servers import REPO, REPO_PATH
+
 # Child processes import this checkout's packages (not whatever an editable install points at), so a mutated
 # copy of the repository (tests/mutations) is what the flows run.
 
@@ -30,7 +31,6 @@ def test_pipeline_runs_end_to_end_and_promotes_a_release(tmp_path: Path, monkeyp
     releases = sorted((artifacts / "release").glob("ultraflux-*"))
     assert len(releases) == 1
     from mlflow.tracking import MlflowClient
-
     from ultraflux_model import UltraFluxTransformer2DModel
     from ultraflux_model.checkpoint.layout import check_checkpoint_layout, fingerprint
     from ultraflux_model.checkpoint.resolve import resolve_checkpoint

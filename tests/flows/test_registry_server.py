@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
 from tests.servers import ServerProcess, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,9 +71,8 @@ def _blob_keys(moto_s3) -> list[str]:
 def test_release_fetch_generate_serve_and_promote_through_the_server(tmp_path, tiny_checkpoint, mlflow_server,
                                                                       moto_s3, monkeypatch):
     from mlflow.entities import LoggedModelStatus
-    from ultraflux_eval.registry import registered_version
-    from ultraflux_eval.tracking import client_for
     from ultraflux_core.errors import UltraFluxError
+    from ultraflux_core.tracking.uri import client_for, registered_version
     from ultraflux_model.checkpoint.layout import fingerprint
     from ultraflux_model.checkpoint.resolve import resolve_checkpoint
     from ultraflux_model.release.fetch import release_manifest
@@ -149,9 +149,9 @@ def test_release_fetch_generate_serve_and_promote_through_the_server(tmp_path, t
 
 
 def _concurrent_promotions_leave_the_best_champion(uri: str, source: str) -> None:
-    from ultraflux_eval.config import PromotionConfig
-    from ultraflux_eval.registry import promote_if_better, register_checkpoint
-    from ultraflux_eval.tracking import client_for
+    from ultraflux_core.tracking.config import PromotionConfig
+    from ultraflux_core.tracking.registry import promote_if_better, register_checkpoint
+    from ultraflux_core.tracking.uri import client_for
 
     client = client_for(uri)
     experiment = client.create_experiment("promotion-race")
@@ -192,12 +192,12 @@ def _concurrent_promotions_leave_the_best_champion(uri: str, source: str) -> Non
 def _server_lock_times_out_and_breaks_expired_locks(uri: str) -> None:
     import time
 
-    from ultraflux_eval.errors import EvalError
-    from ultraflux_eval.registry import server_promotion_lock
-    from ultraflux_eval.tracking import client_for
+    from ultraflux_core.errors import UltraFluxError
+    from ultraflux_core.tracking.registry import server_promotion_lock
+    from ultraflux_core.tracking.uri import client_for
 
     with server_promotion_lock(uri, "locktest") as token:
-        with pytest.raises(EvalError, match=f"held by {token}"):
+        with pytest.raises(UltraFluxError, match=f"held by {token}"):
             with server_promotion_lock(uri, "locktest", timeout_s=0.5):
                 pass
     # a promoter that died holding the lock: its expiry has passed, the next one breaks it

@@ -10,8 +10,8 @@ import pytest
 @pytest.fixture(scope="session")
 def training_cache(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real data pipeline on the synthetic set (ingest → score → filter → bucket → shard → cache), once."""
-    from ultraflux_data.config import DataConfig
     from ultraflux_data import stages as data_stages
+    from ultraflux_data.config import DataConfig
 
     root = tmp_path_factory.mktemp("training-data")
     cfg = DataConfig.model_validate({"root": str(root), "synthetic": {"n": 16},

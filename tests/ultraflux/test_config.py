@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 from pydantic import ValidationError
-
-from ultraflux_model.config import GenerateConfig, check_image_size, nearest_valid_size
 from ultraflux.config import UltraFluxConfig, load_config
 from ultraflux_core.config import dump_config
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_model.config import GenerateConfig, check_image_size, nearest_valid_size
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))

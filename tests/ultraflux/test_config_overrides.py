@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from ultraflux.config import UltraFluxConfig, load_config
 from ultraflux_core.errors import UltraFluxError
 

@@ -15,15 +15,14 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from safetensors.torch import load_file
 from typer.testing import CliRunner
-
 from ultraflux.cli import app
-from ultraflux_model.config import GenerateConfig
 from ultraflux.config import load_config
-from ultraflux_model.checkpoint.convert import convert_flux_dev
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_model.checkpoint.convert import convert_flux_dev
+from ultraflux_model.checkpoint.tiny import MODEL_INDEX, POOLED_DIM, TEXT_DIM, tiny_clip, tiny_t5, write_tiny_checkpoint
+from ultraflux_model.config import GenerateConfig
 from ultraflux_model.inference.pipeline import generate_from_config
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
-from ultraflux_model.checkpoint.tiny import MODEL_INDEX, POOLED_DIM, TEXT_DIM, tiny_clip, tiny_t5, write_tiny_checkpoint
 from ultraflux_model.vae.autoencoder import UltraFluxAutoencoderKL
 
 ROOT = Path(__file__).resolve().parents[3]

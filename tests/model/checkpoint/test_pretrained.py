@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 import torch
-
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_model import UltraFluxTransformer2DModel
 from ultraflux_model.checkpoint.layout import assemble_checkpoint, check_checkpoint_layout, fingerprint

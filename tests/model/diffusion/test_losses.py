@@ -9,7 +9,7 @@ import pydantic
 import pytest
 import pywt
 import torch
-
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.config import LossConfig
 from ultraflux_model.diffusion.losses import (
     haar_dwt2,
@@ -19,7 +19,6 @@ from ultraflux_model.diffusion.losses import (
     training_loss,
     x0_from_velocity,
 )
-from ultraflux_core.errors import UltraFluxError
 
 # The loss functions take every hyper-parameter (their defaults live only in LossConfig).
 LOSS = LossConfig().model_dump()

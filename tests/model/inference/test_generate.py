@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
-
 from ultraflux.cli import app
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.inference.pipeline import generate, load_pipeline

@@ -24,7 +24,6 @@ if torch.cuda.is_available():  # run in a child without CUDA by test_kernels_int
 os.environ["TRITON_INTERPRET"] = "1"
 
 from diffusers.models.embeddings import apply_rotary_emb  # noqa: E402
-
 from ultraflux_core.errors import UltraFluxError  # noqa: E402
 from ultraflux_model.kernels import rope as rope_kernel  # noqa: E402
 from ultraflux_model.kernels.launch import check_launchable  # noqa: E402
@@ -182,7 +181,6 @@ def test_launch_check_names_the_missing_interpreter():
 @pytest.fixture(scope="module")
 def official_transformer(reference_fixtures):
     from safetensors.torch import load_file
-
     from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 
     root = reference_fixtures / "transformer"

@@ -19,10 +19,10 @@ if torch.cuda.is_available():  # run in a child without CUDA by test_kernels_int
                 allow_module_level=True)
 os.environ["TRITON_INTERPRET"] = "1"
 
+from ultraflux_core.errors import UltraFluxError  # noqa: E402
 from ultraflux_model.config import LossConfig  # noqa: E402
 from ultraflux_model.diffusion.losses import snr_huber_wavelet_loss as reference  # noqa: E402
 from ultraflux_model.diffusion.losses import training_loss  # noqa: E402
-from ultraflux_core.errors import UltraFluxError  # noqa: E402
 from ultraflux_model.kernels import wavelet_loss as loss_kernel  # noqa: E402
 from ultraflux_model.kernels.wavelet_loss import snr_huber_wavelet_loss as fused  # noqa: E402
 

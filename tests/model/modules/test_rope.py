@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from ultraflux_model.modules.rope import ResonanceYarnPosEmbed, resonance_yarn_1d, rope_frequencies
 
 

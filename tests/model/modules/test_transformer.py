@@ -10,7 +10,6 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
-
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_model import UltraFluxTransformer2DModel
 from ultraflux_model.diffusion.latents import image_ids, text_ids

@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
-
 from ultraflux.cli import app
 from ultraflux.config import load_config
 from ultraflux_core.errors import UltraFluxError
-from ultraflux_model.inference.pipeline import generate, transformer_dir
 from ultraflux_model.checkpoint.layout import assemble_checkpoint, fingerprint
 from ultraflux_model.checkpoint.tiny import write_tiny_checkpoint
+from ultraflux_model.inference.pipeline import generate, transformer_dir
 
 KW = dict(steps=2, seed=3, dtype="fp32", device="cpu", progress=False)
 

@@ -17,14 +17,13 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_model import UltraFluxTransformer2DModel
-from ultraflux_model.config import GenerateConfig, ServeConfig
-from ultraflux_model.checkpoint.resolve import HUB_PATTERNS, resolve_checkpoint
 from ultraflux_model.checkpoint.layout import assemble_checkpoint, fingerprint
-from ultraflux_model.release.manifest import BLOBS_DIR, Manifest
+from ultraflux_model.checkpoint.resolve import HUB_PATTERNS, resolve_checkpoint
+from ultraflux_model.config import GenerateConfig, ServeConfig
 from ultraflux_model.release.fetch import CACHE_ENV, fetch_release
+from ultraflux_model.release.manifest import BLOBS_DIR, Manifest
 from ultraflux_model.serving.publish import log_release
 from ultraflux_model.serving.pyfunc import parse_requests, serving_config
 
@@ -53,7 +52,7 @@ def _changed_transformer(tiny_checkpoint: Path, tmp_path: Path) -> Path:
 
 
 def test_second_release_uploads_only_the_changed_blobs_and_fetches_once(tiny_checkpoint, tmp_path, store):
-    from ultraflux_eval.registry import register_checkpoint
+    from ultraflux_core.tracking.registry import register_checkpoint
 
     uri, client, experiment = store
     first = log_release(tiny_checkpoint, uri, client.create_run(experiment).info.run_id)

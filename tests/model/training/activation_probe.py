@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.utils.checkpoint
-
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 
 

@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
-
 from activation_probe import flux_inputs, held_for_backward
+from typer.testing import CliRunner
 from ultraflux.cli import app
-from ultraflux_model.config import TimestepConfig
 from ultraflux.config import load_config
 from ultraflux.plan_cli import plan_config
+from ultraflux_model.config import TimestepConfig
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 from ultraflux_model.training.memory import (
     GB,

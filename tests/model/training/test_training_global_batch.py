@@ -14,14 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from ultraflux_model.training.launch import launch_env
-from ultraflux_model.config import StageConfig
 from ultraflux.config import UltraFluxConfig
 from ultraflux_core.config import dump_config
-from ultraflux_model.training.sampler import BucketBatchSampler
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_model.config import StageConfig
 from ultraflux_model.training.distributed import free_port
+from ultraflux_model.training.launch import launch_env
+from ultraflux_model.training.sampler import BucketBatchSampler
 
 STEPS = 4
 

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import ks_2samp, norm
-
 from ultraflux_model.config import StageConfig, TimestepConfig
 from ultraflux_model.training.trainer import draw_noise_and_t, predict_x0
 

@@ -26,10 +26,9 @@ HERE = Path(__file__).resolve()
 
 def rank_main(checkpoint: Path, out: Path) -> None:
     """One rank: build + load partitioned, record the memory high-water mark, then verify the weights."""
+    import deepspeed
     import torch
     from safetensors import safe_open
-
-    import deepspeed
     from ultraflux_model.config import DeepSpeedConfig, StageConfig
     from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
     from ultraflux_model.training.distributed import init_distributed

@@ -13,10 +13,10 @@ from safetensors.torch import load_file, save_file
 
 deepspeed = pytest.importorskip("deepspeed")
 
-from ultraflux_model.config import DeepSpeedConfig, StageConfig  # noqa: E402
 from ultraflux_core.errors import UltraFluxError  # noqa: E402
-from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel  # noqa: E402
 from ultraflux_model.checkpoint.tiny import transformer_config, write_transformer_streamed  # noqa: E402
+from ultraflux_model.config import DeepSpeedConfig, StageConfig  # noqa: E402
+from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel  # noqa: E402
 from ultraflux_model.training.distributed import init_distributed  # noqa: E402
 from ultraflux_model.training.partitioned import build_partitioned, read_safetensors_header  # noqa: E402
 from ultraflux_model.training.trainer import deepspeed_config  # noqa: E402

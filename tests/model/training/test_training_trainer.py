@@ -16,14 +16,13 @@ import pytest
 import scipy.special
 import torch
 from safetensors.torch import load_file
-
 from ultraflux.config import UltraFluxConfig
 from ultraflux_core.config import dump_config
-from ultraflux_model.training.latent_cache import CachedLatentDataset
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 from ultraflux_model.training.curriculum import stage_plans
 from ultraflux_model.training.distributed import free_port
+from ultraflux_model.training.latent_cache import CachedLatentDataset
 from ultraflux_model.training.launch import launch_env
 from ultraflux_model.training.trainer import train, train_stage
 
@@ -136,9 +135,9 @@ def plain_torch_run(cfg: UltraFluxConfig, stage_index: int, world_size: int, ste
                     init_from: Path | None = None) -> RefRun:
     """The recipe in plain torch: one process plays every rank, gradients averaged over ranks and micro batches,
     torch AdamW with a hand-set warm-up lr, clip_grad_norm_, a full-tensor EMA."""
-    from ultraflux_model.training.sampler import BucketBatchSampler
-    from ultraflux_model.training.latent_cache import collate_latents
     from ultraflux_model.diffusion.latents import image_ids, pack_latents, text_ids, unpack_latents
+    from ultraflux_model.training.latent_cache import collate_latents
+    from ultraflux_model.training.sampler import BucketBatchSampler
 
     train_cfg = cfg.train
     plan = stage_plans(train_cfg)[stage_index]
@@ -360,7 +359,6 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(one_rank, tmp_path: Path
 def test_stages_chain_export_generates_and_mlflow_has_the_runs(tiny_checkpoint: Path, cache_dir: Path,
                                                                  tmp_path: Path) -> None:
     from mlflow import MlflowClient
-
     from ultraflux_model.inference.pipeline import generate
 
     run_dir = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""Pure pieces of the trainer: timestep laws and bands, seeds, DeepSpeed config files, EMA, tracking settings."""
+"""Pure pieces of the trainer: timestep laws and bands, seeds, DeepSpeed config files, EMA, flattened params."""
 
 from __future__ import annotations
 
@@ -8,20 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from ultraflux_model.config import DeepSpeedConfig, StageConfig, TimestepConfig, TrainConfig
-from ultraflux_core.tracking.config import TrackingConfig
 from ultraflux.config import UltraFluxConfig
-from ultraflux_eval.lineage import dvc_output_md5
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.tracking.lineage import dvc_output_md5
+from ultraflux_core.tracking.runs import flatten
+from ultraflux_model.config import DeepSpeedConfig, StageConfig, TimestepConfig, TrainConfig
 from ultraflux_model.training.curriculum import stage_plans
 from ultraflux_model.training.ema import ShardedEma
 from ultraflux_model.training.timesteps import sample_timesteps, shift_timesteps, unshift_timesteps
-from ultraflux_model.training.tracking import (
-    check_tracking_reachable,
-    flatten,
-    resolve_tracking_uri,
-)
 from ultraflux_model.training.trainer import deepspeed_config, sample_seed
 
 REPO = Path(__file__).resolve().parents[3]
@@ -114,21 +108,6 @@ def test_ema_tracks_the_weights_and_exports_full_tensors() -> None:
     torch.testing.assert_close(full["weight"], original + 0.25 * 2.0)  # shadow ← 0.75·shadow + 0.25·weights
     assert full.keys() == {"weight", "bias"} and ema.full_tensors(is_main=False) == {}
     torch.testing.assert_close(layer.weight, original + 2.0)  # the module itself is untouched
-
-
-def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert resolve_tracking_uri(TrackingConfig(), tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert resolve_tracking_uri(TrackingConfig(), tmp_path) == "http://127.0.0.1:5000"
-    assert resolve_tracking_uri(TrackingConfig(uri="sqlite:///x.db"), tmp_path) == "sqlite:///x.db"
-
-
-def test_unreachable_server_message_says_what_to_change() -> None:
-    from ultraflux_model.training.distributed import free_port
-
-    with pytest.raises(UltraFluxError, match="MLFLOW_TRACKING_URI"):
-        check_tracking_reachable(f"http://127.0.0.1:{free_port()}", timeout_s=2)
 
 
 def test_flatten_and_dvc_output_md5(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from ultraflux_model import UltraFluxAutoencoderKL, UltraFluxError
+from ultraflux_core.errors import UltraFluxError
+from ultraflux_model import UltraFluxAutoencoderKL
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-
-from ultraflux.config import load_config, resolve_config
-from ultraflux.convert_cli import convert_app
-from ultraflux.plan_cli import plan_command
-from ultraflux.train_cli import train_app
-from ultraflux.ui_cli import ui
 from ultraflux_core.config import dump_config
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.options import Options, config_options, override_value
-from ultraflux.data_cli import app as data_app
 from ultraflux_model.config import Dtype, GenerateConfig
+
+from ultraflux.config import load_config, resolve_config
+from ultraflux.convert_cli import convert_app
+from ultraflux.data_cli import app as data_app
+from ultraflux.plan_cli import plan_command
+from ultraflux.train_cli import train_app
+from ultraflux.ui_cli import ui
 
 app = typer.Typer(
     help="UltraFlux: native-4K text-to-image generation, data, training.",

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.checkpoint.convert import convert_flux_dev
 from ultraflux_model.checkpoint.layout import assemble_checkpoint

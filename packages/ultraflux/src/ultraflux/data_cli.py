@@ -11,10 +11,10 @@ import json
 from pathlib import Path
 
 import typer
-
-from ultraflux.config import resolve_config
 from ultraflux_core.options import Options, config_options
 from ultraflux_data.config import ComputeConfig, DataConfig, SyntheticDataConfig
+
+from ultraflux.config import resolve_config
 
 app = typer.Typer(help="MultiAspect-4K data: ingest, score, filter, bucket, shard, cache.", no_args_is_help=True)
 

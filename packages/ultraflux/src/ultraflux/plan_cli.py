@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import typer
-
-from ultraflux.config import UltraFluxConfig, resolve_config
 from ultraflux_core.options import Options, config_options
 from ultraflux_model.config import TrainConfig
+
+from ultraflux.config import UltraFluxConfig, resolve_config
 
 
 def plan_config(cfg: UltraFluxConfig, **settings: Any) -> dict[str, Any]:

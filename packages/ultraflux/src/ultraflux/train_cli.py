@@ -19,10 +19,10 @@ import os
 from pathlib import Path
 
 import typer
-
-from ultraflux.config import resolve_config
 from ultraflux_core.options import Options, config_options
 from ultraflux_model.config import TrainConfig, VaeTrainConfig
+
+from ultraflux.config import resolve_config
 
 train_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 

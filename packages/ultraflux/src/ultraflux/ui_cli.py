@@ -6,11 +6,11 @@ import os
 from pathlib import Path
 
 import typer
-
-from ultraflux.config import resolve_config
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.options import Options, config_options
 from ultraflux_model.config import UiConfig
+
+from ultraflux.config import resolve_config
 
 
 @config_options(Options("ui", UiConfig))

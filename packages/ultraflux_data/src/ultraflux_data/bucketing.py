@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
-
 from ultraflux_model.buckets import Bucket, assign_bucket, family_buckets
 
 

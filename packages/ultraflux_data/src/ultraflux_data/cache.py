@@ -22,8 +22,8 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import tarfile
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,17 +35,17 @@ import torch
 from PIL import Image
 from pydantic import BaseModel
 from safetensors.torch import save_file
+from ultraflux_core.errors import UltraFluxError
+from ultraflux_model.config import Dtype
+from ultraflux_model.training.latent_cache import INDEX, INDEX_COLUMNS
 
+from ultraflux_data.bucketing import add_bucket_columns, resize_center_crop
 from ultraflux_data.compute import map_partitions
 from ultraflux_data.config import ComputeConfig
-from ultraflux_model.config import Dtype
-from ultraflux_data.bucketing import add_bucket_columns, resize_center_crop
 from ultraflux_data.ingest import MANIFEST, read_manifest
 from ultraflux_data.partitions import atomic_parquet, content_hash, part_name, partition_lock, split_by_key
 from ultraflux_data.shards import INDEX as SHARD_INDEX
 from ultraflux_data.shards import read_shard_index, read_shard_sample
-from ultraflux_core.errors import UltraFluxError
-from ultraflux_model.training.latent_cache import INDEX, INDEX_COLUMNS
 
 if TYPE_CHECKING:
     from ultraflux_model.modules.text_encoders import TextEncoders

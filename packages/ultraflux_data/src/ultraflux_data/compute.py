@@ -23,9 +23,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from tqdm import tqdm
+from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_data.config import ComputeConfig
-from ultraflux_core.errors import UltraFluxError
 
 WorkerFactory = Callable[[], Callable[[Any], Any]]
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
-
 from ultraflux_core.config import Section
 from ultraflux_model.config import Dtype
 

@@ -41,10 +41,9 @@ def _top(frame: pd.DataFrame, share: float, by: list[str], ascending: list[bool]
 
 def check_one_scorer(scores: pd.DataFrame, column: str) -> str | None:
     """The scorer id behind ``column`` (its ``<name>_scorer`` column); a mix of scorers is an error."""
-    from ultraflux_eval.aesthetic import single_scorer
-    from ultraflux_eval.errors import EvalError
-
     from ultraflux_core.errors import UltraFluxError
+    from ultraflux_eval.errors import EvalError
+    from ultraflux_eval.metrics.aesthetic import single_scorer
 
     ids_column = column.removesuffix("_score") + "_scorer"
     if ids_column not in scores:

@@ -37,12 +37,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel
+from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.files import link_or_copy
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.scores import load_rgb
+from ultraflux_eval.metrics.scores import load_rgb
 
 from ultraflux_data.compute import map_partitions
 from ultraflux_data.config import ComputeConfig, DataConfig, IngestConfig
 from ultraflux_data.download import download_urls
+from ultraflux_data.metadata import METADATA_SUFFIXES, SampleRecord, read_metadata
 from ultraflux_data.partitions import (
     atomic_bytes,
     atomic_parquet,
@@ -51,9 +54,6 @@ from ultraflux_data.partitions import (
     partition_lock,
     split_by_key,
 )
-from ultraflux_core.files import link_or_copy
-from ultraflux_data.metadata import METADATA_SUFFIXES, SampleRecord, read_metadata
-from ultraflux_core.errors import UltraFluxError
 
 MANIFEST = "manifest.parquet"
 SUMMARY = "summary.json"

@@ -15,7 +15,6 @@ from typing import Any
 
 import pandas as pd
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from ultraflux_core.errors import UltraFluxError
 
 METADATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")

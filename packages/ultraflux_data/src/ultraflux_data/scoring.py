@@ -1,8 +1,8 @@
 """Score every ingested image, in parallel processes, into one resumable parquet.
 
-Weight-free scores come from ``ultraflux_eval.scores`` (the one implementation shared with evaluation):
+Weight-free scores come from ``ultraflux_eval.metrics.scores`` (the one implementation shared with evaluation):
 resolution, aspect ratio, flat percentage, Shannon entropy. Learned scores (Q-Align, aesthetics by ArtiMuse or
-the LAION head) come from the evaluation's own scorers (``ultraflux_eval.aesthetic.image_scorer``) with the
+the LAION head) come from the evaluation's own scorers (``ultraflux_eval.metrics.aesthetic.image_scorer``) with the
 backbones the config selects (tiny random ones of the real architectures in CI, local weights in production);
 when the metadata already carries them (``reuse_metadata_scores``) they are taken from there instead.
 
@@ -27,14 +27,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.scores import flat_and_entropy, load_rgb
+from ultraflux_eval.metrics.scores import flat_and_entropy, load_rgb
 
 from ultraflux_data.compute import map_partitions
 from ultraflux_data.config import ComputeConfig, ScoringConfig
 from ultraflux_data.ingest import read_manifest
 from ultraflux_data.partitions import atomic_parquet, content_hash, part_name, partition_lock, split_by_key
-from ultraflux_core.errors import UltraFluxError
 
 SCORE_COLUMNS = ("key", "width", "height", "aspect", "flat_percentage", "shannon_entropy", "qalign_score",
                  "aesthetics_score", "learned_from", "scoring_hash", "qalign_scorer", "aesthetics_scorer")
@@ -79,13 +79,14 @@ def _learned(cfg: ScoringConfig) -> dict[str, tuple[str, str, str]]:
 
 def default_scorers(cfg: ScoringConfig) -> dict[str, ScoreFn]:
     """The learned scorers ``cfg`` asks for, keyed by score column: the evaluation's own scorers
-    (``ultraflux_eval.aesthetic.image_scorer``) on tiny random backbones or on ``weights_dir`` (sha256-verified).
+    (``ultraflux_eval.metrics.aesthetic.image_scorer``) on tiny random backbones or on ``weights_dir``
+    (sha256-verified).
 
     ``aesthetics``: ArtiMuse (the paper's top-30 % / top-5 % ranking) or the LAION head; ``qalign``: Q-Align.
     """
     # imported here: weight-free-only workers then never pay for importing torch
-    from ultraflux_eval.aesthetic import image_scorer
-    from ultraflux_eval.backbones import backbones_from_config
+    from ultraflux_eval.backbones.loading import backbones_from_config
+    from ultraflux_eval.metrics.aesthetic import image_scorer
 
     scorers: dict[str, ScoreFn] = {}
     for column, (_, metric, source) in _learned(cfg).items():

@@ -27,10 +27,11 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 from pydantic import BaseModel
+from ultraflux_core.errors import UltraFluxError
 
+from ultraflux_data.bucketing import resize_center_crop
 from ultraflux_data.compute import map_partitions
 from ultraflux_data.config import ComputeConfig, ShardConfig
-from ultraflux_data.bucketing import resize_center_crop
 from ultraflux_data.partitions import (
     atomic_parquet,
     atomic_write,
@@ -40,7 +41,6 @@ from ultraflux_data.partitions import (
     split_by_key,
     stage_lock,
 )
-from ultraflux_core.errors import UltraFluxError
 
 INDEX = "index.parquet"
 PARTS = ".parts"

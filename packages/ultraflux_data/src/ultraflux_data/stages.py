@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 from pydantic import BaseModel
+from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_data.config import ComputeConfig, DataConfig
 from ultraflux_data.metadata import METADATA_SUFFIXES
-from ultraflux_core.errors import UltraFluxError
 
 if TYPE_CHECKING:  # each stage imports only what it runs: a DVC stage is a fresh process
     from ultraflux_data.cache import CacheSummary

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.tracking.config import TrackingConfig
 from ultraflux_model.checkpoint.resolve import resolve_checkpoint
@@ -72,7 +71,7 @@ def load_images(source: Path, min_side: int) -> tuple[list[tuple[Path, np.ndarra
     import hashlib
 
     from ultraflux_eval.errors import EvalError
-    from ultraflux_eval.scores import load_rgb
+    from ultraflux_eval.metrics.scores import load_rgb
 
     source = Path(source)
     if source.suffix == ".parquet" and source.is_file():
@@ -106,7 +105,7 @@ def load_images(source: Path, min_side: int) -> tuple[list[tuple[Path, np.ndarra
 
 def least_flat(arrays: list[np.ndarray], share: float, patch: int) -> list[int]:
     """Indices of the ``share`` of images with the lowest flat percentage (ties by index)."""
-    from ultraflux_eval.scores import flat_percentage
+    from ultraflux_eval.metrics.scores import flat_percentage
 
     flatness = [flat_percentage(a, patch=patch) for a in arrays]
     keep = max(1, math.ceil(share * len(arrays) - 1e-9))
@@ -121,7 +120,7 @@ def rfid_native(originals: list[np.ndarray], recons: list[np.ndarray], extractor
                 side: int) -> float:
     """rFID on native-resolution ``side×side`` crops (299 with the standard Inception: the crops reach it
     unresized, so 4K detail is compared instead of a 14× downscale); the same crop positions in both sets."""
-    from ultraflux_eval.fidelity import frechet_distance, patch_inputs
+    from ultraflux_eval.metrics.fidelity import frechet_distance, patch_inputs
 
     usable = [i for i, a in enumerate(originals) if min(a.shape[:2]) >= side]
     if not usable:
@@ -135,7 +134,7 @@ def rfid_native(originals: list[np.ndarray], recons: list[np.ndarray], extractor
 def reconstruction_metrics(vae: torch.nn.Module, arrays: list[np.ndarray], lpips_model: torch.nn.Module,
                            extractor: torch.nn.Module, fid_side: int, device: torch.device) -> dict[str, float]:
     """rFID (native-resolution crops), PSNR, SSIM and LPIPS of native-resolution reconstructions of ``arrays``."""
-    from ultraflux_eval.fidelity import lpips_distance, psnr, ssim
+    from ultraflux_eval.metrics.fidelity import lpips_distance, psnr, ssim
 
     originals = [center_crop_to_tokens(a) for a in arrays]
     recons = [to_uint8(reconstruct(vae, to_model_range(a)[None].to(device))[0]) for a in originals]
@@ -152,7 +151,7 @@ def reconstruction_metrics(vae: torch.nn.Module, arrays: list[np.ndarray], lpips
 
 def _lpips(cfg: VaeTrainConfig) -> torch.nn.Module:
     from safetensors.torch import load_file
-    from ultraflux_eval.fidelity import build_lpips
+    from ultraflux_eval.metrics.fidelity import build_lpips
 
     if cfg.lpips_alexnet is not None and not Path(cfg.lpips_alexnet).is_file():
         raise UltraFluxError(
@@ -166,7 +165,7 @@ def _lpips(cfg: VaeTrainConfig) -> torch.nn.Module:
 
 
 def _fid_extractor(cfg: VaeTrainConfig) -> tuple[torch.nn.Module, int]:
-    from ultraflux_eval.backbones import local_backbones, tiny_backbones
+    from ultraflux_eval.backbones.loading import local_backbones, tiny_backbones
 
     if cfg.backbones == "tiny":
         backbones = tiny_backbones(["fid"], seed=cfg.seed)
@@ -178,10 +177,11 @@ def _fid_extractor(cfg: VaeTrainConfig) -> tuple[torch.nn.Module, int]:
 
 def post_train_vae(cfg: VaeTrainConfig, tracking: TrackingConfig) -> VaeReport:
     """Post-train the decoder of ``cfg.model``'s VAE; write ``cfg.out/vae`` and ``cfg.out/report.json``."""
-    from ultraflux_model.training.tracking import Tracker, check_tracking_reachable, flatten, resolve_tracking_uri
+    from ultraflux_core.tracking.runs import Tracker, flatten
+    from ultraflux_core.tracking.uri import check_tracking_reachable
 
     out = Path(cfg.out)
-    uri = resolve_tracking_uri(tracking, out)
+    uri = tracking.resolve_uri(out)
     check_tracking_reachable(uri, tracking.check_timeout_s)
     images, skipped = load_images(cfg.images, cfg.crop)
     if len(images) < cfg.heldout + 1:

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.fid_cli import fid_command
@@ -39,9 +40,9 @@ def evaluate_command(
 ) -> None:
     """Evaluate every image of IMAGES per aspect ratio; write a report and log it to MLflow."""
     from ultraflux_eval.config import load_eval_config
-    from ultraflux_eval.evaluate import load_image_dir
-    from ultraflux_eval.report import markdown_table
-    from ultraflux_eval.session import run_evaluation
+    from ultraflux_eval.protocol.evaluate import load_image_dir
+    from ultraflux_eval.protocol.report import markdown_table
+    from ultraflux_eval.protocol.session import run_evaluation
 
     cfg = load_eval_config(config, set_ or [])
     paths, texts = load_image_dir(images, prompts)
@@ -66,11 +67,9 @@ def compare_command(
 ) -> None:
     """Side-by-side table of every metric of two evaluation runs (B − A in the last column)."""
     from ultraflux_eval.config import TrackingConfig
-    from ultraflux_eval.tracking import check_tracking_reachable, compare_runs, resolve_tracking_uri
+    from ultraflux_eval.protocol.logging import compare_runs, reachable_tracking_uri
 
-    tracking = TrackingConfig(tracking_uri=tracking_uri)
-    uri = resolve_tracking_uri(tracking)
-    check_tracking_reachable(uri, tracking.connect_timeout_s)
+    uri = reachable_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
     table = Table("metric", f"A {run_a[:8]}", f"B {run_b[:8]}", "B - A")
     for key, a, b in compare_runs(uri, run_a, run_b):
         table.add_row(key, _fmt(a), _fmt(b), _fmt(b - a) if a is not None and b is not None else "-")
@@ -85,7 +84,7 @@ def weights_verify(
              "artimuse)")] = None,
 ) -> None:
     """Check every file of the manifest (or of --role) exists with its sha256; exit 2 naming each bad file."""
-    from ultraflux_eval.backbones import verify_weights
+    from ultraflux_eval.backbones.weights import verify_weights
 
     files = verify_weights(weights_dir, role or None)
     typer.echo(f"ok  {len(files)} files verified in {weights_dir}")
@@ -98,7 +97,7 @@ def weights_manifest(
         help="ROLE=RELATIVE_PATH, e.g. clip=clip or inception=inception/v3.safetensors")] = None,
 ) -> None:
     """Hash every file under WEIGHTS_DIR into manifest.yaml and record which path each backbone loads."""
-    from ultraflux_eval.backbones import write_manifest
+    from ultraflux_eval.backbones.weights import write_manifest
 
     roles = {}
     for item in backbone or []:
@@ -110,9 +109,9 @@ def weights_manifest(
 
 
 def main() -> None:
-    """Console entry point: ``EvalError`` becomes a one-line message and exit code 2."""
+    """Console entry point: ``EvalError`` (any ``UltraFluxError``) becomes a one-line message and exit code 2."""
     try:
         app(standalone_mode=False)
-    except EvalError as err:
+    except UltraFluxError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise SystemExit(2) from None

@@ -1,7 +1,9 @@
 """The ``eval`` section of the config tree (``params.yaml: eval``).
 
 Owned here because the eval package must not import ``ultraflux_model``; the root ``UltraFluxConfig`` imports
-:class:`EvalConfig` as its ``eval`` field. Defaults are the tiny CPU values; ``configs/4k.yaml`` sets the
+:class:`EvalConfig` as its ``eval`` field. The promotion rule (``eval.promotion``) is the registry's, so its section
+lives with the registry in ``ultraflux_core.tracking.config``; metric names come from the metric table
+(``ultraflux_eval.metrics.table``). Defaults are the tiny CPU values; ``configs/4k.yaml`` sets the
 Aesthetic-Eval@4096 sizes (see ``docs/evaluation.md``).
 """
 
@@ -10,32 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+from ultraflux_core.config import Section, apply_override, parse_override, read_yaml, validate
+from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.tracking.config import PromotionConfig
+from ultraflux_core.tracking.uri import resolve_tracking_uri
 
-MetricName = Literal[
-    "glcm",
-    "compression_ratio",
-    "shannon_entropy",
-    "flat_percentage",
-    "clip_score",
-    "aesthetic",
-    "pickscore",
-    "hps",
-    "fid",
-    "patch_fid",
-    "musiq",
-    "hpsv3",
-    "qalign",
-    "artimuse",
-]
-WEIGHT_FREE_METRICS: tuple[str, ...] = ("glcm", "compression_ratio", "shannon_entropy", "flat_percentage")
-REFERENCE_METRICS: tuple[str, ...] = ("fid", "patch_fid")  # need a reference image directory
+from ultraflux_eval.errors import EvalError
+from ultraflux_eval.metrics.table import MetricName
 
-
-class Section(BaseModel):
-    """Base of every eval config section: immutable, unknown keys rejected (same contract as the model package)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+EVAL_STORE = "mlflow.db"  # the SQLite file (relative to the working directory) when no tracking URI is set
 
 
 class AspectSize(Section):
@@ -122,19 +108,9 @@ class TrackingConfig(Section):
     experiment: str = "ultraflux-eval"
     connect_timeout_s: float = Field(5.0, gt=0, description="reachability check of an http(s) tracking server")
 
-
-class PromotionConfig(Section):
-    """Model-registry rule: the candidate takes the alias when ``metric`` beats the champion's by ``min_delta``."""
-
-    model_name: str = "ultraflux"
-    alias: str = "champion"
-    metric: str = Field("clip_score/overall", description="a logged metric key, `<metric>/<aspect>`")
-    higher_is_better: bool = True
-    min_delta: float = Field(0.0, ge=0.0)
-    lock_path: Path | None = Field(
-        None, description="lock file serialising promotions on a local store (default: next to the sqlite file); "
-        "a tracking server serialises them itself"
-    )
+    def resolve_uri(self) -> str:
+        """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
+        return resolve_tracking_uri(self.tracking_uri, EVAL_STORE)
 
 
 class EvalConfig(Section):
@@ -156,43 +132,20 @@ class EvalConfig(Section):
         return self
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def load_eval_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
     """The ``eval`` section of a ``params.yaml``-style file (or a file holding only that section), then
-    ``key=value`` overrides relative to the section (``benchmark.seeds=[0,1]``; values parsed as YAML)."""
-    import yaml
-    from pydantic import ValidationError
-
-    from ultraflux_eval.errors import EvalError
-
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise EvalError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise EvalError(f"config file {path} is not valid YAML: {err}") from err
-        if not isinstance(loaded, dict):
-            raise EvalError(f"config file {path} must hold a mapping")
-        data = loaded.get("eval", {}) if "eval" in loaded or not set(loaded) <= set(EvalConfig.model_fields) else loaded
-    for item in overrides:
-        if "=" not in item:
-            raise EvalError(f"override {item!r} must look like section.key=value (e.g. benchmark.seeds=[0,1])")
-        dotted, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else ""
-        for key in reversed(dotted.strip().removeprefix("eval.").split(".")):
-            value = {key: value}
-        data = _merge(data, value)
+    ``key=value`` overrides relative to the section (``benchmark.seeds=[0,1]``, an ``eval.`` prefix allowed;
+    values parsed as YAML), through the core loader's reader, override parser and validation."""
     try:
-        return EvalConfig.model_validate(data)
-    except ValidationError as err:
-        lines = [f"  eval.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()]
-        raise EvalError("invalid eval config:\n" + "\n".join(lines)) from err
+        data: dict = {}
+        if path is not None:
+            loaded = read_yaml(path)
+            in_tree = "eval" in loaded or not set(loaded) <= set(EvalConfig.model_fields)
+            data = loaded.get("eval", {}) if in_tree else loaded
+        defaults = EvalConfig().model_dump(mode="json") if overrides else {}
+        for item in overrides:
+            keys, value = parse_override(item)
+            data = apply_override(data, keys[1:] if keys[0] == "eval" and len(keys) > 1 else keys, value, defaults)
+        return validate(EvalConfig, data, "eval config", prefix="eval.")
+    except UltraFluxError as err:  # the eval package's callers (and its CLI) handle its own type
+        raise EvalError(str(err)) from err

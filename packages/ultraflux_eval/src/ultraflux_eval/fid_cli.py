@@ -22,12 +22,12 @@ def standard_fid(
 ) -> float:
     """FID of the images of ``dir_a`` against ``dir_b`` with the standard Inception at ``weights``.
 
-    ``patch``: native-resolution ``patch_size`` crops (:func:`~ultraflux_eval.fidelity.native_crops`) instead of
+    ``patch``: native-resolution ``patch_size`` crops (:func:`~ultraflux_eval.metrics.fidelity.native_crops`) instead of
     whole resized images; 299 crops reach the network unresized.
     """
-    from ultraflux_eval.evaluate import list_images
-    from ultraflux_eval.fidelity import fid_inputs, frechet_distance, patch_inputs
-    from ultraflux_eval.inception import INPUT_SIDE, RESIZE_MODES, load_standard_inception
+    from ultraflux_eval.metrics.fidelity import fid_inputs, frechet_distance, patch_inputs
+    from ultraflux_eval.metrics.inception import INPUT_SIDE, RESIZE_MODES, load_standard_inception
+    from ultraflux_eval.protocol.evaluate import list_images
 
     if resize not in RESIZE_MODES:
         raise EvalError(f"--resize must be one of {list(RESIZE_MODES)}, got {resize!r}")
@@ -46,7 +46,7 @@ def standard_fid(
 
 
 def _weights_from_manifest(weights_dir: Path) -> Path:
-    from ultraflux_eval.backbones import read_manifest, verify_weights
+    from ultraflux_eval.backbones.weights import read_manifest, verify_weights
 
     verify_weights(weights_dir, ["inception"])
     return Path(weights_dir) / read_manifest(weights_dir)["backbones"]["inception"]

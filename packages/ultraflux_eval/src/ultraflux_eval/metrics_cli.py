@@ -16,13 +16,14 @@ def metrics_command(
     from rich.console import Console
     from rich.table import Table
 
-    from ultraflux_eval.metrics import METRICS, weights_status
+    from ultraflux_eval.backbones.weights import weights_status
+    from ultraflux_eval.metrics.table import METRICS
 
     table = Table("metric", "kind", "backbone", "scale", "extra", "paper@4096", "weights", "comparable")
     for info in METRICS.values():
         table.add_row(info.name, info.kind, info.backbone, info.scale, info.extra or "-",
-                      "-" if info.paper_4096 is None else f"{info.paper_4096:g}", weights_status(info, weights_dir),
-                      info.comparable)
+                      "-" if info.paper_4096 is None else f"{info.paper_4096:g}",
+                      weights_status(info.roles, weights_dir), info.comparable)
     Console(width=220).print(table)
 
 
@@ -37,7 +38,7 @@ def fetch_command(
         help="also fetch repos without a pinned commit (records the resolved commit)")] = False,
 ) -> None:
     """Download each backbone at its pinned revision, verify sha256, write the manifest; refuses offline."""
-    from ultraflux_eval.weights import LocalHub, fetch_weights
+    from ultraflux_eval.backbones.weights import LocalHub, fetch_weights
 
     hub = LocalHub(source) if source is not None else None
     path = fetch_weights(dir_, only or None, hub=hub, allow_unpinned=allow_unpinned)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from ultraflux_model.config import TOKEN_PX
 from ultraflux_core.errors import UltraFluxError
+
+from ultraflux_model.config import TOKEN_PX
 
 
 class Bucket(NamedTuple):

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-
 from ultraflux_core.config import Section
 from ultraflux_core.errors import UltraFluxError
 

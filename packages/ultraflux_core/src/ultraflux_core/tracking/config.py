@@ -1,10 +1,20 @@
-"""The tracking sections: the root ``tracking`` section (where runs are logged)."""
+"""The tracking sections of the config tree: the root ``tracking`` section (``params.yaml: tracking``, the MLflow
+store of training runs) and the registry's promotion rule (``params.yaml: eval.promotion``).
+
+Here rather than in a package above, because the model (training), the evaluation and the flows all read them.
+Endpoints are settings read when a run starts (:meth:`TrackingConfig.resolve_uri`), never at import.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from pydantic import Field
 
 from ultraflux_core.config import Section
+from ultraflux_core.tracking.uri import resolve_tracking_uri
+
+RUN_STORE = "mlflow.db"  # the SQLite file a run directory holds when no tracking URI is set
 
 
 class TrackingConfig(Section):
@@ -15,3 +25,22 @@ class TrackingConfig(Section):
     )
     experiment: str = "ultraflux-train"
     check_timeout_s: float = Field(5.0, gt=0.0, description="how long to wait for a server before giving up")
+
+    def resolve_uri(self, run_dir: Path | str) -> str:
+        """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<run_dir>/mlflow.db`` (an absolute path, so the
+        run's store does not depend on the working directory of whoever reads it later)."""
+        return resolve_tracking_uri(self.uri, (Path(run_dir) / RUN_STORE).resolve())
+
+
+class PromotionConfig(Section):
+    """Model-registry rule: the candidate takes the alias when ``metric`` beats the champion's by ``min_delta``."""
+
+    model_name: str = "ultraflux"
+    alias: str = "champion"
+    metric: str = Field("clip_score/overall", description="a logged metric key, `<metric>/<aspect>`")
+    higher_is_better: bool = True
+    min_delta: float = Field(0.0, ge=0.0)
+    lock_path: Path | None = Field(
+        None, description="lock file serialising promotions on a local store (default: next to the sqlite file); "
+        "a tracking server serialises them itself"
+    )

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from ultraflux_model.config import Dtype, Offload, ServeConfig, VaeDecodeMode
 from ultraflux_core.errors import UltraFluxError
+
+from ultraflux_model.checkpoint.layout import fingerprint
+from ultraflux_model.config import Dtype, Offload, ServeConfig, VaeDecodeMode
 from ultraflux_model.inference.limits import check_request
 from ultraflux_model.inference.pipeline import GeneratedImage, StepCallback, UltraFluxPipeline, generate, load_pipeline
-from ultraflux_model.checkpoint.layout import fingerprint
 
 SIDES = ("model", "compare")
 
@@ -211,8 +211,9 @@ class Studio:
 
 
 def scores(path: Path) -> dict[str, float]:
-    """The weight-free image scores of ``ultraflux_eval.scores`` (the paper's detail metrics and the filters')."""
-    from ultraflux_eval import scores as s
+    """The weight-free image scores of ``ultraflux_eval.metrics.scores`` (the paper's detail metrics and the
+    filters')."""
+    from ultraflux_eval.metrics import scores as s
 
     return {
         "glcm": round(s.glcm_score(path), 4),

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ultraflux_core.errors import UltraFluxError
+
 from ultraflux_model.checkpoint.resolve import resolve_checkpoint
 
 CHAMPION = "models:/ultraflux@champion"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ultraflux_model.config import TOKEN_PX, nearest_valid_size
 from ultraflux_model.buckets import assign_bucket
+from ultraflux_model.config import TOKEN_PX, nearest_valid_size
 
 ASPECTS: dict[str, tuple[int, int]] = {
     "1:1": (1, 1), "4:3": (4, 3), "3:4": (3, 4), "16:9": (16, 9), "9:16": (9, 16),

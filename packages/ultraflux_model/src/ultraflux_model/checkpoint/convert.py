@@ -28,9 +28,10 @@ from pathlib import Path
 
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.files import link_or_copy
+
 from ultraflux_model.checkpoint.layout import CHECKPOINT_PARTS, check_checkpoint_layout
-from ultraflux_model.checkpoint.resolve import resolve_checkpoint
 from ultraflux_model.checkpoint.loading import unknown_config_keys
+from ultraflux_model.checkpoint.resolve import resolve_checkpoint
 
 YARN_KEYS = {"method": "yarn"}  # what the official UltraFlux transformer config adds to FLUX.1-dev's
 F16_STRIDE = 2

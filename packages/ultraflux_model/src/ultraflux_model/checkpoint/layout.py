@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.files import link_or_copy
+
 from ultraflux_model.checkpoint.loading import check_local_component
 from ultraflux_model.checkpoint.resolve import resolve_checkpoint
 

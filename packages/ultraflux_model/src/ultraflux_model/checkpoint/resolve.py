@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.tracking.uri import is_registry_uri
+
 from ultraflux_model.release.fetch import fetch_release
 
 # What a diffusers checkpoint needs from a hub repo: model_index.json at the root, and the components' configs,

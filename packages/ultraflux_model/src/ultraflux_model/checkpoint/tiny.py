@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import save_file
 from diffusers import FlowMatchEulerDiscreteScheduler
+from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
-
 from ultraflux_core.errors import UltraFluxError
+
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 from ultraflux_model.vae.autoencoder import UltraFluxAutoencoderKL
 

@@ -16,10 +16,10 @@ Math (t is clamped to ``[t_clamp, 1 - t_clamp]`` for the weights only):
 from __future__ import annotations
 
 import torch
+from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_model.config import KernelChoice, LossConfig
 from ultraflux_model.kernels.checks import check_even_image, check_loss_inputs, check_loss_params
-from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.kernels.dispatch import use_triton
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ultraflux_model.config import ServeConfig, check_image_size
 from ultraflux_core.errors import UltraFluxError
+
+from ultraflux_model.config import ServeConfig, check_image_size
 
 
 def check_request(limits: ServeConfig, sizes: list[tuple[int, int]], images: int = 1) -> None:

@@ -24,18 +24,17 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
-
-from ultraflux_model.config import Dtype, GenerateConfig, KernelChoice, Offload, check_image_size
-from ultraflux_model.diffusion.latents import image_ids, latent_hw, pack_latents, text_ids, unpack_latents
 from ultraflux_core.errors import UltraFluxError
-from ultraflux_model.dtypes import TORCH_DTYPES
-from ultraflux_model.modules.text_encoders import encode_prompts, load_text_encoders
-from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
+
 from ultraflux_model.checkpoint.layout import check_checkpoint_layout, fingerprint
 from ultraflux_model.checkpoint.loading import check_local_component
 from ultraflux_model.checkpoint.resolve import resolve_checkpoint
+from ultraflux_model.config import Dtype, GenerateConfig, KernelChoice, Offload, check_image_size
+from ultraflux_model.diffusion.latents import image_ids, latent_hw, pack_latents, text_ids, unpack_latents
+from ultraflux_model.dtypes import TORCH_DTYPES
+from ultraflux_model.modules.text_encoders import encode_prompts, load_text_encoders
+from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 from ultraflux_model.vae.autoencoder import DecodeMode, UltraFluxAutoencoderKL
-
 
 # ``callback(phase, done, total)``: phase is "denoise" (once per sampling step) or "decode" (before and after
 # the VAE decode). Front-ends (the web app's progress bar, cancellation) hook in here instead of copying the loop.

@@ -9,7 +9,6 @@ bypasses the config still gets a clear error instead of NaNs.
 from __future__ import annotations
 
 import torch
-
 from ultraflux_core.errors import UltraFluxError
 
 

@@ -12,7 +12,6 @@ import importlib.util
 import os
 
 import torch
-
 from ultraflux_core.errors import UltraFluxError
 
 

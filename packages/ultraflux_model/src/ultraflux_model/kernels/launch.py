@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from triton.runtime.interpreter import InterpretedFunction
-
 from ultraflux_core.errors import UltraFluxError
 
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from ultraflux_core.errors import UltraFluxError
+
 from ultraflux_model.kernels.launch import check_launchable
 
 # (elements of x per head per program, heads per program) by device type. On CUDA: 16 rows of D=128 per

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_model.kernels.checks import check_loss_inputs, check_loss_params
-from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.kernels.launch import check_launchable
 
 # (output columns, output positions) per program by device type. On CUDA: 64 half-resolution columns

@@ -13,10 +13,10 @@ import logging
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
+from ultraflux_model.checkpoint.loading import StrictPretrainedMixin
 from ultraflux_model.config import KernelChoice
 from ultraflux_model.modules.attention import UltraFluxAttnProcessor
 from ultraflux_model.modules.rope import AxisOrder, ResonanceYarnPosEmbed, RopeMethod
-from ultraflux_model.checkpoint.loading import StrictPretrainedMixin
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.files import file_sha256
+
 from ultraflux_model.release.manifest import MANIFEST_NAME, Manifest, artifact_repository
 
 CACHE_ENV = "ULTRAFLUX_MODEL_CACHE"

@@ -22,9 +22,9 @@ from typing import Any
 
 import pandas as pd
 from mlflow.pyfunc import PythonModel
+from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_model.config import GenerateConfig, ServeConfig
-from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.inference.limits import check_request
 
 OPTIONAL_COLUMNS: dict[str, type] = {"width": int, "height": int, "steps": int, "guidance": float, "seed": int}
@@ -125,8 +125,8 @@ class UltraFluxPyfunc(PythonModel):
 
     def load_context(self, context) -> None:  # noqa: ANN001 - mlflow PythonModelContext
         from ultraflux_model.inference.pipeline import load_pipeline
-        from ultraflux_model.release.manifest import Manifest
         from ultraflux_model.release.fetch import materialize
+        from ultraflux_model.release.manifest import Manifest
 
         self.config = dict(context.model_config)
         self.root = materialize(Manifest.read(Path(context.artifacts["manifest"])))

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from ultraflux_core.errors import UltraFluxError
+
 from ultraflux_model.training.distributed import DistInfo, barrier
 from ultraflux_model.training.ema import ShardedEma
 

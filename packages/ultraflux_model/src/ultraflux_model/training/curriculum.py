@@ -11,8 +11,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ultraflux_model.config import StageConfig, TrainConfig
 from ultraflux_core.errors import UltraFluxError
+
+from ultraflux_model.config import StageConfig, TrainConfig
 
 EXPORT_DIR = "export"
 TRANSFORMER_DIR = "transformer"

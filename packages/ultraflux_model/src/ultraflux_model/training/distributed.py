@@ -12,9 +12,9 @@ import socket
 from dataclasses import dataclass
 
 import torch
+from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_model.config import DeepSpeedConfig
-from ultraflux_core.errors import UltraFluxError
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 from torch.utils.data import Dataset
-
 from ultraflux_core.errors import UltraFluxError
 
 INDEX = "index.parquet"

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from ultraflux_core.errors import UltraFluxError
+
 from ultraflux_model.training.distributed import free_port
 
 # What a launcher sets for its ranks: a parent process's values (e.g. a flow running under torchrun) must not leak.

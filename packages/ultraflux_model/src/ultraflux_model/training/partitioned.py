@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-
 from ultraflux_core.errors import UltraFluxError
+
 from ultraflux_model.checkpoint.loading import check_local_component, mismatch_message, unknown_config_keys
 
 # safetensors dtype codes (https://github.com/huggingface/safetensors, format spec) → torch dtypes

@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ultraflux_model.config import DeepSpeedConfig, StageConfig, TrainConfig
 from ultraflux_core.errors import UltraFluxError
+
+from ultraflux_model.config import DeepSpeedConfig, StageConfig, TrainConfig
 from ultraflux_model.training.memory import GB, Activations, FluxShape, activation_bytes, model_state_bytes
 
 FLUX_DEV_OVERRIDES = {"guidance_embeds": True}  # FLUX.1-dev = the class defaults plus the guidance embedding
@@ -80,8 +81,8 @@ def stage_batch(stage: StageConfig, world_size: int) -> tuple[int, int]:
 
 def largest_bucket_tokens(family: str) -> tuple[int, tuple[int, int]]:
     """Image tokens of the family's largest bucket and that bucket (width, height)."""
-    from ultraflux_model.config import TOKEN_PX
     from ultraflux_model.buckets import family_buckets
+    from ultraflux_model.config import TOKEN_PX
 
     best = max(family_buckets(family), key=lambda b: (b.width // TOKEN_PX) * (b.height // TOKEN_PX))
     return (best.width // TOKEN_PX) * (best.height // TOKEN_PX), (best.width, best.height)

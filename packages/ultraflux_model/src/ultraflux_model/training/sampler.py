@@ -7,7 +7,6 @@ from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-
 from ultraflux_core.errors import UltraFluxError
 
 

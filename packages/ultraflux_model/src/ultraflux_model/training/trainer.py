@@ -27,14 +27,16 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from tqdm.auto import trange
-
-from ultraflux_eval.lineage import dvc_output_md5, git_sha
-from ultraflux_model.config import DeepSpeedConfig, GenerateConfig, KernelConfig, LossConfig, StageConfig, TrainConfig
 from ultraflux_core.config import dump_config
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.tracking.config import TrackingConfig
+from ultraflux_core.tracking.lineage import dvc_output_md5, git_sha
+from ultraflux_core.tracking.runs import Tracker, flatten
+from ultraflux_core.tracking.uri import check_tracking_reachable
+
+from ultraflux_model.config import DeepSpeedConfig, GenerateConfig, KernelConfig, LossConfig, StageConfig, TrainConfig
 from ultraflux_model.diffusion.latents import image_ids, pack_latents, text_ids, unpack_latents
 from ultraflux_model.diffusion.losses import training_loss, x0_from_velocity
-from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.training.checkpoint import CheckpointManager, export_transformer
 from ultraflux_model.training.curriculum import (
     DONE_MARKER,
@@ -48,12 +50,7 @@ from ultraflux_model.training.distributed import DistInfo, barrier, init_distrib
 from ultraflux_model.training.ema import ShardedEma
 from ultraflux_model.training.host_memory import peak_rss_bytes
 from ultraflux_model.training.timesteps import timesteps_from_uniform
-from ultraflux_model.training.tracking import (
-    Tracker,
-    check_tracking_reachable,
-    flatten,
-    resolve_tracking_uri,
-)
+
 
 class RunConfig(Protocol):
     """What the trainer reads of the root config tree (``ultraflux.config.UltraFluxConfig`` is one): the training
@@ -313,7 +310,7 @@ def _load_transformer(path: Path, ds_config: dict[str, Any]) -> torch.nn.Module:
 
 def _tracker_for(cfg: RunConfig, plan: StagePlan, dist: DistInfo, resume: bool) -> Tracker:
     run_dir = Path(cfg.train.run_dir)
-    uri = resolve_tracking_uri(cfg.tracking, run_dir)
+    uri = cfg.tracking.resolve_uri(run_dir)
     tracker = Tracker(uri, cfg.tracking.experiment, active=dist.is_main, artifact_dir=run_dir / "mlartifacts")
     id_file = plan.dir / "mlflow_run_id"
     previous = id_file.read_text().strip() if resume and id_file.is_file() and dist.is_main else None
@@ -338,7 +335,7 @@ def train_stage(cfg: RunConfig, stage: str | int, *, resume: bool = False) -> St
     plan = stage_plans(train)[stage] if isinstance(stage, int) else find_stage(train, stage)
     st = plan.stage
     # Fail on a bad tracking server before any heavy work (every rank checks, so all of them stop).
-    check_tracking_reachable(resolve_tracking_uri(cfg.tracking, Path(train.run_dir)), cfg.tracking.check_timeout_s)
+    check_tracking_reachable(cfg.tracking.resolve_uri(train.run_dir), cfg.tracking.check_timeout_s)
     # Every rank decides from the same files (run_dir is shared), so all of them stop together.
     if not resume and (plan.checkpoints / "latest").exists():
         raise UltraFluxError(
@@ -486,7 +483,7 @@ def train(cfg: RunConfig, *, resume: bool = False, stages: list[str] | None = No
     """
     plans = stages_to_run(cfg.train, resume=resume, only=stages)
     run_dir = Path(cfg.train.run_dir)
-    check_tracking_reachable(resolve_tracking_uri(cfg.tracking, run_dir), cfg.tracking.check_timeout_s)
+    check_tracking_reachable(cfg.tracking.resolve_uri(run_dir), cfg.tracking.check_timeout_s)
     run_dir.mkdir(parents=True, exist_ok=True)
     if int(os.environ.get("RANK", "0")) == 0:
         (run_dir / "config.yaml").write_text(dump_config(cfg))

@@ -21,8 +21,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.models.autoencoders.vae import DecoderOutput
 from torch import nn
-
 from ultraflux_core.errors import UltraFluxError
+
 from ultraflux_model.checkpoint.loading import StrictPretrainedMixin
 from ultraflux_model.vae.streamed_decode import OFFICIAL_PARTITIONED, SAME, streamed_decode
 
