@@ -55,11 +55,18 @@ class ScoreSummary(BaseModel):
     means: dict[str, float]
 
 
+# The identity of the default scorers in the hash: the path they had when score caches were first written. Moving
+# the code (it now lives in ultraflux_data) must not make every existing scores.parquet look stale and re-run
+# Q-Align and ArtiMuse over the whole dataset; a change of what they compute changes the settings in the hash.
+DEFAULT_SCORERS_ID = "ultraflux_model.data.scoring.default_scorers"
+
+
 def scoring_hash(cfg: ScoringConfig, factory: Callable | None = None) -> str:
     """Short hash of what changes score values: the settings (not batching or device) and the scorer factory."""
     relevant = cfg.model_dump(mode="json", exclude={"batch_size", "device"})
     factory = factory or default_scorers
-    relevant["factory"] = f"{factory.__module__}.{factory.__qualname__}"
+    relevant["factory"] = (DEFAULT_SCORERS_ID if factory is default_scorers
+                           else f"{factory.__module__}.{factory.__qualname__}")
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
