@@ -9,7 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.options import Options, config_options
 
+from ultraflux_eval.config import BackbonesConfig, BenchmarkConfig
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.fid_cli import fid_command
 from ultraflux_eval.metrics_cli import fetch_command, metrics_command
@@ -27,24 +29,28 @@ weights_app.command("fetch")(fetch_command)
 
 
 @app.command("evaluate")
+@config_options(Options("benchmark", BenchmarkConfig, exclude=("prompts_file",)), Options("backbones", BackbonesConfig))
 def evaluate_command(
     images: Annotated[Path, typer.Argument(help="directory of images (PNG/JPEG/...), evaluated in name order")],
     prompts: Annotated[Path | None, typer.Option(help="one prompt per line, paired with the images in name order; "
                                                  "default: each image's <stem>.json sidecar `prompt`")] = None,
-    config: Annotated[Path | None, typer.Option(
-        "--config", "-c", help="params.yaml (its `eval` section) or an eval-only YAML")] = None,
-    set_: Annotated[list[str] | None, typer.Option(
-        "--set", help="eval overrides, e.g. benchmark.metrics=[glcm,clip_score]")] = None,
     out: Annotated[Path, typer.Option(help="report folder")] = Path("artifacts/eval"),
     log: Annotated[bool, typer.Option(help="log one MLflow run (eval.tracking)")] = True,
+    *,
+    config: list[Path],
+    overrides: list[str],
 ) -> None:
-    """Evaluate every image of IMAGES per aspect ratio; write a report and log it to MLflow."""
+    """Evaluate every image of IMAGES per aspect ratio; write a report and log it to MLflow.
+
+    --config takes params.yaml (its `eval` section) or eval-only YAML files; --set overrides are relative to the
+    eval section (benchmark.metrics=[glcm,clip_score]).
+    """
     from ultraflux_eval.config import load_eval_config
     from ultraflux_eval.protocol.evaluate import load_image_dir
     from ultraflux_eval.protocol.report import markdown_table
     from ultraflux_eval.protocol.session import run_evaluation
 
-    cfg = load_eval_config(config, set_ or [])
+    cfg = load_eval_config(config, overrides)
     paths, texts = load_image_dir(images, prompts)
     run = run_evaluation(paths, texts, cfg, out, params={"images": str(images)}, log=log)
     typer.echo(markdown_table(run.results))

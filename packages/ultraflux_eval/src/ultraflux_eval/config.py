@@ -9,11 +9,12 @@ Aesthetic-Eval@4096 sizes (see ``docs/evaluation.md``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
-from ultraflux_core.config import Section, apply_override, parse_override, read_yaml, validate
+from ultraflux_core.config import Section, apply_override, deep_merge, parse_override, read_yaml, validate
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.tracking.config import PromotionConfig
 from ultraflux_core.tracking.uri import resolve_tracking_uri
@@ -132,16 +133,16 @@ class EvalConfig(Section):
         return self
 
 
-def load_eval_config(path: Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> EvalConfig:
-    """The ``eval`` section of a ``params.yaml``-style file (or a file holding only that section), then
-    ``key=value`` overrides relative to the section (``benchmark.seeds=[0,1]``, an ``eval.`` prefix allowed;
-    values parsed as YAML), through the core loader's reader, override parser and validation."""
+def load_eval_config(paths: Path | Sequence[Path] | None = None, overrides: Sequence[str] = ()) -> EvalConfig:
+    """The ``eval`` section of ``params.yaml``-style files (or files holding only that section), layered in order,
+    then ``key=value`` overrides relative to the section (``benchmark.seeds=[0,1]``, an ``eval.`` prefix allowed;
+    values parsed as YAML), through the core loader's reader, merge, override parser and validation."""
     try:
         data: dict = {}
-        if path is not None:
+        for path in [paths] if isinstance(paths, (str, Path)) else list(paths or []):
             loaded = read_yaml(path)
             in_tree = "eval" in loaded or not set(loaded) <= set(EvalConfig.model_fields)
-            data = loaded.get("eval", {}) if in_tree else loaded
+            data = deep_merge(data, loaded.get("eval", {}) if in_tree else loaded)
         defaults = EvalConfig().model_dump(mode="json") if overrides else {}
         for item in overrides:
             keys, value = parse_override(item)
