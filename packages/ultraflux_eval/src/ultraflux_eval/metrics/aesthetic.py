@@ -25,6 +25,7 @@ from torch import nn
 from ultraflux_eval.backbones.clip import AestheticHead, ClipBundle
 from ultraflux_eval.backbones.loading import Backbones
 from ultraflux_eval.errors import EvalError
+from ultraflux_eval.metrics.table import IMAGE_METRICS
 from ultraflux_eval.metrics.scores import ImageLike, load_rgb
 
 
@@ -97,7 +98,6 @@ class TorchImageScorer:
         return torch.cat(out).numpy()
 
 
-IMAGE_METRICS = ("aesthetic", "musiq", "qalign", "artimuse")  # no-reference, one score per image, no prompt
 
 
 def image_scorer(metric: str, backbones: Backbones, batch_size: int = 8, device: str = "cpu") -> ImageScorer:

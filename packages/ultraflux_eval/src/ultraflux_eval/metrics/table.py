@@ -4,8 +4,9 @@ Each entry says which backbones (rows of :mod:`ultraflux_eval.backbones.registry
 on what scale its numbers are, which pip extra it needs, the paper's UltraFlux value at 4096² (Aesthetic-Eval@4096)
 and whether our number is comparable with it. Everything else that names metrics derives from it: the names
 ``eval.benchmark.metrics`` accepts (:data:`MetricName`, in table order, which is the config schema's order),
-:data:`WEIGHT_FREE_METRICS`, :data:`REFERENCE_METRICS`, :data:`METRIC_ROLES` and the ``ultraflux-eval metrics``
-listing (with the local weights' presence). ``docs/evaluation.md`` explains each definition.
+:data:`WEIGHT_FREE_METRICS`, :data:`REFERENCE_METRICS`, :data:`SET_METRICS`, :data:`IMAGE_METRICS`,
+:data:`METRIC_ROLES` and the ``ultraflux-eval metrics`` listing (with the local weights' presence).
+``docs/evaluation.md`` explains each definition.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Literal
 from ultraflux_eval.errors import EvalError
 
 Kind = Literal["weight-free", "distribution", "learned"]
+# What one value scores: each image alone, each image against its prompt, or the whole set at once.
+Scope = Literal["image", "prompt", "set"]
 PAPER_EXTRA_HINT = "pip install 'ultraflux-eval[paper]' && pip install --no-deps pyiqa==0.1.16"
 
 
@@ -34,34 +37,38 @@ class MetricInfo:
     higher_is_better: bool
     paper_4096: float | None  # UltraFlux at 4096x4096 in the paper's table
     comparable: str  # with the paper's number: "yes", "no: why", or "same definition, ..."
+    scope: Scope = "image"
 
 
 METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("glcm", "weight-free", (), "-", "bits (GLCM entropy, 64 levels)", None, (), True, None,
                "yes: Diffusion-4K's eval.py definition, exact"),
     MetricInfo("compression_ratio", "weight-free", (), "-", "raw bytes / JPEG-95 bytes", None, (), False, None,
-               "yes: Diffusion-4K's eval.py definition, exact"),
+               "yes: Diffusion-4K's eval.py definition, exact", scope="set"),
     MetricInfo("shannon_entropy", "weight-free", (), "-", "bits, 0-8", None, (), True, None, "not in the table"),
     MetricInfo("flat_percentage", "weight-free", (), "-", "share 0-1", None, (), False, None, "not in the table"),
     MetricInfo("clip_score", "learned", ("clip",), "openai/clip-vit-base-patch16", "0-100", "learned",
                ("transformers",), True, 34.62,
-               "yes with openai/clip-vit-base-patch16 (Diffusion-4K's script; UltraFlux publishes no eval code)"),
+               "yes with openai/clip-vit-base-patch16 (Diffusion-4K's script; UltraFlux publishes no eval code)",
+               scope="prompt"),
     MetricInfo("aesthetic", "learned", ("clip", "aesthetic_head"), "LAION improved-aesthetic-predictor (ViT-L/14)",
                "1-10", "learned", ("transformers",), True, None, "not in UltraFlux's table (Diffusion-4K's)"),
     MetricInfo("pickscore", "learned", ("pickscore",), "yuvalkirstain/PickScore_v1", "logit_scale x cos (~22)",
-               "learned", ("transformers",), True, 22.69, "yes with real weights"),
+               "learned", ("transformers",), True, 22.69, "yes with real weights", scope="prompt"),
     MetricInfo("hps", "learned", ("hps",), "HPSv2-style CLIP (HF layout)", "cos (~0.27)", "learned",
-               ("transformers",), True, None, "no: HPSv2 convention, the paper reports HPSv3"),
+               ("transformers",), True, None, "no: HPSv2 convention, the paper reports HPSv3", scope="prompt"),
     MetricInfo("fid", "distribution", ("inception",), "torch-fidelity pt_inception-2015-12-05", "0-inf", None,
                ("torch_fidelity",), False, 143.11,
-               "yes with real weights, legacy resize and the paper's reference set"),
+               "yes with real weights, legacy resize and the paper's reference set", scope="set"),
     MetricInfo("patch_fid", "distribution", ("inception",), "torch-fidelity pt_inception-2015-12-05", "0-inf",
-               None, ("torch_fidelity",), False, None, "not in UltraFlux's table (Diffusion-4K-style detail FID)"),
+               None, ("torch_fidelity",), False, None, "not in UltraFlux's table (Diffusion-4K-style detail FID)",
+               scope="set"),
     MetricInfo("musiq", "learned", ("musiq",), "pyiqa musiq_koniq_ckpt-e95806b9.pth", "0-100 (KonIQ MOS)", "paper",
                ("pyiqa",), True, 46.13, "yes with pyiqa's default KonIQ checkpoint (the paper names no variant)"),
     MetricInfo("hpsv3", "learned", ("hpsv3",), "MizzenAI/HPSv3 over Qwen/Qwen2-VL-7B-Instruct", "mu, ~0-15", "paper",
                ("transformers", "accelerate"), True, 11.47,
-               "yes with real weights if the key mapping holds (checked on tiny models only; see docs)"),
+               "yes with real weights if the key mapping holds (checked on tiny models only; see docs)",
+               scope="prompt"),
     MetricInfo("qalign", "learned", ("qalign",), "q-future/one-align (mPLUG-Owl2, pyiqa's code)", "1-5", "paper",
                ("pyiqa", "icecream", "accelerate"), True, 4.85,
                "yes with real weights, quality task (checked on tiny models only; see docs)"),
@@ -69,6 +76,10 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
                "paper", ("transformers", "accelerate"), True, 68.36,
                "yes with real weights if the key mapping holds (checked on tiny models only; see docs)"),
 )}
+
+SET_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS.values() if m.scope == "set")
+# The no-reference image scorers (one score per image, no prompt): what the data filters can rank with.
+IMAGE_METRICS: tuple[str, ...] = tuple(m.name for m in METRICS.values() if m.kind == "learned" and m.scope == "image")
 
 # Built from the table so that a name exists in one place; pydantic validates against it and lists the names in
 # its error. `Literal[tuple]` is `Literal[a, b, ...]` at runtime (type checkers see a plain str here).

@@ -30,15 +30,14 @@ from ultraflux_eval.backbones.loading import Backbones, tiny_backbones
 from ultraflux_eval.config import AspectSize, BenchmarkConfig
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.metrics import scores
-from ultraflux_eval.metrics.aesthetic import IMAGE_METRICS, ImageScorer, image_scorer
+from ultraflux_eval.metrics.aesthetic import ImageScorer, image_scorer
 from ultraflux_eval.metrics.alignment import PreferenceScorer, clip_score
 from ultraflux_eval.metrics.fidelity import FrechetDistance, fid_inputs, patch_inputs
 from ultraflux_eval.metrics.scores import ImageLike
-from ultraflux_eval.metrics.table import REFERENCE_METRICS, require_metric
+from ultraflux_eval.metrics.table import IMAGE_METRICS, REFERENCE_METRICS, SET_METRICS, require_metric
 
 OVERALL = "overall"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
-SET_METRICS = ("compression_ratio", "fid", "patch_fid")
 
 
 @dataclass
