@@ -18,8 +18,9 @@ from ultraflux.config import resolve_config
 
 app = typer.Typer(help="MultiAspect-4K data: ingest, score, filter, bucket, shard, cache.", no_args_is_help=True)
 
-# The options of every stage command: the data root and source, and where the per-image work runs.
-STAGE_OPTIONS = (Options("data", DataConfig, include=("root", "source")), Options("compute", ComputeConfig))
+# Every stage command takes the data root and source; the per-image stages also where their work runs.
+DATA_OPTIONS = Options("data", DataConfig, include=("root", "source"))
+STAGE_OPTIONS = (DATA_OPTIONS, Options("compute", ComputeConfig))
 
 
 def _echo_json(payload: object) -> None:
@@ -92,7 +93,7 @@ def score_cmd(*, config: list[Path], overrides: list[str]) -> None:
 
 
 @app.command("filter")
-@config_options(*STAGE_OPTIONS)
+@config_options(DATA_OPTIONS)
 def filter_cmd(*, config: list[Path], overrides: list[str]) -> None:
     """Apply the filters and write the train / stage2 / vae subsets."""
     from ultraflux_data.stages import run_filter
@@ -101,7 +102,7 @@ def filter_cmd(*, config: list[Path], overrides: list[str]) -> None:
 
 
 @app.command("bucket")
-@config_options(*STAGE_OPTIONS)
+@config_options(DATA_OPTIONS)
 def bucket_cmd(*, config: list[Path], overrides: list[str]) -> None:
     """Assign training images to aspect-ratio buckets; write counts and the histogram PNG."""
     from ultraflux_data.stages import run_bucket

@@ -76,10 +76,8 @@ def _generated(groups: Sequence[Options], taken: Collection[str]) -> dict[str, t
             if kind is None or not wanted or name in group.exclude or name in taken or name in out:
                 continue
             dotted = f"{group.prefix}.{name}"
-            option = typer.Option(f"--{name.replace('_', '-')}", help=_help(dotted, field))
-            if kind is bool:
-                option = typer.Option(f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}",
-                                      help=_help(dotted, field))
+            flag = f"--{name.replace('_', '-')}"
+            option = typer.Option(f"{flag}/--no-{flag[2:]}" if kind is bool else flag, help=_help(dotted, field))
             annotation = Annotated[Union[kind, None], option]  # noqa: UP007 - a runtime type for typer
             out[name] = (dotted, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                                    annotation=annotation))
