@@ -21,10 +21,12 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 from ultraflux_core.errors import UltraFluxError  # noqa: E402
 from ultraflux_model.config import LossConfig  # noqa: E402
+from ultraflux_model.diffusion.losses import haar_bands, snr_huber_spatial_loss, training_loss  # noqa: E402
 from ultraflux_model.diffusion.losses import snr_huber_wavelet_loss as reference  # noqa: E402
-from ultraflux_model.diffusion.losses import training_loss  # noqa: E402
 from ultraflux_model.kernels import wavelet_loss as loss_kernel  # noqa: E402
 from ultraflux_model.kernels.wavelet_loss import snr_huber_wavelet_loss as fused  # noqa: E402
+
+from tests.model.loss_fields import T_KNEE_AT_ONE, correlated_residual, gradient_shares  # noqa: E402
 
 # The loss functions take every hyper-parameter (their defaults live only in LossConfig).
 LOSS = LossConfig().model_dump()
@@ -149,3 +151,50 @@ def test_fused_backward_passes_gradcheck_in_float64():
     target = torch.randn(2, 1, 2, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     t = torch.tensor([0.05, 0.7], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda p, q: fused(p, q, t, **{**LOSS, "c_min": 0.3}), (pred, target), fast_mode=True)
+
+
+# ---------------------------------------------------------------- band weights and band rebalancing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weights", [(0.5, 2.0, 3.0, 0.25), (1.0, 1.0, 1.0, 4.0)])
+def test_fused_band_weights_match_reference(weights, dtype, tiling):
+    """Distinct weights per band: a weight applied to the wrong sub-band changes the loss and the gradient."""
+    pred, target, t = _inputs((3, 2, 6, 10), dtype, seed=17)
+    (loss, gp, gq), (ref_loss, ref_gp, ref_gq) = _both(pred, target, t, band_weights=weights)
+    torch.testing.assert_close(loss, ref_loss, **LOSS_TOL.get(dtype, dict(rtol=1e-5, atol=0.0)))
+    # float64: ω, c are float32 in the kernel and unequal band weights no longer cancel in the inverse
+    # transform as equal ones do, so a pixel's gradient can be a difference of larger terms (measured 1.7e-6).
+    tol = dict(rtol=1e-5, atol=1e-11) if dtype == torch.float64 else GRAD_TOL[dtype]
+    torch.testing.assert_close(gp, ref_gp, **tol)
+    torch.testing.assert_close(gq, ref_gq, **tol)
+    cfg = LossConfig(band_weights=weights)
+    torch.testing.assert_close(training_loss(pred, target, t, cfg=cfg, kernel="triton"), loss, rtol=0, atol=0)
+    with pytest.raises(UltraFluxError, match="band_weights"):
+        fused(pred, target, t, **{**LOSS, "band_weights": (1.0, 0.0, 1.0, 1.0)})
+
+
+def _fused_shares(residual, **params):
+    t = torch.full((residual.shape[0],), T_KNEE_AT_ONE, dtype=residual.dtype)
+    return gradient_shares(lambda p, q: fused(p, q, t, **{**LOSS, **params}), residual)
+
+
+def test_fused_loss_rebalances_bands_like_the_reference():
+    """The kernel reproduces both regimes: HF share ≫ the spatial Huber's above c(t), the same shares far below it."""
+    t = torch.full((2,), T_KNEE_AT_ONE, dtype=torch.float64)
+    spatial = {k: v for k, v in LOSS.items() if k != "band_weights"}
+    for std in (0.02, 2.0):
+        residual = correlated_residual(std)
+        shares = _fused_shares(residual)
+        ref = gradient_shares(lambda p, q: reference(p, q, t, **LOSS), residual)
+        torch.testing.assert_close(shares, ref, rtol=1e-6, atol=1e-9)
+        spatial_hf = gradient_shares(lambda p, q: snr_huber_spatial_loss(p, q, t, **spatial), residual)[1:].sum()
+        if std > 1:
+            assert shares[1:].sum() > 3 * spatial_hf
+        else:
+            assert shares[1:].sum().item() == pytest.approx(spatial_hf.item(), rel=0.02)
+    weights = (1.0, 2.0, 0.5, 3.0)
+    residual = correlated_residual(0.02, seed=1)
+    energy = haar_bands(residual).square().sum(dim=(0, 2, 3, 4)) * torch.tensor(weights, dtype=torch.float64).square()
+    shares = _fused_shares(residual, band_weights=weights)
+    torch.testing.assert_close(shares, energy / energy.sum(), rtol=0.02, atol=1e-4)

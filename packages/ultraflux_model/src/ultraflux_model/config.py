@@ -8,6 +8,7 @@ a ``--set`` override fails loudly. The root tree that ``params.yaml`` serialises
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +44,18 @@ class LossConfig(Section):
     c_min: float = Field(0.2, gt=0.0, description="pseudo-Huber scale at high noise")
     c_max: float = Field(1.0, gt=0.0, validate_default=True, description="pseudo-Huber scale at SNR ≥ γ")
     t_clamp: float = Field(1e-3, gt=0.0, lt=0.5, description="t is clamped to [t_clamp, 1 - t_clamp]")
+    band_weights: tuple[float, float, float, float] = Field(
+        (1.0, 1.0, 1.0, 1.0),
+        description="weights of the Haar sub-bands (LL, LH, HL, HH = pywt's cA, cH, cV, cD) in the loss; "
+        "positive, finite; all 1 is the paper's loss (docs/training.md, 'What the wavelet term does')",
+    )
+
+    @field_validator("band_weights")
+    @classmethod
+    def _band_weights_positive(cls, weights: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            raise ValueError(f"band_weights must be 4 positive finite numbers (LL, LH, HL, HH), got {weights}")
+        return weights
 
     @field_validator("c_max")
     @classmethod

@@ -9,8 +9,12 @@ Math (t is clamped to ``[t_clamp, 1 - t_clamp]`` for the weights only):
     ω(t) = t / (1 - t) · min(SNR, γ)^β
     c(t) = c_min + (c_max - c_min) · (min(SNR, γ) / γ)^α
     R    = W(x̂₀) - W(x₀)        W: one-level orthonormal Haar DWT, sub-bands stacked on channels
-    ℓ_b  = mean over the elements of sample b of c²(√(1 + (R/c)²) - 1)
+    ℓ_b  = mean over the elements of sample b of w_k · c²(√(1 + (R/c)²) - 1)   w_k: weight of R's sub-band k
     loss = mean over the batch of ω_b · ℓ_b
+With the default band weights (1, 1, 1, 1) this is the paper's loss. Because W is orthonormal, the quadratic part
+of the pseudo-Huber is the same in pixel space: the basis acts only through the saturation where |R| > c, which
+shifts gradient towards the high-frequency bands when low-frequency errors are large (docs/training.md, "What the
+wavelet term does"; :func:`band_energy_shares` measures it, :func:`snr_huber_spatial_loss` is the control).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_model.config import KernelChoice, LossConfig
-from ultraflux_model.kernels.checks import check_even_image, check_loss_inputs, check_loss_params
+from ultraflux_model.kernels.checks import check_band_weights, check_even_image, check_loss_inputs, check_loss_params
 from ultraflux_model.kernels.dispatch import use_triton
 
 
@@ -37,6 +41,38 @@ def haar_dwt2(x: torch.Tensor) -> torch.Tensor:
     c, d = x[..., 1::2, 0::2], x[..., 1::2, 1::2]  # bottom-left, bottom-right
     # Orthonormal: each sub-band is ±a ±b ±c ±d over 2 (1/√2 per axis), so W is its own inverse's transpose.
     return torch.cat([a + b + c + d, a + b - c - d, a - b + c - d, a - b - c + d], dim=1) * 0.5
+
+
+BANDS = ("LL", "LH", "HL", "HH")  # haar_dwt2's sub-band order: pywt's cA, cH, cV, cD
+
+
+def haar_bands(x: torch.Tensor) -> torch.Tensor:
+    """:func:`haar_dwt2` with the sub-band as its own axis.
+
+    Args:
+        x: ``[B, C, H, W]`` with even ``H`` and ``W``.
+    Returns:
+        ``[B, 4, C, H/2, W/2]``, the sub-bands in :data:`BANDS` order.
+    """
+    return haar_dwt2(x).unflatten(1, (4, x.shape[1]))
+
+
+def band_energy_shares(grad: torch.Tensor) -> torch.Tensor:
+    """Share of ``‖grad‖²`` in each Haar sub-band of ``grad`` (the band balance of a loss's gradient).
+
+    Applied to ``∂loss/∂x̂₀`` it says which frequencies a loss pushes the prediction towards; as W is
+    orthonormal the band energies add up to ``‖grad‖²`` exactly, so the shares sum to 1.
+
+    Args:
+        grad: ``[B, C, H, W]`` (even H, W), e.g. the gradient of a loss w.r.t. the prediction.
+    Returns:
+        ``[4]`` float64 shares in :data:`BANDS` order (LL, LH, HL, HH); the high-frequency share is ``[1:].sum()``.
+    """
+    energy = haar_bands(grad.to(torch.float64)).square().sum(dim=(0, 2, 3, 4))
+    total = energy.sum()
+    if not total > 0:
+        raise UltraFluxError("band_energy_shares needs a non-zero, finite gradient")
+    return energy / total
 
 
 def pseudo_huber(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -73,6 +109,34 @@ def snr_weights(
     return omega, c
 
 
+def _snr_huber_mean(
+    residual: torch.Tensor,
+    t: torch.Tensor,
+    weight: torch.Tensor | float,
+    *,
+    gamma: float,
+    alpha: float,
+    beta: float,
+    c_min: float,
+    c_max: float,
+    t_clamp: float,
+) -> torch.Tensor:
+    """Batch mean of ω_b · mean over sample b's elements of ``weight · pseudo_huber(residual, c_b)``.
+
+    ``residual`` is ``[B, ...]`` in the compute dtype; ``weight`` broadcasts against one sample's elements.
+    """
+    omega, c = snr_weights(
+        t.to(residual.dtype), gamma=gamma, alpha=alpha, beta=beta, c_min=c_min, c_max=c_max, t_clamp=t_clamp
+    )
+    c = c.view(-1, *([1] * (residual.dim() - 1)))
+    per_sample = (pseudo_huber(residual, c) * weight).mean(dim=tuple(range(1, residual.dim())))
+    return (omega * per_sample).mean()
+
+
+def _compute_dtype(pred_x0: torch.Tensor, target_x0: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(pred_x0.dtype, target_x0.dtype), torch.float32)
+
+
 def snr_huber_wavelet_loss(
     pred_x0: torch.Tensor,
     target_x0: torch.Tensor,
@@ -84,6 +148,7 @@ def snr_huber_wavelet_loss(
     c_min: float,
     c_max: float,
     t_clamp: float,
+    band_weights: tuple[float, float, float, float],
 ) -> torch.Tensor:
     """SNR-aware pseudo-Huber loss on the Haar wavelet residual (reference implementation).
 
@@ -91,17 +156,50 @@ def snr_huber_wavelet_loss(
         pred_x0: ``[B, C, H, W]`` predicted clean latents (even H, W).
         target_x0: ``[B, C, H, W]`` clean latents.
         t: ``[B]`` times of the noisy inputs.
+        band_weights: weights of the LL, LH, HL, HH sub-bands' terms (all 1: the paper's loss, bit for bit).
     Returns:
         Scalar loss, computed in float32 (float64 for float64 inputs) whatever the input dtype.
     """
     check_loss_inputs(pred_x0, target_x0, t)
-    compute = torch.promote_types(torch.promote_types(pred_x0.dtype, target_x0.dtype), torch.float32)
-    omega, c = snr_weights(
-        t.to(compute), gamma=gamma, alpha=alpha, beta=beta, c_min=c_min, c_max=c_max, t_clamp=t_clamp
-    )
+    weights = check_band_weights(band_weights)
+    compute = _compute_dtype(pred_x0, target_x0)
     residual = haar_dwt2(pred_x0.to(compute)) - haar_dwt2(target_x0.to(compute))
-    per_sample = pseudo_huber(residual, c[:, None, None, None]).mean(dim=(1, 2, 3))
-    return (omega * per_sample).mean()
+    # [4C, 1, 1]: sub-band-major channels, so each weight covers C consecutive channels. × 1.0 is exact.
+    weight = torch.tensor(weights, dtype=compute, device=residual.device).repeat_interleave(pred_x0.shape[1])
+    return _snr_huber_mean(
+        residual, t, weight[:, None, None],
+        gamma=gamma, alpha=alpha, beta=beta, c_min=c_min, c_max=c_max, t_clamp=t_clamp,
+    )  # fmt: skip
+
+
+def snr_huber_spatial_loss(
+    pred_x0: torch.Tensor,
+    target_x0: torch.Tensor,
+    t: torch.Tensor,
+    *,
+    gamma: float,
+    alpha: float,
+    beta: float,
+    c_min: float,
+    c_max: float,
+    t_clamp: float,
+) -> torch.Tensor:
+    """The same SNR-aware pseudo-Huber applied to the pixel (latent) residual instead of its Haar bands.
+
+    Not a training objective of the paper: the control that isolates what the wavelet basis does (the two
+    agree wherever the residual is small against c(t), see the module docstring).
+
+    Args:
+        pred_x0, target_x0: ``[B, C, H, W]``; t: ``[B]``.
+    Returns:
+        Scalar loss in float32 (float64 for float64 inputs).
+    """
+    check_loss_inputs(pred_x0, target_x0, t)
+    compute = _compute_dtype(pred_x0, target_x0)
+    return _snr_huber_mean(
+        pred_x0.to(compute) - target_x0.to(compute), t, 1.0,
+        gamma=gamma, alpha=alpha, beta=beta, c_min=c_min, c_max=c_max, t_clamp=t_clamp,
+    )  # fmt: skip
 
 
 def x0_from_velocity(z_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

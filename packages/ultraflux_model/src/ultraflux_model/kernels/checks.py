@@ -8,6 +8,8 @@ bypasses the config still gets a clear error instead of NaNs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from ultraflux_core.errors import UltraFluxError
 
@@ -36,6 +38,14 @@ def check_loss_params(*, gamma: float, alpha: float, beta: float, c_min: float, 
     ) if bad]
     if problems:
         raise UltraFluxError("invalid loss parameters: " + "; ".join(problems))
+
+
+def check_band_weights(band_weights: tuple[float, ...]) -> tuple[float, float, float, float]:
+    """The 4 Haar sub-band weights (LL, LH, HL, HH) as floats; ``UltraFluxError`` unless 4 positive finite numbers."""
+    weights = tuple(float(w) for w in band_weights)
+    if len(weights) != 4 or not all(math.isfinite(w) and w > 0 for w in weights):
+        raise UltraFluxError(f"band_weights must be 4 positive finite numbers (LL, LH, HL, HH), got {band_weights}")
+    return weights  # type: ignore[return-value]
 
 
 def check_loss_inputs(pred_x0: torch.Tensor, target_x0: torch.Tensor, t: torch.Tensor) -> None:

@@ -19,12 +19,14 @@ On CPU tensors the kernel runs only when ``TRITON_INTERPRET=1`` is set before th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 from ultraflux_core.errors import UltraFluxError
 
-from ultraflux_model.kernels.checks import check_loss_inputs, check_loss_params
+from ultraflux_model.kernels.checks import check_band_weights, check_loss_inputs, check_loss_params
 from ultraflux_model.kernels.launch import check_launchable
 
 # (output columns, output positions) per program by device type. On CUDA: 64 half-resolution columns
@@ -69,6 +71,10 @@ def _wavelet_huber_kernel(
     c_min,
     c_max,
     t_clamp,
+    w_ll,
+    w_lh,
+    w_hl,
+    w_hh,
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
     BACKWARD: tl.constexpr,
@@ -76,7 +82,7 @@ def _wavelet_huber_kernel(
 ):
     """Grid ``(B·C, cdiv(H/2, BLOCK_H), cdiv(W/2, BLOCK_W))``; ``scale`` = 1 / (B·C·H·W).
 
-    Forward: ``out[program]`` = ω_b · scale · Σ over the tile's 4 sub-bands of c_b²(√(1+(R/c_b)²)-1), so the
+    Forward: ``out[program]`` = ω_b · scale · Σ over the tile's 4 sub-bands k of w_k·c_b²(√(1+(R/c_b)²)-1), so the
     loss is ``out.sum()``. Backward: ``out`` is the contiguous ``[B, C, H, W]`` gradient of ``pred``, given
     the upstream gradient at ``grad_loss_ptr``.
     """
@@ -121,10 +127,10 @@ def _wavelet_huber_kernel(
     s_d = tl.sqrt(1.0 + (r_d * inv_c) * (r_d * inv_c))
     if BACKWARD:
         coef = tl.load(grad_loss_ptr).to(ACC) * omega * scale
-        g_a = coef * r_a / s_a
-        g_h = coef * r_h / s_h
-        g_v = coef * r_v / s_v
-        g_d = coef * r_d / s_d
+        g_a = coef * w_ll * r_a / s_a
+        g_h = coef * w_lh * r_h / s_h
+        g_v = coef * w_hl * r_v / s_v
+        g_d = coef * w_hh * r_d / s_d
         # Transpose of the Haar matrix (it is orthonormal and symmetric up to the sub-band order).
         g_top = tl.join((g_a + g_h + g_v + g_d) * 0.5, (g_a + g_h - g_v - g_d) * 0.5)  # a, b
         g_bottom = tl.join((g_a - g_h + g_v - g_d) * 0.5, (g_a - g_h - g_v + g_d) * 0.5)  # c, d
@@ -134,7 +140,12 @@ def _wavelet_huber_kernel(
         tl.store(g, tl.reshape(g_top, (BLOCK_H, 2 * BLOCK_W)).to(dtype), mask=mask)
         tl.store(g + width, tl.reshape(g_bottom, (BLOCK_H, 2 * BLOCK_W)).to(dtype), mask=mask)
     else:
-        huber = r_a * r_a / (s_a + 1.0) + r_h * r_h / (s_h + 1.0) + r_v * r_v / (s_v + 1.0) + r_d * r_d / (s_d + 1.0)
+        huber = (
+            w_ll * (r_a * r_a / (s_a + 1.0))
+            + w_lh * (r_h * r_h / (s_h + 1.0))
+            + w_hl * (r_v * r_v / (s_v + 1.0))
+            + w_hh * (r_d * r_d / (s_d + 1.0))
+        )
         program = (plane * tl.num_programs(1) + pid_h) * tl.num_programs(2) + pid_w
         # tl.sum is tl.reduce with _sum_combine; spelled out because tl.sum is itself a @triton.jit function,
         # which the interpreter cannot call when Triton was imported before TRITON_INTERPRET=1 was set,
@@ -149,7 +160,7 @@ def _compute_dtype(pred: torch.Tensor, target: torch.Tensor) -> torch.dtype:
 
 
 def _launch(
-    pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, params: dict[str, float], grad_loss: torch.Tensor | None
+    pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, params: dict[str, Any], grad_loss: torch.Tensor | None
 ) -> torch.Tensor:
     """Forward (``grad_loss is None``): per-program weighted partial sums. Backward: the gradient of ``pred``."""
     check_launchable(_wavelet_huber_kernel, pred, target, t)
@@ -169,7 +180,7 @@ def _launch(
         channels, out_h, out_w,
         *pred.stride(), *target.stride(),
         1.0 / pred.numel(), params["gamma"], params["alpha"], params["beta"],
-        params["c_min"], params["c_max"], params["t_clamp"],
+        params["c_min"], params["c_max"], params["t_clamp"], *params["band_weights"],
         BLOCK_H=block_h, BLOCK_W=block_w, BACKWARD=grad_loss is not None,
         ACC=tl.float64 if compute == torch.float64 else tl.float32,
         num_warps=4,
@@ -180,7 +191,7 @@ def _launch(
 class _SnrHuberWaveletLoss(torch.autograd.Function):
     @staticmethod
     def forward(  # noqa: ANN001
-        ctx, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, params: dict[str, float]
+        ctx, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor, params: dict[str, Any]
     ) -> torch.Tensor:
         ctx.save_for_backward(pred, target, t)
         ctx.params = params
@@ -206,6 +217,7 @@ def snr_huber_wavelet_loss(
     c_min: float,
     c_max: float,
     t_clamp: float,
+    band_weights: tuple[float, float, float, float],
 ) -> torch.Tensor:
     """Fused twin of :func:`ultraflux_model.diffusion.losses.snr_huber_wavelet_loss` (same arguments, same value).
 
@@ -220,6 +232,7 @@ def snr_huber_wavelet_loss(
     check_loss_inputs(pred_x0, target_x0, t)
     if pred_x0.numel() == 0:
         raise UltraFluxError("snr_huber_wavelet_loss got an empty batch")
-    params = dict(gamma=gamma, alpha=alpha, beta=beta, c_min=c_min, c_max=c_max, t_clamp=t_clamp)
+    params: dict[str, Any] = dict(gamma=gamma, alpha=alpha, beta=beta, c_min=c_min, c_max=c_max, t_clamp=t_clamp)
     check_loss_params(**params)
+    params["band_weights"] = check_band_weights(band_weights)
     return _SnrHuberWaveletLoss.apply(pred_x0, target_x0, t.contiguous(), params)
