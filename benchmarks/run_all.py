@@ -18,6 +18,7 @@ FULL: dict[str, list[str]] = {
     "bench_curation": [],
     "bench_eval": [],
     "bench_training": [],
+    "bench_loss_ablation": [],
     "bench_partitioned_load": ["--layers", "2", "--single-layers", "2"],
 }
 QUICK: dict[str, list[str]] = {
@@ -27,6 +28,7 @@ QUICK: dict[str, list[str]] = {
     "bench_curation": ["--images", "2", "--side", "1024"],
     "bench_eval": ["--sizes", "1024x1024", "--repeats", "1"],
     "bench_training": ["--repeats", "2"],
+    "bench_loss_ablation": ["--steps", "20", "--seeds", "0"],
     "bench_partitioned_load": [],
 }
 

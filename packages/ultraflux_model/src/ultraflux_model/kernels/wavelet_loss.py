@@ -1,9 +1,9 @@
 """Fused SNR-aware Huber wavelet loss: kernel, launcher, autograd.Function and the public function.
 
 One pass over ``pred_x0`` and ``target_x0`` computes the one-level Haar DWT of the residual, the
-pseudo-Huber of each of the four sub-bands and ω-weighted per-tile partial sums; the backward recomputes
-the residual from the saved inputs and writes ``∂loss/∂pred_x0`` in one pass (no ``[B, 4C, H/2, W/2]``
-intermediate is ever stored). The math is that of
+pseudo-Huber of each of the four sub-bands (times its band weight) and ω-weighted per-tile partial sums; the
+backward recomputes the residual from the saved inputs and writes ``∂loss/∂pred_x0`` in one pass (no
+``[B, 4C, H/2, W/2]`` intermediate is ever stored). The math is that of
 :func:`ultraflux_model.diffusion.losses.snr_huber_wavelet_loss`. The per-sample ω(t), c(t) are computed
 inside the kernel from ``t``: as separate torch ops on ``[B]`` they would be a dozen launches, more than
 the fused loss itself at training sizes. Nothing synchronises with the host.
