@@ -97,7 +97,8 @@ COMPILE_SM90 = textwrap.dedent(
         check(f"rope transpose={transpose}", compile_sm90(_rope_kernel, rope_types, constants, rope_aligned))
 
     loss_types = {"pred_ptr": "*bf16", "target_ptr": "*bf16", "t_ptr": "*fp32", "grad_loss_ptr": "*fp32"}
-    loss_types.update({n: "fp32" for n in ("scale", "gamma", "alpha", "beta", "c_min", "c_max", "t_clamp")})
+    loss_types.update({n: "fp32" for n in ("scale", "gamma", "alpha", "beta", "c_min", "c_max", "t_clamp",
+                                           "w_ll", "w_lh", "w_hl", "w_hh")})
     loss_aligned = ["pred_ptr", "target_ptr", "out_ptr", "stride_pb", "stride_pc", "stride_ph", "stride_tb",
                     "stride_tc", "stride_th", "channels", "out_h", "out_w"]
     for backward in (False, True):
