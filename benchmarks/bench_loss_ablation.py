@@ -16,8 +16,8 @@ over the first / last fifth of the steps; ``err_LL`` … ``err_HH``: mean square
 held-out latents (fixed noise, t ∈ ``--eval-t``) after training, and ``err_total`` their mean (= the latent MSE).
 
 Synthetic latents: 16 channels, a sum of upsampled noise at 2×2, 4×4 and 8×8 (amplitudes 1, 0.6, 0.35) plus
-0.25 i.i.d. noise, normalised to unit std, so most energy is low-frequency as in real VAE latents. A CPU run of the
-default settings takes a few minutes:
+0.25 i.i.d. noise, normalised to unit std, so most energy is low-frequency as in real VAE latents. The default
+settings are 8 runs (4 variants × 2 seeds) of about 70 s of CPU time each (150 steps), ~10 minutes on 2 free cores:
 
     python -m benchmarks.bench_loss_ablation
     python -m benchmarks.bench_loss_ablation --steps 40 --seeds 0   # smoke run
