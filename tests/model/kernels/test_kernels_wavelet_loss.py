@@ -150,7 +150,9 @@ def test_fused_backward_passes_gradcheck_in_float64():
     pred = torch.randn(2, 1, 2, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     target = torch.randn(2, 1, 2, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     t = torch.tensor([0.05, 0.7], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda p, q: fused(p, q, t, **{**LOSS, "c_min": 0.3}), (pred, target), fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda p, q: fused(p, q, t, **{**LOSS, "c_min": 0.3}), (pred, target), fast_mode=True
+    )
 
 
 # ---------------------------------------------------------------- band weights and band rebalancing
