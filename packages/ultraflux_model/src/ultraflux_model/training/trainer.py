@@ -49,7 +49,7 @@ from ultraflux_model.training.curriculum import (
 from ultraflux_model.training.distributed import DistInfo, barrier, init_distributed, sum_across_ranks, use_bf16
 from ultraflux_model.training.ema import ShardedEma
 from ultraflux_model.training.host_memory import peak_rss_bytes
-from ultraflux_model.training.timesteps import timesteps_from_uniform
+from ultraflux_model.training.timesteps import stage_band, timesteps_from_uniform
 
 
 class RunConfig(Protocol):
@@ -155,7 +155,7 @@ def draw_noise_and_t(
         g = torch.Generator().manual_seed(sample_seed(seed, stage_index, step, first_sample + i))
         uniform.append(torch.rand((), generator=g, dtype=torch.float64))
         noise.append(torch.randn(latent_shape[1:], generator=g))
-    t = timesteps_from_uniform(torch.stack(uniform), timesteps, stage.t_min, stage.t_max)
+    t = timesteps_from_uniform(torch.stack(uniform), timesteps, *stage_band(stage, timesteps))
     return torch.stack(noise), t
 
 
