@@ -283,13 +283,23 @@ class TrainConfig(Section):
 class VaeTrainConfig(Section):
     """F16 VAE decoder post-training (encoder frozen; docs/design.md §3)."""
 
-    model: str = Field("artifacts/tiny-ultraflux", description="checkpoint whose vae/ is post-trained")
+    model: str = Field(
+        "artifacts/tiny-ultraflux",
+        description="starting VAE: a diffusers AutoencoderKL folder (config.json + safetensors) with stride 2, a "
+        "checkpoint holding one in vae/ (e.g. Owen777/UltraFlux-v1), a hub id of either, or models:/NAME@ALIAS",
+    )
     images: Path = Field(Path("artifacts/data/ingest/images"), description="folder of training images (recursive, "
                          "each file once) or the filter's vae subset (<root>/subsets/vae.parquet)")
+    heldout_manifest: Path | None = Field(
+        None,
+        description="fixed held-out images, JSON {images: [{path, sha256}]} (paths relative to the file or "
+        "absolute), never trained on (overlap with `images` is refused); None: `heldout` images drawn by `seed` "
+        "from `images`, written to <out>/heldout.json",
+    )
     out: Path = Field(Path("artifacts/vae-post"), description="exported vae/ and the before/after report")
     crop: int = Field(64, ge=32, description="square crop side (paper 512); a multiple of 32")
     least_flat: float = Field(0.5, gt=0.0, le=1.0, description="train on this least-flat share of the images")
-    heldout: int = Field(4, ge=2, description="images held out for the before/after report")
+    heldout: int = Field(4, ge=2, description="images drawn for the before/after report when no heldout_manifest")
     steps: int = Field(30, ge=1)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(1e-4, gt=0.0)
