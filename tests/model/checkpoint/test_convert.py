@@ -23,7 +23,7 @@ from ultraflux_model.checkpoint.tiny import MODEL_INDEX, POOLED_DIM, TEXT_DIM, t
 from ultraflux_model.config import GenerateConfig
 from ultraflux_model.inference.pipeline import generate_from_config
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
-from ultraflux_model.training.timesteps import stage_band
+from ultraflux_model.training.curriculum import stage_band
 from ultraflux_model.vae.autoencoder import UltraFluxAutoencoderKL
 
 ROOT = Path(__file__).resolve().parents[3]

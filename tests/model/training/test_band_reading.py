@@ -9,13 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 from ultraflux_model.config import StageConfig, TimestepConfig, TrainConfig
+from ultraflux_model.training.curriculum import paper_band_sigmas, stage_band, stage_plans
 from ultraflux_model.training.timesteps import (
     SHARE_TABLE_LAWS,
     band_share,
-    paper_band_sigmas,
     reading_share_table,
     sample_timesteps,
-    stage_band,
     unshift_timesteps,
 )
 from ultraflux_model.training.trainer import draw_noise_and_t
@@ -50,6 +49,9 @@ def test_default_reading_keeps_todays_stage2_band():
     assert stage_band(train.stages[0], train.timesteps) == (0.0, 1.0)
     low = TimestepConfig(band_reading="index_low")
     assert stage_band(stage2, low) == (0.0, 0.459)
+    # the curriculum's plans carry the resolved band
+    assert [p.band for p in stage_plans(train)] == [(0.0, 1.0), (0.541, 1.0)]
+    assert stage_plans(train.model_copy(update={"timesteps": low}))[1].band == (0.0, 0.459)
 
 
 def test_trainer_draws_in_the_band_of_the_configured_reading():

@@ -131,7 +131,8 @@ def plan_run(
     ``bucket_family`` and ``text_tokens`` are the data the run trains on (``data.buckets.family``,
     ``data.cache.max_sequence_length``): activations are sized at the family's largest bucket.
     """
-    from ultraflux_model.training.timesteps import band_share, stage_band
+    from ultraflux_model.training.curriculum import stage_band
+    from ultraflux_model.training.timesteps import band_share
 
     if gpus < 1 or nodes < 1:
         raise UltraFluxError(f"--gpus and --nodes must be ≥ 1 (got {gpus}, {nodes})")

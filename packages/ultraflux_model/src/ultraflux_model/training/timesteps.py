@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ultraflux_model.config import SCHEDULER_STEPS, BandReading, StageConfig, TimestepConfig
+from ultraflux_model.config import TimestepConfig
+from ultraflux_model.training.curriculum import paper_band_sigmas
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -80,29 +81,6 @@ def band_share(cfg: TimestepConfig, draw: tuple[float, float], band: tuple[float
     if lo >= hi:
         return 0.0
     return band_probability(cfg, lo, hi) / band_probability(cfg, *draw)
-
-
-def paper_band_sigmas(band: tuple[int, int], reading: BandReading, steps: int = SCHEDULER_STEPS) -> tuple[float, float]:
-    """The σ band (t_min, t_max) of the scheduler timesteps ``band`` = (first, last) of ``steps``, read as ``reading``.
-
-    The training scheduler (diffusers FlowMatchEuler, FLUX.1-dev's unshifted training schedule) holds, for index
-    i = 0 … steps−1, ``timesteps[i] = steps − i`` and ``sigmas[i] = 1 − i/steps`` (descending: index 0 is pure
-    noise). ``sigma_high``: the numbers are indices i, as the training scripts draw them
-    (``timesteps = scheduler.timesteps[(u·steps).long()]``), so σ ∈ [1 − last/steps, 1 − first/steps]; "0–459" is
-    σ ≥ 0.541, the high-noise end the abstract names. ``index_low``: the numbers are timestep values σ·steps (the
-    paper's Eq. 9, where a lower t is less noise), so σ ∈ [first/steps, last/steps]; "0–459" is σ ≤ 0.459.
-    """
-    first, last = band
-    if reading == "sigma_high":
-        return (steps - last) / steps, (steps - first) / steps
-    return first / steps, last / steps
-
-
-def stage_band(stage: StageConfig, cfg: TimestepConfig) -> tuple[float, float]:
-    """The stage's band (t_min, t_max): its ``paper_band`` read by ``cfg.band_reading``, else its t_min/t_max."""
-    if stage.paper_band is None:
-        return stage.t_min, stage.t_max
-    return paper_band_sigmas(stage.paper_band, cfg.band_reading)
 
 
 # The laws the docs' share table compares (docs/training.md, "Paper facts and our readings").

@@ -43,13 +43,14 @@ from ultraflux_model.training.curriculum import (
     TRANSFORMER_DIR,
     StagePlan,
     find_stage,
+    stage_band,
     stage_plans,
     stages_to_run,
 )
 from ultraflux_model.training.distributed import DistInfo, barrier, init_distributed, sum_across_ranks, use_bf16
 from ultraflux_model.training.ema import ShardedEma
 from ultraflux_model.training.host_memory import peak_rss_bytes
-from ultraflux_model.training.timesteps import stage_band, timesteps_from_uniform
+from ultraflux_model.training.timesteps import timesteps_from_uniform
 
 
 class RunConfig(Protocol):
