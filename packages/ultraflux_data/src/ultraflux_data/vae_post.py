@@ -147,9 +147,10 @@ def read_heldout_manifest(path: Path) -> list[tuple[Path, str]]:
 
 
 def write_heldout_manifest(path: Path, images: list[SourceImage]) -> Path:
-    """Write the manifest of ``images`` to ``path`` (paths relative to its folder), atomically."""
+    """Write the manifest of ``images`` to ``path`` (absolute paths, so a copy of it elsewhere still points at
+    them), atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    entries = [{"path": os.path.relpath(Path(img.path).resolve(), path.parent.resolve()), "sha256": img.sha256,
+    entries = [{"path": str(Path(img.path).resolve()), "sha256": img.sha256,
                 "width": int(img.array.shape[1]), "height": int(img.array.shape[0])} for img in images]
     tmp = path.with_name(f".tmp-{path.name}")
     tmp.write_text(json.dumps({"images": entries}, indent=2) + "\n")
