@@ -22,10 +22,8 @@ def post_train(cfg: UltraFluxConfig) -> VaeReport:
 def vae_flow(config: list[str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     cfg = resolve_config(config, overrides)
     report = post_train(cfg)
-    rows = "".join(f"| {k} | {report.before[k]:.4f} | {report.after[k]:.4f} |\n" for k in sorted(report.before))
-    table = f"| metric | before | after |\n|---|---|---|\n{rows}"
-    create_markdown_artifact(key="vae-post-training",
-                             markdown=f"### VAE decoder post-training\n\n{table}\nexport: `{report.export}`\n")
+    create_markdown_artifact(key="vae-post-training", markdown=f"### VAE decoder post-training\n\n{report.table()}"
+                             f"\nstart: `{report.start_vae}`, export: `{report.export}`\n")
     return {"before": report.before, "after": report.after, "export": str(report.export)}
 
 

@@ -151,6 +151,23 @@ def test_official_filters_and_subsets():
     assert out["in_stage2"].le(out["in_train"]).all() and out["in_vae"].le(out["in_train"]).all()
 
 
+def test_stage2_pool_and_an_already_filtered_release():
+    """Our reading takes stage 2 from the training set (5 % of the top 30 %); full_pool from every passing image;
+    aesthetics_top 1.0 (a release already filtered by aesthetics) keeps every passing image for training."""
+    official = dict(min_long_side=3840, min_short_side=2160, min_qalign=4.0, aesthetics_top=0.3)
+    subset = apply_filters(_scores_frame(), FilterConfig(**official, stage2_top=0.2)).set_index("key")
+    assert list(subset[subset["in_stage2"]].index) == ["k15"]  # ceil(0.2 * 5) = 1 of the training set
+    full = apply_filters(_scores_frame(), FilterConfig(**official, stage2_top=0.2, stage2_pool="full_pool"))
+    full = full.set_index("key")
+    assert sorted(full[full["in_stage2"]].index) == ["k12", "k13", "k14", "k15"]  # ceil(0.2 * 16) = 4 of the pool
+    assert full["in_stage2"].le(full["in_train"]).all()
+    assert full["in_train"].equals(subset["in_train"]) and full["in_vae"].equals(subset["in_vae"])
+    kept = apply_filters(_scores_frame(), FilterConfig(**{**official, "aesthetics_top": 1.0})).set_index("key")
+    assert kept["in_train"].equals(kept["passed"]) and kept["in_train"].sum() == 16
+    with pytest.raises(ValueError, match="stage2_top"):
+        FilterConfig(aesthetics_top=0.3, stage2_top=0.5, stage2_pool="full_pool")
+
+
 def test_select_subsets_writes_parquets(tmp_path):
     scores = _scores_frame()
     scores.to_parquet(tmp_path / "scores.parquet")

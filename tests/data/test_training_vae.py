@@ -33,7 +33,7 @@ def test_post_training_lowers_reconstruction_error(tiny_checkpoint: Path, images
     assert report.after["psnr"] > report.before["psnr"]
     before_vae = UltraFluxAutoencoderKL.from_pretrained(tiny_checkpoint / "vae").eval()
     after_vae = UltraFluxAutoencoderKL.from_pretrained(report.export).eval()
-    arrays = [a for _, a in load_images(images, cfg.crop)[0]]
+    arrays = [img.array for img in load_images(images, cfg.crop)[0]]
     x = random_crops(arrays, 4, cfg.crop, np.random.default_rng(123))
     with torch.no_grad():
         err_before = torch.mean((reconstruct(before_vae, x) - x) ** 2)

@@ -30,7 +30,7 @@ def test_an_ingest_root_counts_each_picture_once(tmp_path):
     copy = tmp_path / "ingest" / "downloads" / "a-download.png"
     images, skipped = load_images(tmp_path / "ingest", min_side=32)
     # name order: downloads/ comes first, so its copy is kept and images/a.png is the duplicate
-    assert sorted(p.name for p, _ in images) == ["a-download.png", "b.png"]
+    assert sorted(img.path.name for img in images) == ["a-download.png", "b.png"]
     assert skipped == {str(a): f"duplicate of {copy}"}
 
 
@@ -40,7 +40,7 @@ def test_the_vae_subset_parquet_selects_the_training_files(tmp_path):
     (tmp_path / "subsets").mkdir()
     pd.DataFrame({"key": ["b"], "path": ["images/b.png"]}).to_parquet(tmp_path / "subsets" / "vae.parquet")
     images, skipped = load_images(tmp_path / "subsets" / "vae.parquet", min_side=32)
-    assert [p for p, _ in images] == [b] and skipped == {}
+    assert [img.path for img in images] == [b] and skipped == {}
     pd.DataFrame({"key": ["b"]}).to_parquet(tmp_path / "subsets" / "bad.parquet")
     with pytest.raises(UltraFluxError, match="no `path` column"):
         load_images(tmp_path / "subsets" / "bad.parquet", min_side=32)

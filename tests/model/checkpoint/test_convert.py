@@ -23,6 +23,7 @@ from ultraflux_model.checkpoint.tiny import MODEL_INDEX, POOLED_DIM, TEXT_DIM, t
 from ultraflux_model.config import GenerateConfig
 from ultraflux_model.inference.pipeline import generate_from_config
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
+from ultraflux_model.training.curriculum import stage_band
 from ultraflux_model.vae.autoencoder import UltraFluxAutoencoderKL
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -124,6 +125,8 @@ def test_reproduce_preset_starts_from_the_converted_flux_dev_layout():
     cfg = load_config(ROOT / "params.yaml", ROOT / "configs/4k-reproduce.yaml")
     assert cfg.train.model == cfg.vae_train.model == str(cfg.data.cache.model) == "checkpoints/ultraflux-from-flux-dev"
     s1, s2 = cfg.train.stages
-    assert (s1.subset, s1.t_min, s1.steps, s2.subset, s2.t_min, s2.steps) == ("all", 0.0, 30000, "stage2", 0.541, 2000)
+    band = stage_band(s2, cfg.train.timesteps)  # the paper's "0-459" read as scheduler indices: σ ≥ 0.541
+    assert (s1.subset, s1.t_min, s1.steps) == ("all", 0.0, 30000)
+    assert (s2.subset, band, s2.steps) == ("stage2", (0.541, 1.0), 2000)
     assert s1.lr == s2.lr == 1e-6 and cfg.data.filter.stage2_top == 0.05
     assert (ROOT / "configs/4k.yaml").resolve() == (ROOT / "configs/4k-reproduce.yaml").resolve()

@@ -94,7 +94,7 @@ def test_stages_chain_through_exports(tmp_path: Path) -> None:
     first, second = stage_plans(cfg)
     assert first.init_from == tmp_path / "base" / "transformer"
     assert second.init_from == tmp_path / "run" / "stage1" / "export" / "transformer"
-    assert second.stage.subset == "stage2" and second.stage.t_min == pytest.approx(0.541)
+    assert second.stage.subset == "stage2" and second.band == (0.541, 1.0)
 
 
 def test_ema_tracks_the_weights_and_exports_full_tensors() -> None:

@@ -60,8 +60,7 @@ def vae_train_command(*, config: list[Path], overrides: list[str]) -> None:
 
     cfg = resolve_config(config, overrides)
     report = post_train_vae(cfg.vae_train, cfg.tracking)
-    for name in sorted(report.before):
-        typer.echo(f"{name:>6}: {report.before[name]:.4f} -> {report.after[name]:.4f}")
+    typer.echo(report.table(), nl=False)
     typer.echo(f"exported {report.export}")
 
 

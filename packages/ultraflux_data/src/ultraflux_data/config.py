@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from ultraflux_core.config import Section
 from ultraflux_model.config import Dtype
 
@@ -76,9 +76,30 @@ class FilterConfig(Section):
     min_qalign: float | None = Field(
         1.0, description="keep if Q-Align > this (official 4.0; Q-Align lies in [1, 5]); null skips the rule"
     )
-    aesthetics_top: float = Field(0.75, gt=0.0, le=1.0, description="training set: top share by aesthetics (0.30)")
-    stage2_top: float = Field(0.4, gt=0.0, le=1.0, description="SACL stage 2: top share of the training set (0.05)")
+    aesthetics_top: float = Field(
+        0.75, gt=0.0, le=1.0,
+        description="training set: top share by aesthetics (paper 0.30; 1.0 keeps every image that passes, for a "
+        "release that is already aesthetics-filtered)",
+    )
+    stage2_top: float = Field(
+        0.4, gt=0.0, le=1.0, description="SACL stage 2: top share by aesthetics of stage2_pool (paper 0.05)"
+    )
+    stage2_pool: Literal["aesthetic_subset", "full_pool"] = Field(
+        "aesthetic_subset",
+        description="what stage2_top is a share of: the training set (top aesthetics_top; our reading) or every "
+        "image passing the quality filters (docs/training.md, paper facts and our readings)",
+    )
     vae_least_flat: float = Field(0.5, gt=0.0, le=1.0, description="VAE post-training: least-flat share (0.5)")
+
+    @model_validator(mode="after")
+    def _stage2_inside_training_set(self) -> FilterConfig:
+        # the stage-2 images are cached with the training set: a share of the whole pool must stay inside it
+        if self.stage2_pool == "full_pool" and self.stage2_top > self.aesthetics_top:
+            raise ValueError(
+                f"stage2_pool full_pool needs stage2_top ({self.stage2_top}) <= aesthetics_top "
+                f"({self.aesthetics_top}): stage 2 trains on training-set images only"
+            )
+        return self
 
 
 class BucketConfig(Section):

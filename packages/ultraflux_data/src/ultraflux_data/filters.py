@@ -4,7 +4,8 @@
    side ≥ ``min_short_side``, any orientation), flatness (drop if ``flat_percentage > max_flat``), entropy
    (keep if ``≥ min_entropy``), Q-Align (keep if ``> min_qalign``; a missing score fails; ``None`` skips it).
 2. Training set: the images passing every filter, top ``aesthetics_top`` share by aesthetics score.
-3. SACL stage 2: the top ``stage2_top`` share of the training set by aesthetics.
+3. SACL stage 2: the top ``stage2_top`` share by aesthetics of the training set (``stage2_pool:
+   aesthetic_subset``, our reading: 5 % of the top 30 %) or of every image passing step 1 (``full_pool``).
 4. VAE post-training: the least-flat ``vae_least_flat`` share of the training set (ascending flatness, higher
    entropy first among ties).
 A share keeps ``ceil(share × n)`` rows (at least one when n > 0). Ties are broken by ``key`` so the selection
@@ -76,9 +77,10 @@ def apply_filters(scores: pd.DataFrame, cfg: FilterConfig) -> pd.DataFrame:
     ]
     pool = out[out["passed"]]
     check_one_scorer(pool, "aesthetics_score")
-    train = _top(pool.assign(aesthetics_score=pool["aesthetics_score"].fillna(-math.inf)), cfg.aesthetics_top,
-                 ["aesthetics_score"], [False])
-    stage2 = _top(train, cfg.stage2_top, ["aesthetics_score"], [False])
+    ranked = pool.assign(aesthetics_score=pool["aesthetics_score"].fillna(-math.inf))
+    train = _top(ranked, cfg.aesthetics_top, ["aesthetics_score"], [False])
+    stage2 = _top(train if cfg.stage2_pool == "aesthetic_subset" else ranked, cfg.stage2_top,
+                  ["aesthetics_score"], [False])
     vae = _top(train, cfg.vae_least_flat, ["flat_percentage", "shannon_entropy"], [True, False])
     for name, subset in zip(SUBSETS, (train, stage2, vae), strict=True):
         out[f"in_{name}"] = out["key"].isin(subset["key"])

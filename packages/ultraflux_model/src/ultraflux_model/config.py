@@ -111,6 +111,8 @@ def check_image_size(width: int, height: int) -> None:
 
 
 TimestepSampling = Literal["uniform", "logit_normal"]
+BandReading = Literal["sigma_high", "index_low"]
+SCHEDULER_STEPS = 1000  # the training scheduler's num_train_timesteps, the scale of a stage's paper_band
 
 
 class TimestepConfig(Section):
@@ -125,6 +127,12 @@ class TimestepConfig(Section):
         description="a stage's t_min/t_max bound the shifted t (the σ in z_t), or the draw before the shift "
         "(scheduler-index reading); identical when shift is 1 (docs/training.md, timestep law)",
     )
+    band_reading: BandReading = Field(
+        "sigma_high",
+        description="how a stage's paper_band (the paper's 'timesteps 0-459') becomes σ: sigma_high = indices into "
+        "the descending sigma schedule (σ = 1 - i/1000, stage 2 σ ≥ 0.541); index_low = timestep values σ·1000 "
+        "(stage 2 σ ≤ 0.459); see docs/training.md, paper facts and our readings",
+    )
 
 
 class StageConfig(Section):
@@ -134,8 +142,13 @@ class StageConfig(Section):
     subset: Literal["all", "stage2"] = Field(
         "all", description="cache subset: everything, or the stage-2 members (top data.filter.stage2_top by aesthetics)"
     )
-    t_min: float = Field(0.0, ge=0.0, lt=1.0, description="lower end of the timestep band (stage 2: 0.541)")
+    t_min: float = Field(0.0, ge=0.0, lt=1.0, description="lower end of the timestep band")
     t_max: float = Field(1.0, gt=0.0, le=1.0, description="upper end of the timestep band")
+    paper_band: tuple[int, int] | None = Field(
+        None,
+        description="the band as the paper writes it, scheduler timesteps of 1000 (stage 2: [0, 459]); turned into "
+        "σ by train.timesteps.band_reading; None: t_min/t_max as given (which must stay 0/1 when this is set)",
+    )
     steps: int = Field(8, ge=1, description="optimizer steps")
     lr: float = Field(1e-4, gt=0.0)
     micro_batch: int = Field(2, ge=1, description="samples per rank per forward/backward")
@@ -152,6 +165,20 @@ class StageConfig(Section):
         if t_min is not None and t_min >= t_max:
             raise ValueError(f"t_min ({t_min}) must be below t_max ({t_max})")
         return t_max
+
+    @field_validator("paper_band")
+    @classmethod
+    def _paper_band_alone(cls, band: tuple[int, int] | None, info: Any) -> tuple[int, int] | None:
+        if band is None:
+            return band
+        lo, hi = band
+        if not 0 <= lo < hi <= SCHEDULER_STEPS:
+            raise ValueError(
+                f"paper_band {list(band)} must be [first, last] with 0 <= first < last <= {SCHEDULER_STEPS}"
+            )
+        if (info.data.get("t_min"), info.data.get("t_max")) != (0.0, 1.0):
+            raise ValueError("set either paper_band or t_min/t_max, not both (paper_band derives the band)")
+        return band
 
     @model_validator(mode="before")
     @classmethod
@@ -225,7 +252,9 @@ class TrainConfig(Section):
     run_dir: Path = Field(Path("artifacts/train"), description="checkpoints, exports and metrics go here")
     stages: tuple[StageConfig, ...] = (
         StageConfig(name="stage1", steps=40, lr=1e-3),
-        StageConfig(name="stage2", subset="stage2", t_min=0.541, steps=10, lr=5e-4, micro_batch=1, global_batch=2),
+        StageConfig(
+            name="stage2", subset="stage2", paper_band=(0, 459), steps=10, lr=5e-4, micro_batch=1, global_batch=2
+        ),
     )
     timesteps: TimestepConfig = TimestepConfig()
     loss: LossConfig = LossConfig()
@@ -267,13 +296,23 @@ class TrainConfig(Section):
 class VaeTrainConfig(Section):
     """F16 VAE decoder post-training (encoder frozen; docs/design.md §3)."""
 
-    model: str = Field("artifacts/tiny-ultraflux", description="checkpoint whose vae/ is post-trained")
+    model: str = Field(
+        "artifacts/tiny-ultraflux",
+        description="starting VAE: a diffusers AutoencoderKL folder (config.json + safetensors) with stride 2, a "
+        "checkpoint holding one in vae/ (e.g. Owen777/UltraFlux-v1), a hub id of either, or models:/NAME@ALIAS",
+    )
     images: Path = Field(Path("artifacts/data/ingest/images"), description="folder of training images (recursive, "
                          "each file once) or the filter's vae subset (<root>/subsets/vae.parquet)")
+    heldout_manifest: Path | None = Field(
+        None,
+        description="fixed held-out images, JSON {images: [{path, sha256}]} (paths relative to the file or "
+        "absolute), never trained on (overlap with `images` is refused); None: `heldout` images drawn by `seed` "
+        "from `images`, written to <out>/heldout.json",
+    )
     out: Path = Field(Path("artifacts/vae-post"), description="exported vae/ and the before/after report")
     crop: int = Field(64, ge=32, description="square crop side (paper 512); a multiple of 32")
     least_flat: float = Field(0.5, gt=0.0, le=1.0, description="train on this least-flat share of the images")
-    heldout: int = Field(4, ge=2, description="images held out for the before/after report")
+    heldout: int = Field(4, ge=2, description="images drawn for the before/after report when no heldout_manifest")
     steps: int = Field(30, ge=1)
     batch_size: int = Field(2, ge=1)
     lr: float = Field(1e-4, gt=0.0)

@@ -31,10 +31,9 @@ from ultraflux_core.files import link_or_copy
 
 from ultraflux_model.checkpoint.layout import CHECKPOINT_PARTS, check_checkpoint_layout
 from ultraflux_model.checkpoint.loading import unknown_config_keys
-from ultraflux_model.checkpoint.resolve import resolve_checkpoint
+from ultraflux_model.checkpoint.resolve import F16_STRIDE, resolve_checkpoint, resolve_vae
 
 YARN_KEYS = {"method": "yarn"}  # what the official UltraFlux transformer config adds to FLUX.1-dev's
-F16_STRIDE = 2
 
 def _read_config(path: Path) -> dict:
     try:
@@ -88,14 +87,9 @@ def convert_flux_dev(src: str | Path, dst: str | Path, vae: str = "f16-init") ->
     if dst.exists():
         raise UltraFluxError(f"{dst} already exists; choose a new destination or remove it first")
     transformer = transformer_config_from_flux_dev(_read_config(root / "transformer" / "config.json"))
-    vae_source = root / "vae" if vae == "f16-init" else resolve_checkpoint(vae)
-    if vae != "f16-init" and (vae_source / "vae" / "config.json").is_file():
-        vae_source = vae_source / "vae"  # a whole checkpoint was given: take its vae/
-    vae_config = _read_config(vae_source / "config.json")
-    if vae != "f16-init" and int(vae_config.get("stride", 1)) != F16_STRIDE:
-        raise UltraFluxError(f"{vae_source} is not an F16 VAE (stride {vae_config.get('stride', 1)}); "
-                             "pass an F16 VAE folder or the default --vae f16-init")
-    vae_config = f16_vae_config(vae_config)
+    # an existing F16 VAE: its folder, a checkpoint's vae/ or a hub id (other strides refused)
+    vae_source = root / "vae" if vae == "f16-init" else resolve_vae(vae)
+    vae_config = f16_vae_config(_read_config(vae_source / "config.json"))
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

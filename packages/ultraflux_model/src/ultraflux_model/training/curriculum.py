@@ -2,7 +2,9 @@
 
 Stage 1 trains on everything over the whole timestep range; stage 2 continues from stage 1's export on
 the top share by aesthetics in the high-noise band (docs/design.md §3 SACL). Stages are config, so a run may
-have any number of them; each starts from the previous stage's consolidated export.
+have any number of them; each starts from the previous stage's consolidated export. A stage's band is given
+directly (t_min/t_max) or as the paper writes it (``paper_band``, scheduler timesteps) read through
+``train.timesteps.band_reading`` (docs/training.md, "Paper facts and our readings").
 """
 
 from __future__ import annotations
@@ -13,12 +15,35 @@ from pathlib import Path
 
 from ultraflux_core.errors import UltraFluxError
 
-from ultraflux_model.config import StageConfig, TrainConfig
+from ultraflux_model.config import SCHEDULER_STEPS, BandReading, StageConfig, TimestepConfig, TrainConfig
 
 EXPORT_DIR = "export"
 TRANSFORMER_DIR = "transformer"
 EMA_EXPORT_DIR = "export_ema"
 DONE_MARKER = "DONE"  # in the stage folder once its final export is complete
+
+
+def paper_band_sigmas(band: tuple[int, int], reading: BandReading, steps: int = SCHEDULER_STEPS) -> tuple[float, float]:
+    """The σ band (t_min, t_max) of the scheduler timesteps ``band`` = (first, last) of ``steps``, read as ``reading``.
+
+    The training scheduler (diffusers FlowMatchEuler, FLUX.1-dev's unshifted training schedule) holds, for index
+    i = 0 … steps−1, ``timesteps[i] = steps − i`` and ``sigmas[i] = 1 − i/steps`` (descending: index 0 is pure
+    noise). ``sigma_high``: the numbers are indices i, as the training scripts draw them
+    (``timesteps = scheduler.timesteps[(u·steps).long()]``), so σ ∈ [1 − last/steps, 1 − first/steps]; "0–459" is
+    σ ≥ 0.541, the high-noise end the abstract names. ``index_low``: the numbers are timestep values σ·steps (the
+    paper's Eq. 9, where a lower t is less noise), so σ ∈ [first/steps, last/steps]; "0–459" is σ ≤ 0.459.
+    """
+    first, last = band
+    if reading == "sigma_high":
+        return (steps - last) / steps, (steps - first) / steps
+    return first / steps, last / steps
+
+
+def stage_band(stage: StageConfig, cfg: TimestepConfig) -> tuple[float, float]:
+    """The stage's band (t_min, t_max): its ``paper_band`` read by ``cfg.band_reading``, else its t_min/t_max."""
+    if stage.paper_band is None:
+        return stage.t_min, stage.t_max
+    return paper_band_sigmas(stage.paper_band, cfg.band_reading)
 
 
 @dataclass(frozen=True)
@@ -29,6 +54,7 @@ class StagePlan:
     stage: StageConfig
     dir: Path  # <run_dir>/<stage name>: checkpoints/, export/, export_ema/, metrics.jsonl
     init_from: Path  # a diffusers transformer directory
+    band: tuple[float, float] = (0.0, 1.0)  # (t_min, t_max) the stage draws t in (:func:`stage_band`)
 
     @property
     def checkpoints(self) -> Path:
@@ -68,7 +94,8 @@ def stage_plans(train: TrainConfig) -> list[StagePlan]:
     plans: list[StagePlan] = []
     init_from = Path(train.model) / TRANSFORMER_DIR
     for index, stage in enumerate(train.stages):
-        plan = StagePlan(index=index, stage=stage, dir=Path(train.run_dir) / stage.name, init_from=init_from)
+        plan = StagePlan(index=index, stage=stage, dir=Path(train.run_dir) / stage.name, init_from=init_from,
+                         band=stage_band(stage, train.timesteps))
         plans.append(plan)
         init_from = plan.export / TRANSFORMER_DIR
     return plans

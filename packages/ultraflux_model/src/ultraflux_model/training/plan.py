@@ -131,6 +131,7 @@ def plan_run(
     ``bucket_family`` and ``text_tokens`` are the data the run trains on (``data.buckets.family``,
     ``data.cache.max_sequence_length``): activations are sized at the family's largest bucket.
     """
+    from ultraflux_model.training.curriculum import stage_band
     from ultraflux_model.training.timesteps import band_share
 
     if gpus < 1 or nodes < 1:
@@ -147,7 +148,8 @@ def plan_run(
     ckpt = train.gradient_checkpointing
     one = activation_bytes(shape, image_tokens, text_tokens, micro_batch=1, b=b, checkpointing=ckpt)
     max_micro = max(0, int((gpu_memory_gb * GB - fixed) // one.peak))
-    first = train.stages[0]
+    law = train.timesteps
+    first = stage_band(train.stages[0], law)
     stages = []
     for st in train.stages:
         micro, glob = stage_batch(st, world)
@@ -160,7 +162,7 @@ def plan_run(
             name=st.name, micro_batch=micro, global_batch=glob, grad_accum=glob / (micro * world), steps=st.steps,
             activations_gb=act.peak / GB, total_gb=total / GB, fits=total <= gpu_memory_gb * GB,
             step_s=step_s, hours=step_s * st.steps / 3600,
-            stage1_draws_in_band=band_share(train.timesteps, (first.t_min, first.t_max), (st.t_min, st.t_max)),
+            stage1_draws_in_band=band_share(law, first, stage_band(st, law)),
         ))
     by_stage = {
         z: (model_state_bytes(params, largest, zero_stage=z, precision=precision, gpus=world).total + ema) / GB

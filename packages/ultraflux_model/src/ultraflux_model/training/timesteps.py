@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ultraflux_model.config import TimestepConfig
+from ultraflux_model.training.curriculum import paper_band_sigmas
 
 
 def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -80,3 +81,28 @@ def band_share(cfg: TimestepConfig, draw: tuple[float, float], band: tuple[float
     if lo >= hi:
         return 0.0
     return band_probability(cfg, lo, hi) / band_probability(cfg, *draw)
+
+
+# The laws the docs' share table compares (docs/training.md, "Paper facts and our readings").
+SHARE_TABLE_LAWS: dict[str, TimestepConfig] = {
+    "uniform, shift 1": TimestepConfig(sampling="uniform"),
+    "logit-normal(0, 1), shift 1": TimestepConfig(),
+    "uniform, shift 3, band on the shifted t": TimestepConfig(sampling="uniform", shift=3.0),
+    "logit-normal(0, 1), shift 3, band on the shifted t": TimestepConfig(shift=3.0),
+    "logit-normal(0, 1), shift 3, band on the unshifted draw": TimestepConfig(shift=3.0, band_schedule="unshifted"),
+}
+
+
+def reading_share_table(
+    band: tuple[int, int] = (0, 459), laws: dict[str, TimestepConfig] | None = None
+) -> list[dict[str, object]]:
+    """Per law and band reading: stage 2's σ band from ``band`` and the share of stage 1's draws (t ∈ [0, 1])
+    that fall in it, i.e. how much of what stage 1 already trains on stage 2 repeats (stage 2 itself draws only
+    inside its band)."""
+    rows: list[dict[str, object]] = []
+    for name, law in (SHARE_TABLE_LAWS if laws is None else laws).items():
+        for reading in ("sigma_high", "index_low"):
+            sigmas = paper_band_sigmas(band, reading)
+            rows.append({"law": name, "reading": reading, "t_min": sigmas[0], "t_max": sigmas[1],
+                         "stage1_share": band_share(law, (0.0, 1.0), sigmas)})
+    return rows

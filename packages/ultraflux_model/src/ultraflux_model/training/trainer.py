@@ -43,6 +43,7 @@ from ultraflux_model.training.curriculum import (
     TRANSFORMER_DIR,
     StagePlan,
     find_stage,
+    stage_band,
     stage_plans,
     stages_to_run,
 )
@@ -155,7 +156,7 @@ def draw_noise_and_t(
         g = torch.Generator().manual_seed(sample_seed(seed, stage_index, step, first_sample + i))
         uniform.append(torch.rand((), generator=g, dtype=torch.float64))
         noise.append(torch.randn(latent_shape[1:], generator=g))
-    t = timesteps_from_uniform(torch.stack(uniform), timesteps, stage.t_min, stage.t_max)
+    t = timesteps_from_uniform(torch.stack(uniform), timesteps, *stage_band(stage, timesteps))
     return torch.stack(noise), t
 
 

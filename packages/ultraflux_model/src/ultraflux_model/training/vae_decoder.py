@@ -82,19 +82,21 @@ def export_vae(vae: torch.nn.Module, out: Path) -> Path:
     return out
 
 
-def decoder_trainable_vae(model_dir: Path, device: torch.device) -> torch.nn.Module:
-    """The checkpoint's F16 VAE in float32 with only the decoder trainable (``post_quant_conv`` is absent in the
-    F16 VAE: the decoder is all that trains)."""
+def decoder_trainable_vae(vae_dir: Path, device: torch.device) -> torch.nn.Module:
+    """The F16 VAE of ``vae_dir`` (a diffusers AutoencoderKL folder, ``checkpoint.resolve.resolve_vae``) in float32
+    with only the decoder trainable (``post_quant_conv`` is absent in the F16 VAE: the decoder is all that trains)."""
     from ultraflux_model.vae.autoencoder import UltraFluxAutoencoderKL
 
-    vae = UltraFluxAutoencoderKL.from_pretrained(Path(model_dir) / "vae", torch_dtype=torch.float32).to(device)
+    vae = UltraFluxAutoencoderKL.from_pretrained(Path(vae_dir), torch_dtype=torch.float32).to(device)
     vae.requires_grad_(False)
     vae.decoder.requires_grad_(True)
     return vae
 
 
-def train_decoder(vae: torch.nn.Module, arrays: list[np.ndarray], perceptual: torch.nn.Module, cfg: VaeTrainConfig,
-                  rng: np.random.Generator, on_step: Callable[[int, dict[str, float]], None] | None = None) -> list[float]:
+def train_decoder(
+    vae: torch.nn.Module, arrays: list[np.ndarray], perceptual: torch.nn.Module, cfg: VaeTrainConfig,
+    rng: np.random.Generator, on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[float]:
     """``cfg.steps`` AdamW steps on random ``cfg.crop``² crops of ``arrays`` (uint8 ``[H, W, 3]``); returns the
     losses. ``on_step(step, parts)`` sees each step's loss parts (1-based step)."""
     device = next(vae.parameters()).device
