@@ -55,7 +55,9 @@ def generate_benchmark(
 
     spec = spec_cfg.benchmark
     aspects = [(a.name, a.width, a.height) for a in spec.aspect_ratios]
-    grid = generate_grid(model, benchmark_prompts(spec), aspects, spec.seeds, gen, out_dir, tracking_uri)
+    grid = generate_grid(
+        model, benchmark_prompts(spec), aspects, spec.seeds, gen, out_dir, tracking_uri, seed_policy=spec.seed_policy
+    )
     return [g.image.path for g in grid], [g.image.prompt for g in grid], [g.aspect for g in grid]
 
 

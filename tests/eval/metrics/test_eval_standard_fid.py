@@ -114,3 +114,33 @@ def test_inception_refuses_non_tensor_pickles_and_wrong_files(tmp_path):
     result = CliRunner().invoke(app, ["fid", str(tmp_path), str(tmp_path), "--resize", "bicubic",
                                       "--inception-weights", str(other)])
     assert result.exit_code != 0 and "--resize must be one of" in str(result.exception)
+
+
+def _d4k_reference(path, size: int) -> torch.Tensor:
+    """Diffusion-4K's ``fid_preprocess`` (generate_and_eval_fid.py), as written there: uint8 ``[1, 3, size, size]``."""
+    from torchvision.transforms import functional as F
+
+    image = torch.tensor(np.array(Image.open(path).convert("RGB"))).unsqueeze(0).permute(0, 3, 1, 2)
+    return F.center_crop(F.resize(image, size), (size, size))
+
+
+def test_d4k_fid_equals_torchmetrics_on_non_square_sets(weights, tmp_path):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    # non-square references and generations of different shapes: landscape, portrait
+    a = _write_set(tmp_path / "a", 3, 200, 120, 6, 10.0)
+    b = _write_set(tmp_path / "b", 3, 130, 210, 7, 50.0)
+    size = 112  # the generation size: both sets are resized (short side) and centre-cropped to it
+    ours = _last_line(CliRunner().invoke(app, ["fid", str(a), str(b), "--inception-weights", str(weights),
+                                               "--resize", "d4k", "--crop-size", str(size)]))
+    # torchmetrics 1.5.1's FID (Diffusion-4K's pin) is today's with antialias=False; the same weights file
+    metric = FrechetInceptionDistance(normalize=False, antialias=False, feature_extractor_weights_path=str(weights))
+    for folder, real in ((a, True), (b, False)):
+        for path in sorted(folder.iterdir()):
+            metric.update(_d4k_reference(path, size), real=real)
+    theirs = float(metric.compute())
+    assert ours > 0
+    assert ours == pytest.approx(theirs, rel=1e-5)
+    # the squash protocol sees the whole, distorted image and gives another number on these sets
+    squash = _last_line(CliRunner().invoke(app, ["fid", str(a), str(b), "--inception-weights", str(weights)]))
+    assert squash != pytest.approx(theirs, rel=1e-3)

@@ -58,6 +58,8 @@ def test_evaluation_run_logs_metrics_plots_grids_and_report(config, tmp_path):
             key = f"{metric}/{aspect}"
             assert logged.data.metrics[key] == pytest.approx(run.results.table[aspect][metric])
     assert logged.data.params["model"] == "tiny" and logged.data.params["backbones"] == "tiny"
+    assert logged.data.params["comparable_with_paper"] == "no: tiny backbones"
+    assert (logged.data.params["seed_policy"], logged.data.params["fid_resize"]) == ("fixed", "legacy")
     artifacts = {f.path for f in client.list_artifacts(run.run_id)}
     assert {"report.md", "report.html", "per_image.csv", "plots", "grids"} <= artifacts
     plots = {f.path for f in client.list_artifacts(run.run_id, "plots")}

@@ -54,6 +54,9 @@ class BenchmarkConfig(Section):
     prompts_file: Path | None = Field(None, description="one prompt per line; replaces `prompts` when set")
     aspect_ratios: tuple[AspectSize, ...] = TINY_ASPECTS
     seeds: tuple[int, ...] = (0,)
+    seed_policy: Literal["fixed", "per_prompt"] = Field(
+        "fixed", description="fixed: every prompt of a seed's grid uses that seed (the official inference and "
+        "Diffusion-4K: seed 0 for all); per_prompt: prompt k uses seed + k")
     metrics: tuple[MetricName, ...] = (
         "glcm",
         "compression_ratio",
@@ -68,9 +71,17 @@ class BenchmarkConfig(Section):
     patch_size: int = Field(64, ge=16, description="native-resolution crop side for patch-FID (299 at 4K)")
     patches_per_image: int = Field(4, ge=1, description="non-overlapping crops per image for patch-FID")
     grid_columns: int = Field(4, ge=1, description="columns of the per-aspect image grid")
-    fid_resize: Literal["legacy", "clean"] = Field(
-        "legacy", description="how whole images reach the standard Inception's 299x299: legacy (torch-fidelity, "
-        "torchmetrics: TF-1 bilinear) or clean (clean-fid: PIL bicubic per channel in float)")
+    fid_resize: Literal["legacy", "clean", "d4k"] = Field(
+        "legacy", description="how whole images reach the standard Inception's 299x299: legacy (squash the whole "
+        "image, TF-1 bilinear: torch-fidelity), clean (squash, clean-fid: PIL bicubic per channel in float) or d4k "
+        "(Diffusion-4K's protocol: short side to fid_crop_size, centre crop, then legacy; comparable with the paper)")
+    fid_crop_size: int = Field(
+        4096, ge=16, description="d4k only: the generation size each image's short side is resized to and "
+        "centre-cropped at (Diffusion-4K's --size; 4096 for Aesthetic-Eval@4096)")
+    clip_truncation: Literal["torchmetrics", "tokenizer"] = Field(
+        "torchmetrics", description="clip_score's text input: torchmetrics (tokenize in full, keep the first 77 "
+        "ids, as torchmetrics' clip_score and so Diffusion-4K's script do: comparable with the paper) or "
+        "tokenizer (the tokenizer truncates to 77 and keeps its end-of-text token)")
 
     @field_validator("aspect_ratios")
     @classmethod

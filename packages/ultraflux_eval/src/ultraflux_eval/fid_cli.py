@@ -19,8 +19,12 @@ def standard_fid(
     patch_size: int = 299,
     patches_per_image: int = 4,
     batch_size: int = 8,
+    crop_size: int = 4096,
 ) -> float:
     """FID of the images of ``dir_a`` against ``dir_b`` with the standard Inception at ``weights``.
+
+    ``resize``: ``legacy`` (squash to 299, torch-fidelity), ``clean`` (clean-fid) or ``d4k`` (Diffusion-4K: short
+    side to ``crop_size``, centre crop, then ``legacy``; see :mod:`ultraflux_eval.metrics.inception`).
 
     ``patch``: native-resolution ``patch_size`` crops (:func:`~ultraflux_eval.metrics.fidelity.native_crops`) instead of
     whole resized images; 299 crops reach the network unresized.
@@ -41,7 +45,7 @@ def standard_fid(
     if patch:
         inputs = [patch_inputs(images, patch_size, patches_per_image) for images in sets]
     else:
-        inputs = [fid_inputs(images, INPUT_SIDE, resize) for images in sets]
+        inputs = [fid_inputs(images, INPUT_SIDE, resize, crop_size) for images in sets]
     return frechet_distance(inputs[0], inputs[1], extractor, batch_size)
 
 
@@ -59,7 +63,11 @@ def fid_command(
         help="torch-fidelity Inception weights (weights-inception-2015-12-05-6726825d.pth); "
              "default: the `inception` entry of --weights-dir's manifest (sha256-verified)")] = None,
     weights_dir: Annotated[Path, typer.Option(help="folder with manifest.yaml")] = Path("storage/eval-weights"),
-    resize: Annotated[str, typer.Option(help="legacy (torch-fidelity/torchmetrics) or clean (clean-fid)")] = "legacy",
+    resize: Annotated[str, typer.Option(
+        help="legacy (squash to 299: torch-fidelity), clean (clean-fid) or d4k (Diffusion-4K's protocol: short side "
+             "to --crop-size, centre crop, then legacy; comparable with the paper's FID)")] = "legacy",
+    crop_size: Annotated[int, typer.Option(
+        min=1, help="d4k: the generation size the short side is resized to and centre-cropped at")] = 4096,
     patch: Annotated[bool, typer.Option(help="patch-FID: native-resolution crops, no resize")] = False,
     patch_size: Annotated[int, typer.Option(help="crop side for --patch")] = 299,
     patches_per_image: Annotated[int, typer.Option(help="crops per image for --patch")] = 4,
@@ -67,7 +75,8 @@ def fid_command(
 ) -> None:
     """Fréchet Inception Distance of DIR_A against DIR_B with the standard TF-ported Inception."""
     weights = inception_weights if inception_weights is not None else _weights_from_manifest(weights_dir)
-    value = standard_fid(dir_a, dir_b, weights, resize, patch, patch_size, patches_per_image, batch_size)
-    kind = f"patch-FID ({patch_size}px native crops, {patches_per_image}/image)" if patch else f"FID ({resize})"
+    value = standard_fid(dir_a, dir_b, weights, resize, patch, patch_size, patches_per_image, batch_size, crop_size)
+    protocol = f"d4k, crop {crop_size}" if resize == "d4k" else resize
+    kind = f"patch-FID ({patch_size}px native crops, {patches_per_image}/image)" if patch else f"FID ({protocol})"
     typer.echo(f"{kind} of {dir_a} vs {dir_b} with {weights}")
     typer.echo(f"{value:.10g}")

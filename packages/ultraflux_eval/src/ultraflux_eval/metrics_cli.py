@@ -23,7 +23,8 @@ def metrics_command(
     for info in METRICS.values():
         table.add_row(info.name, info.kind, info.backbone, info.scale, info.extra or "-",
                       "-" if info.paper_4096 is None else f"{info.paper_4096:g}",
-                      weights_status(info.roles, weights_dir), info.comparable)
+                      weights_status(info.roles, weights_dir),
+                      info.comparable + "".join(f" [{k}={v}]" for k, v in info.protocol))
     Console(width=220).print(table)
 
 

@@ -20,6 +20,10 @@ Dtype = Literal["bf16", "fp16", "fp32"]
 Offload = Literal["none", "model", "sequential"]
 VaeDecodeMode = Literal["tiled", "full", "official"]
 KernelChoice = Literal["auto", "eager", "triton"]
+# How a run of several prompts seeds its images: per_prompt gives image k the seed `seed + k` (`ultraflux generate`);
+# fixed gives every image `seed` (the official inference and Diffusion-4K's evaluation: seed 0 for every prompt).
+# The evaluation's `eval.benchmark.seed_policy` names the same two choices (the eval package cannot import this one).
+SeedPolicy = Literal["per_prompt", "fixed"]
 
 TOKEN_PX = 32  # 16x VAE downsampling then 2x2 packing: one transformer token covers 32x32 pixels
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,6 +20,9 @@ from torch import nn
 from ultraflux_eval.backbones.checkpoints import load_state_dict_file
 from ultraflux_eval.errors import EvalError
 
+# How a prompt longer than the text context is cut (see ClipBundle.text_embeds).
+Truncation = Literal["tokenizer", "torchmetrics"]
+TRUNCATIONS: tuple[str, ...] = ("tokenizer", "torchmetrics")
 # what transformers 5 loads a CLIP tokenizer + image processor from (the fast tokenizer's tokenizer.json)
 CLIP_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                         "preprocessor_config.json")
@@ -41,14 +45,31 @@ class ClipBundle:
         return nn.functional.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 
     @torch.no_grad()
-    def text_embeds(self, prompts: list[str], device: str = "cpu") -> torch.Tensor:
-        """Prompts → L2-normalised projected embeddings ``[N, D]`` float32 (truncated to the text context)."""
-        tokens = self.tokenizer(
-            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
-        ).to(device)
-        pooled = self.model.text_model(
-            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
-        ).pooler_output
+    def text_embeds(
+        self, prompts: list[str], device: str = "cpu", truncation: Truncation = "tokenizer"
+    ) -> torch.Tensor:
+        """Prompts → L2-normalised projected embeddings ``[N, D]`` float32, cut to the text context by
+        ``truncation``:
+
+        - ``tokenizer``: the tokenizer truncates to ``max_length`` and ends the sequence with its end-of-text token
+          (the CLIP convention, PickScore's and HPS's reference code);
+        - ``torchmetrics``: torchmetrics' ``clip_score`` (``_get_features``): tokenize in full with padding to the
+          longest prompt, then keep the first ``max_length`` ids and mask entries. A prompt longer than the context
+          loses its end-of-text token, and the text tower pools where its config says (the highest id for
+          ``eos_token_id == 2`` configs such as OpenAI's, else the first end-of-text id, position 0 when none is
+          left), so long prompts get another embedding than with ``tokenizer``.
+        """
+        if truncation == "tokenizer":
+            tokens = self.tokenizer(
+                prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            ids, mask = tokens["input_ids"], tokens["attention_mask"]
+        elif truncation == "torchmetrics":
+            tokens = self.tokenizer(prompts, padding=True, return_tensors="pt")
+            ids, mask = tokens["input_ids"][..., : self.max_length], tokens["attention_mask"][..., : self.max_length]
+        else:
+            raise EvalError(f"CLIP text truncation must be one of {list(TRUNCATIONS)}, got {truncation!r}")
+        pooled = self.model.text_model(input_ids=ids.to(device), attention_mask=mask.to(device)).pooler_output
         return nn.functional.normalize(self.model.text_projection(pooled).float(), dim=-1)
 
     @property

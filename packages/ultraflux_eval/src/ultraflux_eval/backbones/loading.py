@@ -33,7 +33,7 @@ class Backbones:
     inception: nn.Module | None = None
     fid_size: int = 64  # the extractor's input side
     tiny: bool = True
-    fid_resize: str = "antialias"  # how whole images reach fid_size: antialias (tiny), legacy or clean (Inception)
+    fid_resize: str = "antialias"  # how whole images reach fid_size: antialias (tiny), legacy/clean/d4k (Inception)
     musiq: nn.Module | None = None
     hpsv3: HPSv3Scorer | None = None
     qalign: QAlignScorer | None = None
@@ -63,7 +63,7 @@ def local_backbones(
     """Verify (sha256) then load the backbones ``metrics`` need from ``weights_dir``; never downloads.
 
     FID always runs the standard Inception at 299 (``fid_size`` is ignored with real weights);
-    ``fid_resize`` is ``legacy`` (torch-fidelity / torchmetrics) or ``clean`` (clean-fid).
+    ``fid_resize`` is ``legacy`` (torch-fidelity), ``clean`` (clean-fid) or ``d4k`` (Diffusion-4K).
     """
     if fid_resize not in RESIZE_MODES:
         raise EvalError(f"fid resize must be one of {list(RESIZE_MODES)}, got {fid_resize!r}")

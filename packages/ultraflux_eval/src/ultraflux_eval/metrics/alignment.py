@@ -1,6 +1,8 @@
 """Text-image alignment and preference scores with CLIP-like dual encoders.
 
-- :func:`clip_score` — ``100 · max(cos(image, text), 0)`` per pair (the torchmetrics / paper CLIP score).
+- :func:`clip_score` — ``100 · max(cos(image, text), 0)`` per pair: torchmetrics' ``clip_score`` called on each
+  (image, prompt) pair, as Diffusion-4K's script does, including its truncation of long prompts
+  (``truncation="torchmetrics"``, the default; see :meth:`~ultraflux_eval.backbones.clip.ClipBundle.text_embeds`).
 - :class:`PreferenceScorer` — PickScore (``logit_scale · cos``, the PickScore_v1 convention) or HPS-style
   (``cos``, the HPSv2 convention) with a preference-tuned CLIP in HF layout.
 
@@ -16,15 +18,20 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ultraflux_eval.backbones.clip import ClipBundle
+from ultraflux_eval.backbones.clip import ClipBundle, Truncation
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.metrics.scores import ImageLike, load_rgb
 
 
 def pair_cosines(
-    bundle: ClipBundle, images: Sequence[ImageLike], prompts: Sequence[str], batch_size: int = 8, device: str = "cpu"
+    bundle: ClipBundle,
+    images: Sequence[ImageLike],
+    prompts: Sequence[str],
+    batch_size: int = 8,
+    device: str = "cpu",
+    truncation: Truncation = "tokenizer",
 ) -> np.ndarray:
-    """Cosine similarity of each image with its own prompt: ``[N] float64``."""
+    """Cosine similarity of each image with its own prompt: ``[N] float64`` (long prompts cut by ``truncation``)."""
     if len(images) != len(prompts):
         raise EvalError(f"{len(images)} images but {len(prompts)} prompts: they must pair one to one")
     if len(images) == 0:
@@ -34,16 +41,22 @@ def pair_cosines(
     for start in range(0, len(images), batch_size):
         rgbs = [load_rgb(x) for x in images[start : start + batch_size]]
         image_embeds = bundle.image_embeds(rgbs, device)
-        text_embeds = bundle.text_embeds(list(prompts[start : start + batch_size]), device)
+        text_embeds = bundle.text_embeds(list(prompts[start : start + batch_size]), device, truncation)
         out.append((image_embeds * text_embeds).sum(-1).double().cpu())
     return torch.cat(out).numpy()
 
 
 def clip_score(
-    bundle: ClipBundle, images: Sequence[ImageLike], prompts: Sequence[str], batch_size: int = 8, device: str = "cpu"
+    bundle: ClipBundle,
+    images: Sequence[ImageLike],
+    prompts: Sequence[str],
+    batch_size: int = 8,
+    device: str = "cpu",
+    truncation: Truncation = "torchmetrics",
 ) -> np.ndarray:
-    """CLIP score per pair: ``100 · max(cos, 0)`` (0-100; ~35 for well-aligned 4K generations with ViT-L/14)."""
-    return 100.0 * np.maximum(pair_cosines(bundle, images, prompts, batch_size, device), 0.0)
+    """CLIP score per pair: ``100 · max(cos, 0)`` (0-100; ~35 for well-aligned 4K generations with ViT-L/14);
+    with ``truncation="torchmetrics"`` each value is torchmetrics' ``clip_score(image, prompt)``."""
+    return 100.0 * np.maximum(pair_cosines(bundle, images, prompts, batch_size, device, truncation), 0.0)
 
 
 class PreferenceScorer:

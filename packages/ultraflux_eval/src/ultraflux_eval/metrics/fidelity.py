@@ -2,7 +2,9 @@
 
 - :func:`fid` — Fréchet distance of whole images brought to the extractor's input side. With the standard
   Inception (:mod:`ultraflux_eval.metrics.inception`) and the ``legacy`` resize this is torch-fidelity's FID to float
-  precision (same features, same statistics, same eigenvalue formula); ``clean`` is clean-fid's resize.
+  precision (same features, same statistics, same eigenvalue formula); ``clean`` is clean-fid's resize; ``d4k``
+  is Diffusion-4K's protocol (short side to the generation size, centre crop, then ``legacy``), which equals
+  torchmetrics' ``FrechetInceptionDistance(normalize=False, antialias=False)`` fed Diffusion-4K's crops.
 - :func:`patch_fid` — the same on non-overlapping 299×299 crops taken at native resolution (no resize), so 4K
   detail is what gets compared (see docs/evaluation.md for the definition and its sources).
 - :func:`psnr`, :func:`ssim`, :func:`ms_ssim`, :func:`lpips_distance` — paired metrics at native resolution
@@ -30,7 +32,7 @@ from ultraflux_eval.errors import EvalError
 from ultraflux_eval.metrics.inception import INPUT_SIDE, prepare
 from ultraflux_eval.metrics.scores import ImageLike, load_rgb
 
-FidResize = Literal["antialias", "legacy", "clean"]
+FidResize = Literal["antialias", "legacy", "clean", "d4k"]
 MS_SSIM_MIN_SIDE = 161  # 5 scales of an 11-px Gaussian window: the coarsest scale must still hold the window
 
 
@@ -121,15 +123,18 @@ def frechet_distance(
     return FrechetDistance(extractor, real, batch_size).distance(fake)
 
 
-def fid_inputs(images: Sequence[ImageLike], side: int, resize: FidResize = "antialias") -> list[torch.Tensor]:
-    """Whole images → the extractor's input: ``legacy`` / ``clean`` give the standard Inception's float
-    ``[3, 299, 299]`` (torch-fidelity's or clean-fid's resize, see :mod:`ultraflux_eval.metrics.inception`);
-    ``antialias`` gives uint8 ``[3, side, side]`` for the tiny CI extractors."""
+def fid_inputs(
+    images: Sequence[ImageLike], side: int, resize: FidResize = "antialias", crop_size: int | None = None
+) -> list[torch.Tensor]:
+    """Whole images → the extractor's input: ``legacy`` / ``clean`` / ``d4k`` give the standard Inception's float
+    ``[3, 299, 299]`` (torch-fidelity's, clean-fid's or Diffusion-4K's preprocessing, see
+    :mod:`ultraflux_eval.metrics.inception`; ``d4k`` crops at ``crop_size``); ``antialias`` gives uint8
+    ``[3, side, side]`` for the tiny CI extractors."""
     if resize == "antialias":
         return [resize_uint8(x, side) for x in images]
     if side != INPUT_SIDE:
         raise EvalError(f"the {resize!r} FID resize is for the standard Inception (side {INPUT_SIDE}), got side {side}")
-    return [prepare(load_rgb(x), resize) for x in images]
+    return [prepare(load_rgb(x), resize, crop_size) for x in images]
 
 
 def patch_inputs(images: Sequence[ImageLike], side: int, per_image: int) -> list[torch.Tensor]:
@@ -144,9 +149,13 @@ def fid(
     side: int,
     batch_size: int = 8,
     resize: FidResize = "antialias",
+    crop_size: int | None = None,
 ) -> float:
-    """FID of whole images brought to ``side×side`` by ``resize`` (299 with ``legacy``/``clean`` for Inception)."""
-    return frechet_distance(fid_inputs(real, side, resize), fid_inputs(fake, side, resize), extractor, batch_size)
+    """FID of whole images brought to ``side×side`` by ``resize`` (299 with ``legacy``/``clean``/``d4k`` for
+    Inception; ``d4k`` first crops at ``crop_size``)."""
+    return frechet_distance(
+        fid_inputs(real, side, resize, crop_size), fid_inputs(fake, side, resize, crop_size), extractor, batch_size
+    )
 
 
 def patch_fid(

@@ -6,9 +6,16 @@ use this network's 2048-d pool features; torchvision's ImageNet ``inception_v3``
 
 Resize modes (:func:`prepare`):
 
-- ``legacy`` — what torch-fidelity and torchmetrics do: uint8 pixels to float, then TensorFlow-1.x bilinear resize
-  to 299×299 (``interpolate_bilinear_2d_like_tensorflow1x``), no antialiasing. This is the default, because the
-  published tables we compare with (Diffusion-4K's script uses torchmetrics) were computed this way.
+- ``legacy`` — what torch-fidelity and torchmetrics (up to 1.5, and with ``antialias=False`` since) do to whatever
+  they are given: uint8 pixels to float, then TensorFlow-1.x bilinear resize to 299×299
+  (``interpolate_bilinear_2d_like_tensorflow1x``), no antialiasing. The whole image is squashed to a square, so its
+  aspect ratio is lost. The config default (today's behaviour).
+- ``d4k`` — Diffusion-4K's ``generate_and_eval_fid.py`` (the script behind the numbers UltraFlux's table compares
+  with): torchvision's ``resize(image, size)`` on the uint8 image (short side to ``size``, the generation size;
+  bilinear, antialiased, rounded back to uint8) and ``center_crop(size)``, then the ``legacy`` path, which is what
+  torchmetrics 1.5.1's ``FrechetInceptionDistance(normalize=False)`` (pinned by Diffusion-4K) does inside. Newer
+  torchmetrics defaults to ``antialias=True`` in its Inception, about 1 % off; ``d4k`` equals
+  ``FrechetInceptionDistance(normalize=False, antialias=False)``.
 - ``clean`` — clean-fid's ``clean`` mode (Parmar et al., 2022): each channel resized on its own as a float PIL
   image with bicubic filtering to 299×299, clipped to [0, 255], never quantised (``make_resizer("PIL", False,
   "bicubic", (299, 299))``).
@@ -36,8 +43,8 @@ from ultraflux_eval.backbones.checkpoints import load_state_dict_file
 from ultraflux_eval.errors import EvalError
 
 INPUT_SIDE = 299
-ResizeMode = Literal["legacy", "clean"]
-RESIZE_MODES: tuple[str, ...] = ("legacy", "clean")
+ResizeMode = Literal["legacy", "clean", "d4k"]
+RESIZE_MODES: tuple[str, ...] = ("legacy", "clean", "d4k")
 # torch-fidelity's forward up to the 2048-d pool, in order (its `forward` also computes logits we do not need)
 TRUNK = (
     "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "MaxPool_1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "MaxPool_2",
@@ -54,11 +61,19 @@ def _fidelity_class() -> type[nn.Module]:
     return FeatureExtractorInceptionV3
 
 
-def resize_legacy(rgb: np.ndarray) -> torch.Tensor:
-    """uint8 ``[H, W, 3]`` → float32 ``[3, 299, 299]`` in [0, 255], torch-fidelity's TF-1.x bilinear resize."""
+def _chw(rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` array (or an already channel-first ``[3, H, W]`` tensor) → ``[1, 3, H, W]`` tensor."""
+    if isinstance(rgb, torch.Tensor):
+        return rgb.unsqueeze(0)
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0)
+
+
+def resize_legacy(rgb: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` (or ``[3, H, W]`` tensor) → float32 ``[3, 299, 299]`` in [0, 255], torch-fidelity's
+    TF-1.x bilinear resize."""
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).unsqueeze(0).float()
+    x = _chw(rgb).float()
     if x.shape[-2:] != (INPUT_SIDE, INPUT_SIDE):
         x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(INPUT_SIDE, INPUT_SIDE), align_corners=False)
     return x.squeeze(0)
@@ -74,12 +89,27 @@ def resize_clean(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.stack(channels).astype(np.float32))
 
 
-def prepare(rgb: np.ndarray, mode: ResizeMode) -> torch.Tensor:
-    """One image to the network's float input ``[3, 299, 299]`` by ``mode`` (``legacy`` or ``clean``)."""
+def crop_d4k(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` → uint8 ``[3, size, size]``: Diffusion-4K's ``fid_preprocess``, i.e. torchvision's
+    ``resize(image, size)`` (short side to ``size``, bilinear, antialiased) then ``center_crop(size)``."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as tvf
+
+    x = tvf.resize(_chw(rgb), size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    return tvf.center_crop(x, [size, size]).squeeze(0)
+
+
+def prepare(rgb: np.ndarray, mode: ResizeMode, crop_size: int | None = None) -> torch.Tensor:
+    """One image to the network's float input ``[3, 299, 299]`` by ``mode``; ``d4k`` needs ``crop_size`` (the
+    generation size its short side is resized to and centre-cropped at, before the ``legacy`` path)."""
     if mode == "legacy":
         return resize_legacy(rgb)
     if mode == "clean":
         return resize_clean(rgb)
+    if mode == "d4k":
+        if crop_size is None or crop_size < 1:
+            raise EvalError(f"the d4k FID resize needs a crop size (the generation size), got {crop_size!r}")
+        return resize_legacy(crop_d4k(rgb, crop_size))
     raise EvalError(f"FID resize mode must be one of {list(RESIZE_MODES)}, got {mode!r}")
 
 

@@ -2,16 +2,19 @@
 
 Each entry says which backbones (rows of :mod:`ultraflux_eval.backbones.registry`) it runs, the upstream model,
 on what scale its numbers are, which pip extra it needs, the paper's UltraFlux value at 4096² (Aesthetic-Eval@4096)
-and whether our number is comparable with it. Everything else that names metrics derives from it: the names
-``eval.benchmark.metrics`` accepts (:data:`MetricName`, in table order, which is the config schema's order),
-:data:`WEIGHT_FREE_METRICS`, :data:`REFERENCE_METRICS`, :data:`SET_METRICS`, :data:`IMAGE_METRICS`,
-:data:`METRIC_ROLES` and the ``ultraflux-eval metrics`` listing (with the local weights' presence).
+and whether our number is comparable with it, and under which benchmark settings (``protocol``: the
+``eval.benchmark`` keys and values the claim needs; :func:`protocol_mismatches` checks a benchmark against them).
+Everything else that names metrics derives from it: the names ``eval.benchmark.metrics`` accepts
+(:data:`MetricName`, in table order, which is the config schema's order), :data:`WEIGHT_FREE_METRICS`,
+:data:`REFERENCE_METRICS`, :data:`SET_METRICS`, :data:`IMAGE_METRICS`, :data:`METRIC_ROLES` and the
+``ultraflux-eval metrics`` listing (with the local weights' presence).
 ``docs/evaluation.md`` explains each definition.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +41,8 @@ class MetricInfo:
     paper_4096: float | None  # UltraFlux at 4096x4096 in the paper's table
     comparable: str  # with the paper's number: "yes", "no: why", or "same definition, ..."
     scope: Scope = "image"
+    # eval.benchmark settings under which `comparable` holds, e.g. (("fid_resize", "d4k"),); empty: any
+    protocol: tuple[tuple[str, str], ...] = ()
 
 
 METRICS: dict[str, MetricInfo] = {m.name: m for m in (
@@ -49,8 +54,9 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
     MetricInfo("flat_percentage", "weight-free", (), "-", "share 0-1", None, (), False, None, "not in the table"),
     MetricInfo("clip_score", "learned", ("clip",), "openai/clip-vit-base-patch16", "0-100", "learned",
                ("transformers",), True, 34.62,
-               "yes with openai/clip-vit-base-patch16 (Diffusion-4K's script; UltraFlux publishes no eval code)",
-               scope="prompt"),
+               "yes with openai/clip-vit-base-patch16 and torchmetrics' truncation of long prompts (Diffusion-4K's "
+               "script calls torchmetrics' clip_score; UltraFlux publishes no eval code)",
+               scope="prompt", protocol=(("clip_truncation", "torchmetrics"),)),
     MetricInfo("aesthetic", "learned", ("clip", "aesthetic_head"), "LAION improved-aesthetic-predictor (ViT-L/14)",
                "1-10", "learned", ("transformers",), True, None, "not in UltraFlux's table (Diffusion-4K's)"),
     MetricInfo("pickscore", "learned", ("pickscore",), "yuvalkirstain/PickScore_v1", "logit_scale x cos (~22)",
@@ -59,7 +65,9 @@ METRICS: dict[str, MetricInfo] = {m.name: m for m in (
                ("transformers",), True, None, "no: HPSv2 convention, the paper reports HPSv3", scope="prompt"),
     MetricInfo("fid", "distribution", ("inception",), "torch-fidelity pt_inception-2015-12-05", "0-inf", None,
                ("torch_fidelity",), False, 143.11,
-               "yes with real weights, legacy resize and the paper's reference set", scope="set"),
+               "yes with real weights, the d4k protocol (short side to the generation size, centre crop, then "
+               "torchmetrics' Inception path) and the paper's reference set; legacy/clean squash non-square images",
+               scope="set", protocol=(("fid_resize", "d4k"),)),
     MetricInfo("patch_fid", "distribution", ("inception",), "torch-fidelity pt_inception-2015-12-05", "0-inf",
                None, ("torch_fidelity",), False, None, "not in UltraFlux's table (Diffusion-4K-style detail FID)",
                scope="set"),
@@ -94,6 +102,17 @@ def metric_info(name: str) -> MetricInfo:
     if name not in METRICS:
         raise EvalError(f"unknown metric {name!r}; known: {sorted(METRICS)}")
     return METRICS[name]
+
+
+def protocol_mismatches(metrics: Iterable[str], settings: Mapping[str, object]) -> list[str]:
+    """``metric: key=value (paper: value)`` for each metric of the paper's table whose comparability needs a
+    benchmark setting (``protocol``) that ``settings`` (e.g. ``BenchmarkConfig.model_dump()``) does not have."""
+    return [
+        f"{name}: {key}={settings.get(key)} (comparable with the paper under {key}={value})"
+        for name in metrics
+        for key, value in metric_info(name).protocol
+        if str(settings.get(key)) != value
+    ]
 
 
 def require_metric(name: str) -> MetricInfo:

@@ -247,7 +247,9 @@ def evaluate(
             values["raw_bytes"] = [int(rgb.size) for rgb in rgbs]
             values["jpeg_bytes"] = [scores.jpeg_size(rgb) for rgb in rgbs]
         if "clip_score" in metrics:
-            values["clip_score"] = clip_score(backbones.require("clip"), rgbs, texts, batch_size, device)
+            values["clip_score"] = clip_score(
+                backbones.require("clip"), rgbs, texts, batch_size, device, truncation=spec.clip_truncation
+            )
         for name, scorer in preference.items():
             values[name] = scorer.score(rgbs, texts)
         if "hpsv3" in metrics:
@@ -260,7 +262,7 @@ def evaluate(
             for i, value in zip(chunk, column, strict=True):
                 rows[i][name] = value if name.endswith("_bytes") else float(value)
         if "fid" in metrics:
-            fid_fake += fid_inputs(rgbs, backbones.fid_size, backbones.fid_resize)
+            fid_fake += fid_inputs(rgbs, backbones.fid_size, backbones.fid_resize, spec.fid_crop_size)
         if "patch_fid" in metrics:
             patch_fake += [patch_inputs([rgb], spec.patch_size, spec.patches_per_image) for rgb in rgbs]
 
@@ -282,7 +284,8 @@ def evaluate(
 
     extractor = backbones.require("inception") if any(m in REFERENCE_METRICS for m in metrics) else None
     if "fid" in metrics:
-        fid = FrechetDistance(extractor, fid_inputs(reference, backbones.fid_size, backbones.fid_resize), batch_size)
+        real = fid_inputs(reference, backbones.fid_size, backbones.fid_resize, spec.fid_crop_size)
+        fid = FrechetDistance(extractor, real, batch_size)
         for name, idx in groups.items():
             table[name]["fid"] = fid.distance([fid_fake[i] for i in idx])
     if "patch_fid" in metrics:

@@ -15,6 +15,7 @@ from ultraflux_eval.backbones.loading import backbones_from_config
 from ultraflux_eval.config import EvalConfig
 from ultraflux_eval.metrics.aesthetic import ImageScorer
 from ultraflux_eval.metrics.scores import ImageLike
+from ultraflux_eval.metrics.table import protocol_mismatches
 from ultraflux_eval.protocol.evaluate import EvalResults, evaluate, list_images, validate_inputs
 from ultraflux_eval.protocol.logging import log_evaluation, reachable_tracking_uri
 from ultraflux_eval.protocol.report import write_report
@@ -26,6 +27,15 @@ class EvaluationRun:
     report_dir: Path
     run_id: str | None
     tracking_uri: str | None
+
+
+def comparability(config: EvalConfig) -> str:
+    """Whether the paper's metrics of this run are computed under the protocols that make them comparable with the
+    paper's table (the metric table's ``protocol`` column): ``yes``, or ``no: ...`` naming what differs."""
+    if config.backbones.source == "tiny":
+        return "no: tiny backbones"
+    mismatches = protocol_mismatches(config.benchmark.metrics, config.benchmark.model_dump(mode="json"))
+    return "no: " + "; ".join(mismatches) if mismatches else "yes"
 
 
 def run_evaluation(
@@ -63,6 +73,10 @@ def run_evaluation(
             "backbones": config.backbones.source,
             "metrics": ",".join(results.metrics),
             "seeds": ",".join(map(str, spec.seeds)),
+            "seed_policy": spec.seed_policy,
+            "fid_resize": spec.fid_resize,
+            "clip_truncation": spec.clip_truncation,
+            "comparable_with_paper": comparability(config),
             "n_images": len(images),
             **(params or {}),
         }

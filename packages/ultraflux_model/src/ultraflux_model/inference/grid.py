@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ultraflux_model.checkpoint.resolve import resolve_checkpoint
-from ultraflux_model.config import GenerateConfig
+from ultraflux_model.config import GenerateConfig, SeedPolicy
 from ultraflux_model.inference.pipeline import GeneratedImage, generate, load_pipeline
 
 
@@ -31,11 +31,17 @@ def generate_grid(
     settings: GenerateConfig,
     out_dir: Path,
     tracking_uri: str | None = None,
+    seed_policy: SeedPolicy = "fixed",
 ) -> list[GridImage]:
     """Generate ``prompts`` × ``aspects`` (``(label, width, height)``) × ``seeds`` with ``settings`` (steps,
-    guidance, shift, dtype, offload, decode mode, T5 length); ``model`` may be a registry URI, fetched from
-    ``tracking_uri`` through the model cache (the sidecars name the URI). Within a cell, prompt k gets seed+k."""
-    pipe = load_pipeline(resolve_checkpoint(model, tracking_uri), dtype=settings.dtype, offload=settings.offload)
+    guidance, shift, dtype, offload, decode mode, T5 length, transformer override); ``model`` may be a registry
+    URI, fetched from ``tracking_uri`` through the model cache (the sidecars name the URI). Within a cell every
+    prompt gets the cell's seed (``seed_policy="fixed"``, the official inference's protocol) or prompt k gets
+    seed + k (``"per_prompt"``)."""
+    pipe = load_pipeline(
+        resolve_checkpoint(model, tracking_uri), dtype=settings.dtype, offload=settings.offload,
+        transformer=settings.transformer,
+    )
     grid: list[GridImage] = []
     for seed in seeds:
         for label, width, height in aspects:
@@ -44,6 +50,7 @@ def generate_grid(
                 shift=settings.shift, seed=seed, dtype=settings.dtype, offload=settings.offload,
                 vae_decode=settings.vae_decode, max_sequence_length=settings.max_sequence_length,
                 out_dir=Path(out_dir) / f"seed{seed}" / label.replace(":", "x"), pipe=pipe, progress=False,
+                seed_policy=seed_policy,
             )
             grid += [GridImage(image, label) for image in images]
     return grid

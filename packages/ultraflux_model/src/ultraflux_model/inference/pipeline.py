@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
@@ -29,7 +29,7 @@ from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.checkpoint.layout import check_checkpoint_layout, fingerprint
 from ultraflux_model.checkpoint.loading import check_local_component
 from ultraflux_model.checkpoint.resolve import resolve_checkpoint
-from ultraflux_model.config import Dtype, GenerateConfig, KernelChoice, Offload, check_image_size
+from ultraflux_model.config import Dtype, GenerateConfig, KernelChoice, Offload, SeedPolicy, check_image_size
 from ultraflux_model.diffusion.latents import image_ids, latent_hw, pack_latents, text_ids, unpack_latents
 from ultraflux_model.dtypes import TORCH_DTYPES
 from ultraflux_model.modules.text_encoders import encode_prompts, load_text_encoders
@@ -231,8 +231,10 @@ def generate(
     rope_kernel: KernelChoice = "auto",
     transformer: str | Path | None = None,
     callback: StepCallback | None = None,
+    seed_policy: SeedPolicy = "per_prompt",
 ) -> list[GeneratedImage]:
-    """Generate every (prompt, size) pair; image ``k`` uses seed ``seed + k``. Writes PNG + JSON sidecar each.
+    """Generate every (prompt, size) pair; image ``k`` uses seed ``seed + k`` (``seed_policy="per_prompt"``) or
+    ``seed`` (``"fixed"``, the official inference's one seed for every prompt). Writes PNG + JSON sidecar each.
 
     Sizes are ``(width, height)`` with sides multiples of 32 (checked before any model is loaded).
     ``transformer`` (directory or hub id) replaces the checkpoint's transformer when the pipeline is loaded here;
@@ -240,6 +242,8 @@ def generate(
     """
     if not prompts:
         raise UltraFluxError("no prompts given")
+    if seed_policy not in get_args(SeedPolicy):
+        raise UltraFluxError(f"seed policy must be one of {list(get_args(SeedPolicy))}, got {seed_policy!r}")
     for width, height in sizes:
         check_image_size(width, height)
     out_dir = Path(out_dir)
@@ -265,7 +269,7 @@ def generate(
     results: list[GeneratedImage] = []
     jobs = [(p, s) for p in prompts for s in sizes]
     for index, (prompt, (width, height)) in enumerate(tqdm(jobs, desc="images", disable=not progress)):
-        image_seed = seed + index
+        image_seed = seed + index if seed_policy == "per_prompt" else seed
         if exec_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(exec_device)
         t0 = time.perf_counter()
