@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.files import file_sha256
 from ultraflux_model.checkpoint.layout import fingerprint
 from ultraflux_model.release import fetch
 from ultraflux_model.release.fetch import VERIFIED_SUFFIX, materialize
@@ -83,6 +84,23 @@ def test_same_size_tampering_is_caught_on_first_use_in_a_process(release, tiny_c
     (folder / WEIGHTS).write_bytes(bytes(size))
     fetch._HASHED.clear()  # the next process
     assert fingerprint(materialize(manifest, root, uri)) == fingerprint(tiny_checkpoint)
+
+
+def test_a_verified_folder_is_hashed_once_per_process_and_size_checked_every_time(release, tmp_path, monkeypatch):
+    """Multi-GB weights are not re-hashed on every resolution: the first use in a process hashes, later uses
+    compare sizes (a file cut short is still caught)."""
+    manifest, uri = release
+    root = tmp_path / "cache"
+    folder = materialize(manifest, root, uri)
+    fetch._HASHED.clear()  # the next process
+    hashed = []
+    monkeypatch.setattr(fetch, "file_sha256", lambda path: hashed.append(path) or file_sha256(path))
+    assert materialize(manifest, root, uri) == folder and len(hashed) == len(manifest.files)
+    hashed.clear()
+    assert materialize(manifest, root, uri) == folder and hashed == []
+    with (folder / WEIGHTS).open("r+b") as fh:
+        fh.truncate(10)
+    assert materialize(manifest, root, uri) == folder and (folder / WEIGHTS).stat().st_size > 10  # fetched again
 
 
 def test_cache_root_of_others_is_refused_and_new_roots_are_private(release, tmp_path):
