@@ -41,7 +41,8 @@ ALLOWED: dict[str, set[str]] = {
 MODEL_RANKS: list[tuple[str, ...]] = [
     ("ultraflux_model.config", "ultraflux_model.dtypes", "ultraflux_model.buckets"),
     ("ultraflux_model.kernels",),
-    ("ultraflux_model.checkpoint.loading",),  # the strict loading mixin the model classes are built on
+    # the strict loading mixin the model classes are built on; the files of a checkpoint, none outside it
+    ("ultraflux_model.checkpoint.loading", "ultraflux_model.checkpoint.files"),
     ("ultraflux_model.modules", "ultraflux_model.vae", "ultraflux_model.diffusion"),
     ("ultraflux_model.release.manifest", "ultraflux_model.release.fetch"),  # the storage format and the way back
     ("ultraflux_model.checkpoint",),  # resolve (incl. models:/), layout, convert, tiny

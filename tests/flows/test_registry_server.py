@@ -145,7 +145,7 @@ def test_release_fetch_generate_serve_and_promote_through_the_server(tmp_path, t
 
     # 5. promotion is serialised by the server: concurrent promoters, the best one ends as champion
     _concurrent_promotions_leave_the_best_champion(uri, f"models:/{output.model_id}")
-    _server_lock_times_out_and_breaks_expired_locks(uri)
+    _server_lock_is_exclusive_and_breaks_a_dead_lock_once(uri)
 
 
 def _concurrent_promotions_leave_the_best_champion(uri: str, source: str) -> None:
@@ -189,19 +189,51 @@ def _concurrent_promotions_leave_the_best_champion(uri: str, source: str) -> Non
     assert "race.promotion-lock" not in {m.name for m in client.search_registered_models()}  # released
 
 
-def _server_lock_times_out_and_breaks_expired_locks(uri: str) -> None:
+def _server_lock_is_exclusive_and_breaks_a_dead_lock_once(uri: str) -> None:
+    """The registry lock through the REST API: exclusive while held and renewed; a dead holder's expired lock
+    broken by exactly one of several concurrent breakers (the server's rename is the atomic step); a breaker with
+    a stale view gives a live lock back."""
     import time
 
-    from ultraflux_core.errors import UltraFluxError
-    from ultraflux_core.tracking.registry import server_promotion_lock
+    from ultraflux_core.tracking.lock import LOCK_SUFFIX, RegistryLock
     from ultraflux_core.tracking.uri import client_for
 
-    with server_promotion_lock(uri, "locktest") as token:
-        with pytest.raises(UltraFluxError, match=f"held by {token}"):
-            with server_promotion_lock(uri, "locktest", timeout_s=0.5):
-                pass
-    # a promoter that died holding the lock: its expiry has passed, the next one breaks it
-    client_for(uri).create_registered_model("locktest.promotion-lock",
-                                            tags={"token": "dead-host:1:x", "expires": f"{time.time() - 1:.3f}"})
-    with server_promotion_lock(uri, "locktest", timeout_s=30) as token:
-        assert token != "dead-host:1:x"
+    client = client_for(uri)
+
+    def lock() -> RegistryLock:
+        return RegistryLock(client, "locktest", ttl_s=60.0, renewing=False)
+
+    holder, waiter = lock(), lock()
+    assert holder.try_acquire() and not waiter.try_acquire() and waiter.expired_holder() is None
+    assert holder.renew() and holder.held()
+    holder.release()
+    assert waiter.try_acquire()
+    waiter.release()
+    for round_ in range(3):  # the issue's "both held it in 3 of 3 rounds"
+        dead = f"dead-host:{round_}:x"
+        expired = {"token": dead, "expires": f"{time.time() - 1:.3f}"}
+        client.create_registered_model(f"locktest{LOCK_SUFFIX}", tags=expired)
+        breakers = [lock() for _ in range(4)]
+        assert {b.expired_holder() for b in breakers} == {dead}
+        won = _break_together(breakers, dead)
+        assert len(won) == 1, f"round {round_}: {len(won)} breakers hold the lock"
+        stale = lock()  # saw the dead lock expired too, acts only now: must not keep the winner's lock
+        assert not stale.break_expired(dead) and won[0].held()
+        won[0].release()
+
+
+def _break_together(breakers: list, token: str) -> list:
+    """Every breaker breaks ``token``'s lock and takes it at the same moment (threads); returns who holds it."""
+    start, won = threading.Barrier(len(breakers)), []
+
+    def attempt(breaker) -> None:  # noqa: ANN001 - a RegistryLock
+        start.wait()
+        if breaker.break_expired(token) and breaker.try_acquire():
+            won.append(breaker)
+
+    threads = [threading.Thread(target=attempt, args=(b,)) for b in breakers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return won

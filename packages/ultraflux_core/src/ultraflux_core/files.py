@@ -22,13 +22,15 @@ def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:
     else by copy; returns ``"link"`` or ``"copy"``.
 
     Both go through a unique temporary name and a rename, so ``dst`` is never seen half-written and a file
-    already there is replaced. Fits ``shutil.copytree(copy_function=...)`` (which ignores the return value).
+    already there is replaced. A link at ``src`` is followed: ``dst`` is always a regular file (``link()`` on
+    Linux would otherwise hard-link the symlink itself, whose relative target then dangles).
+    Fits ``shutil.copytree(copy_function=...)`` (which ignores the return value).
     """
     src, dst = Path(src), Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     try:
-        os.link(src, tmp)
+        os.link(src.resolve(), tmp)
         how = "link"
     except OSError:  # another filesystem, or links not allowed
         shutil.copy2(src, tmp)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ultraflux_core.config import Section
 from ultraflux_core.tracking.uri import resolve_tracking_uri
@@ -44,3 +44,20 @@ class PromotionConfig(Section):
         None, description="lock file serialising promotions on a local store (default: next to the sqlite file); "
         "a tracking server serialises them itself"
     )
+    lock_ttl_s: float = Field(
+        60.0, gt=0.0, description="a tracking server's promotion lock expires this long after its last renewal "
+        "(renewed every third of it while held): how long a killed promoter blocks the others"
+    )
+    lock_wait_s: float = Field(
+        300.0, gt=0.0, description="how long a promotion waits for the lock before giving up; longer than "
+        "lock_ttl_s, so a waiter outlasts a dead holder's lock"
+    )
+
+    @model_validator(mode="after")
+    def _wait_outlasts_ttl(self) -> PromotionConfig:
+        if self.lock_wait_s <= self.lock_ttl_s:
+            raise ValueError(
+                f"lock_wait_s ({self.lock_wait_s}) must exceed lock_ttl_s ({self.lock_ttl_s}): a waiter that gives up "
+                "first never gets the lock of a promoter that died holding it"
+            )
+        return self

@@ -6,28 +6,21 @@ comparison is redone against the new holder).
 
 The mutex lives where the registry lives:
 
-- tracking **server** (``http(s)://``): the server itself. Hosts share nothing else, so a lock file would
-  serialise only promotions on one machine. MLflow has no compare-and-set on tags, and "write a token tag, read
-  it back" is not a mutex (two writers can each read back their own token if their writes and reads
-  interleave). Registered-model names, however, are a unique key of the server's database:
-  ``create_registered_model("<model>.promotion-lock")`` succeeds for exactly one caller and fails with
-  ``RESOURCE_ALREADY_EXISTS`` for everyone else — an atomic insert-if-absent, i.e. a compare-and-set on
-  "no lock". The holder writes a token and an expiry as tags and deletes the lock model when done (after
-  reading back that the token is still its own); a lock whose expiry has passed (its holder died) is deleted by
-  the next contender (breaking a dead holder's lock is the one step that is not atomic; it happens only after
-  a promoter died holding it).
+- tracking **server** (``http(s)://``): the registry itself (``ultraflux_core.tracking.lock.RegistryLock``: a
+  registered model taken by an atomic create, renewed while held, broken atomically once expired). Right before it
+  moves the alias, the promoter re-reads the lock and aborts when its token is gone (fencing): a holder that
+  stalled past the TTL cannot overwrite the champion that a later holder set.
 - local store (``sqlite:///``, files): an exclusive lock file (``promotion.lock_path``, default beside the
-  SQLite file), as before.
+  SQLite file); the kernel frees it when its holder dies.
+
+Promotion is written as steps (:func:`promotion_steps`, a generator) so that tests can replay every interleaving
+of contenders; :func:`promote_if_better` drives the steps, pausing while the lock is busy.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,13 +28,11 @@ from filelock import FileLock, Timeout
 
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.tracking.config import PromotionConfig
+from ultraflux_core.tracking.lock import RegistryLock
 from ultraflux_core.tracking.uri import client_for, logged_model_id
 
 TAG_KEYS = ("git_sha", "dvc_data_hash", "config_hash", "eval_run_id")
-LOCK_TIMEOUT_S = 120.0
-LOCK_TTL_S = 600.0  # a promotion takes seconds; a lock older than this belongs to a dead promoter
 VERIFY_ROUNDS = 5
-LOCK_SUFFIX = ".promotion-lock"
 
 
 @dataclass(frozen=True)
@@ -133,96 +124,77 @@ def is_server_uri(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-@contextmanager
-def server_promotion_lock(uri: str, model_name: str, timeout_s: float = LOCK_TIMEOUT_S,
-                          ttl_s: float = LOCK_TTL_S) -> Iterator[str]:
-    """Hold the tracking server's promotion mutex for ``model_name`` (see the module doc); yields the token.
+class FileMutex:
+    """The promotion mutex of a local store: an exclusive lock file, with :class:`RegistryLock`'s steps (the kernel
+    frees it when its holder dies, so nothing ever expires, and holding it cannot be lost)."""
 
-    Waits up to ``timeout_s`` (polling with growing pauses), breaks a lock whose expiry has passed, and raises
-    ``UltraFluxError`` on timeout naming the holder.
-    """
-    from mlflow.exceptions import MlflowException
+    def __init__(self, path: Path, now: Callable[[], float] = time.time) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock, self.now, self.token = FileLock(str(path)), now, str(path)
 
-    client = client_for(uri)
-    lock_name = model_name + LOCK_SUFFIX
-    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-    deadline, pause, holder = time.monotonic() + timeout_s, 0.05, "?"
-    while True:
+    def describe(self) -> str:
+        return f"lock file {self.lock.lock_file}"
+
+    def try_acquire(self) -> bool:
         try:
-            client.create_registered_model(
-                lock_name, tags={"token": token, "expires": f"{time.time() + ttl_s:.3f}"},
-                description=f"promotion lock of {model_name}: held while the champion alias is compared and moved",
-            )
-            break
-        except MlflowException as err:
-            # RESOURCE_DOES_NOT_EXIST too: on a name clash the SQL store re-reads the existing model, which its
-            # holder may have deleted meanwhile (mlflow's SqlAlchemyStore.create_registered_model) — still "busy"
-            if not any(code in str(err.error_code) for code in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST")):
-                raise
-        holder = _break_if_expired(client, lock_name, ttl_s)
-        if time.monotonic() > deadline:
-            raise UltraFluxError(
-                f"promotion lock {lock_name!r} at {uri} is held by {holder} for more than {timeout_s:.0f}s; retry "
-                f"later, or delete registered model {lock_name!r} if that promoter is gone"
-            )
-        time.sleep(pause)
-        pause = min(pause * 2, 2.0)
-    try:
-        yield token
-    finally:
-        _release(client, lock_name, token)
+            self.lock.acquire(timeout=0)
+            return True
+        except Timeout:
+            return False
+
+    def expired_holder(self) -> str | None:
+        return None
+
+    def break_expired(self, token: str) -> bool:
+        return False
+
+    def held(self) -> bool:
+        return self.lock.is_locked
+
+    def start_renewing(self) -> None:
+        pass
+
+    def release(self) -> None:
+        if self.lock.is_locked:
+            self.lock.release()
 
 
-def _break_if_expired(client, lock_name: str, ttl_s: float) -> str:
-    """Delete the lock if its holder's expiry passed; returns who holds it (for messages)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        lock = client.get_registered_model(lock_name)
-    except MlflowException:
-        return "nobody (released meanwhile)"
-    tags = lock.tags or {}
-    # tags are written with the create call; without them fall back to the server's creation time
-    expires = float(tags.get("expires") or (lock.creation_timestamp or 0) / 1000 + ttl_s)
-    if time.time() > expires:
-        try:
-            client.delete_registered_model(lock_name)
-        except MlflowException:
-            pass  # another contender broke it first
-    return tags.get("token", "an unknown promoter")
-
-
-def _release(client, lock_name: str, token: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        if (client.get_registered_model(lock_name).tags or {}).get("token") == token:
-            client.delete_registered_model(lock_name)
-    except MlflowException:
-        pass  # already broken as expired: nothing of ours left to release
-
-
-@contextmanager
-def promotion_lock(uri: str, rule: PromotionConfig) -> Iterator[None]:
-    """The mutex promotions of ``rule.model_name`` at ``uri`` share: the server's for a server URI, else a file."""
+def promotion_mutex(uri: str, rule: PromotionConfig, now: Callable[[], float] = time.time) -> RegistryLock | FileMutex:
+    """The mutex promotions of ``rule.model_name`` at ``uri`` share: the registry's for a server, else a file."""
     if is_server_uri(uri):
-        with server_promotion_lock(uri, rule.model_name):
-            yield
-        return
-    lock_path = rule.lock_path or default_lock_path(uri, rule.model_name)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S):
-            yield
-    except Timeout as err:
-        raise UltraFluxError(f"could not take the promotion lock {lock_path} within {LOCK_TIMEOUT_S}s") from err
+        return RegistryLock(client_for(uri), rule.model_name, rule.lock_ttl_s, now)
+    return FileMutex(rule.lock_path or default_lock_path(uri, rule.model_name), now)
 
 
-def promote_if_better(uri: str, version: str, rule: PromotionConfig) -> PromotionDecision:
-    """Move ``rule.alias`` to ``version`` if it beats the current holder on ``rule.metric`` (or there is none)."""
-    client = client_for(uri)
+Steps = Generator[str, None, PromotionDecision]
+
+
+def acquire_steps(lock: RegistryLock | FileMutex, wait_s: float) -> Generator[str, None, None]:
+    """Take ``lock``: one attempt per step (``"busy"`` after a failed one), breaking it when its holder expired;
+    ``UltraFluxError`` naming the holder after ``wait_s`` (on the lock's clock)."""
+    deadline = lock.now() + wait_s
+    while not lock.try_acquire():
+        expired = lock.expired_holder()
+        if expired is not None:
+            yield "expired"  # between seeing it expired and breaking it: where two breakers interleave
+            lock.break_expired(expired)
+            continue
+        if lock.now() > deadline:
+            raise UltraFluxError(
+                f"promotion lock ({lock.describe()}) is still held after {wait_s:.0f}s; retry later (a dead "
+                "holder's lock expires after promotion.lock_ttl_s)"
+            )
+        yield "busy"
+    yield "locked"
+
+
+def promotion_steps(client, version: str, rule: PromotionConfig, lock: RegistryLock | FileMutex) -> Steps:
+    """Move ``rule.alias`` to ``version`` if it beats the current holder, as steps (each yield is a point where
+    another promoter may act); returns the decision. Takes ``lock`` first, releases it last."""
     candidate = _metric_of(client, rule.model_name, version, rule.metric)
-    with promotion_lock(uri, rule):
+    yield from acquire_steps(lock, rule.lock_wait_s)
+    lock.start_renewing()
+    try:
         for _ in range(VERIFY_ROUNDS):
             holder = _alias_holder(client, rule.model_name, rule.alias)
             if holder == version:
@@ -234,8 +206,30 @@ def promote_if_better(uri: str, version: str, rule: PromotionConfig) -> Promotio
                     f"{rule.metric} {candidate:.6g} does not beat champion v{holder} ({champion:.6g}) "
                     f"by > {rule.min_delta}",
                 )
+            yield "compared"
+            if not lock.held():  # fencing: stalled past the TTL, another promoter may have acted since
+                raise UltraFluxError(
+                    f"promotion of {rule.model_name} v{version} lost its lock ({lock.describe()}) before moving "
+                    f"{rule.alias!r} (stalled past promotion.lock_ttl_s?); nothing was changed, retry"
+                )
             client.set_registered_model_alias(rule.model_name, rule.alias, version)
+            yield "moved"
             if _alias_holder(client, rule.model_name, rule.alias) == version:
                 reason = "no champion yet" if holder is None else f"beats v{holder} ({champion:.6g})"
                 return PromotionDecision(True, version, holder, candidate, champion, reason)
+    finally:
+        lock.release()
     raise UltraFluxError(f"alias {rule.alias!r} of {rule.model_name} kept moving during promotion of v{version}; retry")
+
+
+def promote_if_better(uri: str, version: str, rule: PromotionConfig) -> PromotionDecision:
+    """Move ``rule.alias`` to ``version`` if it beats the current holder on ``rule.metric`` (or there is none)."""
+    steps = promotion_steps(client_for(uri), version, rule, promotion_mutex(uri, rule))
+    pause = 0.05
+    try:
+        while True:
+            if next(steps) == "busy":
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+    except StopIteration as done:
+        return done.value

@@ -11,6 +11,7 @@ from pathlib import Path
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.files import link_or_copy
 
+from ultraflux_model.checkpoint.files import checkpoint_files
 from ultraflux_model.checkpoint.loading import check_local_component
 from ultraflux_model.checkpoint.resolve import resolve_checkpoint
 
@@ -22,7 +23,6 @@ MODEL_PARTS = {
     "text_encoder_2": "model",
 }
 _HASH_CACHE = ".ultraflux-fingerprint.json"
-
 
 
 def check_checkpoint_layout(root: Path) -> None:
@@ -42,16 +42,19 @@ def assemble_checkpoint(base: Path | str, out: Path | str, replace: dict[str, Pa
 
     ``replace`` maps component names to diffusers-layout directories (``None`` keeps the base one). Files are
     copied (hard-linked where possible) into a temporary sibling first and renamed into place, so ``out`` is
-    either the previous complete checkpoint or the new one, never a mix.
+    either the previous complete checkpoint or the new one, never a mix. A link that leaves its folder (in ``base``
+    or a replacement) is refused before anything is copied; links inside are copied as regular files.
     """
     root = resolve_checkpoint(base)
     check_checkpoint_layout(root)
+    checkpoint_files(root)
     out = Path(out)
     for part, source in replace.items():
         if part not in MODEL_PARTS:
             raise UltraFluxError(f"cannot replace {part!r}: replaceable components are {', '.join(MODEL_PARTS)}")
         if source is not None:
             check_local_component(Path(source), MODEL_PARTS[part])
+            checkpoint_files(source)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -12,7 +12,8 @@ from pathlib import Path
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.files import file_sha256
 
-from ultraflux_model.release.manifest import MANIFEST_NAME, Manifest, artifact_repository
+from ultraflux_model.checkpoint.files import checkpoint_files
+from ultraflux_model.release.manifest import LOCAL_FILES, MANIFEST_NAME, Manifest, artifact_repository
 
 CACHE_ENV = "ULTRAFLUX_MODEL_CACHE"
 
@@ -25,30 +26,104 @@ def model_cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ultraflux" / "models"
 
 
+VERIFIED_SUFFIX = ".verified"  # ``<content_hash>.verified`` beside the folder, holding the manifest's hash
+# (folder, content hash) whose every file this process has hashed: later uses re-check sizes only
+_HASHED: set[tuple[Path, str]] = set()
+
+
+def private_cache_root(root: Path) -> Path:
+    """``root``, created 0700 if new; ``UltraFluxError`` if another user owns it or others may write into it.
+
+    WHY: whoever can write into the cache can plant a folder named by a release's hash (a zeroed transformer)
+    that the next ``models:/`` resolution would serve.
+    """
+    root = Path(root)
+    if not root.exists():
+        root.mkdir(parents=True, mode=0o700, exist_ok=True)
+        root.chmod(0o700)  # mkdir's mode is masked by the umask
+    info = root.stat()
+    if info.st_uid != os.getuid():
+        raise UltraFluxError(
+            f"model cache {root} belongs to user id {info.st_uid}, not to you ({os.getuid()}); set {CACHE_ENV} to a "
+            "folder of your own"
+        )
+    if info.st_mode & 0o022:
+        raise UltraFluxError(
+            f"model cache {root} is writable by other users (mode {info.st_mode & 0o777:o}); `chmod go-w {root}` or "
+            f"set {CACHE_ENV} to a private folder"
+        )
+    return root
+
+
+def _verified(folder: Path, manifest: Manifest) -> bool:
+    """Whether ``folder`` holds exactly ``manifest``'s files: its marker names the manifest, every size matches,
+    and (once per process) every sha256 matches."""
+    marker = folder.with_name(folder.name + VERIFIED_SUFFIX)
+    try:
+        if folder.is_symlink() or not folder.is_dir() or marker.read_text().strip() != manifest.content_hash:
+            return False
+        present = {str(rel): rel for rel in checkpoint_files(folder) if rel.name not in LOCAL_FILES}
+    except (OSError, UltraFluxError):  # no marker, or a link out of the folder: not a release we wrote
+        return False
+    if set(present) != set(manifest.files) or any((folder / rel).is_symlink() for rel in present):
+        return False
+    if any((folder / rel).stat().st_size != size for rel, (_, size) in manifest.files.items()):
+        return False
+    key = (folder.resolve(), manifest.content_hash)
+    if key not in _HASHED:
+        if any(file_sha256(folder / rel) != sha for rel, (sha, _) in manifest.files.items()):
+            return False
+        _HASHED.add(key)
+    return True
+
+
 def materialize(manifest: Manifest, cache_root: Path | None = None, tracking_uri: str | None = None) -> Path:
     """The checkpoint of ``manifest`` as a local directory ``<cache_root>/<content_hash>``, downloaded once.
 
+    A cached folder is used only when its marker ``<content_hash>.verified`` (written after every downloaded
+    blob matched its sha256) names this manifest, its files are exactly the manifest's, their sizes match, and,
+    on the first use in a process, their hashes match; anything else (a planted folder, a half-copied one, a
+    forged marker) is discarded and downloaded again. The cache root must be the user's own and not writable by
+    others (:func:`private_cache_root`).
+
     Concurrent callers (processes, hosts sharing the cache) serialise on a lock file per hash; the download goes
     to a private temporary directory, every blob is checked against its sha256, and the directory is renamed
-    into place only when complete, so a present ``<content_hash>`` directory is always a whole checkpoint.
+    into place only when complete.
     """
     from filelock import FileLock
 
-    root = Path(cache_root or model_cache_root())
+    root = private_cache_root(Path(cache_root or model_cache_root()))
     final = root / manifest.content_hash
-    if final.is_dir():
+    if _verified(final, manifest):
         return final
-    root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / f"{manifest.content_hash}.lock")):
-        if final.is_dir():  # another process finished it while we waited
+        if _verified(final, manifest):  # another process finished it while we waited
             return final
-        staging = root / f".{manifest.content_hash}.{uuid.uuid4().hex}.tmp"
+        marker = final.with_name(final.name + VERIFIED_SUFFIX)
+        marker.unlink(missing_ok=True)
+        token = uuid.uuid4().hex
+        if final.exists() or final.is_symlink():  # planted, half-copied or tampered: set aside, then removed
+            stale = root / f".{manifest.content_hash}.{token}.stale"
+            final.rename(stale)
+            _remove(stale)
+        staging = root / f".{manifest.content_hash}.{token}.tmp"
         try:
             _download_blobs(manifest, staging, tracking_uri)
             staging.rename(final)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove(staging)
+        pending = root / f".{manifest.content_hash}.{token}.verified"
+        pending.write_text(manifest.content_hash + "\n")
+        pending.rename(marker)
+        _HASHED.add((final.resolve(), manifest.content_hash))  # every blob was hashed as it arrived
     return final
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _download_blobs(manifest: Manifest, staging: Path, tracking_uri: str | None) -> None:

@@ -35,10 +35,12 @@ from pathlib import Path
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.files import file_sha256, link_or_copy
 
+from ultraflux_model.checkpoint.files import checkpoint_files
+
 MANIFEST_FORMAT = "ultraflux-release/1"
 MANIFEST_NAME = "manifest.json"
 BLOBS_DIR = "blobs"
-_SKIP_FILES = frozenset({".ultraflux-fingerprint.json"})  # a local hash cache, not part of the weights
+LOCAL_FILES = frozenset({".ultraflux-fingerprint.json"})  # a local hash cache, not part of the weights
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,13 @@ class Manifest:
 
 
 def build_manifest(checkpoint: Path, blob_root: str) -> Manifest:
-    """Hash every file of a checkpoint directory (``checkpoint`` is e.g. an assembled release)."""
+    """Hash every file of a checkpoint directory (``checkpoint`` is e.g. an assembled release); a link that leaves
+    the directory is refused (:func:`ultraflux_model.checkpoint.files.checkpoint_files`)."""
     checkpoint = Path(checkpoint)
     files = {
-        str(p.relative_to(checkpoint)): (file_sha256(p), p.stat().st_size)
-        for p in sorted(checkpoint.rglob("*"))
-        if p.is_file() and p.name not in _SKIP_FILES
+        str(rel): (file_sha256(checkpoint / rel), (checkpoint / rel).stat().st_size)
+        for rel in checkpoint_files(checkpoint)
+        if rel.name not in LOCAL_FILES
     }
     if not files:
         raise UltraFluxError(f"checkpoint {checkpoint} has no files to release")
@@ -109,8 +112,14 @@ def upload_missing_blobs(checkpoint: Path, manifest: Manifest, tracking_uri: str
     """Store the checkpoint's files under ``blob_root/<sha256>`` unless already there; returns the hashes sent.
 
     One listing of the blob store decides what is missing (no per-file round trips). Identical files inside
-    the checkpoint are sent once. Concurrent releases may both send a missing blob: same key, same bytes.
+    the checkpoint are sent once. Concurrent releases may both send a missing blob: same key, same bytes. Only
+    files inside ``checkpoint`` are sent: a manifest path that is (now) a link leaving it is refused before any
+    upload.
     """
+    inside = {str(rel) for rel in checkpoint_files(checkpoint)}
+    outside = sorted(rel for rel in manifest.files if rel not in inside)
+    if outside:
+        raise UltraFluxError(f"{checkpoint}: {outside[0]} is not a file inside the checkpoint; nothing uploaded")
     repo = artifact_repository(manifest.blob_root, tracking_uri)
     present = {Path(info.path).name for info in repo.list_artifacts() if not info.is_dir}
     by_hash = {sha: checkpoint / rel for rel, (sha, _) in manifest.files.items()}
