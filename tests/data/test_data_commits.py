@@ -18,22 +18,41 @@ from ultraflux_data.config import DataConfig
 
 
 def _cfg(root, **filter_kw) -> DataConfig:
-    return DataConfig.model_validate({"root": str(root), "filter": {
-        "min_long_side": 64, "min_short_side": 32, "min_qalign": None, "aesthetics_top": 0.75, "stage2_top": 0.5,
-        **filter_kw}})
+    return DataConfig.model_validate(
+        {
+            "root": str(root),
+            "filter": {
+                "min_long_side": 64,
+                "min_short_side": 32,
+                "min_qalign": None,
+                "aesthetics_top": 0.75,
+                "stage2_top": 0.5,
+                **filter_kw,
+            },
+        }
+    )
 
 
 def _seed_upstream(root, n: int = 40) -> None:
     """scores.parquet and an ingest manifest, as score and ingest commit them."""
     keys = [f"{i:064x}" for i in range(n)]
-    scores = pd.DataFrame({"key": keys, "width": [512] * n, "height": [256] * n,
-                           "flat_percentage": [i / (2 * n) for i in range(n)], "shannon_entropy": [7.5] * n,
-                           "qalign_score": [3.0] * n, "aesthetics_score": [float(i) for i in range(n)]})
+    scores = pd.DataFrame(
+        {
+            "key": keys,
+            "width": [512] * n,
+            "height": [256] * n,
+            "flat_percentage": [i / (2 * n) for i in range(n)],
+            "shannon_entropy": [7.5] * n,
+            "qalign_score": [3.0] * n,
+            "aesthetics_score": [float(i) for i in range(n)],
+        }
+    )
     paths = stages.DataPaths(root)
     paths.ingest.mkdir(parents=True)
     scores.to_parquet(paths.scores, index=False)
     scores[["key"]].assign(path=[f"images/{k}.png" for k in keys], caption_en="c", status="ok").to_parquet(
-        paths.ingest / "manifest.parquet", index=False)
+        paths.ingest / "manifest.parquet", index=False
+    )
 
 
 def _consistent(paths: stages.DataPaths) -> tuple[set, set]:

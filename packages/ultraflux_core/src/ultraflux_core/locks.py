@@ -48,8 +48,7 @@ def exclusive(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
         lock.acquire(timeout=0)
     except Timeout:
         raise LockHeld(
-            f"{what} is in use by {_holder(holder)}: wait for that run to finish or stop it "
-            f"(lock {lock_path})"
+            f"{what} is in use by {_holder(holder)}: wait for that run to finish or stop it (lock {lock_path})"
         ) from None
     try:
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
