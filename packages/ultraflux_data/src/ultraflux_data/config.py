@@ -43,6 +43,13 @@ class IngestConfig(Section):
         80_000_000, ge=1, le=89_478_485, description="decompression-bomb limit (at most PIL's own 89.5 MP)"
     )
     min_side: int = Field(32, ge=1, description="shorter side below this is quarantined as tiny")
+    max_bytes: int = Field(
+        512 * 2**20, ge=1, description="larger input files are quarantined from their size, before any byte is read"
+    )
+    trailing_data: Literal["quarantine", "strip"] = Field(
+        "quarantine", description="bytes after a kept JPEG/PNG/WebP's end marker: quarantine the file, or store the "
+        "image without them (phones append gain maps and motion-photo videos after the JPEG)"
+    )
 
 
 class ScoringConfig(Section):
