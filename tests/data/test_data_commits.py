@@ -3,6 +3,7 @@ truncated parquet, bucket refuses an uncommitted upstream, and a second run of a
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ import threading
 import pandas as pd
 import pytest
 from ultraflux_core.errors import UltraFluxError
-from ultraflux_core.files import COMMIT_MARKER, uncommitted_siblings
+from ultraflux_core.files import COMMIT_MARKER, read_committed, uncommitted_siblings
 from ultraflux_core.locks import LockHeld, exclusive
 from ultraflux_data import stages
 from ultraflux_data.config import DataConfig
@@ -56,8 +57,10 @@ def _seed_upstream(root, n: int = 40) -> None:
 
 
 def _consistent(paths: stages.DataPaths) -> tuple[set, set]:
-    train = set(pd.read_parquet(paths.subsets / "train.parquet")["key"])
-    stage2 = set(pd.read_parquet(paths.subsets / "stage2.parquet")["key"])
+    """train and stage2 of one commit (read as readers should: ``read_committed``); stage2 ⊂ train."""
+    files = read_committed(paths.subsets, ["train.parquet", "stage2.parquet"], "ultraflux data filter")
+    train = set(pd.read_parquet(io.BytesIO(files["train.parquet"]))["key"])
+    stage2 = set(pd.read_parquet(io.BytesIO(files["stage2.parquet"]))["key"])
     assert stage2 <= train
     return train, stage2
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,26 +156,63 @@ def write_commit_marker(folder: str | os.PathLike, names: list[str], extra: dict
     return marker
 
 
-def verify_commit_marker(folder: str | os.PathLike, names: list[str], producer: str) -> dict[str, Any]:
-    """The commit marker of ``folder`` after checking that each named file is the one its producer committed.
+def read_committed(folder: str | os.PathLike, names: list[str], producer: str) -> dict[str, bytes]:
+    """The bytes of the named files of a committed ``folder``, each checked against its commit marker.
 
-    Raises ``UltraFluxError`` (naming ``producer``, the command to re-run) when the marker is missing or a file
-    is missing or differs: the folder was written by an interrupted or older run, or edited afterwards.
+    Marker and files are opened relative to one descriptor of the folder, so they come from the same commit even
+    if a new one is swapped in meanwhile, and each file is read once (``pyarrow.parquet.read_table(path)`` opens a
+    file twice — footer, then pages — and can pair two commits' halves). Raises ``UltraFluxError`` naming
+    ``producer`` (the command to re-run) when the marker is missing or a file is missing or differs: the folder
+    was written by an interrupted or older run, or edited afterwards.
     """
     folder = Path(folder)
-    marker = folder / COMMIT_MARKER
+    for attempt in range(5):
+        try:
+            return _read_committed(folder, names, producer)
+        except FileNotFoundError:  # a commit's old folder removed under us: read the new one
+            if attempt == 4:
+                break
+            time.sleep(0.05)
+    raise UltraFluxError(f"{folder} or a file of it is missing: run `{producer}` again")
+
+
+def _read_committed(folder: Path, names: list[str], producer: str) -> dict[str, bytes]:
+    """One attempt of ``read_committed``; ``FileNotFoundError`` when a new commit replaced the folder under us."""
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        payload = json.loads(marker.read_text())
-        files = payload["files"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UltraFluxError(
-            f"{folder} has no valid {COMMIT_MARKER} (written by an interrupted or older run): run `{producer}` again"
-        ) from err
-    for name in names:
-        path = folder / name
-        if name not in files or not path.is_file() or file_sha256(path) != files[name]:
+
+        def read(name: str) -> bytes | None:
+            try:
+                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+            except FileNotFoundError:
+                if os.stat(folder).st_ino != os.fstat(dir_fd).st_ino:
+                    raise  # our folder was swapped out and is being removed: retry on the new one
+                return None
+            with os.fdopen(fd, "rb") as fh:
+                return fh.read()
+
+        marker = read(COMMIT_MARKER)
+        if marker is None:
             raise UltraFluxError(
-                f"{path} is not the file `{producer}` committed (missing, changed or from another run): "
-                f"run `{producer}` again"
+                f"{folder} has no {COMMIT_MARKER} (written by an interrupted or older run): run `{producer}` again"
             )
-    return payload
+        try:
+            files = json.loads(marker)["files"]
+            if not isinstance(files, dict):
+                raise TypeError("files is not a mapping")
+        except (ValueError, KeyError, TypeError) as err:
+            raise UltraFluxError(
+                f"{folder / COMMIT_MARKER} is not a valid commit marker: run `{producer}` again"
+            ) from err
+        out = {}
+        for name in names:
+            data = read(name)
+            if name not in files or data is None or hashlib.sha256(data).hexdigest() != files[name]:
+                raise UltraFluxError(
+                    f"{folder / name} is not the file `{producer}` committed (missing, changed or from another run): "
+                    f"run `{producer}` again"
+                )
+            out[name] = data
+        return out
+    finally:
+        os.close(dir_fd)

@@ -15,6 +15,7 @@ commit marker that ``bucket`` verifies before it reads. ``filter`` and ``bucket`
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from pydantic import BaseModel
 from ultraflux_core.errors import UltraFluxError
-from ultraflux_core.files import uncommitted_siblings, verify_commit_marker
+from ultraflux_core.files import read_committed, uncommitted_siblings
 from ultraflux_core.locks import exclusive
 
 from ultraflux_data.config import ComputeConfig, DataConfig
@@ -160,8 +161,8 @@ def run_bucket(cfg: DataConfig) -> dict[str, int]:
         raise UltraFluxError(f"{train_path} does not exist: run `ultraflux data filter` first")
     with paths.stage("bucket"):
         # Only what filter committed: a file from an interrupted run or edited since is refused, not bucketed.
-        verify_commit_marker(paths.subsets, ["train.parquet"], "ultraflux data filter")
-        train = add_bucket_columns(pd.read_parquet(train_path), cfg.buckets.family)
+        data = read_committed(paths.subsets, ["train.parquet"], "ultraflux data filter")["train.parquet"]
+        train = add_bucket_columns(pd.read_parquet(io.BytesIO(data)), cfg.buckets.family)
         atomic_parquet(train, paths.buckets / "assignments.parquet")
         counts = bucket_counts(train, cfg.buckets.family)
         paths.write_metrics("buckets", counts)
