@@ -257,7 +257,7 @@ def _stream_to_part(response: httpx.Response, cfg: DownloadConfig, dest: Path) -
     part = Path(name)
     try:
         with os.fdopen(fd, "wb") as fh:
-            for chunk in response.iter_bytes(65536):
+            for chunk in response.iter_bytes():  # as it arrives (a chunk size would buffer 64 KiB first)
                 size += len(chunk)
                 if size > max_bytes:
                     raise _Refused(f"body exceeds max_bytes={max_bytes}")
