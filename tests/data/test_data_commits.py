@@ -171,3 +171,19 @@ def test_a_second_concurrent_run_of_a_stage_refuses_naming_the_holder(tmp_path):
             with pytest.raises(LockHeld, match=r"data " + stage + r" stage .* in use by pid \d+ on "):
                 run(_cfg(tmp_path))
         run(_cfg(tmp_path))  # released: runs again
+
+
+def test_commit_folder_without_rename_exchange_still_replaces_the_folder_whole(tmp_path, monkeypatch):
+    import ultraflux_core.files as files
+
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)  # a platform without renameat2
+    for version in ("old", "new"):
+        with files.commit_folder(tmp_path / "out") as out:
+            (out / "a.txt").write_text(version)
+            (out / "b.txt").write_text(version)
+    assert {p.name: p.read_text() for p in (tmp_path / "out").iterdir()} == {"a.txt": "new", "b.txt": "new"}
+    with pytest.raises(RuntimeError), files.commit_folder(tmp_path / "out") as out:
+        (out / "a.txt").write_text("never")
+        raise RuntimeError("killed")
+    assert (tmp_path / "out" / "a.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no sibling left behind

@@ -138,7 +138,11 @@ def commit_folder(dest: str | os.PathLike) -> Iterator[Path]:
         elif not _exchange(tmp, dest):
             aside = dest.with_name(f"{dest.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
             os.rename(dest, aside)
-            os.rename(tmp, dest)
+            try:
+                os.rename(tmp, dest)
+            except BaseException:
+                os.rename(aside, dest)  # put the old commit back rather than lose it
+                raise
             tmp = aside
         _fsync_path(dest.parent)
     finally:
