@@ -30,6 +30,10 @@ HITS: Counter[str] = Counter()
 # timeout), and every other response is immediate — 3 s leaves a busy runner far more than 10× what it needs.
 READ_TIMEOUT_S = 3.0
 RELEASE_SLOW = threading.Event()
+# A trickle lasts TRICKLED × 50 ms = 10 s, 20× the 0.5 s deadline the tests set; a client without a deadline or
+# minimum rate gets the whole image after it (status ok), so those tests fail on the reason, not on a clock.
+TRICKLED = 200
+OTHER_PORT = [0]  # the second service on the mirror's host (fixture `other_service`)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -44,6 +48,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(key, value)
         self.end_headers()
         self.wfile.write(body)
+
+    def _trickle(self, data: bytes) -> None:
+        """Send ``data`` a byte at a time, 50 ms apart (stops early when the test ends)."""
+        for i in range(len(data)):
+            if RELEASE_SLOW.wait(0.05):
+                break
+            self.wfile.write(data[i : i + 1])
+            self.wfile.flush()
 
     def do_GET(self) -> None:  # noqa: N802 (http.server API)
         path = self.path
@@ -94,6 +106,20 @@ class Handler(BaseHTTPRequestHandler):
             self._send(302, headers={"Location": f"http://localhost:{port}/good.png"})
         elif path == "/redirect-loop":
             self._send(302, headers={"Location": "/redirect-loop"})
+        elif path == "/redirect-other-port":  # the allowed mirror points at another service of its host
+            self._send(302, headers={"Location": f"http://127.0.0.1:{OTHER_PORT[0]}/api/2.0/mlflow/runs/search"})
+        elif path == "/trickle-body.png":  # headers at once, then the first 200 bytes one every 50 ms
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(GOOD)))
+            self.end_headers()
+            self._trickle(GOOD[:TRICKLED])
+            self.wfile.write(GOOD[TRICKLED:])
+        elif path == "/trickle-headers.png":  # the status line and headers one byte every 50 ms
+            head = (f"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {len(GOOD)}\r\n"
+                    f"X-Pad: {'a' * TRICKLED}\r\n\r\n").encode()
+            self._trickle(head)
+            self.wfile.write(GOOD)
         else:
             self._send(404)
 
@@ -117,8 +143,8 @@ def server():
     httpd.server_close()
 
 
-def _cfg(**kw) -> DownloadConfig:
-    base = dict(private_hosts=("127.0.0.1",), retries=2, backoff_s=0.01, connect_timeout_s=10.0,
+def _cfg(server: str, **kw) -> DownloadConfig:
+    base = dict(private_hosts=(server.removeprefix("http://"),), retries=2, backoff_s=0.01, connect_timeout_s=10.0,
                 read_timeout_s=READ_TIMEOUT_S,
                 max_bytes=len(GOOD) + 1000, concurrency=4, max_redirects=3)
     return DownloadConfig(**{**base, **kw})
@@ -129,7 +155,7 @@ def test_outcomes_of_every_kind_of_response(server, tmp_path):
     names = ["good.png", "copy.png", "other.png", "page.html", "fake.png", "missing.png", "always500.png",
              "flaky.png", "declared-big.png", "streamed-big.png", "truncated.png", "slow.png", "redirect-good",
              "redirect-ftp", "redirect-file", "redirect-private", "redirect-localhost", "redirect-loop"]
-    results = download_urls([f"{server}/{n}" for n in names], tmp_path, _cfg(), progress=False)
+    results = download_urls([f"{server}/{n}" for n in names], tmp_path, _cfg(server), progress=False)
     by = {url.rsplit("/", 1)[1]: r for url, r in results.items()}
     same = [by[n] for n in ("good.png", "copy.png", "redirect-good")]  # one content behind three URLs
     assert sorted(r.status for r in same) == ["duplicate", "duplicate", "ok"]  # whichever finished first is ok
@@ -191,7 +217,7 @@ def test_other_schemes_are_refused(url):
 def test_resume_skips_finished_urls_and_retries_failed_ones(server, tmp_path):
     HITS.clear()
     urls = [f"{server}/good.png", f"{server}/missing.png"]
-    download_urls(urls, tmp_path, _cfg(), progress=False)
+    download_urls(urls, tmp_path, _cfg(server), progress=False)
     from filelock import FileLock
 
     partial = tmp_path / ".partial"
@@ -203,7 +229,7 @@ def test_resume_skips_finished_urls_and_retries_failed_ones(server, tmp_path):
     live.acquire()
     with open(tmp_path / "downloads.jsonl", "a") as fh:
         fh.write('{"url": "cut by a kill')  # torn last line
-    again = download_urls(urls, tmp_path, _cfg(), progress=False)
+    again = download_urls(urls, tmp_path, _cfg(server), progress=False)
     assert HITS["/good.png"] == 1 and HITS["/missing.png"] == 2
     assert again[urls[0]].status == "ok" and again[urls[1]].status == "failed"
     assert not (partial / "111-dead").exists()  # the dead writer's partial file is removed
@@ -232,7 +258,7 @@ def test_ingest_of_a_metadata_file_with_urls(server, tmp_path):
     ]
     meta = tmp_path / "meta.jsonl"
     meta.write_text("\n".join(json.dumps(r) for r in rows))
-    cfg = DataConfig(download=_cfg(), ingest={"min_side": 32})
+    cfg = DataConfig(download=_cfg(server), ingest={"min_side": 32})
     summary = ingest(meta, tmp_path / "out", cfg, progress=False)
     manifest = read_manifest(tmp_path / "out", ok_only=False)
     assert summary.total == len(rows) == len(manifest)
@@ -247,3 +273,62 @@ def test_ingest_of_a_metadata_file_with_urls(server, tmp_path):
     assert "no image_url" in by_source["meta.jsonl:row6"]["reason"]
     assert summary.ok == 2 and summary.quarantined == 4
     assert isinstance(manifest, pd.DataFrame)
+
+
+@pytest.fixture(scope="module")
+def other_service():
+    """Another HTTP service on the same host as the allowed mirror (as MLflow was, in issue 19)."""
+    httpd = QuietServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    OTHER_PORT[0] = httpd.server_address[1]
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("path", ["trickle-body.png", "trickle-headers.png"])
+def test_a_server_trickling_bytes_is_cut_at_the_deadline(server, tmp_path, path):
+    url = f"{server}/{path}"
+    result = download_urls([url], tmp_path, _cfg(server, deadline_s=0.5, min_rate_bytes_s=0), progress=False)[url]
+    assert result.status == "failed" and result.reason.startswith("deadline: not done within deadline_s=0.5")
+    assert result.attempts == 1  # the deadline covers every attempt: no retry after it
+
+
+def test_a_body_below_the_minimum_rate_is_aborted(server, tmp_path):
+    url = f"{server}/trickle-body.png"
+    # ≤ 20 B/s while trickling, but the whole body averages above 100 B/s: only a rate checked as bytes arrive
+    # (not once a buffer fills or the body ends) refuses it.
+    assert len(GOOD) / (TRICKLED * 0.05) > 2 * 100
+    cfg = _cfg(server, deadline_s=600, min_rate_bytes_s=100, min_rate_grace_s=0.2)
+    result = download_urls([url], tmp_path, cfg, progress=False)[url]
+    assert result.status == "failed" and result.reason.startswith("too slow: "), result.reason
+    assert "below min_rate_bytes_s=100" in result.reason
+
+
+def test_private_hosts_admit_one_port_not_the_whole_host(server, other_service, tmp_path):
+    HITS.clear()
+    cfg = _cfg(server, retries=0)
+    target = f"{other_service}/api/2.0/mlflow/runs/search"
+    results = download_urls([target, f"{server}/redirect-other-port", f"{server}/good.png"], tmp_path, cfg,
+                            progress=False)
+    assert results[f"{server}/good.png"].status == "ok"  # the listed host:port is allowed
+    for url in (target, f"{server}/redirect-other-port"):
+        assert results[url].status == "failed" and "non-public address 127.0.0.1" in results[url].reason
+    assert HITS["/api/2.0/mlflow/runs/search"] == 0  # the other service was never reached
+    with pytest.raises(ValueError, match="is not host:port"):
+        DownloadConfig(private_hosts=("127.0.0.1",))
+
+
+@pytest.mark.parametrize("blocked, public", [
+    ("64:ff9b::7f00:1", "64:ff9b::808:808"),  # NAT64 (RFC 6052) of 127.0.0.1 / 8.8.8.8
+    ("64:ff9b::a9fe:a9fe", "64:ff9b::101:101"),  # NAT64 of the cloud metadata address 169.254.169.254
+    ("2002:7f00:1::", "2002:808:808::"),  # 6to4
+    ("2002:a00:1::1", "2002:101:101::1"),  # 6to4 of 10.0.0.1
+    ("::7f00:1", "::808:808"),  # IPv4-compatible
+    ("::ffff:a9fe:a9fe", "::ffff:808:808"),  # IPv4-mapped
+])
+def test_ipv6_forms_are_judged_by_the_ipv4_address_they_embed(blocked, public):
+    with pytest.raises(_Refused, match="non-public"):
+        check_url(f"http://[{blocked}]/x.png", allow_private=False)
+    check_url(f"http://[{public}]/x.png", allow_private=False)  # the same form around a public address passes

@@ -45,7 +45,7 @@ def test_atomic_write_leaves_no_temporary_and_link_shares_the_inode(tmp_path):
     assert os.listdir(tmp_path / "images") == ["b.bin"]
 
 
-def test_no_needless_copies_ingest_links_and_shards_keep_bucket_sized_bytes(tmp_path):
+def test_no_needless_reencoding_ingest_keeps_bytes_and_shards_keep_bucket_sized_bytes(tmp_path):
     """Ingest keeps a plain original by hard link; a shard stores a bucket-sized PNG's own bytes, others re-encoded."""
     import io
     import tarfile
@@ -66,7 +66,10 @@ def test_no_needless_copies_ingest_links_and_shards_keep_bucket_sized_bytes(tmp_
     manifest = read_manifest(tmp_path / "ingest").set_index("source")
     for name in ("exact.png", "other.png"):
         stored = tmp_path / "ingest" / manifest.loc[name, "path"]
-        assert manifest.loc[name, "stored"] == "link" and os.stat(stored).st_ino == os.stat(src / name).st_ino
+        # The original bytes, never re-encoded; a copy, never the user's inode (issue 19: a hard-linked source edited
+        # in place changed a stored file named by its hash).
+        assert manifest.loc[name, "stored"] == "copy" and stored.read_bytes() == (src / name).read_bytes()
+        assert os.stat(stored).st_ino != os.stat(src / name).st_ino
     rows = add_bucket_columns(manifest.reset_index(), "256")
     summary = write_shards(rows, tmp_path / "ingest", tmp_path / "shards", ShardConfig(), progress=False)
     assert summary.samples == 2 and summary.kept_original == 1

@@ -166,3 +166,34 @@ def test_cache_quarantines_a_corrupt_image_without_failing_its_partition(pipelin
     assert summary.quarantined == 1 and summary.entries == s["ingest"].ok - 1
     quarantine = pd.read_parquet(tmp_path / "c" / "quarantine.parquet")
     assert list(quarantine["key"]) == [manifest["key"].iloc[0]] and quarantine["reason"].iloc[0].startswith("corrupt")
+
+
+def test_cache_quarantines_a_corrupt_image_inside_a_shard_and_goes_on(pipeline, tiny_checkpoint, tmp_path):
+    """Issue 19: one corrupt image in a shard aborted the whole cache stage."""
+    import io
+    import shutil
+
+    import pandas as pd
+
+    cfg, _ = pipeline
+    shards = tmp_path / "shards"
+    shutil.copytree(stages.DataPaths(cfg.root).shards, shards)
+    index = pd.read_parquet(shards / "index.parquet")
+    victim = index.iloc[0]
+    index = index[index["shard"] == victim["shard"]]  # only the victim's shard: fewer samples to encode
+    index.to_parquet(shards / "index.parquet", index=False)
+    tar_path = shards / victim["shard"]
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    tar_path.unlink()
+    with tarfile.open(tar_path, "w") as tar:
+        for member, data in members:
+            if member.name == victim["image"]:
+                data = data[:40] + b"\0" * 64  # a header that opens, then garbage where the pixels were
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    summary = build_caches(shards, tiny_checkpoint, tmp_path / "c", max_sequence_length=8, progress=False)
+    assert len(index) > 1 and summary.quarantined == 1 and summary.entries == len(index) - 1
+    quarantine = pd.read_parquet(tmp_path / "c" / "quarantine.parquet")
+    assert list(quarantine["key"]) == [victim["key"]]
+    assert quarantine["reason"].iloc[0].startswith(f"corrupt: {victim['shard']}/{victim['image']}")

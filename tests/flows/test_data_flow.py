@@ -37,7 +37,7 @@ from flows.data_flow import data_flow
 from prefect.client.orchestration import get_client
 
 results = data_flow(overrides=[
-    f"data.source={args['meta']}", f"data.root={args['root']}", "data.download.private_hosts=[127.0.0.1]",
+    f"data.source={args['meta']}", f"data.root={args['root']}", f"data.download.private_hosts=[127.0.0.1:{port}]",
     "data.download.retries=0", "data.scoring.flat_patch=32", "data.scoring.qalign=none", "data.scoring.aesthetics=none",
     "data.filter.min_qalign=null", "data.filter.min_long_side=128", "data.filter.min_short_side=72",
     f"data.cache.model={args['model']}", "data.cache.max_sequence_length=8",

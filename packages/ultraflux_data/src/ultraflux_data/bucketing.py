@@ -11,6 +11,8 @@ import pandas as pd
 from PIL import Image
 from ultraflux_model.buckets import Bucket, assign_bucket, family_buckets
 
+from ultraflux_data.partitions import atomic_write
+
 
 def resize_center_crop(image: Image.Image, bucket: Bucket | tuple[int, int]) -> Image.Image:
     """Scale ``image`` (Lanczos) so it covers ``bucket`` with the least scaling, then crop the centre.
@@ -58,8 +60,6 @@ def bucket_histogram_png(counts: dict[str, int], out: Path | str, title: str = "
     ax.set_ylabel("images")
     ax.set_title(title)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    out = atomic_write(Path(out), lambda fh: fig.savefig(fh, format="png", dpi=100))  # whole or not at all
     plt.close(fig)
     return out

@@ -14,6 +14,10 @@ One partition is one shard (or, for a manifest source, one key-hash range): ``ul
 ``compute.gpus_per_worker`` GPUs each, models loaded once per actor). Each partition writes its entries and then
 its index part under ``parts/<model hash>/`` (the completion mark) under a per-partition lock; the index is
 committed by rename at the end, so re-runs and concurrent runs skip finished partitions.
+
+A sample whose image cannot be read (a corrupt shard member or manifest file, a missing member, an unreadable
+shard) is quarantined, not fatal: it is listed with its reason in ``quarantine.parquet`` (``key``, ``reason``,
+written with the index) and counted in the summary, and every other sample is cached.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import functools
 import hashlib
 import json
 import os
+import struct
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -51,6 +56,8 @@ if TYPE_CHECKING:
     from ultraflux_model.modules.text_encoders import TextEncoders
 
 TEXT_PARTS = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
+# What a damaged shard member raises: PIL's decode errors, a missing member, a broken JSON sidecar.
+_UNREADABLE = (OSError, ValueError, KeyError, SyntaxError, struct.error, tarfile.TarError, Image.DecompressionBombError)
 
 
 class CacheSummary(BaseModel):
@@ -130,9 +137,19 @@ class CachePartition:
 def _partition_samples(part: CachePartition) -> Iterator[_Sample | tuple[str, str]]:
     """The partition's samples, bucket-sized; ``(key, reason)`` for a sample whose image cannot be read."""
     if part.shard is not None:
-        with tarfile.open(part.source / part.shard, "r") as tar:
+        try:
+            tar = tarfile.open(part.source / part.shard, "r")
+        except (OSError, tarfile.TarError) as err:  # the whole shard is unreadable: each of its samples says so
             for row in part.rows:
-                item = read_shard_sample(tar, row)
+                yield row["key"], f"unreadable shard {part.shard}: {err}"
+            return
+        with tar:
+            for row in part.rows:
+                try:
+                    item = read_shard_sample(tar, row)
+                except _UNREADABLE as err:  # one bad sample is quarantined; the shard goes on
+                    yield row["key"], f"corrupt: {part.shard}/{row['image']}: {err}"
+                    continue
                 yield _Sample(item.key, item.image, item.meta["caption"], float(item.meta["aesthetics"]),
                               {"in_stage2": bool(item.meta["in_stage2"]), "in_vae": bool(item.meta["in_vae"])})
         return

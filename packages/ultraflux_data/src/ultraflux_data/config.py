@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from ultraflux_core.config import Section
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.config import Dtype
 
 
@@ -29,11 +30,41 @@ class DownloadConfig(Section):
     read_timeout_s: float = Field(30.0, gt=0.0)
     max_bytes: int = Field(64 * 2**20, ge=1, description="larger bodies are aborted")
     max_redirects: int = Field(5, ge=0)
+    deadline_s: float = Field(
+        300.0, gt=0.0, description="the most one URL may take, every attempt, redirect, read and backoff included"
+    )
+    min_rate_bytes_s: float = Field(
+        1024.0, ge=0.0, description="a body arriving slower than this on average is aborted (0: no minimum)"
+    )
+    min_rate_grace_s: float = Field(10.0, ge=0.0, description="the minimum rate applies after this long")
     allow_private: bool = Field(False, description="allow loopback/private/link-local targets everywhere")
-    private_hosts: tuple[str, ...] = Field((), description="host names/IPs allowed to be non-public (a mirror)")
+    private_hosts: tuple[str, ...] = Field(
+        (), description="host:port pairs allowed to be non-public (a mirror), e.g. mirror.lan:8080 or [fd00::5]:443; "
+        "other ports of the same host stay blocked"
+    )
     content_types: tuple[str, ...] = (
         "image/jpeg", "image/png", "image/webp", "image/tiff", "image/bmp", "image/gif", "application/octet-stream",
     )
+
+
+    @field_validator("private_hosts")
+    @classmethod
+    def _host_and_port(cls, entries: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in entries:
+            host_port(entry)  # raises a clear error for an entry without a port
+        return tuple(entry.lower() for entry in entries)
+
+
+def host_port(entry: str) -> tuple[str, int]:
+    """``("host", port)`` of a ``host:port`` entry (an IPv6 host in brackets: ``[fd00::5]:443``)."""
+    host, sep, port = entry.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or (":" in host and "[" not in entry):
+        raise UltraFluxError(
+            f"data.download.private_hosts entry {entry!r} is not host:port (e.g. mirror.lan:8080, [fd00::5]:443): "
+            "an allowed host is allowed on one port only"
+        )
+    return host.lower(), int(port)
 
 
 class IngestConfig(Section):
@@ -43,6 +74,13 @@ class IngestConfig(Section):
         80_000_000, ge=1, le=89_478_485, description="decompression-bomb limit (at most PIL's own 89.5 MP)"
     )
     min_side: int = Field(32, ge=1, description="shorter side below this is quarantined as tiny")
+    max_bytes: int = Field(
+        512 * 2**20, ge=1, description="larger input files are quarantined from their size, before any byte is read"
+    )
+    trailing_data: Literal["quarantine", "strip"] = Field(
+        "quarantine", description="bytes after a kept JPEG/PNG/WebP's end marker: quarantine the file, or store the "
+        "image without them (phones append gain maps and motion-photo videos after the JPEG)"
+    )
 
 
 class ScoringConfig(Section):

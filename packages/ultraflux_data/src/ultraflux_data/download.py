@@ -2,7 +2,11 @@
 
 Rules (all in :class:`~ultraflux_data.config.DownloadConfig`): http and https only; every hop of a redirect
 chain is checked again (scheme, and every address the host resolves to must be public unless
-``allow_private``); connect and read timeouts; a byte limit enforced on ``Content-Length`` and while streaming;
+``allow_private`` or its ``host:port`` is in ``private_hosts``; an IPv6 address that embeds an IPv4 one (mapped,
+compatible, 6to4, NAT64) must be public as that IPv4 address too); connect and read timeouts, an overall
+``deadline_s`` per URL (all attempts, enforced on every socket read and write, so a server trickling bytes cannot
+hold a worker) and a ``min_rate_bytes_s`` after ``min_rate_grace_s``; a byte limit enforced on
+``Content-Length`` and while streaming;
 an allowed ``Content-Type`` list plus a magic-byte check of the body; retries with exponential backoff on
 connection errors, timeouts, 429 and 5xx only; atomic writes (``.part`` then ``os.replace``); files named by
 the sha256 of their content, so identical images from different URLs are stored once.
@@ -28,6 +32,7 @@ import ipaddress
 import os
 import shutil
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -35,15 +40,16 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
+import httpcore
 import httpx
 from filelock import FileLock, Timeout
 from pydantic import BaseModel
 
 from ultraflux_data.compute import map_partitions
-from ultraflux_data.config import ComputeConfig, DownloadConfig
+from ultraflux_data.config import ComputeConfig, DownloadConfig, host_port
 from ultraflux_data.partitions import partition_of
 
 STATE_FILE = "downloads.jsonl"
@@ -89,29 +95,120 @@ def sniff_image_type(head: bytes) -> str | None:
     return None
 
 
+def embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries, for the forms that reach it: IPv4-mapped (``::ffff:a.b.c.d``),
+    IPv4-compatible (``::a.b.c.d``), 6to4 (``2002:AABB:CCDD::/48``) and NAT64 (``64:ff9b::a.b.c.d``, RFC 6052)."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    value = int(address)
+    if value >> 32 in (0, 0x0064_FF9B_0000_0000_0000_0000):  # ::/96 (compatible) or 64:ff9b::/96 (NAT64)
+        return ipaddress.IPv4Address(value & 0xFFFF_FFFF)
+    return None
+
+
+def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Globally routable and not multicast; an IPv6 address that embeds an IPv4 one is judged by that too."""
+    if not address.is_global or address.is_multicast:
+        return False
+    inner = embedded_ipv4(address) if isinstance(address, ipaddress.IPv6Address) else None
+    return inner is None or is_public(inner)
+
+
 def check_url(url: str, allow_private: bool, private_hosts: tuple[str, ...] = ()) -> None:
     """Raise ``_Refused`` unless ``url`` is http(s) and resolves only to public addresses (unless
-    ``allow_private``, or the host is listed in ``private_hosts``)."""
+    ``allow_private``, or its ``host:port`` is listed in ``private_hosts``: a mirror on one port, not every
+    service of its host)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise _Refused(f"scheme {parts.scheme or '(none)'!r} is not allowed (http/https only)")
     host = parts.hostname
     if not host:
         raise _Refused("URL has no host")
-    if allow_private or host in private_hosts:
-        return
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as err:
+        raise _Refused(f"bad port in {url!r}") from err
+    if allow_private or (host.lower(), port) in {host_port(entry) for entry in private_hosts}:
+        return
+    try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
         raise _Transient(f"cannot resolve {host}: {err}") from err
     for info in infos:
         address = ipaddress.ip_address(info[4][0].split("%", 1)[0])
-        if not address.is_global or address.is_multicast:
+        if not is_public(address):
             raise _Refused(
-                f"{host} resolves to non-public address {address} (loopback/private/link-local are blocked; "
-                "list the host in data.download.private_hosts or set allow_private=true to allow it)"
+                f"{host} resolves to non-public address {address} (loopback/private/link-local, also embedded in "
+                "IPv6, are blocked; list host:port in data.download.private_hosts or set allow_private=true)"
             )
+
+
+class _Deadline(threading.local):
+    """The monotonic time by which this thread's current URL must be done (``None``: no URL in progress)."""
+
+    at: float | None = None
+
+
+_DEADLINE = _Deadline()
+
+
+def _bounded(timeout: float | None, error: type[Exception]) -> float | None:
+    """``timeout`` cut to what is left of the current URL's deadline; ``error`` once nothing is left."""
+    if _DEADLINE.at is None:
+        return timeout
+    left = _DEADLINE.at - time.monotonic()
+    if left <= 0:
+        raise error("the URL's deadline has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A socket stream whose every read, write and TLS handshake waits at most until the URL's deadline: a server
+    that trickles its headers or body byte by byte cannot keep a worker past it (per-read timeouts reset on every
+    byte)."""
+
+    def __init__(self, stream: httpcore.NetworkStream) -> None:
+        self._stream = stream
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _bounded(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _bounded(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _DeadlineStream(self._stream.start_tls(ssl_context, server_hostname,
+                                                      _bounded(timeout, httpcore.ConnectTimeout)))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.SyncBackend):
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        timeout = _bounded(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(super().connect_tcp(host, port, timeout, local_address, socket_options))
+
+
+def _client(cfg: DownloadConfig) -> httpx.Client:
+    """An HTTP client whose sockets honour the per-URL deadline (``_DeadlineBackend``)."""
+    timeout = httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s)
+    limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
+    transport = httpx.HTTPTransport(limits=limits, trust_env=False)
+    pool = transport._pool  # httpx has no public hook for httpcore's network backend
+    if not isinstance(pool, httpcore.ConnectionPool) or not hasattr(pool, "_network_backend"):
+        raise RuntimeError("httpx/httpcore changed: the download deadline cannot be installed")
+    pool._network_backend = _DeadlineBackend()
+    headers = {"user-agent": "ultraflux-data/0.1 (+https://github.com/)"}
+    return httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False, headers=headers,
+                        transport=transport)
 
 
 def _fetch_once(client: httpx.Client, url: str, cfg: DownloadConfig, dest: Path) -> tuple[Path, str, int, str]:
@@ -140,26 +237,34 @@ def _fetch_once(client: httpx.Client, url: str, cfg: DownloadConfig, dest: Path)
                 declared = response.headers.get("content-length")
                 if declared and declared.isdigit() and int(declared) > cfg.max_bytes:
                     raise _Refused(f"{declared} bytes declared, more than max_bytes={cfg.max_bytes}")
-                return _stream_to_part(response, cfg.max_bytes, dest)
+                return _stream_to_part(response, cfg, dest)
         except httpx.TimeoutException as err:
+            if _DEADLINE.at is not None and time.monotonic() >= _DEADLINE.at:
+                raise _Refused(f"deadline: not done within deadline_s={cfg.deadline_s}") from err
             raise _Transient(f"timeout: {type(err).__name__}") from err
         except httpx.TransportError as err:
             raise _Transient(f"connection error: {type(err).__name__}: {err}") from err
     raise _Refused(f"more than {cfg.max_redirects} redirects")
 
 
-def _stream_to_part(response: httpx.Response, max_bytes: int, dest: Path) -> tuple[Path, str, int, str]:
+def _stream_to_part(response: httpx.Response, cfg: DownloadConfig, dest: Path) -> tuple[Path, str, int, str]:
+    max_bytes = cfg.max_bytes
     digest = hashlib.sha256()
     size = 0
+    started = time.monotonic()
     head = b""
     fd, name = tempfile.mkstemp(suffix=".part", dir=dest)
     part = Path(name)
     try:
         with os.fdopen(fd, "wb") as fh:
-            for chunk in response.iter_bytes(65536):
+            for chunk in response.iter_bytes():  # as it arrives (a chunk size would buffer 64 KiB first)
                 size += len(chunk)
                 if size > max_bytes:
                     raise _Refused(f"body exceeds max_bytes={max_bytes}")
+                elapsed = time.monotonic() - started
+                if elapsed > cfg.min_rate_grace_s and size < cfg.min_rate_bytes_s * elapsed:
+                    raise _Refused(f"too slow: {size} bytes in {elapsed:.1f} s, below "
+                                   f"min_rate_bytes_s={cfg.min_rate_bytes_s}")
                 if len(head) < 16:
                     head += chunk[: 16 - len(head)]
                 digest.update(chunk)
@@ -248,18 +353,27 @@ def _remove_orphaned_partials(partial_root: Path, own: Path) -> None:
 
 
 def _download_one(client: httpx.Client, url: str, cfg: DownloadConfig, store: _Store) -> DownloadResult:
+    """One URL, all attempts within ``deadline_s`` (the sockets enforce it: ``_DeadlineStream``)."""
     reason = ""
-    for attempt in range(1, cfg.retries + 2):
-        try:
-            part, sha, size, ext = _fetch_once(client, url, cfg, store.partial)
-            return store.commit(url, part, sha, size, ext, attempt)
-        except _Refused as err:
-            return DownloadResult(url=url, status="failed", attempts=attempt, reason=str(err))
-        except _Transient as err:
-            reason = str(err)
-            if attempt <= cfg.retries:
-                time.sleep(cfg.backoff_s * 2 ** (attempt - 1))
-    return DownloadResult(url=url, status="failed", attempts=cfg.retries + 1, reason=f"gave up: {reason}")
+    _DEADLINE.at = time.monotonic() + cfg.deadline_s
+    try:
+        for attempt in range(1, cfg.retries + 2):
+            try:
+                part, sha, size, ext = _fetch_once(client, url, cfg, store.partial)
+                return store.commit(url, part, sha, size, ext, attempt)
+            except _Refused as err:
+                return DownloadResult(url=url, status="failed", attempts=attempt, reason=str(err))
+            except _Transient as err:
+                reason = str(err)
+                if attempt <= cfg.retries:
+                    delay = cfg.backoff_s * 2 ** (attempt - 1)
+                    if time.monotonic() + delay >= _DEADLINE.at:
+                        return DownloadResult(url=url, status="failed", attempts=attempt, reason=(
+                            f"deadline: not done within deadline_s={cfg.deadline_s} (last error: {reason})"))
+                    time.sleep(delay)
+        return DownloadResult(url=url, status="failed", attempts=cfg.retries + 1, reason=f"gave up: {reason}")
+    finally:
+        _DEADLINE.at = None
 
 
 @dataclass(frozen=True)
@@ -271,10 +385,7 @@ class DownloadWorker:
 
     def __call__(self, urls: list[str]) -> list[DownloadResult]:
         cfg, store = self.cfg, _Store(self.out)
-        timeout = httpx.Timeout(cfg.read_timeout_s, connect=cfg.connect_timeout_s)
-        limits = httpx.Limits(max_connections=cfg.concurrency, max_keepalive_connections=cfg.concurrency)
-        headers = {"user-agent": "ultraflux-data/0.1 (+https://github.com/)"}
-        client = httpx.Client(timeout=timeout, limits=limits, follow_redirects=False, trust_env=False, headers=headers)
+        client = _client(cfg)
         results = []
         try:
             with client, ThreadPoolExecutor(max_workers=cfg.concurrency) as pool:

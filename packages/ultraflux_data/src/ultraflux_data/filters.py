@@ -19,10 +19,12 @@ from pathlib import Path
 
 import pandas as pd
 from pydantic import BaseModel
+from ultraflux_core.files import commit_folder, write_commit_marker
 
 from ultraflux_data.config import FilterConfig
 
 SUBSETS = ("train", "stage2", "vae")
+OUTPUTS = ["selection.parquet", *(f"{name}.parquet" for name in SUBSETS), "summary.json"]
 
 
 class FilterSummary(BaseModel):
@@ -90,27 +92,33 @@ def apply_filters(scores: pd.DataFrame, cfg: FilterConfig) -> pd.DataFrame:
 def select_subsets(scores_path: Path | str, manifest: pd.DataFrame, out_dir: Path | str,
                    cfg: FilterConfig | None = None) -> FilterSummary:
     """Write ``selection.parquet`` (every scored image with its filter columns) and ``<subset>.parquet``
-    (manifest rows + scores of each subset, best first) into ``out_dir``."""
+    (manifest rows + scores of each subset, best first) into ``out_dir``.
+
+    The files are written into a sibling folder that replaces ``out_dir`` in one rename, with a commit marker
+    (``_commit.json``: their sha256) written last: readers see the old set of files or the new one, never a mix,
+    and a killed run leaves ``out_dir`` as it was. The caller holds the stage lock (``stages.run_filter``).
+    """
     cfg = cfg or FilterConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     scores = pd.read_parquet(scores_path)
     selection = apply_filters(scores, cfg)
-    selection.to_parquet(out / "selection.parquet", index=False)
     # Manifest columns the later stages need; the metadata score columns are superseded by ours.
     keep = [c for c in manifest.columns if c not in scores.columns or c == "key"]
     rows = selection.merge(manifest[keep], on="key", how="left")
     subsets = {}
-    for name in SUBSETS:
-        subset = rows[rows[f"in_{name}"]]
-        if name == "vae":
-            subset = subset.sort_values(["flat_percentage", "shannon_entropy", "key"], ascending=[True, False, True])
-        else:
-            subset = subset.sort_values(["aesthetics_score", "key"], ascending=[False, True])
-        subset.to_parquet(out / f"{name}.parquet", index=False)
-        subsets[name] = len(subset)
-    passed = {rule.removeprefix("pass_"): int(selection[rule].sum())
-              for rule in ("pass_resolution", "pass_flat", "pass_entropy", "pass_qalign", "passed")}
-    summary = FilterSummary(scored=len(selection), passed=passed, subsets=subsets)
-    (out / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
+    with commit_folder(out_dir) as out:
+        selection.to_parquet(out / "selection.parquet", index=False)
+        for name in SUBSETS:
+            subset = rows[rows[f"in_{name}"]]
+            if name == "vae":
+                subset = subset.sort_values(["flat_percentage", "shannon_entropy", "key"],
+                                            ascending=[True, False, True])
+            else:
+                subset = subset.sort_values(["aesthetics_score", "key"], ascending=[False, True])
+            subset.to_parquet(out / f"{name}.parquet", index=False)
+            subsets[name] = len(subset)
+        passed = {rule.removeprefix("pass_"): int(selection[rule].sum())
+                  for rule in ("pass_resolution", "pass_flat", "pass_entropy", "pass_qalign", "passed")}
+        summary = FilterSummary(scored=len(selection), passed=passed, subsets=subsets)
+        (out / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
+        write_commit_marker(out, OUTPUTS)
     return summary

@@ -6,10 +6,13 @@ from a ``metadata.{jsonl,parquet,csv}`` at its top, matched by ``file_name``), o
 
 Odd-but-valid images are normalised to 8-bit RGB: EXIF orientation applied, alpha composited over white,
 CMYK/palette/greyscale converted, 16-bit reduced to its high byte (the eval package's ``load_rgb``, the one
-decoder shared with scoring). Those are stored as PNG; images that need nothing keep their original bytes, by
-reference: a hard link to the source file where the filesystem allows (no second copy on disk), else a copy
-(``stored`` says which). Stored files are named by the sha256 of their bytes, which is the sample ``key`` and
-de-duplicates content.
+decoder shared with scoring). Those are stored as PNG; images that need nothing keep their original bytes.
+Every input is first copied (``copy_file_range``: a reflink on filesystems that share extents copy-on-write)
+into ``.staging/`` and everything after reads that copy, so a stored file never shares an inode with a user's
+file (editing the source later cannot change it) and its name is the hash of exactly what was decoded. Inputs
+over ``max_bytes`` are quarantined from their size before a byte is read; bytes after a kept JPEG/PNG/WebP's
+end marker are quarantined (``trailing_data: quarantine``) or cut off (``strip``). Stored files are named by
+the sha256 of their bytes, which is the sample ``key`` and de-duplicates content.
 
 Inputs are cut into deterministic partitions (hash ranges of the source name) that ``ultraflux_data.compute``
 runs in this process or as Ray tasks; each partition's manifest rows are written atomically under
@@ -17,7 +20,8 @@ runs in this process or as Ray tasks; each partition's manifest rows are written
 rename. Duplicates are resolved afterwards in input order, so the first occurrence keeps its row whatever ran
 first.
 Quarantined: unreadable, non-image, truncated/corrupt, decompression bombs (``max_pixels``, and PIL's own
-limit turned from a warning into an error), tiny, unsupported pixel modes, duplicates, failed downloads.
+limit turned from a warning into an error), too large (``max_bytes``), trailing data, tiny, unsupported pixel
+modes, duplicates, failed downloads.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import functools
 import hashlib
 import io
 import json
+import os
 import struct
 import warnings
 from collections import Counter
@@ -38,13 +43,14 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel
 from ultraflux_core.errors import UltraFluxError
-from ultraflux_core.files import link_or_copy
+from ultraflux_core.files import TooLarge, copy_capped, file_sha256
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.metrics.scores import load_rgb
 
 from ultraflux_data.compute import map_partitions
 from ultraflux_data.config import ComputeConfig, DataConfig, IngestConfig
 from ultraflux_data.download import download_urls
+from ultraflux_data.image_end import encoded_end
 from ultraflux_data.metadata import METADATA_SUFFIXES, SampleRecord, read_metadata
 from ultraflux_data.partitions import (
     atomic_bytes,
@@ -57,6 +63,7 @@ from ultraflux_data.partitions import (
 
 MANIFEST = "manifest.parquet"
 SUMMARY = "summary.json"
+STAGING = ".staging"  # private copies of inputs being ingested (renamed into images/ or removed)
 _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _SUPPORTED_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
                     "I;16", "I;16B", "I;16L", "I;16N"}
@@ -215,14 +222,47 @@ class IngestWorker:
     out: Path
     cfg: IngestConfig
 
+    def _stage(self, path: Path) -> Path:
+        """A private copy of ``path`` beside the store (capped at ``max_bytes``): everything after this decodes,
+        hashes and stores that copy, so the stored file shares no inode with the user's and a source edited
+        meanwhile cannot make a file's name differ from its content's hash."""
+        size = path.stat().st_size
+        if size > self.cfg.max_bytes:
+            raise Quarantine(f"too large: {size} bytes > max_bytes={self.cfg.max_bytes}")
+        staging = self.out / STAGING
+        staging.mkdir(parents=True, exist_ok=True)
+        staged = staging / f"{os.getpid()}-{os.urandom(8).hex()}.tmp"
+        try:
+            copy_capped(path, staged, self.cfg.max_bytes)
+        except TooLarge as err:
+            raise Quarantine(f"too large: {path} grew past max_bytes={self.cfg.max_bytes} while it was read") from err
+        except OSError as err:
+            raise Quarantine(f"unreadable: {err}") from err
+        return staged
+
+    def _trailing(self, staged: Path, fmt: str) -> str:
+        """Refuse (or cut, with ``trailing_data: strip``) bytes after the image's end; returns the step taken."""
+        end = encoded_end(staged, fmt)
+        if end is None:
+            raise Quarantine(f"corrupt: the {fmt} structure does not reach its end marker")
+        extra = staged.stat().st_size - end
+        if extra <= 0:
+            return ""
+        if self.cfg.trailing_data == "quarantine":
+            raise Quarantine(f"trailing data: {extra} bytes after the end of the {fmt} image")
+        os.truncate(staged, end)
+        return "trailing_data_stripped"
+
     def _one(self, source: str, path: Path | None, record: SampleRecord | None, failure: str) -> dict[str, Any]:
         row = _row(source, record)
+        staged = None
         try:
             if failure:
                 raise Quarantine(failure)
             if path is None or not path.is_file():
                 raise Quarantine(f"unreadable: {path} does not exist")
-            image, steps, fmt = normalise_image(path, self.cfg)
+            staged = self._stage(path)
+            image, steps, fmt = normalise_image(staged, self.cfg)
             row.update(width=image.width, height=image.height, format=fmt, normalised=",".join(steps))
             if steps:
                 buf = io.BytesIO()
@@ -231,7 +271,8 @@ class IngestWorker:
                 key = _sha256(data)
             else:
                 data, ext = None, _KEEP_FORMATS[fmt]
-                key = _sha256(path.read_bytes())
+                row["normalised"] = self._trailing(staged, fmt)
+                key = file_sha256(staged)
             rel = f"images/{key[:2]}/{key}.{ext}"
             if (self.out / rel).is_file():
                 stored = "exists"
@@ -239,10 +280,15 @@ class IngestWorker:
                 atomic_bytes(self.out / rel, data)
                 stored = "encoded"
             else:
-                stored = link_or_copy(path, self.out / rel)
+                (self.out / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staged, self.out / rel)
+                stored = "copy"
             row.update(key=key, path=rel, status="ok", stored=stored)
         except Quarantine as err:
             row["reason"] = str(err)
+        finally:
+            if staged is not None:
+                staged.unlink(missing_ok=True)
         return row
 
     def __call__(self, part: IngestPartition) -> int:

@@ -4,14 +4,22 @@
 folder layout under ``data.root`` is defined once:
 
 ``ingest/`` (manifest.parquet, images/, and ``synthetic/`` when the source is synthetic) → ``scores.parquet``
-→ ``subsets/`` (selection, train, stage2, vae .parquet) → ``buckets/`` (assignments.parquet, histogram.png)
-→ ``shards/`` (shard-*.tar, index.parquet) → ``cache/`` (entries/, index.parquet). Each stage also writes its
-counts to ``metrics/<stage>.json`` (DVC metrics).
+→ ``subsets/`` (selection, train, stage2, vae .parquet, _commit.json) → ``buckets/`` (assignments.parquet,
+histogram.png) → ``shards/`` (shard-*.tar, index.parquet) → ``cache/`` (entries/, index.parquet,
+quarantine.parquet). Each stage also writes its counts to ``metrics/<stage>.json`` (DVC metrics).
+
+Commits: every file is written whole and renamed into place; ``subsets/`` is committed as one folder with a
+commit marker that ``bucket`` verifies before it reads. ``filter`` and ``bucket`` hold a stage lock
+(``<root>/.locks/<stage>.lock``): a second concurrent run of the same stage refuses, naming the holder.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,9 +27,12 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from pydantic import BaseModel
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.files import read_committed, uncommitted_siblings
+from ultraflux_core.locks import exclusive
 
 from ultraflux_data.config import ComputeConfig, DataConfig
 from ultraflux_data.metadata import METADATA_SUFFIXES
+from ultraflux_data.partitions import atomic_bytes, atomic_parquet
 
 if TYPE_CHECKING:  # each stage imports only what it runs: a DVC stage is a fresh process
     from ultraflux_data.cache import CacheSummary
@@ -71,9 +82,15 @@ class DataPaths:
         return self.root / "metrics"
 
     def write_metrics(self, stage: str, payload: BaseModel | dict) -> None:
-        self.metrics.mkdir(parents=True, exist_ok=True)
         data = payload.model_dump(mode="json") if isinstance(payload, BaseModel) else payload
-        (self.metrics / f"{stage}.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        atomic_bytes(self.metrics / f"{stage}.json", (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Hold ``name``'s stage lock (refusing when another run holds it). Outside every DVC output folder, so
+        the lock files never enter a stage's hash."""
+        with exclusive(self.root / ".locks" / f"{name}.lock", f"the data {name} stage of {self.root}"):
+            yield
 
 
 def prepare_source(cfg: DataConfig) -> Path:
@@ -126,8 +143,11 @@ def run_filter(cfg: DataConfig) -> FilterSummary:
     from ultraflux_data.ingest import read_manifest
 
     paths = DataPaths(cfg.root)
-    summary = select_subsets(paths.scores, read_manifest(paths.ingest), paths.subsets, cfg.filter)
-    paths.write_metrics("filter", summary)
+    with paths.stage("filter"):
+        for stale in uncommitted_siblings(paths.subsets):  # left by a killed run; no other writer is live
+            shutil.rmtree(stale, ignore_errors=True)
+        summary = select_subsets(paths.scores, read_manifest(paths.ingest), paths.subsets, cfg.filter)
+        paths.write_metrics("filter", summary)
     return summary
 
 
@@ -139,13 +159,15 @@ def run_bucket(cfg: DataConfig) -> dict[str, int]:
     train_path = paths.subsets / "train.parquet"
     if not train_path.is_file():
         raise UltraFluxError(f"{train_path} does not exist: run `ultraflux data filter` first")
-    train = add_bucket_columns(pd.read_parquet(train_path), cfg.buckets.family)
-    paths.buckets.mkdir(parents=True, exist_ok=True)
-    train.to_parquet(paths.buckets / "assignments.parquet", index=False)
-    counts = bucket_counts(train, cfg.buckets.family)
-    paths.write_metrics("buckets", counts)
-    bucket_histogram_png(counts, paths.buckets / "histogram.png",
-                         title=f"training images per bucket ({cfg.buckets.family} family)")
+    with paths.stage("bucket"):
+        # Only what filter committed: a file from an interrupted run or edited since is refused, not bucketed.
+        data = read_committed(paths.subsets, ["train.parquet"], "ultraflux data filter")["train.parquet"]
+        train = add_bucket_columns(pd.read_parquet(io.BytesIO(data)), cfg.buckets.family)
+        atomic_parquet(train, paths.buckets / "assignments.parquet")
+        counts = bucket_counts(train, cfg.buckets.family)
+        paths.write_metrics("buckets", counts)
+        bucket_histogram_png(counts, paths.buckets / "histogram.png",
+                             title=f"training images per bucket ({cfg.buckets.family} family)")
     return counts
 
 

@@ -20,6 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ import torch
 from tqdm.auto import trange
 from ultraflux_core.config import dump_config
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.locks import exclusive
 from ultraflux_core.tracking.config import TrackingConfig
 from ultraflux_core.tracking.lineage import dvc_output_md5, git_sha
 from ultraflux_core.tracking.runs import Tracker, flatten
@@ -330,8 +332,28 @@ def _tracker_for(cfg: RunConfig, plan: StagePlan, dist: DistInfo, resume: bool) 
     return tracker
 
 
+def run_dir_lock(run_dir: Path | str) -> AbstractContextManager[None]:
+    """The lock one training job holds on its run directory, per rank: a second job on the same directory refuses
+    (naming the holder) instead of writing every metrics line twice and racing MLflow's database.
+
+    One lock file per rank (``RANK``, 0 outside a launcher), so the ranks of one job never refuse each other, while
+    any second job's rank 0 meets the first job's rank 0 (the launcher then stops its other ranks). The files live
+    beside the run directory (``.<name>.locks/``), outside the DVC output.
+    """
+    run_dir = Path(run_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    lock = run_dir.parent / f".{run_dir.name}.locks" / f"rank{rank}.lock"
+    return exclusive(lock, f"train.run_dir {run_dir} (rank {rank})")
+
+
 def train_stage(cfg: RunConfig, stage: str | int, *, resume: bool = False) -> StageResult:
-    """Train one SACL stage to its configured step count (collective over the launched ranks)."""
+    """Train one SACL stage to its configured step count (collective over the launched ranks), holding the run
+    directory's lock (``run_dir_lock``)."""
+    with run_dir_lock(cfg.train.run_dir):
+        return _train_stage(cfg, stage, resume=resume)
+
+
+def _train_stage(cfg: RunConfig, stage: str | int, *, resume: bool) -> StageResult:
     train = cfg.train
     plan = stage_plans(train)[stage] if isinstance(stage, int) else find_stage(train, stage)
     st = plan.stage
@@ -484,8 +506,9 @@ def train(cfg: RunConfig, *, resume: bool = False, stages: list[str] | None = No
     """
     plans = stages_to_run(cfg.train, resume=resume, only=stages)
     run_dir = Path(cfg.train.run_dir)
-    check_tracking_reachable(cfg.tracking.resolve_uri(run_dir), cfg.tracking.check_timeout_s)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-    return [train_stage(cfg, plan.index, resume=resume) for plan in plans]
+    with run_dir_lock(run_dir):
+        check_tracking_reachable(cfg.tracking.resolve_uri(run_dir), cfg.tracking.check_timeout_s)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if int(os.environ.get("RANK", "0")) == 0:
+            (run_dir / "config.yaml").write_text(dump_config(cfg))
+        return [_train_stage(cfg, plan.index, resume=resume) for plan in plans]
