@@ -95,7 +95,8 @@ def test_manifests_agree_on_namespace_claims_secrets_and_accounts():
     labels = mlflow["spec"]["template"]["metadata"]["labels"]
     assert mlflow_service["spec"]["selector"].items() <= labels.items()
     mlflow_container = mlflow["spec"]["template"]["spec"]["containers"][0]
-    assert {s["secretRef"]["name"] for s in mlflow_container["envFrom"]} == {"mlflow-backend", "mlflow-s3"}
+    assert {s["secretRef"]["name"] for s in mlflow_container["envFrom"]} == {"mlflow-backend", "mlflow-s3",
+                                                                             "mlflow-auth"}
     assert not any("PASSWORD" in e["name"] or "SECRET" in e["name"] for e in mlflow_container.get("env", []))
 
 
@@ -114,7 +115,11 @@ def test_deploy_doc_creates_every_secret_key_the_manifests_read():
                                                     container["envFrom"]):
                     needed |= set(re.findall(r"\$\(([A-Z_]+)\)", " ".join(container.get("args", []))))
     assert {"PREFECT_API_URL", "MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION"} <= needed
+    # the auth app's keys (envFrom: mlflow-auth) and the clients' accounts (envFrom: ultraflux-endpoints)
+    needed |= {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
     assert needed <= created, f"docs/deploy.md never creates {needed - created}"
+    assert "--from-file=basic_auth.ini=" in doc  # the mlflow-auth-config secret the Deployment mounts
 
 
 COMPOSE = REPO / "infra" / "mlflow" / "docker-compose.yaml"
@@ -137,6 +142,11 @@ def test_mlflow_compose_creates_its_bucket_checks_health_and_reads_credentials_f
     assert mlflow["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
     assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "--serve-artifacts" in mlflow["command"]
+    # authenticated by default: the basic-auth app with the shipped settings file, and MinIO on loopback only
+    assert "--app-name=basic-auth" in mlflow["command"]
+    assert "./basic_auth.ini:/etc/mlflow/basic_auth.ini:ro" in mlflow["volumes"]
+    assert mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"] == "/etc/mlflow/basic_auth.ini"
+    assert all(str(port).startswith("127.0.0.1:") for port in services["minio"]["ports"])
 
     text = "\n".join(line for line in COMPOSE.read_text().splitlines() if not line.lstrip().startswith("#"))
     example = (COMPOSE.parent / ".env.example").read_text()
@@ -193,3 +203,86 @@ def test_prefect_pools_agree_between_prefect_yaml_job_template_and_docs():
         text = (REPO / doc).read_text()
         created = set(re.findall(r"prefect work-pool create (\S+)", text))
         assert created == pools, f"{doc} creates {created}, prefect.yaml uses {pools}"
+
+
+def _listening_everywhere(args: list[str]) -> bool:
+    joined = " ".join(str(a) for a in args).replace("=", " ")
+    return bool(re.search(r"--host 0\.0\.0\.0\b", joined))
+
+
+def test_no_server_listens_on_every_interface_without_authentication():
+    """Every `mlflow server` the stack starts on 0.0.0.0 (compose, cluster) runs the basic-auth app."""
+    servers = [(f"compose:{name}", service["command"]) for name, service in
+               yaml.safe_load(COMPOSE.read_text())["services"].items() if isinstance(service.get("command"), list)]
+    for name, manifest in k8s_documents():
+        for container in manifest.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            servers.append((f"{name}:{container['name']}", [*container.get("command", []), *container.get("args", [])]))
+    exposed = [(name, args) for name, args in servers if _listening_everywhere(args)]
+    assert {name for name, _ in exposed} >= {"compose:mlflow", "mlflow.yaml:mlflow"}
+    for name, args in exposed:
+        joined = " ".join(args).replace("=", " ")
+        assert "mlflow" in joined and "--app-name basic-auth" in joined, f"{name} listens on 0.0.0.0 without auth"
+
+
+def test_mlflow_basic_auth_app_refuses_anonymous_clients(tmp_path, monkeypatch):
+    """The attack: an anonymous client (or a wrong password) reads runs, models or artifacts of the shared server.
+
+    `mlflow server --app-name basic-auth` with the shipped basic_auth.ini (only its user store moved into tmp) on
+    loopback: anonymous and wrong-password requests to the API, the UI and the artifact proxy get 401; a client
+    signed in through MLFLOW_TRACKING_USERNAME/PASSWORD logs a run and an artifact and reads them back."""
+    import base64
+    import os
+    import urllib.error
+    import urllib.request
+
+    from tests.servers import ServerProcess, free_port
+
+    shipped = (COMPOSE.parent / "basic_auth.ini").read_text()
+    assert re.search(r"^default_permission = READ$", shipped, re.M)
+    ini = tmp_path / "basic_auth.ini"
+    ini.write_text(re.sub(r"^database_uri = .*$", f"database_uri = sqlite:///{tmp_path / 'auth.db'}", shipped,
+                          flags=re.M))
+    admin, password = "admin", "a-long-test-password-1"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": admin,
+           "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-csrf-key"}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+           "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts", "--workers", "1"]
+
+    def status(path: str, user: str | None = None, secret: str | None = None) -> int:
+        request = urllib.request.Request(url + path)
+        if user is not None:
+            token = base64.b64encode(f"{user}:{secret}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback server
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    with ServerProcess("mlflow server (basic-auth)", cmd, f"{url}/health", tmp_path / "logs" / "mlflow.log",
+                       env=env, cwd=tmp_path):
+        protected = ["/api/2.0/mlflow/experiments/search?max_results=1",
+                     "/api/2.0/mlflow/registered-models/search?max_results=1",
+                     "/api/2.0/mlflow-artifacts/artifacts", "/"]
+        for path in protected:
+            assert status(path) == 401, path
+            assert status(path, admin, "wrong-password-123") == 401, path
+        assert status("/health") == 200  # the probes stay open
+        assert status(protected[0], admin, password) == 200
+
+        # a client signed in through the environment variables every ultraflux command and flow reads
+        from mlflow.tracking import MlflowClient
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        client = MlflowClient(tracking_uri=url)
+        run = client.create_run(client.create_experiment("auth-check"))
+        client.log_metric(run.info.run_id, "m", 1.0)
+        (tmp_path / "a.txt").write_text("payload")
+        client.log_artifact(run.info.run_id, str(tmp_path / "a.txt"))
+        local = client.download_artifacts(run.info.run_id, "a.txt", str(tmp_path / "down"))
+        assert Path(local).read_text() == "payload"
+        assert client.get_run(run.info.run_id).data.metrics["m"] == 1.0
