@@ -286,3 +286,101 @@ def test_mlflow_basic_auth_app_refuses_anonymous_clients(tmp_path, monkeypatch):
         local = client.download_artifacts(run.info.run_id, "a.txt", str(tmp_path / "down"))
         assert Path(local).read_text() == "payload"
         assert client.get_run(run.info.run_id).data.metrics["m"] == 1.0
+
+
+def _training_job() -> dict:
+    return next(doc for _, doc in k8s_documents() if doc["kind"] == "Job")
+
+
+def _rdzv_conf(args: list[str]) -> dict[str, str]:
+    conf = next(a.split("=", 1)[1] for a in args if a.startswith("--rdzv-conf="))
+    return dict(item.split("=", 1) for item in conf.split(","))
+
+
+def test_multinode_job_survives_a_slow_or_lost_pod_and_finds_its_model_on_a_volume():
+    """The attacks: pod 0 pulls its image slowly (a peer's store connect times out after torch's 60 s), one lost pod
+    fails the whole Job (backoffLimit 0), and train.model / the model cache live on no volume (or in the image)."""
+    job = _training_job()
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    conf = _rdzv_conf(args)
+    assert int(conf["read_timeout"]) >= int(conf["join_timeout"]) >= 600, conf
+    assert spec.get("backoffLimit", 1) != 0 and spec["backoffLimitPerIndex"] >= 1 and spec["maxFailedIndexes"] == 0
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in spec[
+        "podFailurePolicy"]["rules"]
+    restarts = next(a for a in args if a.startswith("--max-restarts="))
+    assert int(restarts.split("=")[1]) >= 1  # the survivors meet a recreated peer again
+
+    # train.model of the preset the Job trains is a path on a mounted volume; so is the release cache
+    workdir = Path(pod["containers"][0]["workingDir"])
+    preset = args[args.index("configs/4k.yaml")]
+    model = yaml.safe_load((REPO / preset).read_text())["train"]["model"]
+    _, mounts = pod_volumes_and_mounts(pod)
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    for path in (workdir / model, Path(env["ULTRAFLUX_MODEL_CACHE"])):
+        assert any(path.is_relative_to(m) and m != "/dev/shm" for m in mounts), f"{path} is on no volume"
+    assert "checkpoints" in (REPO / ".dockerignore").read_text().split()  # never baked into the image
+    secrets = {s["secretRef"]["name"]: s["secretRef"].get("optional") for s in pod["containers"][0]["envFrom"]}
+    assert secrets.get("hf-token") is True  # HF_TOKEN for the gated FLUX.1-dev, optional
+
+    # the flow-run Job template: the same model volume, release cache, pull secrets and HF token
+    template = job_template()
+    flow_pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    _, flow_mounts = pod_volumes_and_mounts(flow_pod)
+    cache = template["variables"]["properties"]["env"]["default"]["ULTRAFLUX_MODEL_CACHE"]
+    assert any(Path(cache).is_relative_to(m) for m in flow_mounts) and "/opt/ultraflux/checkpoints" in flow_mounts
+    assert flow_pod["imagePullSecrets"] == "{{ image_pull_secrets }}"
+    assert template["variables"]["properties"]["image_pull_secrets"]["default"] == []
+    assert {"secretRef": {"name": "hf-token", "optional": True}} in flow_pod["containers"][0]["envFrom"]
+
+
+RENDEZVOUS_PROBE = """
+import os, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+x = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(x)
+print("joined", os.environ["GROUP_RANK"], dist.get_world_size(), int(x.item()), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_rank_that_starts_long_before_the_rendezvous_host_still_joins(tmp_path):
+    """The attack: node 1 starts more than torch's default store read timeout (60 s) before node 0 (a slow image
+    pull). With the Job's rendezvous settings (taken from the manifest, endpoint moved to loopback) it waits and
+    joins; both ranks finish a gloo all-reduce. Node 1 is told it is not the host, as its hostname says in the pod."""
+    from tests.servers import free_port
+
+    manifest_args = _training_job()["spec"]["template"]["spec"]["containers"][0]["args"]
+    conf = ",".join(next(a for a in manifest_args if a.startswith("--rdzv-conf=")).split("=", 1)[1:])
+    kept = [a for a in manifest_args if a.startswith(("--rdzv-backend=", "--rdzv-id=", "--max-restarts="))]
+    script = tmp_path / "probe.py"
+    script.write_text(RENDEZVOUS_PROBE)
+    port = free_port()
+
+    def node(is_host: bool) -> subprocess.Popen[str]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", *kept,
+               f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-conf={conf},is_host={str(is_host).lower()}", str(script)]
+        env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+
+    late_by_s = 75  # longer than torch's default read_timeout of 60 s
+    early = node(is_host=False)
+    try:
+        try:
+            early.wait(timeout=late_by_s)
+            pytest.fail(f"the early node gave up before the host started:\n{early.stdout.read()}")
+        except subprocess.TimeoutExpired:
+            pass  # still waiting for its peer, as it should
+        host = node(is_host=True)
+        try:
+            host_out, _ = host.communicate(timeout=300)
+            early_out, _ = early.communicate(timeout=300)
+        finally:
+            host.kill()
+        assert host.returncode == 0, host_out[-3000:]
+        assert early.returncode == 0, early_out[-3000:]
+        joined = sorted(line.split()[1:] for line in (host_out + early_out).splitlines() if line.startswith("joined"))
+        assert joined == [["0", "2", "3"], ["1", "2", "3"]]
+    finally:
+        early.kill()
