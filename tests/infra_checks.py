@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "infra" / "k8s"
 K8S_VERSION = "1.32.0"  # the cluster version we target (docs/deploy.md); every manifest must pass its strict schema
 NAMESPACE = "ultraflux"
-CLAIMS = {"ultraflux-data", "ultraflux-runs", "ultraflux-releases", "ultraflux-hf-cache"}
+CLAIMS = {"ultraflux-data", "ultraflux-runs", "ultraflux-releases", "ultraflux-hf-cache", "ultraflux-models"}
 
 
 def k8s_documents() -> list[tuple[str, dict]]:

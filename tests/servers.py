@@ -9,6 +9,7 @@ Fixtures (registered for every test by tests/conftest.py; import helpers with ``
   environment (dummy credentials, endpoint URL) for the test.
 - ``mlflow_server``: ``mlflow server`` with a SQLite backend and artifacts proxied to the moto bucket.
 - ``prefect_server``: ``prefect server start`` with a per-test ``PREFECT_HOME``; yields the client environment.
+- ``ray_cluster``: ``ray start --head --block`` with token auth on loopback; yields its GCS address and token.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def free_port() -> int:
 
 
 def _healthy(url: str) -> bool:
+    if url.startswith("tcp://"):  # a service without HTTP: the port accepts connections
+        host, port = url.removeprefix("tcp://").rsplit(":", 1)
+        try:
+            with socket.create_connection((host, int(port)), timeout=5):
+                return True
+        except OSError:
+            return False
     try:
         with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback health URL
             return 200 <= response.status < 500
@@ -161,3 +169,37 @@ def prefect_server(tmp_path: Path) -> Iterator[dict[str, str]]:
     with ServerProcess("prefect server", cmd, f"http://127.0.0.1:{port}/api/health",
                        tmp_path / "logs" / "prefect-server.log", env=base):
         yield {**base, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+
+
+@dataclass(frozen=True)
+class RayCluster:
+    address: str  # the head's GCS, host:port (what compute.address takes)
+    token: str
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    """A one-node Ray cluster as an operator starts it (``ray start --head``, token auth, 2 CPUs, no dashboard).
+
+    One per test module (start-up and shutdown take tens of seconds on 2 cores), in its own session and a short temp
+    dir (Ray's socket paths must stay under ~107 characters), stopped by its process group — never a machine-wide
+    ``ray stop``. Its workers import this checkout (PYTHONPATH), like the driver."""
+    import secrets
+    import tempfile
+
+    port = free_port()
+    token = secrets.token_hex(32)
+    temp_dir = tempfile.mkdtemp(prefix="rayc", dir="/tmp")
+    env = {**os.environ, "PYTHONPATH": REPO_PATH, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}",
+           "--num-cpus=2", "--num-gpus=0", "--include-dashboard=false",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    try:
+        log = tmp_path_factory.mktemp("ray-head") / "ray-head.log"
+        with ServerProcess("ray head", cmd, f"tcp://127.0.0.1:{port}", log, env=env, cwd=REPO):
+            yield RayCluster(address=f"127.0.0.1:{port}", token=token)
+    finally:
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -95,7 +95,8 @@ def test_manifests_agree_on_namespace_claims_secrets_and_accounts():
     labels = mlflow["spec"]["template"]["metadata"]["labels"]
     assert mlflow_service["spec"]["selector"].items() <= labels.items()
     mlflow_container = mlflow["spec"]["template"]["spec"]["containers"][0]
-    assert {s["secretRef"]["name"] for s in mlflow_container["envFrom"]} == {"mlflow-backend", "mlflow-s3"}
+    assert {s["secretRef"]["name"] for s in mlflow_container["envFrom"]} == {"mlflow-backend", "mlflow-s3",
+                                                                             "mlflow-auth"}
     assert not any("PASSWORD" in e["name"] or "SECRET" in e["name"] for e in mlflow_container.get("env", []))
 
 
@@ -114,7 +115,11 @@ def test_deploy_doc_creates_every_secret_key_the_manifests_read():
                                                     container["envFrom"]):
                     needed |= set(re.findall(r"\$\(([A-Z_]+)\)", " ".join(container.get("args", []))))
     assert {"PREFECT_API_URL", "MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION"} <= needed
+    # the auth app's keys (envFrom: mlflow-auth) and the clients' accounts (envFrom: ultraflux-endpoints)
+    needed |= {"MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY",
+               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
     assert needed <= created, f"docs/deploy.md never creates {needed - created}"
+    assert "--from-file=basic_auth.ini=" in doc  # the mlflow-auth-config secret the Deployment mounts
 
 
 COMPOSE = REPO / "infra" / "mlflow" / "docker-compose.yaml"
@@ -137,6 +142,11 @@ def test_mlflow_compose_creates_its_bucket_checks_health_and_reads_credentials_f
     assert mlflow["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
     assert mlflow["depends_on"]["postgres"]["condition"] == "service_healthy"
     assert "--serve-artifacts" in mlflow["command"]
+    # authenticated by default: the basic-auth app with the shipped settings file, and MinIO on loopback only
+    assert "--app-name=basic-auth" in mlflow["command"]
+    assert "./basic_auth.ini:/etc/mlflow/basic_auth.ini:ro" in mlflow["volumes"]
+    assert mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"] == "/etc/mlflow/basic_auth.ini"
+    assert all(str(port).startswith("127.0.0.1:") for port in services["minio"]["ports"])
 
     text = "\n".join(line for line in COMPOSE.read_text().splitlines() if not line.lstrip().startswith("#"))
     example = (COMPOSE.parent / ".env.example").read_text()
@@ -193,3 +203,186 @@ def test_prefect_pools_agree_between_prefect_yaml_job_template_and_docs():
         text = (REPO / doc).read_text()
         created = set(re.findall(r"prefect work-pool create (\S+)", text))
         assert created == pools, f"{doc} creates {created}, prefect.yaml uses {pools}"
+
+
+def _listening_everywhere(args: list[str]) -> bool:
+    joined = " ".join(str(a) for a in args).replace("=", " ")
+    return bool(re.search(r"--host 0\.0\.0\.0\b", joined))
+
+
+def test_no_server_listens_on_every_interface_without_authentication():
+    """Every `mlflow server` the stack starts on 0.0.0.0 (compose, cluster) runs the basic-auth app."""
+    servers = [(f"compose:{name}", service["command"]) for name, service in
+               yaml.safe_load(COMPOSE.read_text())["services"].items() if isinstance(service.get("command"), list)]
+    for name, manifest in k8s_documents():
+        for container in manifest.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+            servers.append((f"{name}:{container['name']}", [*container.get("command", []), *container.get("args", [])]))
+    exposed = [(name, args) for name, args in servers if _listening_everywhere(args)]
+    assert {name for name, _ in exposed} >= {"compose:mlflow", "mlflow.yaml:mlflow"}
+    for name, args in exposed:
+        joined = " ".join(args).replace("=", " ")
+        assert "mlflow" in joined and "--app-name basic-auth" in joined, f"{name} listens on 0.0.0.0 without auth"
+
+
+def test_mlflow_basic_auth_app_refuses_anonymous_clients(tmp_path, monkeypatch):
+    """The attack: an anonymous client (or a wrong password) reads runs, models or artifacts of the shared server.
+
+    `mlflow server --app-name basic-auth` with the shipped basic_auth.ini (only its user store moved into tmp) on
+    loopback: anonymous and wrong-password requests to the API, the UI and the artifact proxy get 401; a client
+    signed in through MLFLOW_TRACKING_USERNAME/PASSWORD logs a run and an artifact and reads them back."""
+    import base64
+    import os
+    import urllib.error
+    import urllib.request
+
+    from tests.servers import ServerProcess, free_port
+
+    shipped = (COMPOSE.parent / "basic_auth.ini").read_text()
+    assert re.search(r"^default_permission = READ$", shipped, re.M)
+    ini = tmp_path / "basic_auth.ini"
+    ini.write_text(re.sub(r"^database_uri = .*$", f"database_uri = sqlite:///{tmp_path / 'auth.db'}", shipped,
+                          flags=re.M))
+    admin, password = "admin", "a-long-test-password-1"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini), "MLFLOW_AUTH_ADMIN_USERNAME": admin,
+           "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-csrf-key"}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+           "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "--artifacts-destination", str(tmp_path / "artifacts"), "--serve-artifacts", "--workers", "1"]
+
+    def status(path: str, user: str | None = None, secret: str | None = None) -> int:
+        request = urllib.request.Request(url + path)
+        if user is not None:
+            token = base64.b64encode(f"{user}:{secret}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback server
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    with ServerProcess("mlflow server (basic-auth)", cmd, f"{url}/health", tmp_path / "logs" / "mlflow.log",
+                       env=env, cwd=tmp_path):
+        protected = ["/api/2.0/mlflow/experiments/search?max_results=1",
+                     "/api/2.0/mlflow/registered-models/search?max_results=1",
+                     "/api/2.0/mlflow-artifacts/artifacts", "/"]
+        for path in protected:
+            assert status(path) == 401, path
+            assert status(path, admin, "wrong-password-123") == 401, path
+        assert status("/health") == 200  # the probes stay open
+        assert status(protected[0], admin, password) == 200
+
+        # a client signed in through the environment variables every ultraflux command and flow reads
+        from mlflow.tracking import MlflowClient
+
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        client = MlflowClient(tracking_uri=url)
+        run = client.create_run(client.create_experiment("auth-check"))
+        client.log_metric(run.info.run_id, "m", 1.0)
+        (tmp_path / "a.txt").write_text("payload")
+        client.log_artifact(run.info.run_id, str(tmp_path / "a.txt"))
+        local = client.download_artifacts(run.info.run_id, "a.txt", str(tmp_path / "down"))
+        assert Path(local).read_text() == "payload"
+        assert client.get_run(run.info.run_id).data.metrics["m"] == 1.0
+
+
+def _training_job() -> dict:
+    return next(doc for _, doc in k8s_documents() if doc["kind"] == "Job")
+
+
+def _rdzv_conf(args: list[str]) -> dict[str, str]:
+    conf = next(a.split("=", 1)[1] for a in args if a.startswith("--rdzv-conf="))
+    return dict(item.split("=", 1) for item in conf.split(","))
+
+
+def test_multinode_job_survives_a_slow_or_lost_pod_and_finds_its_model_on_a_volume():
+    """The attacks: pod 0 pulls its image slowly (a peer's store connect times out after torch's 60 s), one lost pod
+    fails the whole Job (backoffLimit 0), and train.model / the model cache live on no volume (or in the image)."""
+    job = _training_job()
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    conf = _rdzv_conf(args)
+    assert int(conf["read_timeout"]) >= int(conf["join_timeout"]) >= 600, conf
+    assert spec.get("backoffLimit", 1) != 0 and spec["backoffLimitPerIndex"] >= 1 and spec["maxFailedIndexes"] == 0
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in spec[
+        "podFailurePolicy"]["rules"]
+    restarts = next(a for a in args if a.startswith("--max-restarts="))
+    assert int(restarts.split("=")[1]) >= 1  # the survivors meet a recreated peer again
+
+    # train.model of the preset the Job trains is a path on a mounted volume; so is the release cache
+    workdir = Path(pod["containers"][0]["workingDir"])
+    preset = args[args.index("configs/4k.yaml")]
+    model = yaml.safe_load((REPO / preset).read_text())["train"]["model"]
+    _, mounts = pod_volumes_and_mounts(pod)
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    for path in (workdir / model, Path(env["ULTRAFLUX_MODEL_CACHE"])):
+        assert any(path.is_relative_to(m) and m != "/dev/shm" for m in mounts), f"{path} is on no volume"
+    assert "checkpoints" in (REPO / ".dockerignore").read_text().split()  # never baked into the image
+    secrets = {s["secretRef"]["name"]: s["secretRef"].get("optional") for s in pod["containers"][0]["envFrom"]}
+    assert secrets.get("hf-token") is True  # HF_TOKEN for the gated FLUX.1-dev, optional
+
+    # the flow-run Job template: the same model volume, release cache, pull secrets and HF token
+    template = job_template()
+    flow_pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    _, flow_mounts = pod_volumes_and_mounts(flow_pod)
+    cache = template["variables"]["properties"]["env"]["default"]["ULTRAFLUX_MODEL_CACHE"]
+    assert any(Path(cache).is_relative_to(m) for m in flow_mounts) and "/opt/ultraflux/checkpoints" in flow_mounts
+    assert flow_pod["imagePullSecrets"] == "{{ image_pull_secrets }}"
+    assert template["variables"]["properties"]["image_pull_secrets"]["default"] == []
+    assert {"secretRef": {"name": "hf-token", "optional": True}} in flow_pod["containers"][0]["envFrom"]
+
+
+RENDEZVOUS_PROBE = """
+import os, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+x = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(x)
+print("joined", os.environ["GROUP_RANK"], dist.get_world_size(), int(x.item()), flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_a_rank_that_starts_long_before_the_rendezvous_host_still_joins(tmp_path):
+    """The attack: node 1 starts minutes before node 0 (a slow image pull), longer than torch's default store
+    read timeout lets it wait. With the Job's rendezvous settings (taken from the manifest, endpoint moved to loopback) it waits and
+    joins; both ranks finish a gloo all-reduce. Node 1 is told it is not the host, as its hostname says in the pod."""
+    from tests.servers import free_port
+
+    manifest_args = _training_job()["spec"]["template"]["spec"]["containers"][0]["args"]
+    conf = ",".join(next(a for a in manifest_args if a.startswith("--rdzv-conf=")).split("=", 1)[1:])
+    kept = [a for a in manifest_args if a.startswith(("--rdzv-backend=", "--rdzv-id=", "--max-restarts="))]
+    script = tmp_path / "probe.py"
+    script.write_text(RENDEZVOUS_PROBE)
+    port = free_port()
+
+    def node(is_host: bool) -> subprocess.Popen[str]:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", *kept,
+               f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-conf={conf},is_host={str(is_host).lower()}", str(script)]
+        env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+
+    # Longer than a non-host node survives on torch's default read_timeout (60 s per connect try, one retry after a
+    # random delay: it gave up after 130 s from start here with join_timeout=900 alone).
+    late_by_s = 170
+    early = node(is_host=False)
+    try:
+        try:
+            early.wait(timeout=late_by_s)
+            pytest.fail(f"the early node gave up before the host started:\n{early.stdout.read()}")
+        except subprocess.TimeoutExpired:
+            pass  # still waiting for its peer, as it should
+        host = node(is_host=True)
+        try:
+            host_out, _ = host.communicate(timeout=300)
+            early_out, _ = early.communicate(timeout=300)
+        finally:
+            host.kill()
+        assert host.returncode == 0, host_out[-3000:]
+        assert early.returncode == 0, early_out[-3000:]
+        joined = sorted(line.split()[1:] for line in (host_out + early_out).splitlines() if line.startswith("joined"))
+        assert joined == [["0", "2", "3"], ["1", "2", "3"]]
+    finally:
+        early.kill()

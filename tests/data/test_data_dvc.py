@@ -1,6 +1,7 @@
 """`dvc repro` of the repository's data stages in a fresh git + DVC project, pushed to an S3 remote (moto's
 standalone server, tests/servers.py) and pulled into a fresh `git clone`; then the preset is switched in its one
-place (`preset.yaml`) and DVC re-runs exactly the stages whose resolved keys changed."""
+place (`preset.yaml`) and DVC re-runs exactly the stages whose resolved keys changed. The project carries the
+repository's own `.gitignore`, so what git does not carry (everything under `artifacts/`) must come from DVC."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def _project(root: Path) -> Path:
     """The repository's pipeline files in a new git repository, with the embedded defaults made smaller."""
     root.mkdir()
-    for name in ("dvc.yaml", ".dvcignore", "preset.yaml", "configs/tiny.yaml"):
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore", "preset.yaml", "configs/tiny.yaml"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, root / name)
     params = yaml.safe_load(dump_config(UltraFluxConfig()))
@@ -43,6 +44,8 @@ def _project(root: Path) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # a preset that changes one late setting only: switching to it must re-run the shard stage and what follows
     (root / "configs" / "small-shards.yaml").write_text("data:\n  shards: {samples_per_shard: 1}\n")
+    # a preset that changes generation settings only: no data stage may re-run
+    (root / "configs" / "generate-only.yaml").write_text("generate:\n  steps: 3\n  guidance: 2.5\n")
     _run(["git", "init", "-q", "-b", "main"], root)
     _run([str(BIN / "dvc"), "init", "-q"], root)
     return root
@@ -79,7 +82,17 @@ def test_dvc_repro_push_to_s3_pull_into_a_clone_and_switch_preset(tmp_path, moto
     _run([dvc, "pull", "--with-deps", "data_cache"], clone)
     assert (clone / "artifacts" / "data" / "shards" / "index.parquet").is_file()
     assert (clone / "artifacts" / "data" / "scores.parquet").is_file()
-    assert UP_TO_DATE in _run([dvc, "status", "data_cache"], clone).stdout
+    assert not _run(["git", "status", "--porcelain"], clone).stdout  # nothing DVC restored shows up in git
+    assert UP_TO_DATE in _run([dvc, "status", "--with-deps", "data_cache"], clone).stdout
+    assert (clone / "artifacts" / "data" / "metrics" / "shard.json").is_file()  # metrics come back with the data
+
+    # a preset that changes only generation settings re-runs no data stage
+    out = _run([dvc, "exp", "run", "-S", "preset.yaml:preset=configs/generate-only.yaml", "data_cache"], clone).stdout
+    for skipped in ("tiny_model", "data_ingest", "data_score", "data_filter", "data_bucket", "data_shard",
+                    "data_cache"):
+        assert f"Stage '{skipped}' didn't change" in out, out
+    assert "Running stage 'data_" not in out, out
+    _run(["git", "checkout", "-q", "--", "."], clone)  # back to the committed preset and dvc.lock
 
     # switch the preset in its one place, the documented way (params.yaml untouched)
     params_before = (clone / "params.yaml").read_text()

@@ -12,11 +12,15 @@ atomically and returns a small summary. The engine only decides where the calls 
   (models) once; one partition per batch so a partition's output is written by exactly one call.
 
 Results come back in partition order whichever engine ran them, and the same worker code ran them, so the
-outputs are identical.
+outputs are identical. A task partition whose Ray worker process (or node) dies is re-run up to ``task_retries``
+times (partitions are idempotent); an exception raised by the worker code itself is not retried. Actor-pool stages
+rely on Ray Data's own actor restarts. Joining a cluster leaves
+nothing behind: the detached helper actors Ray Data creates for this job are killed when the stage ends.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -57,8 +61,8 @@ def ray_session(compute: ComputeConfig) -> Iterator[None]:
     """Connect to Ray for the duration of a stage.
 
     Reuses an already initialised Ray (a test fixture, a notebook); otherwise starts a local instance
-    (``address`` None, ``workers`` CPUs, no dashboard) or joins ``address`` (``auto`` / ``ray://host:port``),
-    and shuts down what it started.
+    (``address`` None, ``workers`` CPUs, no dashboard) or joins ``address`` (``auto``, ``host:port``,
+    ``ray://host:port``; with the cluster's token when it uses token auth), and shuts down what it started.
     """
     import ray
 
@@ -66,20 +70,87 @@ def ray_session(compute: ComputeConfig) -> Iterator[None]:
         yield
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    try:
-        if compute.address is None:  # "local": a new instance, never a cluster another user started on this node
-            ray.init(address="local", num_cpus=compute.workers, **kwargs)
-        else:
-            ray.init(address=compute.address, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise UltraFluxError(
-            f"cannot start or join Ray at compute.address={compute.address!r}: {err}; set compute.address to "
-            "'auto' on a cluster node, 'ray://host:10001' for a remote cluster, or null to start a local instance"
-        ) from err
+    with _cluster_auth(compute.address):
+        try:
+            if compute.address is None:  # "local": a new instance, never a cluster another user started on this node
+                ray.init(address="local", num_cpus=compute.workers, **kwargs)
+            else:
+                ray.init(address=compute.address, **kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise UltraFluxError(
+                f"cannot start or join Ray at compute.address={compute.address!r}: {err}; set compute.address to "
+                "'auto' on a cluster node, 'host:6379' or 'ray://host:10001' for a remote cluster (with token auth: "
+                "export RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH), or "
+                "null to start a local instance"
+            ) from err
+        try:
+            yield
+        finally:
+            if compute.address is not None:
+                _kill_detached_actors_of_this_job()
+            ray.shutdown()
+
+
+@contextmanager
+def _cluster_auth(address: str | None) -> Iterator[None]:
+    """Send the cluster token when joining by explicit address, and leave Ray's process-wide auth state as found.
+
+    ``ray start`` heads use token auth by default; ``address='auto'`` learns that from the local session, but an
+    explicit ``host:port`` connects without a token unless ``RAY_AUTH_MODE=token`` (Ray then reads
+    ``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``). Set it when a token is available and the
+    user chose no mode; restore it afterwards so a later local instance in this process starts without auth.
+    """
+    default_token = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.isfile(
+        default_token)
+    if address in (None, "auto") or not has_token or "RAY_AUTH_MODE" in os.environ:
+        yield
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    _reload_ray_auth()
     try:
         yield
     finally:
-        ray.shutdown()
+        os.environ.pop("RAY_AUTH_MODE", None)
+        _reload_ray_auth()
+
+
+def _reload_ray_auth() -> None:
+    """Ray reads its auth mode and token once per process (then caches them): make it re-read them. Private API: if
+    it moves, exporting RAY_AUTH_MODE=token before the process starts still works (the join error says so)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError):
+        pass
+
+
+def _kill_detached_actors_of_this_job() -> None:
+    """Ray Data creates detached helper actors (stats, autoscaling coordination) that outlive the driver on a
+    shared cluster; kill the ones this job created (only those: other jobs may be using theirs)."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    ours = {info["ActorID"] for info in ray._private.state.actors().values()  # the GCS actor table (no dashboard)
+            if info.get("IsDetached") and info.get("State") != "DEAD" and info.get("JobID") == job}
+    for named in ray.util.list_named_actors(all_namespaces=True):
+        try:
+            handle = ray.get_actor(named["name"], namespace=named["namespace"])
+        except ValueError:  # gone meanwhile
+            continue
+        if handle._actor_id.hex() in ours:
+            ray.kill(handle)
+
+
+def _lost_worker(partition: int, compute: ComputeConfig, err: Exception) -> UltraFluxError:
+    """The error for a partition whose Ray worker died more often than ``compute.task_retries`` allows."""
+    return UltraFluxError(
+        f"partition {partition} lost its Ray worker {compute.task_retries + 1} time(s) ({type(err).__name__}: "
+        f"{str(err).splitlines()[0][:200]}); the partitions already written are kept: re-run the stage to resume, "
+        "or raise compute.task_retries"
+    )
 
 
 def _run_task(make_worker: WorkerFactory, partition: Any) -> Any:
@@ -89,8 +160,10 @@ def _run_task(make_worker: WorkerFactory, partition: Any) -> Any:
 def _ray_tasks(make_worker: WorkerFactory, partitions: list[Any], compute: ComputeConfig, bar: tqdm) -> list[Any]:
     """One CPU task per partition, at most ``workers`` in flight (bounded memory on the driver and the store)."""
     import ray
+    from ray.exceptions import ActorDiedError, NodeDiedError, WorkerCrashedError
 
-    remote = ray.remote(num_cpus=1, max_retries=0)(_run_task)
+    # system failures (the worker process or its node died) are retried; exceptions of the worker code are not
+    remote = ray.remote(num_cpus=1, max_retries=compute.task_retries, retry_exceptions=False)(_run_task)
     factory_ref = ray.put(make_worker)
     results: list[Any] = [None] * len(partitions)
     in_flight: dict[Any, int] = {}
@@ -101,7 +174,13 @@ def _ray_tasks(make_worker: WorkerFactory, partitions: list[Any], compute: Compu
             in_flight[remote.remote(factory_ref, partition)] = index
         done, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in done:
-            results[in_flight.pop(ref)] = ray.get(ref)
+            index = in_flight.pop(ref)
+            try:
+                results[index] = ray.get(ref)
+            except (WorkerCrashedError, NodeDiedError, ActorDiedError) as err:
+                for pending in in_flight:
+                    ray.cancel(pending, force=True)
+                raise _lost_worker(index, compute, err) from err
             bar.update()
     return results
 
@@ -129,7 +208,7 @@ def _ray_actor_pool(make_worker: WorkerFactory, partitions: list[Any], compute: 
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         _PartitionActor, fn_constructor_kwargs={"make_worker": make_worker}, batch_size=1, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=compute.workers), num_gpus=compute.gpus_per_worker or None,
-        num_cpus=1,
+        num_cpus=1,  # a dying actor is restarted and its batch retried by Ray Data itself (its default policy)
     )
     results: list[Any] = [None] * len(partitions)
     for row in dataset.iter_rows():

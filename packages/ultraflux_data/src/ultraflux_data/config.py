@@ -188,10 +188,19 @@ class ComputeConfig(Section):
 
     engine: Literal["local", "ray"] = Field("local", description="local: in this process; ray: Ray tasks/actors")
     address: str | None = Field(
-        None, description="ray only. None: start a local Ray instance; 'auto' or 'ray://host:port': join a cluster"
+        None,
+        description="ray only. None: start a local Ray instance; 'auto' (on a cluster node), 'host:port' (the "
+        "head's GCS) or 'ray://host:port' (Ray Client): join a cluster. A cluster with token auth (Ray's default "
+        "for `ray start`) needs its token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token) for "
+        "an explicit address",
     )
     workers: int = Field(1, ge=1, description="parallel Ray tasks / actors per stage (local runs one at a time)")
     gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs per actor of the model stages (score, cache)")
+    task_retries: int = Field(
+        3, ge=0, description="ray only: times a task partition (download, ingest, shard) is re-run after its Ray "
+        "worker process or node died (safe: partitions are idempotent); then the stage fails with a message saying "
+        "so. The actor stages (score, cache) restart dead actors through Ray Data"
+    )
     partition_size: int = Field(
         64, ge=1, description="target images per partition (partitions are key-hash ranges, a power of two of them)"
     )

@@ -117,6 +117,7 @@ class StagePlan:
     activations_gb: float
     total_gb: float
     fits: bool
+    headroom: float  # share of the GPU's memory left free (negative: over by that much)
     step_s: float
     hours: float
     stage1_draws_in_band: float  # share of stage 1's timestep draws that fall in this stage's band
@@ -161,6 +162,7 @@ def plan_run(
         stages.append(StagePlan(
             name=st.name, micro_batch=micro, global_batch=glob, grad_accum=glob / (micro * world), steps=st.steps,
             activations_gb=act.peak / GB, total_gb=total / GB, fits=total <= gpu_memory_gb * GB,
+            headroom=1.0 - total / (gpu_memory_gb * GB),
             step_s=step_s, hours=step_s * st.steps / 3600,
             stage1_draws_in_band=band_share(law, first, stage_band(st, law)),
         ))
@@ -177,7 +179,7 @@ def plan_run(
         "zero_stage": zero_stage, "precision": precision, "gradient_checkpointing": ckpt,
         "tokens": {"image": image_tokens, "text": text_tokens, "bucket": list(bucket)},
         "per_gpu": {
-            "model_states_gb": states.total / GB,
+            "model_states_excl_ema_gb": states.total / GB,
             "model_states": {k: v / GB for k, v in asdict(states).items()},
             "ema_gb": ema / GB,
             "reserve_gb": reserve_gb,
@@ -185,12 +187,24 @@ def plan_run(
             "activations_per_sample_gb": {"held": one.held / GB, "recompute": one.recompute / GB},
             "total_gb": head.total_gb,
         },
-        "model_states_by_zero_stage_gb": by_stage,
+        "model_states_incl_ema_by_zero_stage_gb": by_stage,
         "fits": all(s.fits for s in stages),
+        # estimates (activations, fragmentation) are not exact: less than this much free memory is marked "tight"
+        "tight_below_headroom": TIGHT_HEADROOM,
+        "tight": any(s.fits and s.headroom < TIGHT_HEADROOM for s in stages),
         "max_micro_batch": max_micro,
         "stages": [asdict(s) for s in stages],
         "time": {"mfu": mfu, "peak_tflops": peak_tflops, "hours": sum(s.hours for s in stages)},
     }
+
+
+TIGHT_HEADROOM = 0.10
+
+
+def _fit_word(stage: dict[str, Any], plan: dict[str, Any]) -> str:
+    if not stage["fits"]:
+        return "NO"
+    return "tight" if stage["headroom"] < plan["tight_below_headroom"] else "yes"
 
 
 def format_plan(plan: dict[str, Any]) -> str:
@@ -209,25 +223,28 @@ def format_plan(plan: dict[str, Any]) -> str:
         "",
         "per GPU (GB)",
         f"  params {ms['params']:.2f} + grads {ms['grads']:.2f} + master {ms['master']:.2f} + optimizer "
-        f"{ms['optimizer']:.2f} + gathered layer {ms['gathered']:.2f} = model states {pg['model_states_gb']:.2f}",
+        f"{ms['optimizer']:.2f} + gathered layer {ms['gathered']:.2f} = model states (without EMA) "
+        f"{pg['model_states_excl_ema_gb']:.2f}",
         f"  EMA {pg['ema_gb']:.2f}, reserve (CUDA context, NCCL, fragmentation) {pg['reserve_gb']:.2f}",
         f"  activations per sample: held {pg['activations_per_sample_gb']['held']:.2f} + recompute "
         f"{pg['activations_per_sample_gb']['recompute']:.2f}",
         "  model states + EMA by ZeRO stage: "
-        + ", ".join(f"{z}: {v:.1f}" for z, v in plan["model_states_by_zero_stage_gb"].items()),
+        + ", ".join(f"{z}: {v:.1f}" for z, v in plan["model_states_incl_ema_by_zero_stage_gb"].items()),
         "",
-        f"{'stage':<10}{'micro':>6}{'global':>8}{'accum':>7}{'act GB':>8}{'total GB':>10}{'fits':>6}"
+        f"{'stage':<10}{'micro':>6}{'global':>8}{'accum':>7}{'act GB':>8}{'total GB':>10}{'free':>6}{'fits':>7}"
         f"{'step s':>8}{'hours':>8}{'stage-1 draws in band':>23}",
     ]
     for s in plan["stages"]:
         lines.append(
             f"{s['name']:<10}{s['micro_batch']:>6}{s['global_batch']:>8}{s['grad_accum']:>7.2f}"
-            f"{s['activations_gb']:>8.2f}{s['total_gb']:>10.2f}{'yes' if s['fits'] else 'NO':>6}"
+            f"{s['activations_gb']:>8.2f}{s['total_gb']:>10.2f}{s['headroom']:>6.0%}{_fit_word(s, plan):>7}"
             f"{s['step_s']:>8.2f}{s['hours']:>8.1f}{s['stage1_draws_in_band']:>22.1%}"
         )
     lines += [
         "",
-        f"fits: {'yes' if plan['fits'] else 'NO'}; largest micro-batch that fits: {plan['max_micro_batch']}",
+        f"fits: {'yes' if plan['fits'] else 'NO'}"
+        + (f" (tight: under {plan['tight_below_headroom']:.0%} of GPU memory free in a stage)" if plan["tight"] else "")
+        + f"; largest micro-batch that fits: {plan['max_micro_batch']}",
         f"time at {plan['time']['mfu']:.0%} MFU of {plan['time']['peak_tflops']:g} TFLOP/s: "
         f"{plan['time']['hours']:.1f} h in all",
     ]
