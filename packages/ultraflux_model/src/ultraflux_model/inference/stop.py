@@ -4,8 +4,11 @@ that long-running servers install (the served pyfunc model does, in ``load_conte
 
 Why a flag and not the signal's default action: under ``mlflow models serve`` uvicorn owns SIGTERM and shuts down
 gracefully, i.e. it waits for the request in flight, and a 4K request of many steps kept the worker computing long
-after SIGTERM. Chaining our handler in front of uvicorn's makes that request end at its next step, after which
-uvicorn's own shutdown (and its re-raise of the signal) proceeds as usual.
+after SIGTERM. The request must end at its next step, after which uvicorn's own shutdown (and its re-raise of the
+signal) proceeds as usual. Two ways in, because uvicorn installs its handler at a different moment depending on how
+it is started: a handler of ours chained in front of one installed earlier (:func:`stop_on_sigterm`), and, when
+uvicorn's handler came after ours (a single worker imports the app, i.e. loads the model, before it takes the
+signals), the shutdown request that handler recorded on its server (``should_exit``).
 """
 
 from __future__ import annotations
@@ -23,9 +26,18 @@ class Stopped(UltraFluxError):
     """Generation was stopped between two steps because the process is shutting down."""
 
 
-def check_stop(done: int, total: int) -> None:
-    """Raise :class:`Stopped` (naming the step reached) once :data:`STOP` is set."""
+def stop_requested() -> bool:
+    """True once :data:`STOP` is set or the server that owns SIGTERM (uvicorn) has been asked to shut down."""
     if STOP.is_set():
+        return True
+    # uvicorn's SIGTERM/SIGINT handler is its Server's bound ``handle_exit``, which sets ``should_exit``.
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return getattr(server, "should_exit", False) is True
+
+
+def check_stop(done: int, total: int) -> None:
+    """Raise :class:`Stopped` (naming the step reached) once :func:`stop_requested`."""
+    if stop_requested():
         raise Stopped(f"generation stopped after step {done} of {total}: the server is shutting down (SIGTERM)")
 
 
