@@ -3,7 +3,7 @@
 Left: the prompt and settings. Right: the result with its sidecar, the side-by-side comparison of two models,
 and the gallery of everything in ``--out``. Two API endpoints serve scripts: ``/generate`` (prompt, width,
 height, steps, guidance, seed → image file, metadata JSON) and ``/compare`` (same inputs, plus optionally the second
-model, one of the app's ``--compare`` models → two images and both sides' metadata). Every generation event shares
+model, one of the app's ``--compare`` models → two images and both sides' metadata); ``/cancel`` stops the caller's own running job at its next step. Every generation event shares
 one concurrency slot: one job on the device at a time. The queue holds at most ``queue_size`` jobs and one session
 at most ``session_jobs`` (checked when a job is submitted, so one client cannot fill the queue); errors shown to
 clients are one line with no server path.
@@ -50,7 +50,7 @@ def session_limit(demo: gr.Blocks, session_jobs: int) -> Callable[..., Any]:
     Only the generation events are queued (everything else has ``queue=False``), so they are what is counted.
     """
 
-    def validator(*inputs: Any, request: gr.Request) -> Any:
+    def validator(request: gr.Request, *inputs: Any) -> Any:  # Gradio inserts the request at its position
         pending = demo._queue.pending_event_ids_session.get(request.session_hash or "", ())
         if len(pending) >= session_jobs:
             message = (f"this session already has {len(pending)} job(s) queued or running (the limit is "
@@ -200,6 +200,8 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
                 with gr.Tab("Compare"):
                     second = gr.Dropdown(choices, value=choices[0] if choices else None, label="Second model",
                                          info="one of the models this app was started with (--compare)",
+                                         # checked by the engine, which refuses any other value without echoing it
+                                         allow_custom_value=True,
                                          elem_id="second")  # fmt: skip
                     with gr.Row():
                         img_a = gr.Image(label="model", type="filepath", elem_id="compare-a")
@@ -235,7 +237,8 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         def cancel(request: gr.Request) -> None:
             studio.cancel(request.session_hash or "")
 
-        stop.click(cancel, None, None, cancels=[gen, cmp], queue=False, api_visibility="private")
+        # Also an API endpoint: a script stops its own session's job (never another session's).
+        stop.click(cancel, None, None, cancels=[gen, cmp], queue=False, api_name="cancel")
         randomise.click(lambda: secrets.randbelow(2**31), None, seed, queue=False, api_visibility="private")
         for trigger in (aspect.change, family.change):
             trigger(on_preset, [aspect, family], [width, height, note], queue=False, api_visibility="private")
