@@ -52,11 +52,11 @@ def session_limit(demo: gr.Blocks, session_jobs: int) -> Callable[..., Any]:
 
     def validator(request: gr.Request, *inputs: Any) -> Any:  # Gradio inserts the request at its position
         pending = demo._queue.pending_event_ids_session.get(request.session_hash or "", ())
+        verdicts = [gr.validate(True, "")] * len(inputs)  # Gradio wants one per input
         if len(pending) >= session_jobs:
-            message = (f"this session already has {len(pending)} job(s) queued or running (the limit is "
-                       f"{session_jobs}, ui.session_jobs): wait for one to finish")  # fmt: skip
-            return [gr.validate(False, message)]
-        return [gr.validate(True, "") for _ in inputs]
+            verdicts[0] = gr.validate(False, f"this session already has {len(pending)} job(s) queued or running (the "
+                                             f"limit is {session_jobs}, ui.session_jobs): wait for one to finish")
+        return verdicts
 
     return validator
 
