@@ -131,3 +131,20 @@ def test_a_prompt_over_the_t5_limit_gets_a_notice(pipe, tiny_checkpoint, tmp_pat
     assert "T5 tokens; only the first 512 are used" in long.sidecar["notice"]
     assert "notice" not in short.sidecar
     assert [r.getMessage() for r in caplog.records] == [long.sidecar["notice"]]  # a warning, not an error
+
+
+def test_sigterm_handler_sets_the_flag_and_still_runs_the_one_it_replaced():
+    import signal
+
+    from ultraflux_model.inference.stop import stop_on_sigterm, stop_requested
+
+    seen = []
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # e.g. uvicorn's
+    try:
+        assert stop_on_sigterm() and stop_on_sigterm()  # idempotent: one chain, not two
+        assert not stop_requested()
+        signal.raise_signal(signal.SIGTERM)
+        assert stop_requested() and seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, original)
+        STOP.clear()
