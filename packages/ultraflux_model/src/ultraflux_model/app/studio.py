@@ -61,6 +61,12 @@ def session_limit(demo: gr.Blocks, session_jobs: int) -> Callable[..., Any]:
     return validator
 
 
+def _notices(made: list[Any]) -> None:
+    """Show each sidecar's notice (a prompt cut at 512 T5 tokens) as a warning: the image was still made."""
+    for notice in dict.fromkeys(g.sidecar["notice"] for g in made if "notice" in g.sidecar):
+        gr.Warning(notice)
+
+
 def _progress(progress: gr.Progress, steps: int, images: int) -> StepCallback:
     """A step callback that drives the page's progress bar over ``images`` × (steps + decode)."""
     total = images * (steps + 1)
@@ -127,12 +133,14 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
                      request: gr.Request, progress=gr.Progress()):  # fmt: skip
         req = request_of(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode)
         made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, req.images))
+        _notices(made)
         return [(str(g.path), _caption(g.sidecar)) for g in made], [g.sidecar for g in made]
 
     @_user_errors
     def api_generate(prompt, width, height, steps, guidance, seed, request: gr.Request, progress=gr.Progress()):
         req = request_of(prompt, width, height, steps, guidance, seed)
         made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, 1))
+        _notices(made)
         return str(made[0].path), {**made[0].sidecar, "image_path": str(made[0].path)}
 
     @_user_errors
