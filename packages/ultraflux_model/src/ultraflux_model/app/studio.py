@@ -1,12 +1,12 @@
 """UltraFlux Studio: the Gradio page over :class:`~ultraflux_model.app.engine.Studio`.
 
 Left: the prompt and settings. Right: the result with its sidecar, the side-by-side comparison of two models,
-and the gallery of everything in ``--out``. Two API endpoints serve scripts: ``/generate`` (prompt, width,
-height, steps, guidance, seed → image file, metadata JSON) and ``/compare`` (same inputs, plus optionally the second
-model, one of the app's ``--compare`` models → two images and both sides' metadata); ``/cancel`` stops the caller's own running job at its next step. Every generation event shares
-one concurrency slot: one job on the device at a time. The queue holds at most ``queue_size`` jobs and one session
-at most ``session_jobs`` (checked when a job is submitted, so one client cannot fill the queue); errors shown to
-clients are one line with no server path.
+and the gallery of everything in ``--out``. API endpoints for scripts: ``/generate`` (prompt, width, height, steps,
+guidance, seed → image file, metadata JSON), ``/compare`` (same inputs, plus optionally the second model, one of the
+app's ``--compare`` models → two images and both sides' metadata) and ``/cancel`` (stops the caller's own running job
+at its next step). Every generation event shares one concurrency slot: one job on the device at a time. The queue
+holds at most ``queue_size`` waiting jobs and one session at most ``session_jobs`` (checked when a job is submitted,
+so one client cannot fill the queue); errors shown to clients are one line with no server path.
 """
 
 from __future__ import annotations
