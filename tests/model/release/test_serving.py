@@ -171,4 +171,3 @@ def _is_uvicorn(process: psutil.Process) -> bool:
         return any("uvicorn" in part for part in process.cmdline())
     except psutil.NoSuchProcess:
         return False
-
