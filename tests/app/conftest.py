@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+QUEUE_SIZE = 2  # jobs waiting (besides the running one) before the app refuses more
+SESSION_JOBS = 2  # jobs one client may have queued or running
 STARTUP_TIMEOUT_S = 180  # cold imports of torch + diffusers + gradio on a busy 2-core machine
 
 
@@ -31,6 +33,8 @@ class App:
     model: Path
     compare: Path
     pid: int
+    queue_size: int = QUEUE_SIZE
+    session_jobs: int = SESSION_JOBS
 
 
 def _wait_until_up(proc: subprocess.Popen, url: str, log: Path) -> None:
@@ -63,7 +67,8 @@ def studio_app(tiny_checkpoint: Path, second_checkpoint: Path, tmp_path_factory:
     port = free_port()
     exe = Path(sys.executable).with_name("ultraflux")
     cmd = [str(exe), "ui", "--model", str(tiny_checkpoint), "--compare", str(second_checkpoint),
-           "--port", str(port), "--out", str(out), "--steps", "2"]  # fmt: skip
+           "--port", str(port), "--out", str(out), "--steps", "2",
+           "--queue-size", str(QUEUE_SIZE), "--session-jobs", str(SESSION_JOBS)]  # fmt: skip
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with log.open("w") as sink:
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)

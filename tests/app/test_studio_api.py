@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from gradio_client import Client
-from gradio_client.exceptions import AppError
+from gradio_client.exceptions import AppError, ValidationError
 from gradio_client.utils import Status
 from PIL import Image
 from ultraflux_model.app.engine import list_outputs
@@ -75,3 +76,57 @@ def test_compare_returns_both_models_on_the_same_seed(client, studio_app):
     for side in (left, right):
         assert set(side["scores"]) == {"glcm", "compression_ratio", "shannon_entropy", "flat_percentage"}
         assert side["scores"]["shannon_entropy"] > 0
+
+
+def _wait_status(job, codes: set[Status], what: str) -> None:
+    deadline = time.monotonic() + 300  # bounded wait for the server to take the job, not a timing assertion
+    while job.status().code not in codes:
+        if job.done() or time.monotonic() > deadline:
+            pytest.fail(f"{what}: status {job.status().code}, done={job.done()}")
+        time.sleep(0.05)
+
+
+def test_compare_refuses_any_model_but_the_command_lines(client, studio_app):
+    """The attack: a client names a server path as the second model. Refused before anything is loaded; the
+    message shows no path (so it cannot tell which paths exist) and nothing changes for other users."""
+    for attack in ("/etc", "/root", "../../../../etc/passwd", str(studio_app.model.parent)):
+        with pytest.raises(AppError) as err:
+            client.predict("a fox", 64, 64, 1, 4.0, 0, attack, api_name="/compare")
+        text = str(err.value)
+        assert "unknown second model" in text and "Traceback" not in text
+        assert attack not in text and not re.search(r"(?<![\w:])/\w", text)  # no absolute path of any kind
+    other = Client(studio_app.url, verbose=False, download_files=False)
+    _, _, meta = other.predict("a fox", 64, 64, 1, 4.0, 0, api_name="/compare")  # default: the first --compare
+    assert meta["compare"]["model"] == str(studio_app.compare)
+
+
+def test_queue_and_session_limits_refuse_instead_of_piling_up(studio_app):
+    """The attack: one client queues job after job (150 were accepted). Per session at most session_jobs queued or
+    running, for everyone at most queue_size waiting; what is refused leaves the accepted jobs untouched."""
+    assert (studio_app.session_jobs, studio_app.queue_size) == (2, 2)
+    c1, c2, c3 = (Client(studio_app.url, verbose=False, download_files=False) for _ in range(3))
+    long = ("a long job", 512, 512, 200, 4.0, 0)  # 200 steps: still running while the others are sent
+    running = c1.submit(*long, api_name="/generate")
+    _wait_status(running, {Status.PROGRESS}, "first job running")
+    queued = c1.submit(*long, api_name="/generate")
+    _wait_status(queued, {Status.IN_QUEUE}, "second job of c1 queued")
+    other = None
+    try:
+        with pytest.raises(ValidationError, match="limit is 2, ui.session_jobs"):
+            c1.predict(*long, api_name="/generate")  # c1's third: over its session limit
+        other = c2.submit(*long, api_name="/generate")  # another session still gets in ...
+        _wait_status(other, {Status.IN_QUEUE}, "c2's job queued")
+        with pytest.raises(Exception, match="(?i)queue is full"):
+            c3.predict(*long, api_name="/generate")  # ... until queue_size jobs wait
+        assert not running.done() and queued.status().code == other.status().code == Status.IN_QUEUE
+    finally:
+        # Clean up through the app's own controls: c2 withdraws its waiting job, c1 cancels its running job at the
+        # next step, then the one that starts after it (a client-side cancel of c1's waiting job would also end
+        # c1's running event: Gradio cancels by session and endpoint).
+        if other is not None:
+            other.cancel()
+        for job in (running, queued):
+            _wait_status(job, {Status.PROGRESS}, "job running")
+            c1.predict(api_name="/cancel")
+            with pytest.raises(AppError, match="cancelled"):
+                job.result(timeout=300)

@@ -148,3 +148,33 @@ def test_gallery_selection_offers_the_png_and_its_sidecar(tmp_path):
     assert selected_item(paths, 0) == ({"width": 64, "height": 32, "seed": 3, "prompt": "a fox"},
                                        [paths[0], str(tmp_path / "r1/a.json")])  # fmt: skip
     assert selected_item(paths, 1) == ({}, [paths[1]])
+
+
+def test_compare_takes_only_the_command_lines_models_and_names_no_path(tmp_path):
+    from ultraflux_model.app.engine import hide_paths
+
+    secret = tmp_path / "pickle-only"
+    secret.mkdir()
+    (secret / "model.pkl").write_bytes(b"not loaded")
+    app = Studio(str(tmp_path / "a"), out=tmp_path / "o", compare=str(tmp_path / "b"), device="cpu")
+    assert app.compare_choices == [str(tmp_path / "b")]
+    for attack in ("/etc", "/root", str(secret)):
+        with pytest.raises(UltraFluxError, match="unknown second model") as err:
+            app.compare(Request("x", 64, 64), second=attack)
+        assert attack not in friendly_error(err.value) and "/" not in friendly_error(err.value)
+    assert not list((tmp_path / "o").iterdir())  # refused before a run directory was made or a model loaded
+    assert hide_paths("checkpoint /srv/models/x does not exist ('/root/y')") == (
+        "checkpoint <server path> does not exist ('<server path>')"
+    )
+    assert hide_paths("models:/ultraflux@champion, 1/steps, 16x9") == "models:/ultraflux@champion, 1/steps, 16x9"
+    assert "/srv" not in friendly_error(UltraFluxError("checkpoint /srv/m does not exist"))
+
+
+@pytest.mark.parametrize("attack,message", [({"steps": 10**9}, "steps must be between 1 and 200"),
+                                            ({"guidance": float("inf")}, "guidance must be a finite number"),
+                                            ({"seed": 2**63}, "seed must lie between 0 and 2\\*\\*63-1")])  # fmt: skip
+def test_studio_refuses_the_setting_attacks_before_loading(tmp_path, attack, message):
+    app = Studio(str(tmp_path / "no-model"), out=tmp_path / "o", device="cpu")
+    with pytest.raises(UltraFluxError, match=message):
+        app.generate(Request("a fox", 64, 64, **attack))
+    assert app.main.pipe is None and not list((tmp_path / "o").iterdir())

@@ -110,7 +110,7 @@ def generate(
     if width is not None:
         overrides.append(f"generate.sizes={override_value([[width, height]])}")
     cfg = resolve_config(config, overrides)
-    for image in generate_from_config(cfg.generate, rope_kernel=cfg.kernels.rope):
+    for image in generate_from_config(cfg.generate, rope_kernel=cfg.kernels.rope, limits=cfg.serve):
         typer.echo(f"{image.path}  ({image.width}x{image.height}, seed {image.seed})")
 
 

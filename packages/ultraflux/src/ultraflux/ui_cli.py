@@ -32,10 +32,9 @@ def ui(*, config: list[Path], overrides: list[str]) -> None:
     studio = Studio(cfg.ui.model, out=cfg.ui.out, limits=cfg.serve, compare=cfg.ui.compare,
                     transformer=cfg.ui.transformer)  # fmt: skip
     # Load once, before serving: a missing or broken model fails here with one line, not on the first request.
-    for side in studio.slots:
-        typer.echo(f"loaded {side}: {studio.load(side).label}")
-    demo = build_app(studio, default_steps=cfg.ui.steps)
-    demo.queue(default_concurrency_limit=1)
+    for side, slot in studio.slots():
+        typer.echo(f"loaded {side}: {studio.load(side, second=slot.ref if side == 'compare' else None).label}")
+    demo = build_app(studio, default_steps=cfg.ui.steps, queue_size=cfg.ui.queue_size, session_jobs=cfg.ui.session_jobs)
     demo.launch(
         server_name=cfg.ui.host,
         server_port=cfg.ui.port or None,

@@ -26,6 +26,10 @@ KernelChoice = Literal["auto", "eager", "triton"]
 SeedPolicy = Literal["per_prompt", "fixed"]
 
 TOKEN_PX = 32  # 16x VAE downsampling then 2x2 packing: one transformer token covers 32x32 pixels
+# Request bounds every entry point enforces (``ultraflux_model.inference.limits.check_settings``); docs/app.md.
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's signed 64-bit range, and what JSON clients can send exactly
+MAX_GUIDANCE = 30.0  # distilled guidance: the official default is 4.0, Flux-dev's useful range ends well below 30
+MAX_T5_TOKENS = 512  # the T5 context UltraFlux was trained with; longer prompts are cut (with a notice)
 
 
 class KernelConfig(Section):
@@ -78,11 +82,13 @@ class GenerateConfig(Section):
     sizes: tuple[tuple[int, int], ...] = Field(
         ((4096, 4096),), description="(width, height) pairs; each side a multiple of 32"
     )
-    steps: int = Field(50, ge=1)
-    guidance: float = Field(4.0, ge=0.0, description="distilled guidance fed to the guidance embedding")
-    shift: float = Field(3.0, gt=0.0, description="static FlowMatch Euler timestep shift")
-    max_sequence_length: int = Field(512, ge=1, le=512, description="T5 tokens")
-    seed: int = 0
+    steps: int = Field(50, ge=1, description="sampling steps (at most serve.max_steps)")
+    guidance: float = Field(
+        4.0, ge=0.0, le=MAX_GUIDANCE, allow_inf_nan=False, description="distilled guidance (guidance embedding)"
+    )
+    shift: float = Field(3.0, gt=0.0, allow_inf_nan=False, description="static FlowMatch Euler timestep shift")
+    max_sequence_length: int = Field(MAX_T5_TOKENS, ge=1, le=MAX_T5_TOKENS, description="T5 tokens")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="image k uses seed + k (0 … 2**63-1)")
     dtype: Dtype = "bf16"
     offload: Offload = "none"
     vae_decode: VaeDecodeMode = "tiled"
@@ -349,6 +355,9 @@ class ServeConfig(Section):
 
     max_pixels: int = Field(MAX_4K_BUCKET_PIXELS, ge=1024, description="pixels per image (default: the 4K buckets)")
     max_images: int = Field(4, ge=1, description="images per request")
+    max_steps: int = Field(
+        200, ge=1, description="sampling steps per image (the official default is 50; cost grows linearly)"
+    )
 
 
 class UiConfig(Section):
@@ -362,3 +371,5 @@ class UiConfig(Section):
     out: Path = Path("artifacts/studio")
     share: bool = Field(False, description="create a public gradio.live link (off unless asked)")
     steps: int = Field(28, ge=1, description="default sampling steps in the form")
+    queue_size: int = Field(16, ge=1, description="jobs waiting or running for all users; more are refused")
+    session_jobs: int = Field(1, ge=1, description="jobs one browser session (or API client) may have queued at once")

@@ -7,9 +7,11 @@ Kept apart from the Gradio layout (``studio.py``) so every behaviour is a plain 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,12 @@ from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_model.checkpoint.layout import fingerprint
 from ultraflux_model.config import Dtype, Offload, ServeConfig, VaeDecodeMode
-from ultraflux_model.inference.limits import check_request
+from ultraflux_model.inference.limits import check_request, check_settings
 from ultraflux_model.inference.pipeline import GeneratedImage, StepCallback, UltraFluxPipeline, generate, load_pipeline
 
 SIDES = ("model", "compare")
+# An absolute path in a message ("/etc/…", "'/root/x'"), but not "models:/…", "1/steps" or a URL's "//".
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[^\s'\"(),;]+")
 
 
 class Cancelled(UltraFluxError):
@@ -64,8 +68,18 @@ class ModelSlot:
         return f"{self.ref}{extra} (sha256 {fingerprint(root)[:12]})"
 
 
+def hide_paths(text: str) -> str:
+    """``text`` with every absolute server path replaced by ``<server path>`` (what the page and API clients see)."""
+    return _ABSOLUTE_PATH.sub("<server path>", text)
+
+
 def friendly_error(err: BaseException) -> str:
-    """One line for the user, no traceback: our own messages as they are, memory errors with what to change."""
+    """One line for the user, no traceback and no server path: our own messages as they are, memory errors with
+    what to change."""
+    return hide_paths(_one_line(err))
+
+
+def _one_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     if isinstance(err, torch.OutOfMemoryError) or "out of memory" in text.lower() or "can't allocate" in text:
         return (
@@ -78,26 +92,30 @@ def friendly_error(err: BaseException) -> str:
 
 
 class Studio:
-    """Models loaded once, one job on the device at a time, per-session cancellation."""
+    """Models loaded once, one job on the device at a time, per-session cancellation.
+
+    The second model of a comparison is one of ``compare`` (the models the server was started with), chosen per
+    request: clients never name a path, and one user's choice never changes another's.
+    """
 
     def __init__(
         self,
         model: str,
         *,
         out: Path,
-        limits: ServeConfig = ServeConfig(),
-        compare: str | None = None,
+        limits: ServeConfig | None = None,
+        compare: str | Sequence[str] | None = None,
         transformer: str | None = None,
         device: str | None = None,
     ) -> None:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.limits = limits
+        self.limits = limits or ServeConfig()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.default_dtype: Dtype = "bf16" if self.device.startswith("cuda") else "fp32"
-        self.slots: dict[str, ModelSlot] = {"model": ModelSlot(model, transformer)}
-        if compare:
-            self.slots["compare"] = ModelSlot(compare)
+        self.main = ModelSlot(model, transformer)
+        refs = [compare] if isinstance(compare, str) else list(compare or ())
+        self.seconds: dict[str, ModelSlot] = {ref: ModelSlot(ref) for ref in dict.fromkeys(r for r in refs if r)}
         # Gradio's concurrency limit stops a second job from starting, but a cancelled job's thread runs on
         # until its next step; this lock keeps the device to one job even then.
         self._device_lock = threading.Lock()
@@ -105,11 +123,39 @@ class Studio:
         self._cancel_lock = threading.Lock()
 
     # -- models -----------------------------------------------------------------------------------------
-    def load(self, side: str = "model", dtype: Dtype | None = None, offload: Offload = "none") -> ModelSlot:
+    @property
+    def compare_choices(self) -> list[str]:
+        """The models a comparison may use (the Compare tab's dropdown), first one the default."""
+        return list(self.seconds)
+
+    def slots(self) -> list[tuple[str, ModelSlot]]:
+        """Every model of the app as ``(side, slot)``: the main model, then each second model."""
+        return [("model", self.main)] + [("compare", slot) for slot in self.seconds.values()]
+
+    def slot(self, side: str = "model", second: str | None = None) -> ModelSlot:
+        """The main model, or the second model ``second`` (default: the first one) when ``side`` is "compare".
+
+        A ``second`` not given on the command line is refused without naming it: a client's text never reaches the
+        filesystem, and the message cannot tell which paths exist.
+        """
+        if side == "model":
+            return self.main
+        if not self.seconds:
+            raise UltraFluxError("no second model: start the app with --compare MODEL")
+        if second is None or second == "":
+            return next(iter(self.seconds.values()))
+        if second not in self.seconds:
+            raise UltraFluxError(
+                f"unknown second model: choose one of the {len(self.seconds)} model(s) this server was started with "
+                "(the Compare tab's dropdown)"
+            )
+        return self.seconds[second]
+
+    def load(
+        self, side: str = "model", dtype: Dtype | None = None, offload: Offload = "none", second: str | None = None
+    ) -> ModelSlot:
         """Load ``side``'s pipeline unless it is already loaded with this dtype and offload."""
-        slot = self.slots.get(side)
-        if slot is None:
-            raise UltraFluxError("no second model: start with --compare MODEL or type one in the compare field")
+        slot = self.slot(side, second)
         key = (dtype or self.default_dtype, offload)
         if slot.pipe is None or slot.loaded_as != key:
             slot.pipe = None  # free the old weights before loading the new ones
@@ -118,14 +164,6 @@ class Studio:
             )
             slot.loaded_as = key
         return slot
-
-    def set_compare(self, ref: str | None) -> None:
-        """Point the compare side at another model (loaded on first use)."""
-        ref = (ref or "").strip()
-        if not ref:
-            self.slots.pop("compare", None)
-        elif ref != getattr(self.slots.get("compare"), "ref", None):
-            self.slots["compare"] = ModelSlot(ref)
 
     # -- cancellation -----------------------------------------------------------------------------------
     def cancel(self, session: str) -> None:
@@ -141,10 +179,12 @@ class Studio:
 
     # -- generation -------------------------------------------------------------------------------------
     def check(self, request: Request) -> None:
-        """The shared request guard (sizes, pixel and image ceilings) plus the prompt."""
+        """The shared request guard (sizes, ceilings, steps, guidance, seeds) plus the prompt."""
         if not request.prompt.strip():
             raise UltraFluxError("the prompt is empty: describe the image to generate")
         check_request(self.limits, [(request.width, request.height)], images=request.images)
+        check_settings(self.limits, steps=request.steps, guidance=request.guidance, seed=request.seed,
+                       images=request.images)  # fmt: skip
 
     def new_run_dir(self) -> Path:
         """A fresh directory under ``out`` per request, so requests never overwrite each other's files."""
@@ -160,8 +200,10 @@ class Studio:
         session: str = "",
         progress: StepCallback | None = None,
         run_dir: Path | None = None,
+        second: str | None = None,
     ) -> list[GeneratedImage]:
-        """Generate ``request.images`` images (seeds ``seed … seed+images-1``) with one model.
+        """Generate ``request.images`` images (seeds ``seed … seed+images-1``) with one model (``second`` picks the
+        compare side's model, see :meth:`slot`).
 
         ``progress(phase, done, total)`` sees every step; a Cancel from ``session`` stops the job.
         """
@@ -175,7 +217,7 @@ class Studio:
                 progress(phase, done, total)
 
         with self._device_lock:
-            slot = self.load(side, request.dtype, request.offload)
+            slot = self.load(side, request.dtype, request.offload, second)
             return generate(
                 slot.ref,
                 [request.prompt],
@@ -191,20 +233,29 @@ class Studio:
                 progress=False,
                 callback=on_step,
                 transformer=slot.transformer,
+                limits=self.limits,
             )
 
     def compare(
-        self, request: Request, *, session: str = "", progress: StepCallback | None = None
+        self,
+        request: Request,
+        *,
+        session: str = "",
+        progress: StepCallback | None = None,
+        second: str | None = None,
     ) -> dict[str, tuple[GeneratedImage, dict[str, Any]]]:
-        """The same prompt and seed on both models; each image's sidecar gains its side, label and scores."""
-        if "compare" not in self.slots:
-            raise UltraFluxError("no second model: start with --compare MODEL or type one in the compare field")
-        run = self.new_run_dir()
+        """The same prompt and seed on the main model and ``second`` (one of :attr:`compare_choices`, default the
+        first); each image's sidecar gains its side, label and scores."""
+        self.slot("compare", second)  # refuse an unknown model before writing anything
         single = Request(**{**request.__dict__, "images": 1})
+        self.check(single)
+        run = self.new_run_dir()
         results: dict[str, tuple[GeneratedImage, dict[str, Any]]] = {}
         for side in SIDES:
-            image = self.generate(single, side=side, session=session, progress=progress, run_dir=run / side)[0]
-            sidecar = {**image.sidecar, "side": side, "model_label": self.slots[side].label, "scores": scores(image.path)}
+            image = self.generate(single, side=side, session=session, progress=progress, run_dir=run / side,
+                                  second=second)[0]  # fmt: skip
+            label = self.slot(side, second).label
+            sidecar = {**image.sidecar, "side": side, "model_label": label, "scores": scores(image.path)}
             image.path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
             results[side] = (image, sidecar)
         return results

@@ -1,9 +1,12 @@
 """UltraFlux Studio: the Gradio page over :class:`~ultraflux_model.app.engine.Studio`.
 
 Left: the prompt and settings. Right: the result with its sidecar, the side-by-side comparison of two models,
-and the gallery of everything in ``--out``. Two API endpoints serve scripts: ``/generate`` (prompt, width,
-height, steps, guidance, seed → image file, metadata JSON) and ``/compare`` (same inputs → two images and both
-sides' metadata). Every generation event shares one concurrency slot: one job on the device at a time.
+and the gallery of everything in ``--out``. API endpoints for scripts: ``/generate`` (prompt, width, height, steps,
+guidance, seed → image file, metadata JSON), ``/compare`` (same inputs, plus optionally the second model, one of the
+app's ``--compare`` models → two images and both sides' metadata) and ``/cancel`` (stops the caller's own running job
+at its next step). Every generation event shares one concurrency slot: one job on the device at a time. The queue
+holds at most ``queue_size`` waiting jobs and one session at most ``session_jobs`` (checked when a job is submitted,
+so one client cannot fill the queue); errors shown to clients are one line with no server path.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 import gradio as gr
 
-from ultraflux_model.app.engine import Request, Studio, friendly_error, list_outputs, read_sidecar
+from ultraflux_model.app.engine import Request, Studio, friendly_error, hide_paths, list_outputs, read_sidecar
 from ultraflux_model.app.sizes import ASPECTS, FAMILIES, preset_size, size_note
 from ultraflux_model.inference.pipeline import StepCallback
 
@@ -31,12 +34,37 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except Exception as err:  # noqa: BLE001 - the message is what the user needs; no traceback
+        except gr.Error as err:
+            raise gr.Error(hide_paths(str(err.message)), print_exception=False) from None
+        except Exception as err:  # noqa: BLE001 - the message is what the user needs; no traceback, no path
             raise gr.Error(friendly_error(err), print_exception=False) from None
 
     return wrapper
+
+
+def session_limit(demo: gr.Blocks, session_jobs: int) -> Callable[..., Any]:
+    """A Gradio validator that refuses a job while its session already has ``session_jobs`` jobs queued or running.
+
+    Validators run when a job is submitted, before it joins the queue; the count is the queue's own record of the
+    session's unfinished events (so a cancelled or finished job frees its place without bookkeeping of ours).
+    Only the generation events are queued (everything else has ``queue=False``), so they are what is counted.
+    """
+
+    def validator(request: gr.Request, *inputs: Any) -> Any:  # Gradio inserts the request at its position
+        pending = demo._queue.pending_event_ids_session.get(request.session_hash or "", ())
+        verdicts = [gr.validate(True, "")] * len(inputs)  # Gradio wants one per input
+        if len(pending) >= session_jobs:
+            verdicts[0] = gr.validate(False, f"this session already has {len(pending)} job(s) queued or running (the "
+                                             f"limit is {session_jobs}, ui.session_jobs): wait for one to finish")
+        return verdicts
+
+    return validator
+
+
+def _notices(made: list[Any]) -> None:
+    """Show each sidecar's notice (a prompt cut at 512 T5 tokens) as a warning: the image was still made."""
+    for notice in dict.fromkeys(g.sidecar["notice"] for g in made if "notice" in g.sidecar):
+        gr.Warning(notice)
 
 
 def _progress(progress: gr.Progress, steps: int, images: int) -> StepCallback:
@@ -82,9 +110,9 @@ def selected_item(paths: list[str], index: int) -> tuple[dict[str, Any], list[st
     return read_sidecar(path), [str(path)] + ([str(sidecar)] if sidecar.is_file() else [])
 
 
-def build_app(studio: Studio, *, default_steps: int = 28) -> gr.Blocks:
-    """The page; ``studio`` holds the loaded models and the output directory."""
-    compare_slot = studio.slots.get("compare")
+def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, session_jobs: int = 1) -> gr.Blocks:
+    """The page with its queue; ``studio`` holds the loaded models and the output directory."""
+    choices = studio.compare_choices
 
     def refresh_gallery() -> tuple[list[tuple[str, str]], list[str]]:
         return gallery_items(studio.out)
@@ -105,26 +133,30 @@ def build_app(studio: Studio, *, default_steps: int = 28) -> gr.Blocks:
                      request: gr.Request, progress=gr.Progress()):  # fmt: skip
         req = request_of(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode)
         made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, req.images))
+        _notices(made)
         return [(str(g.path), _caption(g.sidecar)) for g in made], [g.sidecar for g in made]
 
     @_user_errors
     def api_generate(prompt, width, height, steps, guidance, seed, request: gr.Request, progress=gr.Progress()):
         req = request_of(prompt, width, height, steps, guidance, seed)
         made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, 1))
+        _notices(made)
         return str(made[0].path), {**made[0].sidecar, "image_path": str(made[0].path)}
 
     @_user_errors
     def run_compare(prompt, width, height, steps, guidance, seed, second, dtype, offload, decode,
                     request: gr.Request, progress=gr.Progress()):  # fmt: skip
-        if second is not None:
-            studio.set_compare(second)
+        # ``second`` is this session's dropdown value: checked against the command line's models by the engine,
+        # never stored server-side (one user's choice is not another's).
         req = request_of(prompt, width, height, steps, guidance, seed, 1, dtype, offload, decode)
-        pair = studio.compare(req, session=request.session_hash or "", progress=_progress(progress, req.steps, 2))
+        pair = studio.compare(req, session=request.session_hash or "", progress=_progress(progress, req.steps, 2),
+                              second=second or None)  # fmt: skip
         (a, meta_a), (b, meta_b) = pair["model"], pair["compare"]
         return str(a.path), str(b.path), _label(meta_a), _label(meta_b), {"model": meta_a, "compare": meta_b}
 
-    def api_compare(prompt, width, height, steps, guidance, seed, request: gr.Request, progress=gr.Progress()):
-        a, b, _, _, meta = run_compare(prompt, width, height, steps, guidance, seed, None, None, "none", "tiled",
+    def api_compare(prompt, width, height, steps, guidance, seed, second=None, request: gr.Request = None,
+                    progress=gr.Progress()):  # fmt: skip
+        a, b, _, _, meta = run_compare(prompt, width, height, steps, guidance, seed, second, None, "none", "tiled",
                                        request, progress)  # fmt: skip
         return a, b, meta
 
@@ -138,8 +170,8 @@ def build_app(studio: Studio, *, default_steps: int = 28) -> gr.Blocks:
     w0, h0 = preset_size("1:1", "1K")
     with gr.Blocks(title="UltraFlux Studio") as demo:
         gr.Markdown(
-            f"## UltraFlux Studio\nModel: `{studio.slots['model'].label}`"
-            + (f" · compare with `{compare_slot.label}`" if compare_slot else "")
+            f"## UltraFlux Studio\nModel: `{studio.main.label}`"
+            + (f" · compare with `{studio.slot('compare').label}`" if choices else "")
             + f" · device `{studio.device}` · output `{studio.out}`"
         )
         with gr.Row():
@@ -154,7 +186,8 @@ def build_app(studio: Studio, *, default_steps: int = 28) -> gr.Blocks:
                     height = gr.Number(h0, label="Height", precision=0, elem_id="height")
                 note = gr.Markdown(on_size(w0, h0), elem_id="size-note")
                 with gr.Row():
-                    steps = gr.Slider(1, 100, value=default_steps, step=1, label="Steps", elem_id="steps")
+                    steps = gr.Slider(1, studio.limits.max_steps, value=min(default_steps, studio.limits.max_steps),
+                                      step=1, label="Steps", elem_id="steps")  # fmt: skip
                     guidance = gr.Slider(0.0, 10.0, value=4.0, step=0.1, label="Guidance")
                 with gr.Row():
                     seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
@@ -173,8 +206,11 @@ def build_app(studio: Studio, *, default_steps: int = 28) -> gr.Blocks:
                     result = gr.Gallery(label="Result", columns=2, height=520, elem_id="result")
                     result_meta = gr.JSON(label="Sidecar")
                 with gr.Tab("Compare"):
-                    second = gr.Textbox(compare_slot.ref if compare_slot else "", label="Second model",
-                                        placeholder="models:/ultraflux@challenger or a checkpoint directory")  # fmt: skip
+                    second = gr.Dropdown(choices, value=choices[0] if choices else None, label="Second model",
+                                         info="one of the models this app was started with (--compare)",
+                                         # checked by the engine, which refuses any other value without echoing it
+                                         allow_custom_value=True,
+                                         elem_id="second")  # fmt: skip
                     with gr.Row():
                         img_a = gr.Image(label="model", type="filepath", elem_id="compare-a")
                         img_b = gr.Image(label="compare", type="filepath", elem_id="compare-b")
@@ -196,28 +232,31 @@ def build_app(studio: Studio, *, default_steps: int = 28) -> gr.Blocks:
 
         base = [prompt, width, height, steps, guidance, seed]
         advanced = [dtype, offload, decode]
-        device = {"concurrency_limit": 1, "concurrency_id": DEVICE}
+        device = {"concurrency_limit": 1, "concurrency_id": DEVICE, "validator": session_limit(demo, session_jobs)}
         gen = go.click(run_generate, base + [images] + advanced, [result, result_meta], api_visibility="private",
                        **device)  # fmt: skip
         cmp = cmp_go.click(run_compare, base + [second] + advanced, [img_a, img_b, label_a, label_b, cmp_meta],
                            api_visibility="private", **device)  # fmt: skip
         api_go.click(api_generate, base, [api_image, api_meta], api_name="generate", **device)
-        api_cmp.click(api_compare, base, [api_image, api_image_b, api_meta], api_name="compare", **device)
+        api_cmp.click(api_compare, base + [second], [api_image, api_image_b, api_meta], api_name="compare", **device)
         for event in (gen, cmp):
-            event.then(refresh_gallery, None, [gallery, paths], api_visibility="private")
+            event.then(refresh_gallery, None, [gallery, paths], queue=False, api_visibility="private")
 
         def cancel(request: gr.Request) -> None:
             studio.cancel(request.session_hash or "")
 
-        stop.click(cancel, None, None, cancels=[gen, cmp], queue=False, api_visibility="private")
+        # Also an API endpoint: a script stops its own session's job (never another session's).
+        stop.click(cancel, None, None, cancels=[gen, cmp], queue=False, api_name="cancel")
         randomise.click(lambda: secrets.randbelow(2**31), None, seed, queue=False, api_visibility="private")
         for trigger in (aspect.change, family.change):
             trigger(on_preset, [aspect, family], [width, height, note], queue=False, api_visibility="private")
         for trigger in (width.change, height.change):
             trigger(on_size, [width, height], note, queue=False, api_visibility="private")
-        refresh.click(refresh_gallery, None, [gallery, paths], api_visibility="private")
-        gallery.select(show_selected, paths, [picked, downloads], api_visibility="private")
-        demo.load(refresh_gallery, None, [gallery, paths], api_visibility="private")
+        refresh.click(refresh_gallery, None, [gallery, paths], queue=False, api_visibility="private")
+        gallery.select(show_selected, paths, [picked, downloads], queue=False, api_visibility="private")
+        demo.load(refresh_gallery, None, [gallery, paths], queue=False, api_visibility="private")
+    # max_size: jobs waiting beyond it are refused ("queue is full") instead of piling up without end.
+    demo.queue(max_size=queue_size, default_concurrency_limit=1)
     return demo
 
 

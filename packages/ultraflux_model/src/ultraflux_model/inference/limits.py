@@ -1,10 +1,71 @@
-"""The request guard every serving front-end shares (web app, served pyfunc model): pure, no model needed."""
+"""The one request guard every entry point shares (``ultraflux generate``, the web app, the served pyfunc model, and
+:func:`ultraflux_model.inference.pipeline.generate` itself, so a new front-end cannot skip it): pure, no model needed.
+
+Bounds (docs/app.md, "Request limits"): steps 1 … ``serve.max_steps``; guidance finite in 0 … ``MAX_GUIDANCE``;
+shift finite and positive; seeds 0 … 2**63-1 for every image of the request; sizes positive multiples of 32 and at
+most ``serve.max_pixels``; at most ``serve.max_images`` images. Each refusal is an ``UltraFluxError`` whose one-line
+message names the parameter and its allowed range.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
+from dataclasses import dataclass
+
 from ultraflux_core.errors import UltraFluxError
 
-from ultraflux_model.config import ServeConfig, check_image_size
+from ultraflux_model.config import MAX_GUIDANCE, MAX_SEED, ServeConfig, check_image_size
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The per-request sampling settings, validated (plain ``int``/``float``, whatever the caller sent)."""
+
+    steps: int
+    guidance: float
+    seed: int
+    shift: float
+
+
+def whole_number(name: str, value: object) -> int:
+    """``value`` as an ``int`` when it is an exact whole number (``np.int64``, ``3.0``), else ``UltraFluxError``."""
+    # bool is an int subclass, and numpy/pandas hand over np.int64 / whole floats: accept exact integers only.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UltraFluxError(f"{name} must be a whole number, got {value!r}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if not math.isfinite(float(value)) or float(value) != int(value):
+        raise UltraFluxError(f"{name} must be a whole number, got {value!r}")
+    return int(value)
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise UltraFluxError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_settings(limits: ServeConfig, *, steps: object, guidance: object, seed: object, shift: object = 3.0,
+                   images: int = 1) -> Settings:  # fmt: skip
+    """``Settings`` for a request of ``images`` images (seeds ``seed … seed+images-1``), or ``UltraFluxError``."""
+    n = whole_number("steps", steps)
+    if not 1 <= n <= limits.max_steps:
+        raise UltraFluxError(
+            f"steps must be between 1 and {limits.max_steps} (serve.max_steps), got {n}; the official default is 50"
+        )
+    g = _finite("guidance", guidance)
+    if not 0.0 <= g <= MAX_GUIDANCE:
+        raise UltraFluxError(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {g:g}; the official default is 4")
+    s = _finite("shift", shift)
+    if s <= 0.0:
+        raise UltraFluxError(f"shift must be a positive number, got {s:g}; the official value is 3")
+    first = whole_number("seed", seed)
+    last = first + max(images, 1) - 1
+    if first < 0 or last > MAX_SEED:
+        span = "seed" if images <= 1 else f"seeds {first} … {last} (seed + image index)"
+        raise UltraFluxError(f"{span} must lie between 0 and 2**63-1 = {MAX_SEED}, got {first}")
+    return Settings(steps=n, guidance=g, seed=first, shift=s)
 
 
 def check_request(limits: ServeConfig, sizes: list[tuple[int, int]], images: int = 1) -> None:
@@ -12,7 +73,7 @@ def check_request(limits: ServeConfig, sizes: list[tuple[int, int]], images: int
 
     ``images`` is how many images the request makes (e.g. ``len(sizes) × images per size``). Checks, in order:
     the count, each side a positive multiple of 32 (the message names the nearest valid size), each image's
-    pixel count.
+    pixel count. The sampling settings are :func:`check_settings`'s.
     """
     if images < 1:
         raise UltraFluxError(f"a request must ask for at least 1 image, got {images}")

@@ -11,6 +11,7 @@ sequential CPU offload hooks work; the sampling loop is ours and short enough to
 from __future__ import annotations
 
 import json
+import logging
 import resource
 import sys
 import time
@@ -29,9 +30,20 @@ from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.checkpoint.layout import check_checkpoint_layout, fingerprint
 from ultraflux_model.checkpoint.loading import check_local_component
 from ultraflux_model.checkpoint.resolve import resolve_checkpoint
-from ultraflux_model.config import Dtype, GenerateConfig, KernelChoice, Offload, SeedPolicy, check_image_size
+from ultraflux_model.config import (
+    MAX_T5_TOKENS,
+    Dtype,
+    GenerateConfig,
+    KernelChoice,
+    Offload,
+    SeedPolicy,
+    ServeConfig,
+    check_image_size,
+)
 from ultraflux_model.diffusion.latents import image_ids, latent_hw, pack_latents, text_ids, unpack_latents
 from ultraflux_model.dtypes import TORCH_DTYPES
+from ultraflux_model.inference.limits import check_settings
+from ultraflux_model.inference.stop import check_stop
 from ultraflux_model.modules.text_encoders import encode_prompts, load_text_encoders
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 from ultraflux_model.vae.autoencoder import DecodeMode, UltraFluxAutoencoderKL
@@ -39,6 +51,8 @@ from ultraflux_model.vae.autoencoder import DecodeMode, UltraFluxAutoencoderKL
 # ``callback(phase, done, total)``: phase is "denoise" (once per sampling step) or "decode" (before and after
 # the VAE decode). Front-ends (the web app's progress bar, cancellation) hook in here instead of copying the loop.
 StepCallback = Callable[[str, int, int], None]
+
+logger = logging.getLogger(__name__)
 
 
 class UltraFluxPipeline(DiffusionPipeline):
@@ -183,7 +197,8 @@ def sample_latents(
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(
         pipe.scheduler.config, shift=shift, use_dynamic_shifting=False
     )
-    scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).tolist(), device=device)
+    # An array, not a Python list: one float32 per step, whatever the step count (the guard bounds it as well).
+    scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).numpy(), device=device)
     timesteps = scheduler.timesteps
     for k, t in enumerate(tqdm(timesteps, desc=f"{width}x{height}", leave=False, disable=not progress), 1):
         velocity = transformer(
@@ -201,6 +216,17 @@ def sample_latents(
             callback("denoise", k, len(timesteps))
     z = unpack_latents(latents, h, w)
     return z / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
+
+
+def prompt_notice(pipe: UltraFluxPipeline, prompt: str, max_sequence_length: int) -> str | None:
+    """A one-line notice when ``prompt`` has more T5 tokens than are used (the rest is cut), else None."""
+    tokens = len(pipe.tokenizer_2(prompt, truncation=False, add_special_tokens=True).input_ids)
+    if tokens <= max_sequence_length:
+        return None
+    return (
+        f"the prompt is {tokens} T5 tokens; only the first {max_sequence_length} are used "
+        f"(the model reads at most {MAX_T5_TOKENS}): shorten it to keep its end"
+    )
 
 
 @torch.no_grad()
@@ -232,13 +258,18 @@ def generate(
     transformer: str | Path | None = None,
     callback: StepCallback | None = None,
     seed_policy: SeedPolicy = "per_prompt",
+    limits: ServeConfig | None = None,
 ) -> list[GeneratedImage]:
     """Generate every (prompt, size) pair; image ``k`` uses seed ``seed + k`` (``seed_policy="per_prompt"``) or
     ``seed`` (``"fixed"``, the official inference's one seed for every prompt). Writes PNG + JSON sidecar each.
 
-    Sizes are ``(width, height)`` with sides multiples of 32 (checked before any model is loaded).
-    ``transformer`` (directory or hub id) replaces the checkpoint's transformer when the pipeline is loaded here;
-    ``callback`` sees every denoising step and the decode of each image (see :data:`StepCallback`).
+    Sizes are ``(width, height)`` with sides multiples of 32; steps, guidance, shift and the seeds pass the one
+    request guard (:func:`~ultraflux_model.inference.limits.check_settings`, ``limits`` default ``ServeConfig()``),
+    all before any model is loaded. ``transformer`` (directory or hub id) replaces the checkpoint's transformer when
+    the pipeline is loaded here; ``callback`` sees every denoising step and the decode of each image (see
+    :data:`StepCallback`). Sampling stops with :class:`~ultraflux_model.inference.stop.Stopped` at the next step once
+    the process-wide stop flag is set (SIGTERM in a server). A prompt longer than ``max_sequence_length`` T5 tokens
+    is cut, with a logged warning and a ``notice`` in its sidecar.
     """
     if not prompts:
         raise UltraFluxError("no prompts given")
@@ -246,6 +277,20 @@ def generate(
         raise UltraFluxError(f"seed policy must be one of {list(get_args(SeedPolicy))}, got {seed_policy!r}")
     for width, height in sizes:
         check_image_size(width, height)
+    if not 1 <= max_sequence_length <= MAX_T5_TOKENS:
+        raise UltraFluxError(
+            f"max_sequence_length must be between 1 and {MAX_T5_TOKENS} T5 tokens, got {max_sequence_length}"
+        )
+    settings = check_settings(limits or ServeConfig(), steps=steps, guidance=guidance, seed=seed, shift=shift,
+                              images=len(prompts) * len(sizes) if seed_policy == "per_prompt" else 1)  # fmt: skip
+    steps, guidance, seed, shift = settings.steps, settings.guidance, settings.seed, settings.shift
+
+    def on_step(phase: str, done: int, total: int) -> None:
+        if phase == "denoise":
+            check_stop(done, total)
+        if callback is not None:
+            callback(phase, done, total)
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -268,6 +313,9 @@ def generate(
 
     results: list[GeneratedImage] = []
     jobs = [(p, s) for p in prompts for s in sizes]
+    notices = {p: prompt_notice(pipe, p, max_sequence_length) for p in prompts}
+    for notice in filter(None, notices.values()):
+        logger.warning(notice)
     for index, (prompt, (width, height)) in enumerate(tqdm(jobs, desc="images", disable=not progress)):
         image_seed = seed + index if seed_policy == "per_prompt" else seed
         if exec_device.type == "cuda":
@@ -288,7 +336,7 @@ def generate(
             shift=shift,
             seed=image_seed,
             progress=progress,
-            callback=callback,
+            callback=on_step,
         )
         t2 = time.perf_counter()
         if callback is not None:
@@ -322,6 +370,7 @@ def generate(
                 "vae_decode": round(t3 - t2, 4),
             },
             "memory": _peak_memory(exec_device),
+            **({"notice": notices[prompt]} if notices[prompt] else {}),
         }
         tmp = path.with_suffix(".tmp.png")
         image.save(tmp)

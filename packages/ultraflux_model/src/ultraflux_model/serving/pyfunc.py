@@ -7,25 +7,37 @@ uses ``seed + k``, as ``ultraflux generate`` numbers its images)::
     prompt: str   width: int   height: int   steps: int   guidance: float   seed: int
 
 Output columns: ``image`` (PNG bytes, base64), ``width``, ``height``, ``seed``, ``metadata`` (the JSON sidecar
-``ultraflux generate`` writes beside each PNG). Every request is checked against the release's ceilings
-(``max_pixels`` per image, ``max_images`` rows) before anything is generated.
+``ultraflux generate`` writes beside each PNG). Every request passes the one request guard
+(``ultraflux_model.inference.limits``: steps up to the release's ``max_steps``, guidance finite in 0 … 30, seeds
+0 … 2**63-1, ``max_pixels`` per image, ``max_images`` rows) before anything is generated.
+
+Errors: a refused request (any ``UltraFluxError``) becomes MLflow's ``INVALID_PARAMETER_VALUE`` (HTTP 400) with the
+one-line message and no stack trace; a request stopped by SIGTERM (the server shutting down) becomes
+``TEMPORARILY_UNAVAILABLE`` (HTTP 503). The scoring server's request timeout (``MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT``,
+60 s by default) must cover the slowest allowed request: docs/deploy.md gives the values for 4K.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 from mlflow.pyfunc import PythonModel
 from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_model.config import GenerateConfig, ServeConfig
-from ultraflux_model.inference.limits import check_request
+from ultraflux_model.inference.limits import check_request, check_settings, whole_number
+from ultraflux_model.inference.stop import Stopped
+
+logger = logging.getLogger(__name__)
 
 OPTIONAL_COLUMNS: dict[str, type] = {"width": int, "height": int, "steps": int, "guidance": float, "seed": int}
 OUTPUT_COLUMNS = ("image", "width", "height", "seed", "metadata")
@@ -40,7 +52,14 @@ def serving_config(generate: GenerateConfig | None = None, serve: ServeConfig | 
         "width": width, "height": height, "steps": gen.steps, "guidance": gen.guidance, "seed": gen.seed,
         "shift": gen.shift, "max_sequence_length": gen.max_sequence_length, "dtype": gen.dtype,
         "vae_decode": gen.vae_decode, "max_pixels": limits.max_pixels, "max_images": limits.max_images,
+        "max_steps": limits.max_steps,
     }
+
+
+def serve_limits(config: dict[str, Any]) -> ServeConfig:
+    """The ceilings of a release's ``model_config`` (releases logged before ``max_steps`` get today's default)."""
+    return ServeConfig(max_pixels=config["max_pixels"], max_images=config["max_images"],
+                       max_steps=config.get("max_steps", ServeConfig().max_steps))  # fmt: skip
 
 
 def signature():  # noqa: ANN201 - mlflow ModelSignature
@@ -87,13 +106,11 @@ def save_pyfunc_model(path: Path, manifest: Path, config: dict[str, Any], mlflow
 
 
 def _cell(row: pd.Series, name: str, default: Any) -> Any:
+    """The cell as sent (the guard checks its type and range), or ``default`` when it is missing or empty."""
     value = row.get(name)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return default
-    kind = OPTIONAL_COLUMNS[name]
-    if kind is int and float(value) != int(value):
-        raise UltraFluxError(f"column {name} must be a whole number, got {value!r}")
-    return kind(value)
+    return value.item() if hasattr(value, "item") else value  # numpy scalar -> Python number
 
 
 def parse_requests(frame: pd.DataFrame, config: dict[str, Any]) -> list[dict[str, Any]]:
@@ -103,21 +120,56 @@ def parse_requests(frame: pd.DataFrame, config: dict[str, Any]) -> list[dict[str
     unknown = sorted(set(frame.columns) - {"prompt", *OPTIONAL_COLUMNS})
     if unknown:
         raise UltraFluxError(f"unknown request columns {unknown}; known: prompt, {', '.join(OPTIONAL_COLUMNS)}")
+    limits = serve_limits(config)
     requests = []
     for k, (_, row) in enumerate(frame.iterrows()):
         prompt = row["prompt"]
         if not isinstance(prompt, str) or not prompt.strip():
             raise UltraFluxError(f"row {k}: prompt must be a non-empty string")
-        request = {"prompt": prompt}
-        for name in OPTIONAL_COLUMNS:
-            default = config[name] + k if name == "seed" else config[name]
-            request[name] = _cell(row, name, default)
-        if request["steps"] < 1:
-            raise UltraFluxError(f"row {k}: steps must be at least 1")
-        check_request(ServeConfig(max_pixels=config["max_pixels"], max_images=config["max_images"]),
-                      [(request["width"], request["height"])], len(frame))
-        requests.append(request)
+        defaults = {**config, "seed": config["seed"] + k}  # seed + row, as ultraflux generate numbers its images
+        cells = {name: _cell(row, name, defaults[name]) for name in OPTIONAL_COLUMNS}
+        try:
+            size = (whole_number("width", cells["width"]), whole_number("height", cells["height"]))
+            check_request(limits, [size], len(frame))
+            settings = check_settings(limits, steps=cells["steps"], guidance=cells["guidance"], seed=cells["seed"],
+                                      shift=config["shift"])  # fmt: skip
+        except UltraFluxError as err:
+            raise UltraFluxError(f"row {k}: {err}") from None
+        requests.append({"prompt": prompt, "width": size[0], "height": size[1], "steps": settings.steps,
+                         "guidance": settings.guidance, "seed": settings.seed})  # fmt: skip
     return requests
+
+
+class RequestError(MlflowException):
+    """What the scoring server answers for an ``UltraFluxError``: the one-line message, no stack trace; 503
+    (``TEMPORARILY_UNAVAILABLE``) for a request stopped by shutdown, 400 (``INVALID_PARAMETER_VALUE``) otherwise.
+
+    The message stays that one line: the scoring server rewrites a predict error's message to
+    ``"Failed to predict data '<the whole input table>'. Error: …"``, which buries it (and echoes every prompt).
+    """
+
+    def __init__(self, err: UltraFluxError) -> None:
+        self._one_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        code = TEMPORARILY_UNAVAILABLE if isinstance(err, Stopped) else INVALID_PARAMETER_VALUE
+        super().__init__(self._one_line, error_code=code)
+
+    @property
+    def message(self) -> str:  # type: ignore[override]
+        return self._one_line
+
+    @message.setter
+    def message(self, _rewritten: str) -> None:
+        pass  # keep the one line (see the class doc)
+
+
+def _log_to_stderr() -> None:
+    """Our request log in the server's output (uvicorn configures only its own loggers)."""
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s ultraflux %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 class UltraFluxPyfunc(PythonModel):
@@ -125,26 +177,41 @@ class UltraFluxPyfunc(PythonModel):
 
     def load_context(self, context) -> None:  # noqa: ANN001 - mlflow PythonModelContext
         from ultraflux_model.inference.pipeline import load_pipeline
+        from ultraflux_model.inference.stop import stop_on_sigterm
         from ultraflux_model.release.fetch import materialize
         from ultraflux_model.release.manifest import Manifest
 
+        _log_to_stderr()
+        # Under `mlflow models serve` this runs in uvicorn's main thread after uvicorn took SIGTERM: the request in
+        # flight then stops at its next step instead of holding the shutdown until it is done.
+        stop_on_sigterm()
         self.config = dict(context.model_config)
         self.root = materialize(Manifest.read(Path(context.artifacts["manifest"])))
         self.pipe = load_pipeline(self.root, dtype=self.config["dtype"])
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001
+        try:
+            return self._predict(pd.DataFrame(model_input))
+        except UltraFluxError as err:
+            logger.warning("refused: %s", err)
+            raise RequestError(err) from None
+
+    def _predict(self, frame: pd.DataFrame) -> pd.DataFrame:
         from ultraflux_model.inference.pipeline import generate
 
-        requests = parse_requests(pd.DataFrame(model_input), self.config)
+        requests = parse_requests(frame, self.config)
+        limits = serve_limits(self.config)
         rows = []
         with tempfile.TemporaryDirectory(prefix="ultraflux-serve-") as tmp:
             for k, request in enumerate(requests):
+                logger.info("row %d of %d: %dx%d, %d steps", k + 1, len(requests), request["width"], request["height"],
+                            request["steps"])  # fmt: skip
                 image = generate(
                     self.root, [request["prompt"]], [(request["width"], request["height"])],
                     steps=request["steps"], guidance=request["guidance"], seed=request["seed"],
                     shift=self.config["shift"], dtype=self.config["dtype"], vae_decode=self.config["vae_decode"],
                     max_sequence_length=self.config["max_sequence_length"], out_dir=Path(tmp) / str(k),
-                    pipe=self.pipe, progress=False,
+                    pipe=self.pipe, progress=False, limits=limits,
                 )[0]
                 rows.append({
                     "image": base64.b64encode(image.path.read_bytes()).decode("ascii"),
