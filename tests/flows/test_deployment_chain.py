@@ -27,7 +27,7 @@ DEPLOYMENTS = ("data-pipeline", "train-sacl", "release", "eval-latest-nightly")
 STAGES = ("train.stages=[{name: stage1, subset: all, t_min: 0.0, t_max: 1.0, steps: 12, lr: 0.001, micro_batch: 2,"
           " global_batch: 2}, {name: stage2, subset: stage2, t_min: 0.541, t_max: 1.0, steps: 2, lr: 0.0005,"
           " micro_batch: 1, global_batch: 2}]")
-OVERRIDES = ["data.synthetic.n=8", "data.synthetic.base_side=96", STAGES, "train.checkpoint.every=2",
+OVERRIDES = ["data.synthetic.n=8", STAGES, "train.checkpoint.every=2",
              "train.sample_every=0", "eval.benchmark.prompts=[a red fox in snow]",
              "eval.benchmark.aspect_ratios=[{name: '1:1', width: 64, height: 64}]",
              "eval.benchmark.metrics=[glcm,clip_score]", "eval.promotion.metric=glcm/overall",
@@ -47,8 +47,10 @@ def _run(env: dict[str, str], flow: str, deployment: str, params: dict, cwd: Pat
 
 
 def _work_once(env: dict[str, str], cwd: Path) -> None:
-    """One process worker that runs the scheduled flow run and exits (bounded)."""
-    _prefect(env, "worker", "start", "--pool", "ultraflux-process", "--run-once", cwd=cwd)
+    """One process worker that runs the scheduled flow run and exits (bounded); its log is kept beside ``cwd``."""
+    out = _prefect(env, "worker", "start", "--pool", "ultraflux-process", "--run-once", cwd=cwd)
+    with open(cwd.parent / "worker.log", "a") as log:
+        log.write(out)
 
 
 def _flow_run_processes(run_id: str) -> list[int]:
@@ -95,21 +97,21 @@ def test_chained_deployments_keep_outputs_and_resume_a_killed_run(tmp_path, pref
     runs = shared / "runs"
     data = _run(env, "ultraflux-data", "data-pipeline", {"overrides": OVERRIDES, "init_tiny": True}, work)
     _work_once(env, work)
-    assert (shared / "data" / "cache" / "index.parquet").is_file()
+    assert json.loads((shared / "data" / "metrics" / "cache.json").read_text())["entries"] > 0
     assert (shared / "models" / "tiny-ultraflux" / "model_index.json").is_file()
 
     # Training, killed (SIGKILL of the flow-run process, as a lost node) once its first checkpoint is on disk.
     killed = _run(env, "ultraflux-train", "train-sacl", {"overrides": OVERRIDES}, work)
     worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "ultraflux-process",
-                               "--run-once"], cwd=work, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+                               "--run-once"], cwd=work, env=env, stdout=open(tmp_path / "killed-worker.log", "wb"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
     latest = runs / "train" / "stage1" / "checkpoints" / "latest"
     try:
         deadline = time.monotonic() + 400
         while not latest.exists() and worker.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         pids = _flow_run_processes(killed)
-        assert latest.exists() and pids, "training never wrote a checkpoint"
+        assert latest.exists() and pids, (tmp_path / "killed-worker.log").read_text(errors="replace")[-5000:]
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         worker.wait(timeout=120)

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 import pytest
 from ultraflux_core.errors import UltraFluxError
-from ultraflux_core.tracking.config import HttpClientConfig
+from ultraflux_core.tracking.client import HttpClientConfig
 from ultraflux_core.tracking.uri import TrackingUnavailable
 
 from tests.servers import ServerProcess, free_port
@@ -30,9 +30,9 @@ def _client_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every MLflow client variable starts unset and is restored afterwards (the code under test sets them)."""
     for key in MLFLOW_KEYS:
         monkeypatch.delenv(key, raising=False)
-    from ultraflux_core.tracking import uri
+    from ultraflux_core.tracking import client
 
-    monkeypatch.setattr(uri, "_APPLIED", {})
+    monkeypatch.setattr(client, "_APPLIED", {})
 
 
 class _Failing(http.server.BaseHTTPRequestHandler):
@@ -166,10 +166,9 @@ def test_readiness_fails_clearly_when_the_artifact_store_is_not_writable(tmp_pat
     port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{tmp_path / 'bad.db'}", "--serve-artifacts", "--workers", "1",
-           "--artifacts-destination", f"s3://{moto_s3.bucket}/mlflow"]
+           "--artifacts-destination", "s3://no-such-bucket/mlflow"]
+    # moto accepts any key pair, so the S3 side the server cannot use is a bucket its keys do not reach
     env = {**os.environ, **moto_s3.env, "AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong"}
-    # moto accepts any key pair, so the broken S3 side is played by an S3 endpoint the server cannot reach
-    env["MLFLOW_S3_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{free_port()}"
     uri = f"http://127.0.0.1:{port}"
     with ServerProcess("mlflow server (broken S3)", cmd, f"{uri}/health", tmp_path / "logs" / "bad-mlflow.log",
                        env=env, cwd=tmp_path):

@@ -58,7 +58,7 @@ def resolve_config(
 
     Also applies ``tracking.http`` (MLflow client retries, proxied artifacts) for the clients this process opens;
     variables the user exported win."""
-    from ultraflux_core.tracking.uri import apply_client_settings
+    from ultraflux_core.tracking.client import apply_client_settings
 
     cfg = load_config(*(config or ()), overrides=list(overrides or ()))
     apply_client_settings(cfg.tracking.http)

@@ -12,33 +12,10 @@ from pathlib import Path
 from pydantic import Field
 
 from ultraflux_core.config import Section
+from ultraflux_core.tracking.client import HttpClientConfig
 from ultraflux_core.tracking.uri import resolve_tracking_uri
 
 RUN_STORE = "mlflow.db"  # the SQLite file a run directory holds when no tracking URI is set
-
-
-class HttpClientConfig(Section):
-    """How an MLflow client talks to a tracking server: bounded retries (MLflow's own defaults retry for about 4
-    minutes before any message) and artifacts always through the server (no presigned URLs naming the server's S3
-    endpoint, which clients often cannot reach). Applied as MLflow's environment variables whenever our code opens
-    a client (:func:`ultraflux_core.tracking.uri.apply_client_settings`); a variable you export yourself wins."""
-
-    max_retries: int = Field(2, ge=0, description="MLFLOW_HTTP_REQUEST_MAX_RETRIES (MLflow's default: 7)")
-    backoff_factor: int = Field(1, ge=0, description="MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR (MLflow's default: 2)")
-    timeout_s: int = Field(30, ge=1, description="MLFLOW_HTTP_REQUEST_TIMEOUT per request (MLflow's default: 120)")
-    proxy_multipart: bool = Field(
-        False, description="MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD/_UPLOAD: false keeps every byte proxied through "
-        "the server, so a client needs only the tracking URI (MLflow's default: ask the server, which then hands "
-        "out presigned URLs of its own S3 endpoint)")
-
-    def environment(self) -> dict[str, str]:
-        """The MLflow environment variables these settings stand for."""
-        multipart = "true" if self.proxy_multipart else "false"
-        return {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.max_retries),
-                "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(self.backoff_factor),
-                "MLFLOW_HTTP_REQUEST_TIMEOUT": str(self.timeout_s),
-                "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": multipart,
-                "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": multipart}
 
 
 class TrackingConfig(Section):

@@ -1,6 +1,6 @@
 """Readiness of a tracking server for what our flows do with it: not only ``/health`` (which answers while the
 artifact store behind it is broken, e.g. wrong S3 credentials) but a tiny artifact written, read back and deleted
-through the server, within the bounded client retries (:class:`~ultraflux_core.tracking.config.HttpClientConfig`).
+through the server, within the bounded client retries (:class:`~ultraflux_core.tracking.client.HttpClientConfig`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.tracking.client import apply_client_settings
 
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 # the root ``tracking`` section's settings; a caller with its own section passes its own advice
@@ -24,21 +25,6 @@ DEFAULT_ADVICE = ("set tracking.uri or $MLFLOW_TRACKING_URI to a running server,
 
 class TrackingUnavailable(UltraFluxError):
     """The tracking server did not answer (down, or failing) within the bounded retries."""
-
-
-_APPLIED: dict[str, str] = {}  # the MLflow variables this process set itself (vs. exported by the user)
-
-
-def apply_client_settings(settings=None) -> None:  # noqa: ANN001 - HttpClientConfig (imported lazily: no cycle)
-    """Bounded retries and proxied artifacts (:class:`~ultraflux_core.tracking.config.HttpClientConfig`, its
-    defaults without ``settings``) as MLflow's environment variables, read by MLflow at each request. A variable
-    the user exported is left alone; one this function set before is updated."""
-    from ultraflux_core.tracking.config import HttpClientConfig
-
-    for key, value in (settings or HttpClientConfig()).environment().items():
-        if key in os.environ and _APPLIED.get(key) != os.environ[key]:
-            continue  # the user's own setting
-        os.environ[key] = _APPLIED[key] = value
 
 
 def transport_failure(err: BaseException) -> bool:

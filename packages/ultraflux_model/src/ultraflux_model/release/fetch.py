@@ -110,7 +110,8 @@ def fetch_release(model_uri: str, cache_root: Path | None = None, tracking_uri: 
     ``tracking_uri`` defaults to ``$MLFLOW_TRACKING_URI`` (MLflow's default store without it).
     """
     import mlflow
-    from ultraflux_core.tracking.uri import apply_client_settings, is_registered_model_uri, registered_version
+    from ultraflux_core.tracking.client import apply_client_settings
+    from ultraflux_core.tracking.uri import is_registered_model_uri, registered_version
 
     from ultraflux_model.release.aliases import cached_release, remember
 
