@@ -172,3 +172,15 @@ def test_readiness_fails_clearly_when_the_artifact_store_is_not_writable(tmp_pat
                        env=env, cwd=tmp_path):
         with pytest.raises(UltraFluxError, match=r"artifact store behind .* is not usable: could not write a probe"):
             check_artifact_store(uri)
+
+
+def test_tracking_check_command_names_the_failing_step(failing_server, monkeypatch) -> None:
+    """`ultraflux tracking check` against a server that answers TCP but fails every request: a clear error."""
+    from typer.testing import CliRunner
+    from ultraflux.cli import app
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    result = CliRunner().invoke(app, ["tracking", "check", "--uri", failing_server])
+    assert isinstance(result.exception, UltraFluxError), result.output
+    assert f"the artifact store behind {failing_server} is not usable: could not create a probe run" in str(
+        result.exception)
