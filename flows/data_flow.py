@@ -17,10 +17,19 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from ultraflux.config import resolve_config
+from ultraflux.deploy import SharedRoots, with_roots
 from ultraflux_data import stages
 from ultraflux_data.config import ComputeConfig, DataConfig
 
 STAGES = ("ingest", "score", "filter", "bucket", "shard", "cache")
+
+
+@task(name="base-checkpoint")
+def ensure_base_checkpoint(model: str, init_tiny: bool) -> str:
+    """The base checkpoint must exist; with ``init_tiny`` a missing local one is written as the tiny checkpoint."""
+    from ultraflux_model.checkpoint.tiny import ensure_checkpoint
+
+    return str(ensure_checkpoint(model, init_tiny))
 
 
 @task(name="data-download", retries=2, retry_delay_seconds=10)
@@ -74,12 +83,18 @@ def summary_markdown(results: dict[str, Any]) -> str:
 
 @flow(name="ultraflux-data", log_prints=True)
 def data_flow(config: list[str] | None = None, overrides: list[str] | None = None,
-              until: str = "cache") -> dict[str, Any]:
-    """Run the data pipeline on the ``data`` section of the layered config, up to and including ``until``."""
+              until: str = "cache", roots: SharedRoots | None = None, init_tiny: bool = False) -> dict[str, Any]:
+    """Run the data pipeline on the ``data`` section of the layered config, up to and including ``until``.
+
+    ``roots`` moves the outputs onto shared folders (deployments); ``init_tiny`` writes the tiny checkpoint where
+    the cache stage's model is expected when it is missing (a fresh deployment on the tiny defaults).
+    """
     if until not in STAGES:
         raise ValueError(f"until must be one of {STAGES}, got {until!r}")
-    resolved = resolve_config(config, overrides)
+    resolved = resolve_config(config, with_roots(config, overrides, roots))
     cfg, compute = resolved.data, resolved.compute
+    if init_tiny and STAGES.index(until) >= STAGES.index("cache"):
+        ensure_base_checkpoint(cfg.cache.model, init_tiny)
     per_image = {"ingest": ingest, "score": score, "shard": shard, "cache": cache}
     whole_table = {"filter": select, "bucket": bucket}
     results: dict[str, Any] = {}

@@ -18,6 +18,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from ultraflux.config import UltraFluxConfig, resolve_config
+from ultraflux.deploy import SharedRoots, with_roots
 from ultraflux_core.config import dump_config
 from ultraflux_core.tracking.lineage import config_hash, dvc_data_hash, git_sha
 from ultraflux_core.tracking.registry import promote_if_better, record_evaluation, register_checkpoint
@@ -121,14 +122,18 @@ def eval_flow(
     out: str = "artifacts/eval",
     register_version: bool = True,
     promote: bool = True,
+    roots: SharedRoots | None = None,
 ) -> dict[str, Any]:
     """Evaluate one model (or a directory of images) on the benchmark, log one MLflow run, maybe promote.
 
     Exactly one image source: ``model`` (checkpoint dir or hub id; registered as a new version), ``model_uri``
     (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/NAME/latest``: the evaluation is recorded on
     that version; ``runs:/…`` or ``models:/<model_id>``: registered as a new version) or ``images_dir``.
+    ``roots`` moves ``artifacts/…`` outputs (the config's and ``out``) onto shared folders (deployments).
     """
-    cfg = resolve_eval_config(list(config or []), list(overrides or []), Path(out))
+    if roots is not None:
+        out = roots.rebase(out)
+    cfg = resolve_eval_config(list(config or []), with_roots(config, overrides, roots), Path(out))
     if sum(x is not None for x in (model, model_uri, images_dir)) != 1:
         raise EvalError("give exactly one of model=..., model_uri=... or images_dir=...")
     if model is not None and is_registry_uri(model):

@@ -14,22 +14,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow
 from ultraflux.config import resolve_config
 from ultraflux_model.training.curriculum import stage_plans
 
-from flows.data_flow import data_flow
+from flows.data_flow import data_flow, ensure_base_checkpoint
 from flows.release_flow import release_flow
 from flows.train_flow import train_flow
 from flows.vae_flow import vae_flow
-
-
-@task(name="base-checkpoint")
-def ensure_base_checkpoint(model: str, init_tiny: bool) -> str:
-    """The base checkpoint must exist; with ``init_tiny`` a missing local one is written as the tiny checkpoint."""
-    from ultraflux_model.checkpoint.tiny import ensure_checkpoint
-
-    return str(ensure_checkpoint(model, init_tiny))
 
 
 @flow(name="ultraflux-pipeline", log_prints=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 from prefect import flow, task
 from ultraflux.config import resolve_config
+from ultraflux.deploy import SharedRoots, with_roots
 from ultraflux_model.release.assemble import assemble_release
 
 from flows.eval_flow import eval_flow
@@ -33,8 +34,14 @@ def release_flow(
     overrides: list[str] | None = None,
     out: str = "artifacts/release",
     promote: bool = True,
+    roots: SharedRoots | None = None,
 ) -> dict[str, Any]:
-    """``train.model`` with the given components replaced → ``out/ultraflux-<hash>`` → eval flow (register, promote)."""
+    """``train.model`` with the given components replaced → ``out/ultraflux-<hash>`` → eval flow (register, promote).
+
+    ``roots`` moves ``artifacts/…`` paths (the config's, ``out``, ``transformer``, ``vae``) onto shared folders."""
+    if roots is not None:
+        out, transformer, vae = (roots.rebase(p) if p else p for p in (out, transformer, vae))
+    overrides = with_roots(config, overrides, roots)
     cfg = resolve_config(config, overrides)
     final = Path(assemble(cfg.train.model, out, transformer, vae))
     result = eval_flow(model=str(final), config=config, overrides=overrides, out=str(Path(out) / "eval"), promote=promote)

@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from ultraflux.config import resolve_config
+from ultraflux.deploy import SharedRoots, with_roots
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.tracking.uri import check_tracking_reachable
 from ultraflux_model.training.curriculum import find_stage, stage_plans, stages_to_run
@@ -64,9 +65,11 @@ def stage_flow(
 
 @flow(name="ultraflux-train", log_prints=True)
 def train_flow(config: list[str] | None = None, overrides: list[str] | None = None, resume: bool = False,
-               nproc: int = 1) -> list[dict[str, Any]]:
-    """Every configured SACL stage in order, as subflows; the tracking store is checked before any training."""
-    config, overrides = list(config or []), list(overrides or [])
+               nproc: int = 1, roots: SharedRoots | None = None) -> list[dict[str, Any]]:
+    """Every configured SACL stage in order, as subflows; the tracking store is checked before any training.
+    ``roots`` moves the run directory (and reads the data cache) onto shared folders (deployments)."""
+    config = list(config or [])
+    overrides = with_roots(config, overrides, roots)
     cfg = resolve_config(config, overrides)
     check_tracking_reachable(cfg.tracking.resolve_uri(cfg.train.run_dir), cfg.tracking.check_timeout_s)
     pending = stages_to_run(cfg.train, resume=resume)

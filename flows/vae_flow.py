@@ -10,6 +10,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from ultraflux.config import UltraFluxConfig, resolve_config
+from ultraflux.deploy import SharedRoots, with_roots
 from ultraflux_data.vae_post import VaeReport, post_train_vae
 
 
@@ -19,8 +20,10 @@ def post_train(cfg: UltraFluxConfig) -> VaeReport:
 
 
 @flow(name="ultraflux-vae-post-training", log_prints=True)
-def vae_flow(config: list[str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
-    cfg = resolve_config(config, overrides)
+def vae_flow(config: list[str] | None = None, overrides: list[str] | None = None,
+             roots: SharedRoots | None = None) -> dict[str, Any]:
+    """``roots`` moves ``artifacts/…`` inputs and outputs onto shared folders (deployments)."""
+    cfg = resolve_config(config, with_roots(config, overrides, roots))
     report = post_train(cfg)
     create_markdown_artifact(key="vae-post-training", markdown=f"### VAE decoder post-training\n\n{report.table()}"
                              f"\nstart: `{report.start_vae}`, export: `{report.export}`\n")

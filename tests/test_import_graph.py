@@ -44,7 +44,8 @@ MODEL_RANKS: list[tuple[str, ...]] = [
     # the strict loading mixin the model classes are built on; the files of a checkpoint, none outside it
     ("ultraflux_model.checkpoint.loading", "ultraflux_model.checkpoint.files"),
     ("ultraflux_model.modules", "ultraflux_model.vae", "ultraflux_model.diffusion"),
-    ("ultraflux_model.release.manifest", "ultraflux_model.release.fetch"),  # the storage format and the way back
+    ("ultraflux_model.release.manifest", "ultraflux_model.release.fetch",  # the storage format and the way back
+     "ultraflux_model.release.aliases"),
     ("ultraflux_model.checkpoint",),  # resolve (incl. models:/), layout, convert, tiny
     ("ultraflux_model.release",),  # assembling a release from checkpoints
     ("ultraflux_model.inference",),

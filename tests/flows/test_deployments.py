@@ -66,12 +66,15 @@ def _flow_run_id(output: str) -> str:
 
 @pytest.mark.slow
 def test_deploy_all_registers_every_deployment_and_one_runs(tmp_path, prefect_server):
-    env = {**prefect_server, **git_snapshot(tmp_path / "src")}
+    src = tmp_path / "src"
+    env = {**prefect_server, **git_snapshot(src), "ULTRAFLUX_SHARED_ROOT": str(tmp_path / "shared")}
     # the pools exactly as docs/deploy.md creates them (the kubernetes one with our base job template)
     _prefect(env, "work-pool", "create", "ultraflux-process", "--type", "process")
     _prefect(env, "work-pool", "create", "ultraflux-k8s", "--type", "kubernetes",
              "--base-job-template", str(REPO / "infra" / "k8s" / "job-template.json"))
-    _prefect(env, "--no-prompt", "deploy", "--all")
+    _prefect(env, "--no-prompt", "deploy", "--all", cwd=src)  # from the snapshot: pins its commit
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True,
+                            check=True).stdout.strip()
 
     # one run on the process pool: the worker clones the snapshot and runs the data flow from the clone
     # (`config: [params.yaml]` is relative: it resolves only if the pull step put the flow run in the clone)
@@ -99,7 +102,10 @@ def test_deploy_all_registers_every_deployment_and_one_runs(tmp_path, prefect_se
     for name, spec in declared.items():
         got = registered[name]
         assert got["pool"] == spec["work_pool"]["name"], name
-        assert got["parameters"] == spec["parameters"], name
+        declared_params = json.loads(json.dumps(spec["parameters"]).replace("{{ $ULTRAFLUX_SHARED_ROOT }}",
+                                                                               env["ULTRAFLUX_SHARED_ROOT"]))
+        assert got["parameters"] == declared_params, name  # the shared roots templated at deploy
+        assert all(Path(p).is_absolute() for p in got["parameters"]["roots"].values()), name
         assert got["job_variables"] == spec["work_pool"]["job_variables"], name
         step = next(iter(got["pull"][0]))
         if got["pool"] == "ultraflux-k8s":
@@ -107,6 +113,8 @@ def test_deploy_all_registers_every_deployment_and_one_runs(tmp_path, prefect_se
         else:
             assert step == "prefect.deployments.steps.git_clone"
             assert got["pull"][0][step]["repository"] == env["ULTRAFLUX_GIT_REPOSITORY"]  # templated at deploy
+            assert got["pull"][0][step]["commit_sha"] == commit  # pinned to the deploying commit
+            assert got["pull"][1] == {"ultraflux.deploy.use_checkout": {"directory": "{{ clone.directory }}"}}
     assert registered["eval-latest-nightly"]["schedules"] == [{"cron": "0 3 * * *", "timezone": "UTC", "active": True}]
     assert registered["eval-latest-nightly-k8s"]["schedules"][0]["active"] is False  # one nightly per site
 

@@ -81,11 +81,12 @@ def test_prefect_yaml_declares_a_cron_deployment_whose_entrypoint_resolves():
 def prefect_api(prefect_server, tmp_path) -> dict[str, str]:
     """The environment that points Prefect clients at a real server (tests/servers.py), prefect.yaml's git_clone
     pull step at a snapshot of the code under test (tests/code_snapshot.py), and a private model cache."""
-    return {**prefect_server, **git_snapshot(tmp_path / "src"), "ULTRAFLUX_MODEL_CACHE": str(tmp_path / "model-cache")}
+    return {**prefect_server, **git_snapshot(tmp_path / "src"), "ULTRAFLUX_MODEL_CACHE": str(tmp_path / "model-cache"),
+            "ULTRAFLUX_SHARED_ROOT": str(tmp_path / "shared")}
 
 
-def _prefect(env: dict[str, str], *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=REPO, env=env, capture_output=True,
+def _prefect(env: dict[str, str], *args: str, cwd: Path = REPO) -> str:
+    proc = subprocess.run([sys.executable, "-m", "prefect", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
@@ -125,7 +126,7 @@ def test_eval_flow_and_nightly_deployment(tmp_path, tiny_checkpoint, prefect_api
 
     # the declared deployment, exactly as `prefect deploy` reads it, run once by a process worker
     _prefect(prefect_api, "work-pool", "create", "ultraflux-process", "--type", "process")
-    _prefect(prefect_api, "--no-prompt", "deploy", "--name", "eval-latest-nightly")
+    _prefect(prefect_api, "--no-prompt", "deploy", "--name", "eval-latest-nightly", cwd=tmp_path / "src")
     inspected = _prefect(prefect_api, "deployment", "inspect", "ultraflux-eval/eval-latest-nightly")
     assert "0 3 * * *" in inspected
     nightly_params = {"overrides": args["overrides"], "out": str(tmp_path / "out" / "nightly")}

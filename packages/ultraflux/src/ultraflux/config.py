@@ -54,5 +54,12 @@ def load_config(*paths: Path | str, overrides: Sequence[str] = ()) -> UltraFluxC
 def resolve_config(
     config: Sequence[str | Path] | None = None, overrides: Sequence[str] | None = None
 ) -> UltraFluxConfig:
-    """What every entry point (CLI, flows) resolves: files layered in order plus overrides; nothing → defaults."""
-    return load_config(*(config or ()), overrides=list(overrides or ()))
+    """What every entry point (CLI, flows) resolves: files layered in order plus overrides; nothing → defaults.
+
+    Also applies ``tracking.http`` (MLflow client retries, proxied artifacts) for the clients this process opens;
+    variables the user exported win."""
+    from ultraflux_core.tracking.client import apply_client_settings
+
+    cfg = load_config(*(config or ()), overrides=list(overrides or ()))
+    apply_client_settings(cfg.tracking.http)
+    return cfg

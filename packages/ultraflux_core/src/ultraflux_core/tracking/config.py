@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from ultraflux_core.config import Section
+from ultraflux_core.tracking.client import HttpClientConfig
 from ultraflux_core.tracking.uri import resolve_tracking_uri
 
 RUN_STORE = "mlflow.db"  # the SQLite file a run directory holds when no tracking URI is set
@@ -25,6 +26,7 @@ class TrackingConfig(Section):
     )
     experiment: str = "ultraflux-train"
     check_timeout_s: float = Field(5.0, gt=0.0, description="how long to wait for a server before giving up")
+    http: HttpClientConfig = HttpClientConfig()
 
     def resolve_uri(self, run_dir: Path | str) -> str:
         """``uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<run_dir>/mlflow.db`` (an absolute path, so the

@@ -39,9 +39,9 @@ class Tracker:
         self._client = None
         self._experiment_id: str | None = None
         if active:
-            from mlflow import MlflowClient
+            from ultraflux_core.tracking.uri import client_for
 
-            self._client = MlflowClient(tracking_uri=uri)
+            self._client = client_for(uri)
             found = self._client.get_experiment_by_name(experiment)
             if found is not None:
                 self._experiment_id = found.experiment_id

@@ -15,11 +15,32 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.tracking.client import apply_client_settings
 
 REGISTRY_SCHEMES = ("models:/", "runs:/")
 # the root ``tracking`` section's settings; a caller with its own section passes its own advice
 DEFAULT_ADVICE = ("set tracking.uri or $MLFLOW_TRACKING_URI to a running server, or unset both to log into a local "
                   "SQLite file")
+
+
+class TrackingUnavailable(UltraFluxError):
+    """The tracking server did not answer (down, or failing) within the bounded retries."""
+
+
+def transport_failure(err: BaseException) -> bool:
+    """Whether an MLflow error means the server was not reached or kept failing (connection refused, timeouts,
+    5xx after the retries), as opposed to an answer such as "no such model"."""
+    text = str(getattr(err, "message", err))
+    return ("API request to" in text and "failed with exception" in text) or "Max retries exceeded" in text
+
+
+def unavailable(uri: str, err: BaseException) -> TrackingUnavailable:
+    """The one-line error for a server that did not answer, naming the retry settings that bounded the wait."""
+    retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    return TrackingUnavailable(
+        f"MLflow tracking server {uri} did not answer after {int(retries) + 1} tries "
+        f"(MLFLOW_HTTP_REQUEST_MAX_RETRIES={retries}): {str(getattr(err, 'message', err))[:300]}. Start it or "
+        "fix MLFLOW_TRACKING_URI; the server's own log says why it failed (e.g. its S3 credentials)")
 
 
 def resolve_tracking_uri(uri: str | None, default_store: Path | str) -> str:
@@ -62,9 +83,11 @@ def check_tracking_reachable(uri: str, timeout_s: float = 5.0, advice: str = DEF
 
 
 def client_for(uri: str):
-    """An ``MlflowClient`` bound to ``uri`` (tracking and registry)."""
+    """An ``MlflowClient`` bound to ``uri`` (tracking and registry), with bounded retries and proxied artifacts
+    (:func:`apply_client_settings`)."""
     from mlflow.tracking import MlflowClient
 
+    apply_client_settings()
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -113,6 +136,8 @@ def latest_version(uri: str, model_name: str) -> tuple[str, str]:
     try:
         versions = client_for(uri).search_model_versions(f"name='{model_name}'")
     except MlflowException as err:
+        if transport_failure(err):
+            raise unavailable(uri, err) from err
         raise UltraFluxError(f"cannot list versions of {model_name} at {uri}: {err.message}") from err
     if not versions:
         raise UltraFluxError(
@@ -142,6 +167,8 @@ def registered_version(uri: str, model_uri: str) -> tuple[str, str]:
                 f"{model_uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest")
         return name, str(client.get_model_version(name, version).version)
     except MlflowException as err:
+        if transport_failure(err):
+            raise unavailable(uri, err) from err
         raise UltraFluxError(f"{model_uri} does not resolve at {uri}: {err.message}") from err
 
 
@@ -170,4 +197,6 @@ def model_download_uri(uri: str, model_uri: str) -> str:
         name, version = registered_version(uri, model_uri)
         return str(client.get_model_version_download_uri(name, version))
     except MlflowException as err:
+        if transport_failure(err):
+            raise unavailable(uri, err) from err
         raise UltraFluxError(f"{model_uri} does not resolve at {uri}: {err.message}") from err

@@ -7,10 +7,12 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.files import file_sha256
+from ultraflux_core.tracking.uri import TrackingUnavailable, transport_failure, unavailable
 
 from ultraflux_model.checkpoint.files import checkpoint_files
 from ultraflux_model.release.manifest import LOCAL_FILES, MANIFEST_NAME, Manifest, artifact_repository
@@ -159,7 +161,11 @@ def release_manifest(model_uri: str, tracking_uri: str) -> Manifest:
         try:
             source = model_download_uri(tracking_uri, model_uri)
             local = Path(artifact_repository(source, tracking_uri).download_artifacts("", dst_path=tmp))
+        except TrackingUnavailable:
+            raise
         except (UltraFluxError, MlflowException, OSError) as err:
+            if transport_failure(err):
+                raise unavailable(tracking_uri, err) from err
             raise UltraFluxError(
                 f"cannot resolve {model_uri} at {tracking_uri} ({err}). Set MLFLOW_TRACKING_URI to the tracking "
                 "server that holds the model, and check the name, version or alias"
@@ -180,6 +186,37 @@ def fetch_release(model_uri: str, cache_root: Path | None = None, tracking_uri: 
     ``tracking_uri`` defaults to ``$MLFLOW_TRACKING_URI`` (MLflow's default store without it).
     """
     import mlflow
+    from ultraflux_core.tracking.client import apply_client_settings
+    from ultraflux_core.tracking.uri import is_registered_model_uri, registered_version
 
+    from ultraflux_model.release.aliases import remember
+
+    apply_client_settings()
     tracking_uri = tracking_uri or mlflow.get_tracking_uri()
-    return materialize(release_manifest(model_uri, tracking_uri), cache_root, tracking_uri)
+    root = Path(cache_root or model_cache_root())
+    try:
+        manifest = release_manifest(model_uri, tracking_uri)
+    except TrackingUnavailable as err:  # server down: the last known mapping, if its release is cached
+        return _last_known_release(root, tracking_uri, model_uri, err)
+    version = registered_version(tracking_uri, model_uri)[1] if is_registered_model_uri(model_uri) else None
+    folder = materialize(manifest, root, tracking_uri)
+    remember(root, tracking_uri, model_uri, version, manifest)
+    return folder
+
+
+def _last_known_release(root: Path, tracking_uri: str, model_uri: str, err: TrackingUnavailable) -> Path:
+    """The cached release ``model_uri`` named when last resolved, with a warning; it passes the same checks as any
+    cache hit (private root, marker, file set, sizes, hashes once per process). Otherwise ``err`` (the server's
+    own message) is raised: a folder that merely exists is never served."""
+    from ultraflux_model.release.aliases import last_known
+
+    known = last_known(root, tracking_uri, model_uri)
+    if known is None:
+        raise err
+    version, manifest = known
+    folder = private_cache_root(root) / manifest.content_hash
+    if not _verified(folder, manifest):
+        raise err
+    warnings.warn(f"{err} Using the cached release {folder.name} that {model_uri} named when last resolved "
+                  f"(version {version or '?'}); it may have moved since.", stacklevel=3)
+    return folder
