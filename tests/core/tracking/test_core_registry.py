@@ -108,7 +108,9 @@ def test_concurrent_promotions_leave_the_best_champion(store):
     values = [31.0, 35.0, 33.0, 34.0]
     versions = [_register(uri, v, name) for v in values]
     best = versions[1]
-    context = multiprocessing.get_context("fork")
+    # spawn, not fork: a pytest worker that ran other tests has threads and signal handlers a forked child would
+    # inherit (a forked pool worker blocked on the pool's queue lock then survives terminate() and hangs the test)
+    context = multiprocessing.get_context("spawn")
     worse = [v for v in versions if v != best]
     with context.Pool(len(versions)) as pool:
         barrier = context.Manager().Barrier(len(versions))

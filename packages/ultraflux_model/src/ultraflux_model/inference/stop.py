@@ -13,6 +13,7 @@ signals), the shutdown request that handler recorded on its server (``should_exi
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from types import FrameType
@@ -54,7 +55,13 @@ def stop_on_sigterm() -> bool:
     if getattr(previous, "sets_ultraflux_stop", False):
         return True
 
+    owner = os.getpid()
+
     def handler(signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != owner:  # a forked child (a pool or DataLoader worker) inherited us: die as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
         STOP.set()
         if callable(previous):
             previous(signum, frame)
