@@ -198,7 +198,8 @@ def test_prefect_pools_agree_between_prefect_yaml_job_template_and_docs():
             variables = job_template()["variables"]["properties"]
             assert set(deployment["work_pool"]["job_variables"]) <= set(variables), deployment["name"]
         else:
-            assert steps == ["prefect.deployments.steps.git_clone"], deployment["name"]
+            # the deploying commit, then that clone's own packages first on the path (ultraflux.deploy)
+            assert steps == ["prefect.deployments.steps.git_clone", "ultraflux.deploy.use_checkout"], deployment["name"]
     for doc in ("infra/prefect/README.md", "docs/deploy.md"):
         text = (REPO / doc).read_text()
         created = set(re.findall(r"prefect work-pool create (\S+)", text))
@@ -345,9 +346,10 @@ dist.destroy_process_group()
 
 
 def test_a_rank_that_starts_long_before_the_rendezvous_host_still_joins(tmp_path):
-    """The attack: node 1 starts minutes before node 0 (a slow image pull), longer than torch's default store
-    read timeout lets it wait. With the Job's rendezvous settings (taken from the manifest, endpoint moved to loopback) it waits and
-    joins; both ranks finish a gloo all-reduce. Node 1 is told it is not the host, as its hostname says in the pod."""
+    """The attack: node 1 starts minutes before node 0 (a slow image pull), longer than torch's default store read
+    timeout lets it wait. With the Job's rendezvous settings (taken from the manifest, endpoint moved to loopback)
+    it waits and joins; both ranks finish a gloo all-reduce. Node 1 is told it is not the host, as its hostname
+    says in the pod."""
     from tests.servers import free_port
 
     manifest_args = _training_job()["spec"]["template"]["spec"]["containers"][0]["args"]

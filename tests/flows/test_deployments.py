@@ -133,7 +133,8 @@ def test_deploy_all_registers_every_deployment_and_one_runs(tmp_path, prefect_se
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     env_names = {e["name"] for e in container["env"]}
     assert {"PREFECT__FLOW_RUN_ID", "HF_HOME"} <= env_names
-    assert container["envFrom"] == [{"secretRef": {"name": "ultraflux-endpoints"}}]
+    assert container["envFrom"] == [{"secretRef": {"name": "ultraflux-endpoints"}},
+                                    {"secretRef": {"name": "hf-token", "optional": True}}]  # HF_TOKEN, optional
     volumes, mounts = pod_volumes_and_mounts(pod)
     assert {v["persistentVolumeClaim"]["claimName"] for v in volumes.values() if "persistentVolumeClaim" in v} == CLAIMS
     assert volumes[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
