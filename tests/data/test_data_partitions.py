@@ -7,8 +7,8 @@ import os
 
 import pandas as pd
 import pytest
-from ultraflux_core.files import link_or_copy
-from ultraflux_data.partitions import atomic_bytes, part_name, partition_count, partition_of, split_by_key
+from ultraflux_core.files import atomic_bytes, link_or_copy
+from ultraflux_data.partitions import part_name, partition_count, partition_of, split_by_key
 
 
 def _keys(n: int) -> list[str]:

@@ -1,5 +1,6 @@
 """File primitives of checkpoints, releases, weights and the data stores: one sha256, one link-or-copy, one capped
-copy, and the folder commit (with its commit marker) every data stage writes its outputs through."""
+copy, one atomic single-file write, and the folder commit (with its commit marker) every data stage writes its
+outputs through."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from ultraflux_core.errors import UltraFluxError
 
@@ -23,6 +25,25 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``path`` through a unique temporary file in its folder, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_bytes(path: Path, data: bytes) -> Path:
+    """:func:`atomic_write` of ``data``."""
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 from PIL import Image
+from ultraflux_core.files import atomic_write
 from ultraflux_model.buckets import Bucket, assign_bucket, family_buckets
-
-from ultraflux_data.partitions import atomic_write
 
 
 def resize_center_crop(image: Image.Image, bucket: Bucket | tuple[int, int]) -> Image.Image:

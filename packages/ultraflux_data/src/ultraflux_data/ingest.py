@@ -43,7 +43,7 @@ import pandas as pd
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel
 from ultraflux_core.errors import UltraFluxError
-from ultraflux_core.files import TooLarge, copy_capped, file_sha256
+from ultraflux_core.files import TooLarge, atomic_bytes, copy_capped, file_sha256
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.metrics.scores import load_rgb
 
@@ -53,7 +53,6 @@ from ultraflux_data.download import download_urls
 from ultraflux_data.image_end import encoded_end
 from ultraflux_data.metadata import METADATA_SUFFIXES, SampleRecord, read_metadata
 from ultraflux_data.partitions import (
-    atomic_bytes,
     atomic_parquet,
     content_hash,
     part_name,

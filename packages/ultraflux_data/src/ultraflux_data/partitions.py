@@ -18,14 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import pandas as pd
 from filelock import FileLock
+from ultraflux_core.files import atomic_write
 
 KEY_BITS = 32  # the first 8 hex digits of the sha256 key
 
@@ -60,24 +58,6 @@ def split_by_key(frame: pd.DataFrame, per_partition: int,
 def part_name(index: int, count: int, inputs_hash: str, suffix: str) -> str:
     """``p00003of00016-<inputs hash><suffix>``: index, count and inputs in the name, so a finished file is proof."""
     return f"p{index:05d}of{count:05d}-{inputs_hash}{suffix}"
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
-    """Write ``path`` through a unique temporary file in its folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_bytes(path: Path, data: bytes) -> Path:
-    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def atomic_parquet(frame: pd.DataFrame, path: Path) -> Path:

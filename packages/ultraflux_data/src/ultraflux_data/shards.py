@@ -28,13 +28,13 @@ import pandas as pd
 from PIL import Image
 from pydantic import BaseModel
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.files import atomic_write
 
 from ultraflux_data.bucketing import resize_center_crop
 from ultraflux_data.compute import map_partitions
 from ultraflux_data.config import ComputeConfig, ShardConfig
 from ultraflux_data.partitions import (
     atomic_parquet,
-    atomic_write,
     content_hash,
     part_name,
     partition_lock,

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING
 import pandas as pd
 from pydantic import BaseModel
 from ultraflux_core.errors import UltraFluxError
-from ultraflux_core.files import read_committed, uncommitted_siblings
+from ultraflux_core.files import atomic_bytes, read_committed, uncommitted_siblings
 from ultraflux_core.locks import exclusive
 
 from ultraflux_data.config import ComputeConfig, DataConfig
 from ultraflux_data.metadata import METADATA_SUFFIXES
-from ultraflux_data.partitions import atomic_bytes, atomic_parquet
+from ultraflux_data.partitions import atomic_parquet
 
 if TYPE_CHECKING:  # each stage imports only what it runs: a DVC stage is a fresh process
     from ultraflux_data.cache import CacheSummary

@@ -10,11 +10,10 @@ without the server.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_core.files import atomic_bytes
 
 from ultraflux_model.release.manifest import Manifest
 
@@ -33,23 +32,16 @@ def _read(root: Path) -> dict[str, dict[str, str]]:
         return {}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 def remember(root: Path, tracking_uri: str, model_uri: str, version: str | None, manifest: Manifest) -> None:
     """Record that ``model_uri`` at ``tracking_uri`` named ``version`` = ``manifest`` (atomic rewrites)."""
     from filelock import FileLock
 
     root.mkdir(parents=True, exist_ok=True)
-    _write_atomic(root / f"{manifest.content_hash}{MANIFEST_SUFFIX}", manifest.to_json())
+    atomic_bytes(root / f"{manifest.content_hash}{MANIFEST_SUFFIX}", manifest.to_json().encode())
     with FileLock(str(root / f"{RECORD}.lock")):
         records = _read(root)
         records[_key(tracking_uri, model_uri)] = {"version": version or "", "content_hash": manifest.content_hash}
-        _write_atomic(root / RECORD, json.dumps(records, indent=1, sort_keys=True))
+        atomic_bytes(root / RECORD, json.dumps(records, indent=1, sort_keys=True).encode())
 
 
 def last_known(root: Path, tracking_uri: str, model_uri: str) -> tuple[str, Manifest] | None:
