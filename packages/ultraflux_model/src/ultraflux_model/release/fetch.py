@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from ultraflux_core.errors import UltraFluxError
-from ultraflux_core.files import file_sha256
+from ultraflux_core.files import atomic_bytes, file_sha256
 from ultraflux_core.tracking.uri import TrackingUnavailable, transport_failure, unavailable
 
 from ultraflux_model.checkpoint.files import checkpoint_files
@@ -114,9 +114,7 @@ def materialize(manifest: Manifest, cache_root: Path | None = None, tracking_uri
             staging.rename(final)
         finally:
             _remove(staging)
-        pending = root / f".{manifest.content_hash}.{token}.verified"
-        pending.write_text(manifest.content_hash + "\n")
-        pending.rename(marker)
+        atomic_bytes(marker, (manifest.content_hash + "\n").encode())  # last: only a complete folder is marked
         _HASHED.add((final.resolve(), manifest.content_hash))  # every blob was hashed as it arrived
     return final
 
