@@ -22,6 +22,7 @@ from ultraflux.plan_cli import plan_command
 from ultraflux.tracking_cli import app as tracking_app
 from ultraflux.train_cli import train_app
 from ultraflux.ui_cli import ui
+from ultraflux.worker_cli import app as worker_app
 
 app = typer.Typer(
     help="UltraFlux: native-4K text-to-image generation, data, training.",
@@ -36,6 +37,7 @@ app.command("ui")(ui)  # the web app (ultraflux/ui_cli.py)
 app.command("plan")(plan_command)  # ultraflux/plan_cli.py
 app.add_typer(convert_app, name="convert")  # flux-dev, assemble (ultraflux/convert_cli.py)
 app.add_typer(tracking_app, name="tracking")  # check (ultraflux/tracking_cli.py)
+app.add_typer(worker_app, name="worker")  # start: the draining process worker (ultraflux/worker_cli.py)
 
 
 @config_app.command("dump")
@@ -121,3 +123,7 @@ def main() -> None:
     from ultraflux_core.console import run
 
     run(app)
+
+
+if __name__ == "__main__":  # python -m ultraflux.cli (what a subprocess without the console script runs)
+    main()
