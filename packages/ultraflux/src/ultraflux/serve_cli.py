@@ -4,6 +4,7 @@ default). The library side is ``ultraflux_model.serving.ray_app``; docs/deploy.m
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from ultraflux_core.errors import UltraFluxError
@@ -26,3 +27,16 @@ def serve(*, config: list[Path], overrides: list[str]) -> None:
     except ModuleNotFoundError as err:
         raise UltraFluxError(f"ultraflux serve needs Ray Serve ({err}): pip install 'ultraflux-model[serve]'") from err
     run(cfg.ray_serve, cfg.generate, cfg.serve, announce=lambda line: typer.echo(line, err=True))
+
+
+def app_builder(args: dict[str, Any]):  # noqa: ANN201 - a ray.serve Application
+    """The same application for a Serve config file or KubeRay's ``serveConfigV2`` (``import_path:
+    ultraflux.serve_cli:app_builder``): ``args`` = ``{config: [YAML files], overrides: [section.key=value]}``, resolved
+    like ``ultraflux serve -c … --set …``."""
+    from ultraflux_model.serving.ray_app import build_app
+
+    unknown = sorted(set(args) - {"config", "overrides"})
+    if unknown:
+        raise UltraFluxError(f"unknown application args {unknown}; known: config, overrides")
+    cfg = resolve_config(list(args.get("config", [])), list(args.get("overrides", [])))
+    return build_app(cfg.ray_serve, cfg.generate, cfg.serve)

@@ -26,8 +26,8 @@ cancelled job, or a synchronous request whose client disconnected, stops at its 
 slot is held until the step is done, so the next request never shares the device with the one being stopped.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) at run time, through
+# Serve's ingress wrapper, where postponed (string) annotations do not resolve and every POST answered 422.
 import asyncio
 import contextlib
 import json
