@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
 import pytest
 
@@ -29,14 +30,14 @@ class Server:
     def __init__(self, port: int) -> None:
         self.port = port
 
-    def call(self, method: str, path: str, body: object = None, timeout: float = 120) -> tuple[int, dict, dict]:
+    def call(self, method: str, path: str, body: object = None, timeout: float = 120) -> tuple[int, dict, Any]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
             data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
             conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
             response = conn.getresponse()
             text = response.read().decode()
-            return response.status, (json.loads(text) if text else {}), dict(response.getheaders())
+            return response.status, (json.loads(text) if text else {}), response.headers  # case-insensitive
         finally:
             conn.close()
 
@@ -44,6 +45,13 @@ class Server:
         status, body, _ = self.call("POST", "/jobs", {"dataframe_records": list(rows)})
         assert status == 202, body
         return body["job_id"]
+
+    def cancel(self, *job_ids: str) -> None:
+        """Cancel and wait until each job has ended (a test never leaves a long job holding a replica)."""
+        for job_id in job_ids:
+            self.call("DELETE", f"/jobs/{job_id}")
+        for job_id in job_ids:
+            self.wait_job(job_id, lambda i: i["state"] not in ("queued", "running"), "ended")
 
     def job(self, job_id: str) -> dict:
         status, body, _ = self.call("GET", f"/jobs/{job_id}")
@@ -131,34 +139,37 @@ def test_the_request_guard_refuses_before_anything_is_queued(server, path):
 
 def test_two_replicas_run_at_once_a_full_queue_answers_429_and_cancel_frees_a_replica(server):
     first, second = server.submit(LONG), server.submit(LONG)
-    a = server.wait_job(first, _running, "ran")
-    b = server.wait_job(second, _running, "ran")
-    assert a["replica"] != b["replica"]
-    assert _running(server.job(first))  # both generate at this moment, each on its own replica
+    try:
+        a = server.wait_job(first, _running, "ran")
+        b = server.wait_job(second, _running, "ran")
+        assert a["replica"] != b["replica"]
+        assert _running(server.job(first))  # both generate at this moment, each on its own replica
 
-    queued = server.submit({**SMALL, "seed": 3})  # the queue's one place
-    assert server.job(queued)["state"] == "queued"
-    for path in ("/invocations", "/jobs"):
-        status, body, headers = server.call("POST", path, {"dataframe_records": [SMALL]})
-        assert status == 429, body
-        assert body["error_code"] == "RESOURCE_EXHAUSTED" and "ray_serve.max_queued_requests" in body["message"]
-        assert headers.get("Retry-After") == "5"
+        queued = server.submit({**SMALL, "seed": 3})  # the queue's one place
+        assert server.job(queued)["state"] == "queued"
+        for path in ("/invocations", "/jobs"):
+            status, body, headers = server.call("POST", path, {"dataframe_records": [SMALL]})
+            assert status == 429, (path, body)
+            assert body["error_code"] == "RESOURCE_EXHAUSTED" and "ray_serve.max_queued_requests" in body["message"]
+            assert headers.get("Retry-After") == "5"
 
-    status, body, _ = server.call("DELETE", f"/jobs/{first}")
-    assert status == 202 and body["cancel_requested"]
-    stopped = server.wait_job(first, lambda i: i["state"] == "cancelled", "cancelled")
-    assert stopped["step"] < MAX_STEPS and "cancelled" in stopped["error"]
-    done = server.wait_job(queued, lambda i: i["state"] == "done", "ran on the freed replica")
-    assert done["replica"] == a["replica"]  # the cancelled job's replica took it; the other one is still busy
-    assert _running(server.job(second))
-    status, body, _ = server.call("GET", f"/jobs/{second}/result")
-    assert status == 409 and body["error_code"] == "NOT_READY"
+        status, body, _ = server.call("DELETE", f"/jobs/{first}")
+        assert status == 202 and body["cancel_requested"]
+        stopped = server.wait_job(first, lambda i: i["state"] == "cancelled", "cancelled")
+        assert stopped["step"] < MAX_STEPS and "cancelled" in stopped["error"]
+        done = server.wait_job(queued, lambda i: i["state"] == "done", "ran on the freed replica")
+        assert done["replica"] == a["replica"]  # the cancelled job's replica took it; the other one is still busy
+        assert _running(server.job(second))
+        status, body, _ = server.call("GET", f"/jobs/{second}/result")
+        assert status == 409 and body["error_code"] == "NOT_READY"
 
-    server.call("DELETE", f"/jobs/{second}")
-    server.wait_job(second, lambda i: i["state"] == "cancelled", "cancelled")
-    status, body, _ = server.call("GET", f"/jobs/{second}/result")
-    assert status == 410 and body["error_code"] == "JOB_CANCELLED"
-    assert server.call("GET", "/jobs/" + "0" * 32)[0] == 404
+        server.call("DELETE", f"/jobs/{second}")
+        server.wait_job(second, lambda i: i["state"] == "cancelled", "cancelled")
+        status, body, _ = server.call("GET", f"/jobs/{second}/result")
+        assert status == 410 and body["error_code"] == "JOB_CANCELLED"
+        assert server.call("GET", "/jobs/" + "0" * 32)[0] == 404
+    finally:
+        server.cancel(first, second)
 
 
 def test_a_disconnected_client_frees_its_replica(server):
@@ -166,11 +177,13 @@ def test_a_disconnected_client_frees_its_replica(server):
     conn.request("POST", "/invocations", body=json.dumps({"dataframe_records": [LONG]}),
                  headers={"Content-Type": "application/json"})  # fmt: skip
     other = server.submit(LONG)
-    server.wait_job(other, _running, "ran")
-    waiting = server.submit({**SMALL, "seed": 4})
-    time.sleep(1.0)  # not a speed claim: gives a wrongly free replica the chance to take the job
-    assert server.job(waiting)["state"] == "queued"  # both replicas busy: the long sync request holds one
-    conn.close()  # the client goes away
-    server.wait_job(waiting, lambda i: i["state"] == "done", "ran on the freed replica")
-    server.call("DELETE", f"/jobs/{other}")
-    server.wait_job(other, lambda i: i["state"] == "cancelled", "cancelled")
+    try:
+        server.wait_job(other, _running, "ran")
+        waiting = server.submit({**SMALL, "seed": 4})
+        time.sleep(1.0)  # not a speed claim: gives a wrongly free replica the chance to take the job
+        assert server.job(waiting)["state"] == "queued"  # both replicas busy: the long sync request holds one
+        conn.close()  # the client goes away
+        server.wait_job(waiting, lambda i: i["state"] == "done", "ran on the freed replica")
+    finally:
+        conn.close()
+        server.cancel(other)

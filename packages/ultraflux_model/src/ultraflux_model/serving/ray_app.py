@@ -22,8 +22,9 @@ Routes::
 
 A job is held by Ray: one named, detached :class:`Job` actor per job (its state, step progress, result and cancel
 flag; it removes itself ``job_ttl_s`` after it ends) and the Serve request that runs it on a generator replica. A
-cancelled job, or a synchronous request whose client disconnected, stops at its next denoising step, and its replica
-slot is held until the step is done, so the next request never shares the device with the one being stopped.
+synchronous request whose client disconnected stops at its next denoising step; a cancelled job at the first step
+after its replica hears of the cancel (it asks at least every ``PROGRESS_EVERY_S``). The replica slot is held until
+that step is done, so the next request never shares the device with the one being stopped.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations (Request) at run time, through
@@ -35,6 +36,7 @@ import logging
 import re
 import signal
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +63,7 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 # looks for a replica): a submit waits this long for it, so a full queue answers 429 instead of a job id.
 ADMISSION_WAIT_S = 0.5
 RETRY_AFTER_S = 5
+PROGRESS_EVERY_S = 0.2  # a job's progress (and its cancel flag) is exchanged at most this often, and every last step
 
 
 def one_line(err: BaseException) -> str:
@@ -160,10 +163,17 @@ class Generator:
 
     async def _generate(self, requests: list[dict[str, Any]], job: ray.actor.ActorHandle | None) -> list[dict]:
         stop = threading.Event()
+        reported = [0.0]  # when the job last heard from this request
 
         def on_step(row: int, phase: str, done: int, total: int) -> None:  # runs in the generating thread
-            cancelled = job is not None and ray.get(job.progress.remote(row, phase, done, total))
-            if stop.is_set() or cancelled:
+            # Tiny steps come by the hundred per second: the job hears at most every PROGRESS_EVERY_S (and at every
+            # image's last step and decode); a 4K step takes longer than that, so there it hears every step.
+            now = time.monotonic()
+            if job is not None and (now - reported[0] >= PROGRESS_EVERY_S or phase == "decode" or done == total):
+                reported[0] = now
+                if ray.get(job.progress.remote(row, phase, done, total)):
+                    stop.set()
+            if stop.is_set():
                 raise Cancelled(f"generation cancelled at {phase} step {done} of {total} of image {row + 1}")
 
         loop = asyncio.get_running_loop()
@@ -190,6 +200,7 @@ class Api:
     def __init__(self, generator: DeploymentHandle, config: dict[str, Any], job_ttl_s: float, max_queued: int) -> None:
         self.generator, self.config, self.job_ttl_s, self.max_queued = generator, config, job_ttl_s, max_queued
         self.running: dict[str, DeploymentResponse] = {}  # job id -> its Serve request, while this replica follows it
+        self.following: set[asyncio.Task] = set()  # the tasks that follow them (held: the loop keeps weak references)
 
     def _requests(self, body: bytes) -> list[dict[str, Any]]:
         """The pyfunc model's parsing and guard, from the scoring server's JSON body."""
@@ -234,29 +245,38 @@ class Api:
         job = Job.options(name=job_id, namespace=JOB_NAMESPACE, lifetime="detached").remote(len(requests),
                                                                                             self.job_ttl_s)  # fmt: skip
         response = self.generator.run_job.remote(job, requests)
-        follow = asyncio.ensure_future(self._follow(job_id, job, response))
-        done, _ = await asyncio.wait({follow}, timeout=ADMISSION_WAIT_S)
-        if follow in done and isinstance(follow.result(), BackPressureError):
+        refused: asyncio.Future[BackPressureError] = asyncio.get_running_loop().create_future()
+        self.following.add(asyncio.ensure_future(self._follow(job_id, job, response, refused)))
+        try:
+            await asyncio.wait_for(asyncio.shield(refused), ADMISSION_WAIT_S)
+        except TimeoutError:
+            refused.cancel()  # accepted (queued or running); a later refusal is recorded on the job instead
+        else:
             ray.kill(job, no_restart=True)
             return busy(self.max_queued)
         return JSONResponse({"job_id": job_id, "status": f"/jobs/{job_id}", "result": f"/jobs/{job_id}/result"},
                             status_code=202)  # fmt: skip
 
-    async def _follow(self, job_id: str, job: ray.actor.ActorHandle, response: DeploymentResponse) -> Exception | None:
-        """Wait for the job's Serve request; record what never reached a replica (queue full, cancelled, lost)."""
+    async def _follow(self, job_id: str, job: ray.actor.ActorHandle, response: DeploymentResponse,
+                      refused: asyncio.Future) -> None:  # fmt: skip
+        """Wait for the job's Serve request; report a refusal by the queue to ``submit`` at once (``refused``), and
+        record on the job what never reached a replica (queue full after the submission was answered, cancelled
+        while queued, a replica lost)."""
         self.running[job_id] = response
         try:
             await response
         except BackPressureError as err:
-            await job.end.remote("rejected", one_line(err))
-            return err
+            if refused.done():  # submit stopped waiting: the client holds a job id, which must say why
+                await job.end.remote("rejected", one_line(err))
+            else:
+                refused.set_result(err)
         except (RequestCancelledError, asyncio.CancelledError):
             await job.end.remote("cancelled", "cancelled before it started")
         except Exception as err:  # noqa: BLE001 - a replica lost mid-job: the job ends failed, with the reason
             await job.end.remote("failed", one_line(err))
         finally:
             self.running.pop(job_id, None)
-        return None
+            self.following.discard(asyncio.current_task())
 
     async def _job(self, job_id: str) -> ray.actor.ActorHandle | None:
         if not JOB_ID.match(job_id):
