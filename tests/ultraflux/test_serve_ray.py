@@ -187,3 +187,15 @@ def test_a_disconnected_client_frees_its_replica(server):
     finally:
         conn.close()
         server.cancel(other)
+
+
+def test_replica_bounds_are_validated_with_one_line_per_field():
+    from ultraflux.config import load_config
+    from ultraflux_core.errors import UltraFluxError
+
+    cfg = load_config(REPO / "params.yaml", overrides=["ray_serve.replicas=2", "ray_serve.max_replicas=4"])
+    assert (cfg.ray_serve.replicas, cfg.ray_serve.max_replicas) == (2, 4)
+    with pytest.raises(UltraFluxError, match=r"max_replicas \(1\) must be at least replicas \(2\)"):
+        load_config(REPO / "params.yaml", overrides=["ray_serve.replicas=2", "ray_serve.max_replicas=1"])
+    with pytest.raises(UltraFluxError, match="ray_serve.max_queued_requests"):
+        load_config(REPO / "params.yaml", overrides=["ray_serve.max_queued_requests=-1"])

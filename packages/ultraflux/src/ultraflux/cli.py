@@ -19,9 +19,9 @@ from ultraflux.config import load_config, resolve_config
 from ultraflux.convert_cli import convert_app
 from ultraflux.data_cli import app as data_app
 from ultraflux.plan_cli import plan_command
+from ultraflux.serve_cli import serve
 from ultraflux.tracking_cli import app as tracking_app
 from ultraflux.train_cli import train_app
-from ultraflux.serve_cli import serve
 from ultraflux.ui_cli import ui
 
 app = typer.Typer(
