@@ -198,4 +198,4 @@ def test_replica_bounds_are_validated_with_one_line_per_field():
     with pytest.raises(UltraFluxError, match=r"max_replicas \(1\) must be at least replicas \(2\)"):
         load_config(REPO / "params.yaml", overrides=["ray_serve.replicas=2", "ray_serve.max_replicas=1"])
     with pytest.raises(UltraFluxError, match="ray_serve.max_queued_requests"):
-        load_config(REPO / "params.yaml", overrides=["ray_serve.max_queued_requests=-1"])
+        load_config(REPO / "params.yaml", overrides=["ray_serve.max_queued_requests=0"])

@@ -380,7 +380,8 @@ class RayServeConfig(Section):
     num_cpus: float = Field(1.0, ge=0.0, description="CPUs per replica")
     max_ongoing_requests: int = Field(1, ge=1, description="requests one replica generates at once (one per GPU)")
     max_queued_requests: int = Field(
-        8, ge=0, description="requests waiting for a free replica; more are refused with HTTP 429"
+        # at least 1: Ray Serve counts a request as queued until a replica takes it, so 0 would refuse every request
+        8, ge=1, description="requests waiting for a free replica; more are refused with HTTP 429"
     )
     job_ttl_s: float = Field(3600.0, gt=0.0, description="how long a finished job's status and result are kept")
 
