@@ -21,6 +21,8 @@ from tests.infra_checks import (
     CLAIMS,
     NAMESPACE,
     REPO,
+    custom_documents,
+    custom_resource_problems,
     job_template,
     k8s_documents,
     pod_volumes_and_mounts,
@@ -120,6 +122,66 @@ def test_deploy_doc_creates_every_secret_key_the_manifests_read():
                "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"}
     assert needed <= created, f"docs/deploy.md never creates {needed - created}"
     assert "--from-file=basic_auth.ini=" in doc  # the mlflow-auth-config secret the Deployment mounts
+
+
+def _ray_service() -> dict:
+    (name, doc), = custom_documents()
+    assert (name, doc["apiVersion"], doc["kind"]) == ("ray-service.yaml", "ray.io/v1", "RayService")
+    return doc
+
+
+def test_ray_service_uses_known_fields_and_valid_pod_templates():
+    """The RayService against KubeRay's fields (a custom resource: no core schema), its pod templates against the
+    strict 1.32 core schemas, in the namespace and claims of the other manifests; each check can fail."""
+    service = _ray_service()
+    assert service["metadata"]["namespace"] == NAMESPACE
+    assert custom_resource_problems(service) == []
+    cluster = service["spec"]["rayClusterConfig"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    claims = {v["persistentVolumeClaim"]["claimName"] for pod in pods for v in pod.get("volumes", [])
+              if "persistentVolumeClaim" in v}
+    assert claims and claims <= CLAIMS
+    for mutate, problem in [
+        (lambda d: d["spec"].update(serveConfig="{}"), "spec.serveConfig: unknown field"),
+        (lambda d: d["spec"]["rayClusterConfig"]["workerGroupSpecs"][0].update(maxReplicas="4"), "expected int"),
+        (lambda d: d["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"].update({"num-cpus": 0}),
+         "expected a string"),
+        (lambda d: d["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+         .update(gpus=1), "workerGroupSpecs[0].template"),
+    ]:
+        broken = copy.deepcopy(service)
+        mutate(broken)
+        assert any(problem in p for p in custom_resource_problems(broken)), problem
+
+
+def test_ray_service_deploys_the_servers_own_application_with_matching_resources():
+    """serveConfigV2 passes Ray Serve's own schema and names the builder `ultraflux serve` uses; its args resolve
+    through the one config loader, and the worker group gives each generator replica its GPUs."""
+    import ray
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+    from ultraflux.config import resolve_config
+    from ultraflux.serve_cli import app_builder
+
+    service = _ray_service()
+    cluster = service["spec"]["rayClusterConfig"]
+    deploy = ServeDeploySchema.model_validate(yaml.safe_load(service["spec"]["serveConfigV2"]))
+    (application,) = deploy.applications
+    assert application.import_path == "ultraflux.serve_cli:app_builder"
+    args = {key: [str(v).replace("/opt/ultraflux", str(REPO)) for v in values]
+            for key, values in application.args.items()}  # the image's WORKDIR is this checkout
+    assert isinstance(app_builder(args), serve.Application)
+    cfg = resolve_config(args["config"], args["overrides"]).ray_serve
+    assert cluster["rayVersion"] == ray.__version__
+    (workers,) = cluster["workerGroupSpecs"]
+    gpus = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+    assert cfg.num_gpus == gpus == 1
+    assert (workers["minReplicas"], workers["maxReplicas"]) == (cfg.replicas, cfg.max_replicas)
+    assert cfg.model.startswith("models:/")
+    ports = {p["containerPort"] for p in cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert deploy.http_options.port in ports and deploy.http_options.host == "0.0.0.0"
+    with pytest.raises(Exception, match="unknown application args"):
+        app_builder({**args, "model": "x"})
 
 
 COMPOSE = REPO / "infra" / "mlflow" / "docker-compose.yaml"

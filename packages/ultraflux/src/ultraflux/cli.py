@@ -19,6 +19,7 @@ from ultraflux.config import load_config, resolve_config
 from ultraflux.convert_cli import convert_app
 from ultraflux.data_cli import app as data_app
 from ultraflux.plan_cli import plan_command
+from ultraflux.serve_cli import serve
 from ultraflux.tracking_cli import app as tracking_app
 from ultraflux.train_cli import train_app
 from ultraflux.ui_cli import ui
@@ -34,6 +35,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")  # ultraflux/data_cli.py
 app.add_typer(train_app)  # train, vae-train (ultraflux/train_cli.py)
 app.command("ui")(ui)  # the web app (ultraflux/ui_cli.py)
+app.command("serve")(serve)  # Ray Serve (ultraflux/serve_cli.py)
 app.command("plan")(plan_command)  # ultraflux/plan_cli.py
 app.add_typer(convert_app, name="convert")  # flux-dev, assemble (ultraflux/convert_cli.py)
 app.add_typer(tracking_app, name="tracking")  # check (ultraflux/tracking_cli.py)

@@ -16,7 +16,15 @@ from ultraflux_core.config import Section, load, validate
 from ultraflux_core.tracking.config import TrackingConfig
 from ultraflux_data.config import ComputeConfig, DataConfig
 from ultraflux_eval.config import EvalConfig
-from ultraflux_model.config import GenerateConfig, KernelConfig, ServeConfig, TrainConfig, UiConfig, VaeTrainConfig
+from ultraflux_model.config import (
+    GenerateConfig,
+    KernelConfig,
+    RayServeConfig,
+    ServeConfig,
+    TrainConfig,
+    UiConfig,
+    VaeTrainConfig,
+)
 
 
 class UltraFluxConfig(Section):
@@ -32,6 +40,7 @@ class UltraFluxConfig(Section):
     compute: ComputeConfig = ComputeConfig()
     serve: ServeConfig = ServeConfig()
     ui: UiConfig = UiConfig()
+    ray_serve: RayServeConfig = RayServeConfig()
 
 
 # Keys that older configs (and params.yaml files) have but this version removed, with where the setting lives now;

@@ -1,5 +1,5 @@
 """The config sections the model package owns: generation, kernels, the loss, training, VAE post-training,
-serving limits and the web app.
+serving limits, the Ray Serve server and the web app.
 
 Every section is frozen and rejects unknown keys (``ultraflux_core.config.Section``), so a typo in a YAML file or
 a ``--set`` override fails loudly. The root tree that ``params.yaml`` serialises is assembled above the packages
@@ -358,6 +358,38 @@ class ServeConfig(Section):
     max_steps: int = Field(
         200, ge=1, description="sampling steps per image (the official default is 50; cost grows linearly)"
     )
+
+
+class RayServeConfig(Section):
+    """``ultraflux serve``: the generation server on Ray Serve (``ultraflux_model.serving.ray_app``; docs/deploy.md).
+
+    Request defaults come from ``generate``, ceilings from ``serve`` (the one request guard), as for the served pyfunc
+    model. Each replica loads ``model`` once and generates one request at a time by default."""
+
+    model: str = Field("artifacts/tiny-ultraflux", description="checkpoint directory, hub id or models:/NAME@ALIAS")
+    address: str | None = Field(
+        None, description="Ray cluster to deploy on (host:port of its GCS, or 'auto'); None: start a local Ray"
+    )
+    host: str = Field("127.0.0.1", description="HTTP bind address; loopback unless you mean to expose it")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port of Ray Serve's proxy")
+    replicas: int = Field(1, ge=1, description="generator replicas (the lower bound when max_replicas is set)")
+    max_replicas: int | None = Field(
+        None, ge=1, description="None: a fixed number of replicas; set: autoscale between replicas and max_replicas"
+    )
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica (1 on GPU nodes; 0 runs on CPU)")
+    num_cpus: float = Field(1.0, ge=0.0, description="CPUs per replica")
+    max_ongoing_requests: int = Field(1, ge=1, description="requests one replica generates at once (one per GPU)")
+    max_queued_requests: int = Field(
+        # at least 1: Ray Serve counts a request as queued until a replica takes it, so 0 would refuse every request
+        8, ge=1, description="requests waiting for a free replica; more are refused with HTTP 429"
+    )
+    job_ttl_s: float = Field(3600.0, gt=0.0, description="how long a finished job's status and result are kept")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> RayServeConfig:
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) must be at least replicas ({self.replicas})")
+        return self
 
 
 class UiConfig(Section):

@@ -27,6 +27,11 @@ class Stopped(UltraFluxError):
     """Generation was stopped between two steps because the process is shutting down."""
 
 
+class Cancelled(UltraFluxError):
+    """Generation was stopped between two steps because its request was cancelled or its client went away (a
+    server's per-request flag, checked through ``generate``'s step callback: the replica is free at the next step)."""
+
+
 def stop_requested() -> bool:
     """True once :data:`STOP` is set or the server that owns SIGTERM (uvicorn) has been asked to shut down."""
     if STOP.is_set():

@@ -20,10 +20,12 @@ one-line message and no stack trace; a request stopped by SIGTERM (the server sh
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import math
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -197,25 +199,37 @@ class UltraFluxPyfunc(PythonModel):
             raise RequestError(err) from None
 
     def _predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        from ultraflux_model.inference.pipeline import generate
+        return predict_requests(self.pipe, self.root, self.config, parse_requests(frame, self.config))
 
-        requests = parse_requests(frame, self.config)
-        limits = serve_limits(self.config)
-        rows = []
-        with tempfile.TemporaryDirectory(prefix="ultraflux-serve-") as tmp:
-            for k, request in enumerate(requests):
-                logger.info("row %d of %d: %dx%d, %d steps", k + 1, len(requests), request["width"], request["height"],
-                            request["steps"])  # fmt: skip
-                image = generate(
-                    self.root, [request["prompt"]], [(request["width"], request["height"])],
-                    steps=request["steps"], guidance=request["guidance"], seed=request["seed"],
-                    shift=self.config["shift"], dtype=self.config["dtype"], vae_decode=self.config["vae_decode"],
-                    max_sequence_length=self.config["max_sequence_length"], out_dir=Path(tmp) / str(k),
-                    pipe=self.pipe, progress=False, limits=limits,
-                )[0]
-                rows.append({
-                    "image": base64.b64encode(image.path.read_bytes()).decode("ascii"),
-                    "width": image.width, "height": image.height, "seed": image.seed,
-                    "metadata": json.dumps(image.sidecar, sort_keys=True),
-                })
-        return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
+
+# ``callback(row, phase, done, total)``: ``generate``'s step callback tagged with the request row (progress of a job,
+# cancellation: an exception it raises stops generation at that step).
+RowCallback = Callable[[int, str, int, int], None]
+
+
+def predict_requests(pipe, root: Path, config: dict[str, Any], requests: list[dict[str, Any]],  # noqa: ANN001
+                     callback: RowCallback | None = None) -> pd.DataFrame:  # fmt: skip
+    """The output table for :func:`parse_requests`' rows, generated one by one with the loaded ``pipe`` (the pyfunc
+    model and the Ray Serve replicas share it, so both answer the same bytes)."""
+    from ultraflux_model.inference.pipeline import generate
+
+    limits = serve_limits(config)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ultraflux-serve-") as tmp:
+        for k, request in enumerate(requests):
+            logger.info("row %d of %d: %dx%d, %d steps", k + 1, len(requests), request["width"], request["height"],
+                        request["steps"])  # fmt: skip
+            image = generate(
+                root, [request["prompt"]], [(request["width"], request["height"])],
+                steps=request["steps"], guidance=request["guidance"], seed=request["seed"],
+                shift=config["shift"], dtype=config["dtype"], vae_decode=config["vae_decode"],
+                max_sequence_length=config["max_sequence_length"], out_dir=Path(tmp) / str(k),
+                pipe=pipe, progress=False, limits=limits,
+                callback=None if callback is None else functools.partial(callback, k),
+            )[0]
+            rows.append({
+                "image": base64.b64encode(image.path.read_bytes()).decode("ascii"),
+                "width": image.width, "height": image.height, "seed": image.seed,
+                "metadata": json.dumps(image.sidecar, sort_keys=True),
+            })
+    return pd.DataFrame(rows, columns=list(OUTPUT_COLUMNS))
