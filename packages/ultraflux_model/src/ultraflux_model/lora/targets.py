@@ -14,11 +14,11 @@ Names are suffixes as peft matches them (a module is adapted when its name equal
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import get_args
 
 from ultraflux_core.errors import UltraFluxError
 
-TargetPreset = Literal["attention", "attention_mlp", "all_linear"]
+from ultraflux_model.config import LoraTargetPreset
 
 ATTENTION = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -34,7 +34,7 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "attention_mlp": ATTENTION + MLP,
     "all_linear": ATTENTION + MLP + OTHER_LINEAR,
 }
-assert set(PRESETS) == set(get_args(TargetPreset))
+assert set(PRESETS) == set(get_args(LoraTargetPreset))
 
 
 def target_modules(preset: str) -> list[str]:
