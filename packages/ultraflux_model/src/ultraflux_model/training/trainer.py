@@ -259,10 +259,11 @@ class BatchStream:
 
 
 def write_sample_grids(export_dir: Path, cfg: RunConfig, out_dir: Path, tracker: Tracker, step: int,
-                       stage: str, device: torch.device, text_tokens: int) -> list[Path]:
+                       stage: str, device: torch.device, text_tokens: int, base: Path | None = None) -> list[Path]:
     """Generate every sample prompt at each sample aspect ratio with the export; log one grid per ratio.
 
     ``text_tokens``: the T5 length the model trains on (the cached embeddings'), so samples see what training saw.
+    ``base``: with LoRA the export is an adapter folder, applied to this base checkpoint's transformer.
     """
     from PIL import Image
 
@@ -270,7 +271,14 @@ def write_sample_grids(export_dir: Path, cfg: RunConfig, out_dir: Path, tracker:
 
     train = cfg.train
     dtype = "bf16" if use_bf16(train.deepspeed) else "fp32"
-    pipe = load_pipeline(export_dir, dtype=dtype, device=str(device))
+    transformer = None
+    if base is not None:
+        from ultraflux_model.lora.adapters import adapted_transformer
+
+        transformer = adapted_transformer(base / TRANSFORMER_DIR, export_dir,
+                                          torch.bfloat16 if dtype == "bf16" else torch.float32)
+        export_dir = base
+    pipe = load_pipeline(export_dir, dtype=dtype, device=str(device), transformer=transformer)
     grids: list[Path] = []
     for width, height in train.sample_sizes:
         images = generate(
@@ -539,7 +547,8 @@ def _train_stage(cfg: RunConfig, stage: str | int, *, resume: bool) -> StageResu
                 _export(engine, ema, plan, base, dist, train)
                 if dist.is_main and train.sample_sizes:
                     write_sample_grids(plan.export, cfg, plan.dir / "samples" / f"step{step + 1:07d}", tracker,
-                                       step + 1, st.name, dist.device, dataset.text_tokens)
+                                       step + 1, st.name, dist.device, dataset.text_tokens,
+                                       base if train.method == "lora" else None)
         if start >= st.steps and not (plan.dir / DONE_MARKER).exists():
             _export(engine, ema, plan, base, dist, train)  # resumed after the last checkpoint, before the export
         if dist.is_main:
