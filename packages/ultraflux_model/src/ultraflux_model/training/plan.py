@@ -236,7 +236,7 @@ def plan_run(
     return {
         "method": train.method,
         "lora": lora,
-        # one GPU of each size: the largest stage's per-GPU total fits, is tight (< 10 % free) or does not
+        # a GPU of each size: the largest stage's per-GPU total fits, is tight (< 10 % free) or does not
         "gpu_fit": {f"{g:g}": _fit(peak_total, g) for g in PRESET_GPUS_GB},
         "params": params,
         "largest_layer_params": largest,
@@ -325,7 +325,8 @@ def format_plan(plan: dict[str, Any]) -> str:
         + f"; largest micro-batch that fits: {plan['max_micro_batch']}",
         f"time at {plan['time']['mfu']:.0%} MFU of {plan['time']['peak_tflops']:g} TFLOP/s: "
         f"{plan['time']['hours']:.1f} h in all",
-        "one GPU of " + ", ".join(f"{g} GB: {w}" for g, w in plan["gpu_fit"].items())
-        + " (the largest stage's per-GPU total)",
     ]
+    if plan["world_size"] == 1:  # which one-GPU size the run fits (the LoRA presets' question)
+        lines.append("one GPU of " + ", ".join(f"{g} GB: {w}" for g, w in plan["gpu_fit"].items())
+                     + " (the largest stage's total)")
     return "\n".join(lines)
