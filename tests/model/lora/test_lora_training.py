@@ -87,6 +87,11 @@ def test_stage2_starts_from_stage1_adapters(lora_run) -> None:
     cfg, _ = lora_run
     plan = stage_plans(cfg.train)[1]
     assert plan.init_adapter == Path(cfg.train.run_dir) / "stage1" / "export"
+    assert plan.start_marker == plan.init_adapter / META_FILE
+    assert plan.init_from == Path(cfg.train.model) / "transformer"
+    full = stage_plans(cfg.train.model_copy(update={"method": "full"}))[1]
+    assert full.init_adapter is None
+    assert full.start_marker == Path(cfg.train.run_dir) / "stage1/export/transformer/config.json"
     model = _build_model(cfg.train, plan, Path(cfg.train.model), {}, torch.device("cpu"))
     exported = adapter(plan.init_adapter)
     params = {"transformer." + n.replace(".default.weight", ".weight"): p for n, p in model.named_parameters()
