@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 
-.PHONY: setup demo test test-fast bench clean ui
+.PHONY: setup demo demo-lora test test-fast bench clean ui
 
 $(VENV)/.installed: requirements/ci.txt requirements/constraints.txt $(wildcard packages/*/pyproject.toml)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,11 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m flows.pipeline --config params.yaml
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/artifacts/mlflow.db"
+
+## A LoRA on the tiny model from six captioned images, tracked in MLflow, then one image with it (CPU).
+demo-lora: setup
+	$(PY) -m ultraflux.lora_demo
+	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/artifacts/lora-demo/train/mlflow.db"
 
 ## The whole CPU test suite (Triton kernels run under TRITON_INTERPRET=1 in their own tests).
 test: setup

@@ -46,8 +46,9 @@ def stage_flow(
 ) -> dict[str, Any]:
     """One SACL stage: train (or continue) it to its step count, export, summarise."""
     plan = find_stage(resolve_config(config, overrides).train, stage)
-    if plan.index > 0 and not (plan.init_from / "config.json").is_file():
-        raise UltraFluxError(f"stage {stage} starts from {plan.init_from}, which does not exist: run the stage before")
+    if plan.index > 0 and not plan.start_marker.is_file():
+        raise UltraFluxError(f"stage {stage} starts from {plan.start_marker.parent}, which does not exist: run the "
+                             "stage before")
     run_stage(config, overrides, stage, resume, nproc)
     losses = plan.losses()
     steps = sorted(losses)

@@ -200,3 +200,22 @@ def test_output_folder_inside_the_source_is_not_ingested(messy_folder):
     first = ingest(messy_folder, messy_folder / "ingested", cfg, progress=False)
     second = ingest(messy_folder, messy_folder / "ingested", cfg, progress=False)
     assert first == second and first.total == len(EXPECTED)
+
+
+def test_caption_files_beside_images(tmp_path):
+    """A `<stem>.txt` beside an image is its caption (not an input); a metadata file's caption wins; a .txt with no
+    image beside it stays an input (quarantined as before)."""
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(["a.png", "sub/b.png", "c.png"]):
+        Image.fromarray(_textured(48, 40, i)).save(folder / name)
+    (folder / "a.txt").write_text("a red fox  \n")
+    (folder / "sub" / "b.txt").write_text("a lighthouse at dusk")
+    (folder / "notes.txt").write_text("not a caption")
+    result = ingest(folder, tmp_path / "out", DataConfig(ingest=IngestConfig(min_side=16)), progress=False)
+    rows = read_manifest(tmp_path / "out", ok_only=False).set_index("source")
+    assert set(rows.index) == {"a.png", "sub/b.png", "c.png", "notes.txt"} and result.total == 4
+    assert rows.loc["a.png", "caption_en"] == "a red fox"
+    assert rows.loc["sub/b.png", "caption_en"] == "a lighthouse at dusk"
+    assert rows.loc["c.png", "caption_en"] is None or rows.loc["c.png", "caption_en"] != rows.loc["c.png", "caption_en"]
+    assert rows.loc["notes.txt", "status"] == "quarantined"

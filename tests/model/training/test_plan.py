@@ -208,3 +208,32 @@ def test_unshifted_band_reads_the_scheduler_index_band():
     assert band_share(cfg, (0.0, 1.0), (0.541, 1.0)) == pytest.approx(0.459)
     shifted = TimestepConfig(sampling="uniform", shift=3.0)
     assert band_share(shifted, (0.0, 1.0), (0.541, 1.0)) == pytest.approx(1 - 0.541 / (3 - 2 * 0.541))
+
+
+def test_lora_plan_counts_adapters_and_the_frozen_base():
+    """LoRA rank 16 on the attention projections of FLUX.1-dev: 19 dual blocks × 8 and 38 single blocks × 3
+    projections of 3072 → 3072, each r·(in + out) parameters; the adapters carry all optimizer states
+    (DeepSpeed's 20 bytes per parameter for ZeRO-2 bf16 on one GPU), the base only its weights."""
+    presets = [ROOT / "params.yaml", ROOT / "configs/4k.yaml", ROOT / "configs/lora-4k.yaml"]
+    cfg24 = load_config(*presets, ROOT / "configs/lora-4k-48gb.yaml", ROOT / "configs/lora-4k-24gb.yaml")
+    plan = plan_config(cfg24, gpus=1, gpu_memory_gb=24)
+    lora, pg = plan["lora"], plan["per_gpu"]
+    adapters = 16 * (3072 + 3072) * (19 * 8 + 38 * 3)
+    assert plan["method"] == "lora" and lora["trainable_params"] == adapters and lora["base_params"] == FLUX_DEV_PARAMS
+    assert pg["model_states_excl_ema_gb"] == pytest.approx(20 * adapters / GB)
+    assert pg["ema_gb"] == pytest.approx(4 * adapters / GB)
+    linear = sum(m.weight.numel() for m in _meta_flux_dev().modules() if isinstance(m, torch.nn.Linear))
+    assert lora["base_dtype"] == "nf4"
+    assert lora["frozen_base_gb"] == pytest.approx((linear * (0.5 + 4 / 64) + (FLUX_DEV_PARAMS - linear) * 2) / GB)
+    parts = ("model_states_excl_ema_gb", "ema_gb", "reserve_gb", "activations_gb")
+    assert pg["total_gb"] == pytest.approx(sum(pg[k] for k in parts) + lora["frozen_base_gb"])
+    assert plan["fits"] and plan["gpu_fit"]["24"] in ("yes", "tight")
+    bf16 = plan_config(load_config(*presets, ROOT / "configs/lora-4k-48gb.yaml"), gpus=1, gpu_memory_gb=48)
+    assert bf16["lora"]["frozen_base_gb"] == pytest.approx(2 * FLUX_DEV_PARAMS / GB)
+    assert bf16["gpu_fit"] == {"24": "NO", "48": "yes", "80": "yes"}
+    assert "frozen base (bf16) 23.80" in format_plan(bf16) and "one GPU of 24 GB: NO" in format_plan(bf16)
+
+
+def _meta_flux_dev() -> UltraFluxTransformer2DModel:
+    with torch.device("meta"):
+        return UltraFluxTransformer2DModel(guidance_embeds=True)

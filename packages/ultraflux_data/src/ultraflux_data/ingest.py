@@ -1,7 +1,8 @@
 """Ingest with quarantine: every input becomes one manifest row, ``ok`` or ``quarantined`` with a reason.
 
 Sources: a folder of images (captions
-from a ``metadata.{jsonl,parquet,csv}`` at its top, matched by ``file_name``), or a metadata file whose
+from a ``metadata.{jsonl,parquet,csv}`` at its top, matched by ``file_name``, or else from a ``<stem>.txt`` beside
+each image, the kohya/SimpleTuner convention), or a metadata file whose
 ``image_url``s are http(s) (downloaded safely), ``file://`` URLs or paths relative to the file.
 
 Odd-but-valid images are normalised to 8-bit RGB: EXIF orientation applied, alpha composited over white,
@@ -67,6 +68,7 @@ _KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 _SUPPORTED_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
                     "I;16", "I;16B", "I;16L", "I;16N"}
 _NUMERIC_FIELDS = ("qalign_score", "aesthetics_score", "flat_percentage", "shannon_entropy")
+CAPTION_SUFFIX = ".txt"  # a caption file beside an image in a folder source
 _RECORD_FIELDS = [name for name in SampleRecord.model_fields if name not in ("image_url", "file_name")]
 
 
@@ -160,14 +162,22 @@ def _folder_inputs(folder: Path, out: Path) -> list[tuple[str, Path | None, Samp
         by_name = {r.file_name or r.image_url or "": r for r in records}
     # An output folder inside the source must not be read back as input on a re-run.
     skip = out.resolve() if out.resolve().is_relative_to(folder.resolve()) else None
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    # A `<stem>.txt` beside an image is its caption, not an input of its own.
+    captions = {p.with_suffix(CAPTION_SUFFIX) for p in files if p.suffix != CAPTION_SUFFIX}
     inputs = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in files:
         rel = path.relative_to(folder).as_posix()
-        if path == metadata or any(part.startswith(".") for part in path.relative_to(folder).parts):
+        if path == metadata or path in captions or any(p.startswith(".") for p in path.relative_to(folder).parts):
             continue
         if skip is not None and path.resolve().is_relative_to(skip):
             continue
-        inputs.append((rel, path, by_name.get(rel), ""))
+        record = by_name.get(rel)
+        sidecar = path.with_suffix(CAPTION_SUFFIX)
+        if record is None and sidecar in captions and sidecar.is_file():
+            caption = sidecar.read_text(encoding="utf-8", errors="replace").strip()
+            record = SampleRecord(file_name=rel, caption_en=caption)
+        inputs.append((rel, path, record, ""))
     return inputs
 
 

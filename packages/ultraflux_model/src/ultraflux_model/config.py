@@ -24,6 +24,9 @@ KernelChoice = Literal["auto", "eager", "triton"]
 # fixed gives every image `seed` (the official inference and Diffusion-4K's evaluation: seed 0 for every prompt).
 # The evaluation's `eval.benchmark.seed_policy` names the same two choices (the eval package cannot import this one).
 SeedPolicy = Literal["per_prompt", "fixed"]
+TrainMethod = Literal["full", "lora"]
+LoraTargetPreset = Literal["attention", "attention_mlp", "all_linear"]  # resolved in ultraflux_model.lora.targets
+LoraBaseDtype = Literal["auto", "bf16", "fp32", "fp8", "nf4"]
 
 TOKEN_PX = 32  # 16x VAE downsampling then 2x2 packing: one transformer token covers 32x32 pixels
 # Request bounds every entry point enforces (``ultraflux_model.inference.limits.check_settings``); docs/app.md.
@@ -254,10 +257,32 @@ class EmaConfig(Section):
     decay: float = Field(0.999, ge=0.0, lt=1.0)
 
 
+class LoraConfig(Section):
+    """LoRA adapters on the transformer (``train.method: lora``; docs/training.md "LoRA")."""
+
+    rank: int = Field(16, ge=1, description="r: the adapters' inner width")
+    alpha: float = Field(16.0, gt=0.0, description="an adapted layer adds (alpha / rank)·B·A·x")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapters' input")
+    targets: LoraTargetPreset = Field(
+        "attention", description="attention: the q/k/v/out projections; attention_mlp: + the MLPs and the single "
+        "blocks' fused output; all_linear: every linear layer (AdaLN, embedders too)"
+    )
+    base_dtype: LoraBaseDtype = Field(
+        "auto", description="the frozen base's weights: auto = the training precision (bf16 on CUDA, fp32 on CPU), "
+        "bf16/fp32 (must equal train.deepspeed.precision), fp8 (torchao, CUDA) or nf4 (bitsandbytes, CUDA); "
+        "fp8/nf4 need ZeRO stage 0-2"
+    )
+
+
 class TrainConfig(Section):
     """DiT training with the Stage-wise Aesthetic Curriculum (paper values in configs/4k.yaml)."""
 
     model: str = Field("artifacts/tiny-ultraflux", description="base checkpoint (its transformer/ is trained)")
+    method: TrainMethod = Field(
+        "full", description="full: train every transformer weight; lora: freeze the base, train LoRA adapters "
+        "(train.lora), export adapter folders"
+    )
+    lora: LoraConfig = LoraConfig()
     cache_dir: Path = Field(Path("artifacts/data/cache"), description="latent + text-embedding cache")
     run_dir: Path = Field(Path("artifacts/train"), description="checkpoints, exports and metrics go here")
     stages: tuple[StageConfig, ...] = (

@@ -135,6 +135,23 @@ class CheckpointManager:
         return state
 
 
+def gather_full_tensors(module: torch.nn.Module, names: list[str], dist: DistInfo) -> dict[str, torch.Tensor]:
+    """Collective: the full CPU copies of ``module``'s parameters and buffers called ``names`` on the main rank ({}
+    elsewhere), gathering ZeRO-3 partitions one tensor at a time (no rank holds more than one beyond its share)."""
+    import deepspeed
+
+    wanted = set(names)
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if name not in wanted:
+            continue
+        zero3 = hasattr(tensor, "ds_id")
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None, enabled=zero3):
+            if dist.is_main:
+                state[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    return state
+
+
 def export_transformer(module: torch.nn.Module, out: Path, dist: DistInfo, *,
                        replace: dict[str, torch.Tensor] | None = None, max_shard_size: str = "10GB") -> Path:
     """Collective: gather the (possibly ZeRO-3-partitioned) weights and write a diffusers transformer folder.
@@ -144,19 +161,10 @@ def export_transformer(module: torch.nn.Module, out: Path, dist: DistInfo, *,
     ``UltraFluxTransformer2DModel.from_pretrained`` loads. ``replace`` (full CPU tensors on rank 0, e.g. the
     EMA weights) is written instead of the module's own tensors of those names. The folder appears atomically.
     """
-    import deepspeed
     from huggingface_hub import save_torch_state_dict
 
-    persistent = set(module.state_dict().keys())
-    state: dict[str, torch.Tensor] = {}
     # Every rank walks every tensor (gathers are collective; only rank 0 knows ``replace``).
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if name not in persistent:
-            continue
-        zero3 = hasattr(tensor, "ds_id")
-        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None, enabled=zero3):
-            if dist.is_main:
-                state[name] = tensor.detach().to("cpu", copy=True).contiguous()
+    state = gather_full_tensors(module, list(module.state_dict().keys()), dist)
     out = Path(out)
     if dist.is_main:
         unknown = sorted(set(replace or {}) - set(state))

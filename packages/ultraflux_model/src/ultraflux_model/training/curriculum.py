@@ -55,6 +55,16 @@ class StagePlan:
     dir: Path  # <run_dir>/<stage name>: checkpoints/, export/, export_ema/, metrics.jsonl
     init_from: Path  # a diffusers transformer directory
     band: tuple[float, float] = (0.0, 1.0)  # (t_min, t_max) the stage draws t in (:func:`stage_band`)
+    init_adapter: Path | None = None  # LoRA: the previous stage's adapter folder the adapters start from
+
+    @property
+    def start_marker(self) -> Path:
+        """The file that exists once the weights this stage starts from are complete."""
+        if self.init_adapter is not None:
+            from ultraflux_model.lora.adapters import META_FILE
+
+            return self.init_adapter / META_FILE
+        return self.init_from / "config.json"
 
     @property
     def checkpoints(self) -> Path:
@@ -62,7 +72,8 @@ class StagePlan:
 
     @property
     def export(self) -> Path:
-        """A complete checkpoint: the base checkpoint with this stage's trained transformer."""
+        """A complete checkpoint: the base checkpoint with this stage's trained transformer; with
+        ``train.method: lora`` an adapter folder (``ultraflux_model.lora.adapters``) instead."""
         return self.dir / EXPORT_DIR
 
     @property
@@ -90,14 +101,19 @@ class StagePlan:
 
 
 def stage_plans(train: TrainConfig) -> list[StagePlan]:
-    """One plan per configured stage; stage k > 0 starts from stage k−1's exported (non-EMA) transformer."""
+    """One plan per configured stage; stage k > 0 starts from stage k−1's exported (non-EMA) transformer, or with
+    LoRA from the base transformer with stage k−1's exported (non-EMA) adapters."""
     plans: list[StagePlan] = []
-    init_from = Path(train.model) / TRANSFORMER_DIR
+    base = Path(train.model) / TRANSFORMER_DIR
+    init_from, init_adapter = base, None
     for index, stage in enumerate(train.stages):
         plan = StagePlan(index=index, stage=stage, dir=Path(train.run_dir) / stage.name, init_from=init_from,
-                         band=stage_band(stage, train.timesteps))
+                         band=stage_band(stage, train.timesteps), init_adapter=init_adapter)
         plans.append(plan)
-        init_from = plan.export / TRANSFORMER_DIR
+        if train.method == "lora":
+            init_adapter = plan.export
+        else:
+            init_from = plan.export / TRANSFORMER_DIR
     return plans
 
 

@@ -72,6 +72,45 @@ def count_parameters(config: dict[str, Any]) -> tuple[int, int, FluxShape]:
     return params, largest, shape
 
 
+BASE_BYTES = {"bf16": 2.0, "fp32": 4.0, "fp8": 1.0, "nf4": 0.5 + 4 / 64}  # nf4: 4 bits + an fp32 scale per 64
+PRESET_GPUS_GB = (24.0, 48.0, 80.0)  # the one-GPU sizes the plan reports a fit for
+
+
+@dataclass(frozen=True)
+class LoraCount:
+    """Parameters of the LoRA run: the adapters and the frozen base, split as quantization sees it."""
+
+    adapter: int  # trainable
+    largest_adapter: int  # one module's adapter parameters (A + B)
+    base_linear: int  # weights of the base's adapted-or-not linear layers (what fp8/nf4 quantize)
+    base_other: int  # biases, norms, embeddings: kept in bf16 by fp8/nf4
+
+
+def count_lora(config: dict[str, Any], rank: int, targets: list[str]) -> LoraCount:
+    """Count adapter and base parameters exactly: the transformer built on the meta device, adapters added."""
+    import torch
+
+    from ultraflux_model.lora.adapters import add_lora
+    from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
+
+    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = UltraFluxTransformer2DModel(**kwargs)
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+        total = sum(p.numel() for p in model.parameters())
+        add_lora(model, rank=rank, alpha=float(rank), dropout=0.0, targets=targets)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad) for m in model.modules())
+    return LoraCount(sum(p.numel() for p in adapters), largest, linear, total - linear)
+
+
+def base_bytes(count: LoraCount, base_dtype: str) -> float:
+    """Bytes of the frozen base: linear weights in ``base_dtype``, everything else in bf16 under fp8/nf4."""
+    if base_dtype in ("fp8", "nf4"):
+        return count.base_linear * BASE_BYTES[base_dtype] + count.base_other * 2.0
+    return (count.base_linear + count.base_other) * BASE_BYTES[base_dtype]
+
+
 def stage_batch(stage: StageConfig, world_size: int) -> tuple[int, int]:
     """(per-rank micro-batch, global batch) of a stage. A plan reports a global batch that ``world_size`` ranks cannot
     split evenly (fractional accumulation in the table) instead of refusing it, as training would."""
@@ -99,10 +138,13 @@ def ds_settings(ds: DeepSpeedConfig) -> tuple[int, str]:
     return stage, precision
 
 
-def step_flops(shape: FluxShape, params: int, image_tokens: int, text_tokens: int, checkpointing: bool) -> float:
-    """Training FLOPs of one sample: 2·P·S per matmul pass (forward, 2× backward, +1 recompute) plus attention."""
+def step_flops(shape: FluxShape, params: int, image_tokens: int, text_tokens: int, checkpointing: bool,
+               frozen: bool = False) -> float:
+    """Training FLOPs of one sample: 2·P·S per matmul pass (forward, 2× backward, +1 recompute) plus attention.
+
+    ``frozen`` (LoRA): the base's weight gradients are never computed, so backward is one pass, not two."""
     s = image_tokens + text_tokens
-    passes = 4 if checkpointing else 3
+    passes = (4 if checkpointing else 3) - (1 if frozen else 0)
     attention = 4 * s * s * shape.dim * (shape.double_blocks + shape.single_blocks)
     return passes * (2 * params * s + attention)
 
@@ -143,9 +185,27 @@ def plan_run(
     zero_stage, precision = ds_settings(train.deepspeed)
     b = 2 if precision == "bf16" else 4
     image_tokens, bucket = largest_bucket_tokens(bucket_family)
-    states = model_state_bytes(params, largest, zero_stage=zero_stage, precision=precision, gpus=world)
-    ema = 4 * params / world if train.ema.enabled else 0.0
-    fixed = states.total + ema + reserve_gb * GB
+    lora: dict[str, Any] | None = None
+    if train.method == "lora":
+        from ultraflux_model.lora.targets import target_modules
+
+        base_dtype = precision if train.lora.base_dtype == "auto" else train.lora.base_dtype
+        count = count_lora(config, train.lora.rank, target_modules(train.lora.targets))
+        # the adapters carry every optimizer state; the base is weights only, partitioned under ZeRO-3
+        states = model_state_bytes(count.adapter, count.largest_adapter, zero_stage=zero_stage, precision=precision,
+                                   gpus=world)
+        frozen = base_bytes(count, base_dtype) / (world if zero_stage == 3 else 1)
+        if zero_stage == 3 and world > 1:
+            frozen += largest * BASE_BYTES.get(base_dtype, 2.0)  # the layer gathered whole for compute
+        trained = count.adapter
+        lora = {"trainable_params": count.adapter, "base_params": params, "base_dtype": base_dtype,
+                "rank": train.lora.rank, "targets": train.lora.targets,
+                "adapter_states_gb": states.total / GB, "frozen_base_gb": frozen / GB}
+    else:
+        states = model_state_bytes(params, largest, zero_stage=zero_stage, precision=precision, gpus=world)
+        frozen, trained = 0.0, params
+    ema = 4 * trained / world if train.ema.enabled else 0.0
+    fixed = states.total + frozen + ema + reserve_gb * GB
     ckpt = train.gradient_checkpointing
     one = activation_bytes(shape, image_tokens, text_tokens, micro_batch=1, b=b, checkpointing=ckpt)
     max_micro = max(0, int((gpu_memory_gb * GB - fixed) // one.peak))
@@ -158,7 +218,8 @@ def plan_run(
             shape, image_tokens, text_tokens, micro_batch=micro, b=b, checkpointing=ckpt
         )
         total = fixed + act.peak
-        step_s = glob * step_flops(shape, params, image_tokens, text_tokens, ckpt) / (world * peak_tflops * 1e12 * mfu)
+        flops = step_flops(shape, params, image_tokens, text_tokens, ckpt, frozen=lora is not None)
+        step_s = glob * flops / (world * peak_tflops * 1e12 * mfu)
         stages.append(StagePlan(
             name=st.name, micro_batch=micro, global_batch=glob, grad_accum=glob / (micro * world), steps=st.steps,
             activations_gb=act.peak / GB, total_gb=total / GB, fits=total <= gpu_memory_gb * GB,
@@ -169,9 +230,14 @@ def plan_run(
     by_stage = {
         z: (model_state_bytes(params, largest, zero_stage=z, precision=precision, gpus=world).total + ema) / GB
         for z in (0, 1, 2, 3)
-    }
+    } if lora is None else {}
     head = stages[0]
+    peak_total = max(s.total_gb for s in stages)
     return {
+        "method": train.method,
+        "lora": lora,
+        # a GPU of each size: the largest stage's per-GPU total fits, is tight (< 10 % free) or does not
+        "gpu_fit": {f"{g:g}": _fit(peak_total, g) for g in PRESET_GPUS_GB},
         "params": params,
         "largest_layer_params": largest,
         "architecture": source,
@@ -201,6 +267,12 @@ def plan_run(
 TIGHT_HEADROOM = 0.10
 
 
+def _fit(total_gb: float, gpu_gb: float) -> str:
+    if total_gb > gpu_gb:
+        return "NO"
+    return "tight" if 1.0 - total_gb / gpu_gb < TIGHT_HEADROOM else "yes"
+
+
 def _fit_word(stage: dict[str, Any], plan: dict[str, Any]) -> str:
     if not stage["fits"]:
         return "NO"
@@ -212,9 +284,13 @@ def format_plan(plan: dict[str, Any]) -> str:
     pg = plan["per_gpu"]
     ms = pg["model_states"]
     tok = plan["tokens"]
+    lora = plan.get("lora")
     lines = [
         f"transformer: {plan['params']:,} parameters (largest layer {plan['largest_layer_params']:,}); "
         f"from {plan['architecture']}",
+        *([f"LoRA rank {lora['rank']} on {lora['targets']}: {lora['trainable_params']:,} trainable parameters "
+           f"({lora['trainable_params'] / lora['base_params']:.2%}); frozen base in {lora['base_dtype']}"]
+          if lora else []),
         f"run: {plan['world_size']} GPUs ({plan['nodes']} node(s) × {plan['gpus']}), "
         f"{plan['gpu_memory_gb']:g} GB each, "
         f"ZeRO-{plan['zero_stage']}, {plan['precision']}, gradient checkpointing "
@@ -222,14 +298,16 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"largest bucket: {tok['bucket'][0]}×{tok['bucket'][1]} = {tok['image']:,} image + {tok['text']} text tokens",
         "",
         "per GPU (GB)",
-        f"  params {ms['params']:.2f} + grads {ms['grads']:.2f} + master {ms['master']:.2f} + optimizer "
-        f"{ms['optimizer']:.2f} + gathered layer {ms['gathered']:.2f} = model states (without EMA) "
-        f"{pg['model_states_excl_ema_gb']:.2f}",
+        f"  {'adapter ' if lora else ''}params {ms['params']:.2f} + grads {ms['grads']:.2f} + master "
+        f"{ms['master']:.2f} + optimizer {ms['optimizer']:.2f} + gathered layer {ms['gathered']:.2f} = "
+        f"{'adapter states' if lora else 'model states (without EMA)'} {pg['model_states_excl_ema_gb']:.2f}",
+        *([f"  frozen base ({lora['base_dtype']}) {lora['frozen_base_gb']:.2f}"] if lora else []),
         f"  EMA {pg['ema_gb']:.2f}, reserve (CUDA context, NCCL, fragmentation) {pg['reserve_gb']:.2f}",
         f"  activations per sample: held {pg['activations_per_sample_gb']['held']:.2f} + recompute "
         f"{pg['activations_per_sample_gb']['recompute']:.2f}",
-        "  model states + EMA by ZeRO stage: "
-        + ", ".join(f"{z}: {v:.1f}" for z, v in plan["model_states_incl_ema_by_zero_stage_gb"].items()),
+        *(["  model states + EMA by ZeRO stage: "
+           + ", ".join(f"{z}: {v:.1f}" for z, v in plan["model_states_incl_ema_by_zero_stage_gb"].items())]
+          if plan["model_states_incl_ema_by_zero_stage_gb"] else []),
         "",
         f"{'stage':<10}{'micro':>6}{'global':>8}{'accum':>7}{'act GB':>8}{'total GB':>10}{'free':>6}{'fits':>7}"
         f"{'step s':>8}{'hours':>8}{'stage-1 draws in band':>23}",
@@ -248,4 +326,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"time at {plan['time']['mfu']:.0%} MFU of {plan['time']['peak_tflops']:g} TFLOP/s: "
         f"{plan['time']['hours']:.1f} h in all",
     ]
+    if plan["world_size"] == 1:  # which one-GPU size the run fits (the LoRA presets' question)
+        lines.append("one GPU of " + ", ".join(f"{g} GB: {w}" for g, w in plan["gpu_fit"].items())
+                     + " (the largest stage's total)")
     return "\n".join(lines)

@@ -39,7 +39,7 @@ from ultraflux_core.tracking.uri import check_tracking_reachable
 from ultraflux_model.config import DeepSpeedConfig, GenerateConfig, KernelConfig, LossConfig, StageConfig, TrainConfig
 from ultraflux_model.diffusion.latents import image_ids, pack_latents, text_ids, unpack_latents
 from ultraflux_model.diffusion.losses import training_loss, x0_from_velocity
-from ultraflux_model.training.checkpoint import CheckpointManager, export_transformer
+from ultraflux_model.training.checkpoint import CheckpointManager, export_transformer, gather_full_tensors
 from ultraflux_model.training.curriculum import (
     DONE_MARKER,
     TRANSFORMER_DIR,
@@ -259,10 +259,11 @@ class BatchStream:
 
 
 def write_sample_grids(export_dir: Path, cfg: RunConfig, out_dir: Path, tracker: Tracker, step: int,
-                       stage: str, device: torch.device, text_tokens: int) -> list[Path]:
+                       stage: str, device: torch.device, text_tokens: int, base: Path | None = None) -> list[Path]:
     """Generate every sample prompt at each sample aspect ratio with the export; log one grid per ratio.
 
     ``text_tokens``: the T5 length the model trains on (the cached embeddings'), so samples see what training saw.
+    ``base``: with LoRA the export is an adapter folder, applied to this base checkpoint's transformer.
     """
     from PIL import Image
 
@@ -270,7 +271,14 @@ def write_sample_grids(export_dir: Path, cfg: RunConfig, out_dir: Path, tracker:
 
     train = cfg.train
     dtype = "bf16" if use_bf16(train.deepspeed) else "fp32"
-    pipe = load_pipeline(export_dir, dtype=dtype, device=str(device))
+    transformer = None
+    if base is not None:
+        from ultraflux_model.lora.adapters import adapted_transformer
+
+        transformer = adapted_transformer(base / TRANSFORMER_DIR, export_dir,
+                                          torch.bfloat16 if dtype == "bf16" else torch.float32)
+        export_dir = base
+    pipe = load_pipeline(export_dir, dtype=dtype, device=str(device), transformer=transformer)
     grids: list[Path] = []
     for width, height in train.sample_sizes:
         images = generate(
@@ -293,9 +301,54 @@ def write_sample_grids(export_dir: Path, cfg: RunConfig, out_dir: Path, tracker:
 # ----------------------------------------------------------------------------------------------- the loop
 
 
-def _load_transformer(path: Path, ds_config: dict[str, Any]) -> torch.nn.Module:
+def lora_base_dtype(train: TrainConfig, ds_config: dict[str, Any], cuda: bool) -> str:
+    """The dtype the frozen base is held in (``train.lora.base_dtype`` resolved), refusing what cannot run here.
+
+    bf16/fp32: DeepSpeed holds every weight in the training precision, so the base follows it and another choice is
+    refused. fp8 (torchao weight-only) and nf4 (bitsandbytes) replace the base's linear weights with quantized
+    tensors: CUDA only, and not under ZeRO-3, which partitions plain tensors only.
+    """
+    want = train.lora.base_dtype
+    precision = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
+    if want == "auto":
+        return precision
+    if want in ("bf16", "fp32"):
+        if want != precision:
+            raise UltraFluxError(
+                f"train.lora.base_dtype={want} but training runs in {precision} (DeepSpeed holds the base in the "
+                f"training precision): set train.deepspeed.precision={want} or train.lora.base_dtype=auto"
+            )
+        return want
+    library = {"fp8": "torchao", "nf4": "bitsandbytes"}[want]
+    if not cuda:
+        raise UltraFluxError(f"train.lora.base_dtype={want} needs a CUDA GPU ({library}); on CPU use auto")
+    import importlib.util
+
+    if importlib.util.find_spec(library) is None:
+        raise UltraFluxError(f"train.lora.base_dtype={want} needs {library}, which is not installed: pip install "
+                             f"{library}, or use base_dtype auto")
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise UltraFluxError(f"train.lora.base_dtype={want} does not work under ZeRO-3 (it partitions plain tensors "
+                             "only): set train.deepspeed.zero_stage to 0, 1 or 2")
+    return want
+
+
+def _quantization_config(base_dtype: str) -> Any:
+    """diffusers' loading-time quantization of the frozen base (fp8: torchao weight-only e4m3; nf4: bitsandbytes)."""
+    if base_dtype == "fp8":
+        from diffusers import TorchAoConfig
+        from torchao.quantization import Float8WeightOnlyConfig
+
+        return TorchAoConfig(Float8WeightOnlyConfig())
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def _load_transformer(path: Path, ds_config: dict[str, Any], base_dtype: str = "fp32") -> torch.nn.Module:
     """The transformer to train; under ZeRO-3 built partitioned with its weights streamed into the partitions
-    (no rank ever holds the whole model), otherwise loaded whole in fp32 for DeepSpeed to wrap."""
+    (no rank ever holds the whole model), otherwise loaded whole in fp32 for DeepSpeed to wrap (a LoRA base in
+    fp8/nf4: quantized while loading)."""
     from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 
     if not (path / "config.json").is_file():
@@ -308,7 +361,32 @@ def _load_transformer(path: Path, ds_config: dict[str, Any]) -> torch.nn.Module:
         from ultraflux_model.training.partitioned import build_partitioned
 
         return build_partitioned(UltraFluxTransformer2DModel, path, ds_config)
+    if base_dtype in ("fp8", "nf4"):
+        return UltraFluxTransformer2DModel.from_pretrained(
+            path, torch_dtype=torch.bfloat16, quantization_config=_quantization_config(base_dtype))
     return UltraFluxTransformer2DModel.from_pretrained(path, torch_dtype=torch.float32)
+
+
+def _build_model(train: TrainConfig, plan: StagePlan, base: Path, ds_config: dict[str, Any],
+                 device: torch.device) -> torch.nn.Module:
+    """The stage's starting model: the previous stage's export (full), or the frozen base with LoRA adapters that
+    start from the previous stage's adapter folder (lora; fresh adapters in the first stage)."""
+    if train.method == "full":
+        return _load_transformer(base / TRANSFORMER_DIR if plan.index == 0 else plan.init_from, ds_config)
+    from ultraflux_model.lora.adapters import add_lora, load_adapter_state
+    from ultraflux_model.lora.targets import target_modules
+
+    base_dtype = lora_base_dtype(train, ds_config, device.type == "cuda")
+    model = _load_transformer(base / TRANSFORMER_DIR, ds_config, base_dtype)
+    lora = train.lora
+    # Adapters are plain tensors even under ZeRO-3: deepspeed.initialize partitions them with the optimizer.
+    add_lora(model, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, targets=target_modules(lora.targets))
+    if plan.init_adapter is not None:
+        if not plan.start_marker.is_file():
+            raise UltraFluxError(f"stage {plan.stage.name} starts from the adapters in {plan.init_adapter}, which "
+                                 "do not exist: run the previous stage first")
+        load_adapter_state(model, plan.init_adapter)
+    return model
 
 
 def _tracker_for(cfg: RunConfig, plan: StagePlan, dist: DistInfo, resume: bool) -> Tracker:
@@ -381,14 +459,15 @@ def _train_stage(cfg: RunConfig, stage: str | int, *, resume: bool) -> StageResu
 
     base = resolve_checkpoint(train.model)  # a local folder, or a hub id fetched as safetensors only
     ds_config = deepspeed_config(train.deepspeed, st, dist.world_size)
-    model = _load_transformer(base / TRANSFORMER_DIR if plan.index == 0 else plan.init_from, ds_config)
+    model = _build_model(train, plan, base, ds_config, dist.device)
     model.set_rope_kernel(cfg.kernels.rope)
     if train.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.train()
     guidance = train.guidance if model.config.guidance_embeds else None
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=st.lr, betas=train.betas, eps=train.eps, weight_decay=train.weight_decay
+    optimizer = torch.optim.AdamW(  # only what trains: all weights (full), the adapters (lora)
+        [p for p in model.parameters() if p.requires_grad], lr=st.lr, betas=train.betas, eps=train.eps,
+        weight_decay=train.weight_decay,
     )
     warmup = st.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
@@ -465,12 +544,13 @@ def _train_stage(cfg: RunConfig, stage: str | int, *, resume: bool) -> StageResu
             if (step + 1) % train.checkpoint.every == 0 or last:
                 checkpoints.save(engine, step + 1, {"sampler": stream.state_dict()}, ema)
             if last or (train.sample_every and (step + 1) % train.sample_every == 0):
-                _export(engine, ema, plan, base, dist)
+                _export(engine, ema, plan, base, dist, train)
                 if dist.is_main and train.sample_sizes:
                     write_sample_grids(plan.export, cfg, plan.dir / "samples" / f"step{step + 1:07d}", tracker,
-                                       step + 1, st.name, dist.device, dataset.text_tokens)
+                                       step + 1, st.name, dist.device, dataset.text_tokens,
+                                       base if train.method == "lora" else None)
         if start >= st.steps and not (plan.dir / DONE_MARKER).exists():
-            _export(engine, ema, plan, base, dist)  # resumed after the last checkpoint, before the export
+            _export(engine, ema, plan, base, dist, train)  # resumed after the last checkpoint, before the export
         if dist.is_main:
             (plan.dir / DONE_MARKER).write_text(f"{st.steps}\n")
         tracker.end("FINISHED")
@@ -480,23 +560,48 @@ def _train_stage(cfg: RunConfig, stage: str | int, *, resume: bool) -> StageResu
     return result
 
 
-def _export(engine: Any, ema: ShardedEma | None, plan: StagePlan, base: Path, dist: DistInfo) -> None:
+def _export(engine: Any, ema: ShardedEma | None, plan: StagePlan, base: Path, dist: DistInfo,
+            train: TrainConfig) -> None:
     """Write ``export/`` (and ``export_ema/``): the base checkpoint with the gathered trained (EMA) transformer.
 
     Each is assembled atomically by ``assemble_checkpoint`` (frozen components hard-linked where possible), so
-    it is always a complete checkpoint that ``ultraflux generate`` and the next stage load.
+    it is always a complete checkpoint that ``ultraflux generate`` and the next stage load. With LoRA each is an
+    adapter folder instead (``ultraflux_model.lora.adapters``), written atomically too.
     """
     from ultraflux_model.checkpoint.layout import assemble_checkpoint
 
     targets = [(plan.export, None)]
     if ema is not None:
         targets.append((plan.export_ema, ema.full_tensors(dist.is_main)))  # collective: every rank gathers
+    if train.method == "lora":
+        _export_adapters(engine.module, targets, base, dist, train)
+        return
     for out, replace in targets:
         gathered = export_transformer(engine.module, plan.dir / f".gathered-{out.name}", dist, replace=replace)
         if dist.is_main:
             assemble_checkpoint(base, out, {TRANSFORMER_DIR: gathered})
             shutil.rmtree(gathered)
         barrier()
+
+
+def _export_adapters(module: torch.nn.Module, targets: list[tuple[Path, dict[str, torch.Tensor] | None]], base: Path,
+                     dist: DistInfo, train: TrainConfig) -> None:
+    """Collective: gather the (possibly partitioned) adapter weights once and write each target's adapter folder
+    (the EMA target's weights replaced by its averages)."""
+    from ultraflux_model.checkpoint.layout import fingerprint
+    from ultraflux_model.lora.adapters import adapter_state, save_adapter
+    from ultraflux_model.lora.targets import target_modules
+
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    gathered = gather_full_tensors(module, names, dist)
+    if dist.is_main:
+        lora = train.lora
+        meta = {"base": train.model, "base_fingerprint": fingerprint(base / TRANSFORMER_DIR), "rank": lora.rank,
+                "alpha": lora.alpha, "dropout": lora.dropout, "preset": lora.targets,
+                "targets": target_modules(lora.targets), "method": "lora"}
+        for out, replace in targets:
+            save_adapter(module, out, meta, adapter_state(module, {**gathered, **(replace or {})}))
+    barrier()
 
 
 def train(cfg: RunConfig, *, resume: bool = False, stages: list[str] | None = None) -> list[StageResult]:
