@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_data.benchmark import run_grid
 from ultraflux_model.config import GenerateConfig
 
@@ -68,6 +69,8 @@ def test_a_limited_run_is_finished_by_a_rerun_of_only_the_missing_cells(tiny_che
         p.relative_to(reference) for p in (g.image.path for g in _grid(tiny_checkpoint, reference).images)]
     again = _grid(tiny_checkpoint, tmp_path)  # nothing left: no model is even loaded
     assert (again.generated, again.reused) == (0, CELLS)
+    with pytest.raises(UltraFluxError, match="max_cells must be 0 or more"):
+        _grid(tiny_checkpoint, tmp_path, max_cells=-1)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ultraflux_core.errors import UltraFluxError
 from ultraflux_eval.config import BenchmarkConfig
 from ultraflux_eval.protocol.evaluate import benchmark_prompts
 from ultraflux_model.config import GenerateConfig, SeedPolicy
@@ -58,6 +59,8 @@ def run_grid(
     transformer override), on ``compute``. ``model`` may be a registry URI fetched from ``tracking_uri`` (pin a
     version: a cell is named by the URI, and an alias may move). ``max_cells`` bounds the cells generated now
     (a first look at a long grid); the rest stay missing for the next run."""
+    if max_cells is not None and max_cells < 0:
+        raise UltraFluxError(f"max_cells must be 0 or more (None: every missing cell), got {max_cells}")
     cells = grid_cells(prompts, aspects, seeds, seed_policy)
     job = GridJob.create(model, settings, out_dir, tracking_uri)
     done = {cell: finished_cell(job, cell) for cell in cells}
