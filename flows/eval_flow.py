@@ -23,9 +23,10 @@ from ultraflux_core.config import dump_config
 from ultraflux_core.tracking.lineage import config_hash, dvc_data_hash, git_sha
 from ultraflux_core.tracking.registry import promote_if_better, record_evaluation, register_checkpoint
 from ultraflux_core.tracking.uri import is_registered_model_uri, is_registry_uri, registered_version
+from ultraflux_data.config import ComputeConfig
 from ultraflux_eval.config import EvalConfig
 from ultraflux_eval.errors import EvalError
-from ultraflux_eval.protocol.evaluate import benchmark_prompts, load_image_dir, validate_spec
+from ultraflux_eval.protocol.evaluate import load_image_dir, validate_spec
 from ultraflux_eval.protocol.logging import reachable_tracking_uri
 from ultraflux_eval.protocol.session import run_evaluation
 from ultraflux_model.checkpoint.resolve import resolve_checkpoint
@@ -49,17 +50,17 @@ def resolve_eval_config(config: list[str], overrides: list[str], out: Path) -> U
 
 @task(name="generate-benchmark")
 def generate_benchmark(
-    model: str, gen: GenerateConfig, spec_cfg: EvalConfig, out_dir: Path, tracking_uri: str | None = None
+    model: str, gen: GenerateConfig, spec_cfg: EvalConfig, out_dir: Path, compute: ComputeConfig,
+    tracking_uri: str | None = None,
 ) -> tuple[list[Path], list[str], list[str]]:
-    """The benchmark grid (prompts × aspect ratios × seeds); returns paths, prompts and aspect labels."""
-    from ultraflux_model.inference.grid import generate_grid
+    """The benchmark grid (prompts × aspect ratios × seeds) on the compute engine, resuming a killed run's cells;
+    returns paths, prompts and aspect labels."""
+    from ultraflux_data.benchmark import run_benchmark  # torch and diffusers load with it: only when generating
 
-    spec = spec_cfg.benchmark
-    aspects = [(a.name, a.width, a.height) for a in spec.aspect_ratios]
-    grid = generate_grid(
-        model, benchmark_prompts(spec), aspects, spec.seeds, gen, out_dir, tracking_uri, seed_policy=spec.seed_policy
-    )
-    return [g.image.path for g in grid], [g.image.prompt for g in grid], [g.aspect for g in grid]
+    run = run_benchmark(model, spec_cfg.benchmark, gen, out_dir, compute, tracking_uri=tracking_uri)
+    get_run_logger().info("benchmark grid: %d cells generated, %d reused from an earlier run", run.generated,
+                          run.reused)
+    return [g.image.path for g in run.images], [g.image.prompt for g in run.images], [g.aspect for g in run.images]
 
 
 @task(name="collect-images")
@@ -150,7 +151,8 @@ def eval_flow(
         generator = f"models:/{name}/{version}"  # pinned: an alias may move while we generate
     if generator is not None:
         validate_spec(cfg.eval.benchmark)  # sizes, reference set: fail before generating
-        paths, prompts, labels = generate_benchmark(generator, cfg.generate, cfg.eval, out_dir / "images", uri)
+        paths, prompts, labels = generate_benchmark(generator, cfg.generate, cfg.eval, out_dir / "images", cfg.compute,
+                                                    uri)
     else:
         paths, prompts = collect_images(images_dir, prompts_file)
         labels = None

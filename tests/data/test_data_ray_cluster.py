@@ -1,6 +1,7 @@
 """Joining a real Ray cluster (``ray start --head`` with token auth, tests/servers.py ``ray_cluster``) by explicit
 address: the token is sent, a wrong token is a clear error, a partition whose worker process dies is re-run (and the
-stage fails with a clear message once retries run out), and the stage leaves no detached actor behind."""
+stage fails with a clear message once retries run out), and the stage leaves no detached actor behind. The benchmark
+grid's two Ray Data actors (each loading the pipeline once) write the local engine's PNG bytes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from ultraflux_core.errors import UltraFluxError
+from ultraflux_data.benchmark import run_grid
 from ultraflux_data.compute import map_partitions, ray_session
 from ultraflux_data.config import ComputeConfig
+from ultraflux_model.config import GenerateConfig
 
 pytestmark = pytest.mark.slow
 
@@ -88,3 +92,32 @@ def test_a_lost_worker_is_retried_and_a_clear_error_when_retries_run_out(cluster
     no_retry = ComputeConfig(engine="ray", address=cluster_env.address, workers=1, task_retries=0)
     with pytest.raises(UltraFluxError, match=r"partition 0 lost its Ray worker 1 time.*re-run the stage to resume"):
         map_partitions(_DieOnceThenWork(fresh), [7], no_retry, progress=False)
+
+
+GRID_SETTINGS = GenerateConfig(steps=1, dtype="fp32")
+GRID_PROMPTS = ["a red fox", "a blue boat"]
+GRID_ASPECTS = [("1:1", 64, 64), ("2:1", 128, 64)]
+
+
+def _grid(model, out, compute=None):
+    return run_grid(str(model), GRID_PROMPTS, GRID_ASPECTS, [0], GRID_SETTINGS, out, compute, progress=False)
+
+
+def test_two_ray_workers_write_the_local_engines_pngs(cluster_env, tiny_checkpoint, tmp_path):
+    # A Ray actor (num_cpus=1) runs torch on one thread; float32 sums can differ in the last bits between thread
+    # counts, so the local run uses one thread too (as tests/data/test_data_ray.py)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        local = _grid(tiny_checkpoint, tmp_path / "local")
+    finally:
+        torch.set_num_threads(threads)
+    compute = ComputeConfig(engine="ray", address=cluster_env.address, workers=2)
+    on_ray = _grid(tiny_checkpoint, tmp_path / "ray", compute)
+    assert (on_ray.generated, on_ray.reused, on_ray.missing) == (4, 0, 0)
+    pairs = list(zip(local.images, on_ray.images, strict=True))
+    assert [a.image.path.relative_to(tmp_path / "local") for a, _ in pairs] == [
+        b.image.path.relative_to(tmp_path / "ray") for _, b in pairs]
+    assert all(a.image.path.read_bytes() == b.image.path.read_bytes() for a, b in pairs)
+    again = _grid(tiny_checkpoint, tmp_path / "ray", compute)  # finished: no actor is started
+    assert (again.generated, again.reused) == (0, 4)

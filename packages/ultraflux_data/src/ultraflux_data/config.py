@@ -181,7 +181,7 @@ class DataConfig(Section):
 
 
 class ComputeConfig(Section):
-    """Where the per-image data stages run (``ultraflux_data.compute``): in this process or on Ray.
+    """Where the per-image data stages and the benchmark grid run (``ultraflux_data.compute``): here or on Ray.
 
     ``local`` and ``ray`` run the same partition functions, so outputs are identical whichever engine ran them.
     """
@@ -195,7 +195,10 @@ class ComputeConfig(Section):
         "an explicit address",
     )
     workers: int = Field(1, ge=1, description="parallel Ray tasks / actors per stage (local runs one at a time)")
-    gpus_per_worker: float = Field(0.0, ge=0.0, description="GPUs per actor of the model stages (score, cache)")
+    gpus_per_worker: float = Field(
+        0.0, ge=0.0, description="GPUs per actor of the model stages (score, cache) and of the evaluation's "
+        "benchmark grid (each actor loads the pipeline once)"
+    )
     task_retries: int = Field(
         3, ge=0, description="ray only: times a task partition (download, ingest, shard) is re-run after its Ray "
         "worker process or node died (safe: partitions are idempotent); then the stage fails with a message saying "
