@@ -48,6 +48,7 @@ MODEL_RANKS: list[tuple[str, ...]] = [
      "ultraflux_model.release.aliases"),
     ("ultraflux_model.checkpoint",),  # resolve (incl. models:/), layout, convert, tiny
     ("ultraflux_model.release",),  # assembling a release from checkpoints
+    ("ultraflux_model.lora",),  # LoRA adapters: targets, the adapter folder (the trainer writes, inference applies)
     ("ultraflux_model.inference",),
     ("ultraflux_model.training",),  # a trainer samples (inference) at its exports
     ("ultraflux_model.serving",),
