@@ -84,12 +84,16 @@ def init_tiny(
 
 
 @app.command()
-@config_options(Options("generate", GenerateConfig, exclude=("prompts", "sizes")))
+@config_options(Options("generate", GenerateConfig, exclude=("prompts", "sizes", "lora")))
 def generate(
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="a prompt; repeat for several (generate.prompts)"),
     prompts_file: Path | None = typer.Option(None, help="text file, one prompt per line (generate.prompts)"),
     width: int | None = typer.Option(None, help="pixels, multiple of 32 (generate.sizes)"),
     height: int | None = typer.Option(None, help="pixels, multiple of 32 (generate.sizes)"),
+    lora: list[str] = typer.Option(
+        [], "--lora", help="a LoRA adapter folder as PATH[:SCALE] (scale 1 by default); repeat for several "
+        "(generate.lora)"
+    ),
     *,
     config: list[Path],
     overrides: list[str],
@@ -97,6 +101,7 @@ def generate(
     """Generate images; each PNG gets a JSON sidecar (prompt, seed, size, model hash, timings, peak memory).
 
     --model takes a checkpoint directory, a hub id or a registry URI (models:/NAME@ALIAS); image k uses seed+k.
+    --lora adds adapters trained on that model (docs/lora.md); --fuse-lora merges them into the weights first.
     """
     from ultraflux_model.inference.pipeline import generate_from_config
 
@@ -111,6 +116,8 @@ def generate(
         overrides.append(f"generate.prompts={override_value(prompts)}")
     if width is not None:
         overrides.append(f"generate.sizes={override_value([[width, height]])}")
+    if lora:
+        overrides.append(f"generate.lora={override_value(list(lora))}")
     cfg = resolve_config(config, overrides)
     for image in generate_from_config(cfg.generate, rope_kernel=cfg.kernels.rope, limits=cfg.serve):
         typer.echo(f"{image.path}  ({image.width}x{image.height}, seed {image.seed})")
