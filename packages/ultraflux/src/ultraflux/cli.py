@@ -18,6 +18,7 @@ from ultraflux_model.config import Dtype, GenerateConfig
 from ultraflux.config import load_config, resolve_config
 from ultraflux.convert_cli import convert_app
 from ultraflux.data_cli import app as data_app
+from ultraflux.lora_cli import app as lora_app
 from ultraflux.plan_cli import plan_command
 from ultraflux.tracking_cli import app as tracking_app
 from ultraflux.train_cli import train_app
@@ -36,6 +37,7 @@ app.command("ui")(ui)  # the web app (ultraflux/ui_cli.py)
 app.command("plan")(plan_command)  # ultraflux/plan_cli.py
 app.add_typer(convert_app, name="convert")  # flux-dev, assemble (ultraflux/convert_cli.py)
 app.add_typer(tracking_app, name="tracking")  # check (ultraflux/tracking_cli.py)
+app.add_typer(lora_app, name="lora")  # export (ultraflux/lora_cli.py)
 
 
 @config_app.command("dump")
