@@ -40,11 +40,12 @@ class Adapter:
     folder: Path
     meta: dict[str, Any]
     sha256: str
+    label: str | None = None  # the name a server lists it under (its folder may be a download's temporary one)
 
     @property
     def name(self) -> str:
-        """What people call it: the folder's name."""
-        return self.folder.name
+        """What people call it: ``label``, else the folder's name."""
+        return self.label or self.folder.name
 
     @property
     def weights(self) -> Path:
