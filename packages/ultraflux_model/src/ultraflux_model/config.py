@@ -416,6 +416,10 @@ class UiConfig(Section):
     model: str = Field("artifacts/tiny-ultraflux", description="checkpoint directory, hub id or models:/NAME@ALIAS")
     compare: str | None = Field(None, description="second model shown side by side (same prompt and seed)")
     transformer: str | None = Field(None, description="transformer from another source for --model")
+    lora: tuple[str, ...] = Field(
+        (), description="LoRA adapter folders the page's LoRA picker offers (by folder name, with a scale slider), "
+        "each trained on --model; clients pick by name, never by path"
+    )
     host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")
     port: int = Field(7860, ge=0, le=65535, description="0 picks a free port")
     out: Path = Path("artifacts/studio")

@@ -65,8 +65,9 @@ class Adapter:
         return float(self.meta["alpha"])
 
     def record(self, scale: float) -> dict[str, Any]:
-        """The sidecar entry of this adapter at ``scale``."""
-        return {"name": self.name, "path": str(self.folder), "sha256": self.sha256, "scale": scale,
+        """The sidecar entry of this adapter at ``scale`` (``folder``, not ``path``: Gradio takes a JSON object with a
+        ``path`` for a file to serve)."""
+        return {"name": self.name, "folder": str(self.folder), "sha256": self.sha256, "scale": scale,
                 "rank": self.rank, "alpha": self.alpha, "base": self.meta["base"]}  # fmt: skip
 
 
