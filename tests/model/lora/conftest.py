@@ -11,7 +11,8 @@ import torch
 
 def make_adapter(checkpoint: Path, out: Path, *, preset: str = "attention", rank: int = 4, alpha: float = 8.0,
                  seed: int = 0, std: float = 0.3, base_fingerprint: str | None = None) -> Path:
-    """An adapter folder for ``checkpoint``'s transformer (base fingerprint: the checkpoint's content hash)."""
+    """An adapter folder for ``checkpoint``'s transformer (base fingerprint: its ``transformer/`` folder's content hash,
+    as the trainer records it)."""
     from peft import LoraConfig
     from ultraflux_model.checkpoint.layout import fingerprint
     from ultraflux_model.lora.adapters import save_adapter
@@ -26,8 +27,8 @@ def make_adapter(checkpoint: Path, out: Path, *, preset: str = "attention", rank
         for name, param in transformer.named_parameters():
             if "lora_" in name:  # A and B both random: B = 0 (peft's init) would make a no-op adapter
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
-    meta = {"base": str(checkpoint), "base_fingerprint": base_fingerprint or fingerprint(checkpoint), "rank": rank,
-            "alpha": alpha, "targets": preset}  # fmt: skip
+    meta = {"base": str(checkpoint), "base_fingerprint": base_fingerprint or fingerprint(checkpoint / "transformer"),
+            "rank": rank, "alpha": alpha, "targets": preset, "method": "lora"}  # fmt: skip
     return save_adapter(transformer, out, meta)
 
 

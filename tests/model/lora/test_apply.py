@@ -79,13 +79,12 @@ def test_an_adapter_of_another_base_is_refused(tiny_checkpoint, tmp_path):
         use_adapters(stand_in, read_specs([str(other)]))
 
 
-def test_the_transformer_fingerprint_is_accepted_too(pipe, tiny_checkpoint, tmp_path):
+def test_the_checkpoint_fingerprint_is_accepted_too(pipe, tiny_checkpoint, tmp_path):
     from ultraflux_model.checkpoint.layout import fingerprint
 
-    adapter = make_adapter(tiny_checkpoint, tmp_path / "by-transformer",
-                           base_fingerprint=fingerprint(tiny_checkpoint / "transformer"))  # fmt: skip
+    adapter = make_adapter(tiny_checkpoint, tmp_path / "by-checkpoint", base_fingerprint=fingerprint(tiny_checkpoint))
     _, sidecar = _image(pipe, tmp_path / "out", lora=[str(adapter)])
-    assert sidecar["lora"][0]["name"] == "by-transformer"
+    assert sidecar["lora"][0]["name"] == "by-checkpoint"
 
 
 @pytest.mark.parametrize("spec,message", [

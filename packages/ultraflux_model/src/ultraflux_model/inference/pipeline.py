@@ -276,8 +276,8 @@ def generate(
 
     ``lora`` lists LoRA adapters as ``PATH[:SCALE]`` (or adapters already read, with their scales): each folder is
     read before the model is loaded, checked against the transformer it will run on, and active for these images
-    only (a shared ``pipe`` keeps them loaded but off afterwards); ``fuse_lora`` merges them into the weights
-    (``ultraflux_model.lora.apply``). The sidecar lists them (``lora``).
+    (a shared ``pipe`` keeps them loaded; the next call turns off those it does not name, unfusing first);
+    ``fuse_lora`` merges them into the weights (``ultraflux_model.lora.apply``). The sidecar lists them (``lora``).
     """
     if not prompts:
         raise UltraFluxError("no prompts given")
