@@ -23,7 +23,7 @@ on any file with ``lora_down`` keys) but not the way out for Flux (its ``convert
 keys and knows no fused layers), so the way out is written here and the tests prove it by the way in: diffusers'
 converter turns our kohya file back into the adapter's B·A·α/r for every module. That converter hard-codes Flux-dev's
 widths (3072 hidden, 12288 MLP) for ``linear1``; files of the full-width model read back, a tiny test model's single
-blocks do not (ComfyUI splits by the model's own widths).
+blocks do not (ComfyUI's Flux keeps BFL's fused layers, so a fused LoRA applies to them as is, at any width).
 """
 
 from __future__ import annotations
