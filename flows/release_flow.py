@@ -6,7 +6,12 @@ as a pyfunc MLflow model (content-addressed blobs in the run's artifact store, `
 registration and the champion rule are the eval flow's. Consumers then use ``models:/ultraflux@champion``.
 
     python -m flows.release_flow --transformer artifacts/train/stage2/export --vae artifacts/vae-post/vae
+
+A LoRA adapter trained on a release is released beside it (``lora_release_flow``): registered as a version of
+``ultraflux-lora`` whose description and ``ultraflux.base_*`` tags name that release, after the adapter is checked
+against it (:func:`ultraflux_model.serving.publish.register_adapter`; docs/lora.md).
 """
+
 
 from __future__ import annotations
 
@@ -17,8 +22,9 @@ from prefect import flow, task
 from ultraflux.config import resolve_config
 from ultraflux.deploy import SharedRoots, with_roots
 from ultraflux_model.release.assemble import assemble_release
+from ultraflux_model.serving.publish import register_adapter
 
-from flows.eval_flow import eval_flow
+from flows.eval_flow import eval_flow, resolve_eval_config
 
 
 @task(name="assemble-release")
@@ -47,3 +53,40 @@ def release_flow(
     result = eval_flow(model=str(final), config=config, overrides=overrides, out=str(Path(out) / "eval"), promote=promote)
     print(f"released {final}: {result.get('registry')}")
     return {"checkpoint": str(final), **result}
+
+
+@task(name="register-adapter")
+def register_lora(adapter: str, uri: str, experiment: str, base: str, name: str) -> dict[str, str]:
+    from ultraflux_core.tracking.uri import client_for
+
+    client = client_for(uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run_id = client.create_run(experiment_id, run_name=f"lora-{Path(adapter).name}").info.run_id
+    try:
+        version = register_adapter(Path(adapter), uri, run_id, base, name)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id)
+    return {"run_id": run_id, "model": name, "version": version, "uri": f"models:/{name}/{version}"}
+
+
+@flow(name="ultraflux-lora-release", log_prints=True)
+def lora_release_flow(
+    adapter: str,
+    base: str = "models:/ultraflux@champion",
+    name: str = "ultraflux-lora",
+    config: list[str] | None = None,
+    overrides: list[str] | None = None,
+    out: str = "artifacts/release",
+    roots: SharedRoots | None = None,
+) -> dict[str, str]:
+    """Register the adapter folder ``adapter`` as a version of ``name`` naming the release ``base`` it was trained on
+    (the eval section's tracking server and experiment, as the release flow registers releases)."""
+    if roots is not None:
+        out, adapter = roots.rebase(out), roots.rebase(adapter)
+    cfg = resolve_eval_config(config or [], with_roots(config, overrides, roots), Path(out))
+    result = register_lora(adapter, cfg.eval.tracking.resolve_uri(), cfg.eval.tracking.experiment, base, name)
+    print(f"registered {adapter} as {result['uri']} (base {base})")
+    return result

@@ -116,7 +116,7 @@ def test_adapter_folder_round_trip_and_refusals(tmp_path) -> None:  # noqa: ANN0
         load_adapter_state(fewer, out)
     with pytest.raises(UltraFluxError, match="lacks"):
         save_adapter(model, tmp_path / "bad", {"base": "stub"})
-    with pytest.raises(UltraFluxError, match="not a LoRA adapter folder"):
+    with pytest.raises(UltraFluxError, match="has no pytorch_lora_weights.safetensors"):
         load_adapter_state(other, tmp_path)
 
 

@@ -18,6 +18,7 @@ from ultraflux_model.config import Dtype, GenerateConfig
 from ultraflux.config import load_config, resolve_config
 from ultraflux.convert_cli import convert_app
 from ultraflux.data_cli import app as data_app
+from ultraflux.lora_cli import app as lora_app
 from ultraflux.plan_cli import plan_command
 from ultraflux.serve_cli import serve
 from ultraflux.tracking_cli import app as tracking_app
@@ -40,6 +41,7 @@ app.command("plan")(plan_command)  # ultraflux/plan_cli.py
 app.add_typer(convert_app, name="convert")  # flux-dev, assemble (ultraflux/convert_cli.py)
 app.add_typer(tracking_app, name="tracking")  # check (ultraflux/tracking_cli.py)
 app.add_typer(worker_app, name="worker")  # start: the draining process worker (ultraflux/worker_cli.py)
+app.add_typer(lora_app, name="lora")  # export (ultraflux/lora_cli.py)
 
 
 @config_app.command("dump")
@@ -88,12 +90,16 @@ def init_tiny(
 
 
 @app.command()
-@config_options(Options("generate", GenerateConfig, exclude=("prompts", "sizes")))
+@config_options(Options("generate", GenerateConfig, exclude=("prompts", "sizes", "lora")))
 def generate(
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="a prompt; repeat for several (generate.prompts)"),
     prompts_file: Path | None = typer.Option(None, help="text file, one prompt per line (generate.prompts)"),
     width: int | None = typer.Option(None, help="pixels, multiple of 32 (generate.sizes)"),
     height: int | None = typer.Option(None, help="pixels, multiple of 32 (generate.sizes)"),
+    lora: list[str] = typer.Option(
+        [], "--lora", help="a LoRA adapter folder as PATH[:SCALE] (scale 1 by default); repeat for several "
+        "(generate.lora)"
+    ),
     *,
     config: list[Path],
     overrides: list[str],
@@ -101,6 +107,7 @@ def generate(
     """Generate images; each PNG gets a JSON sidecar (prompt, seed, size, model hash, timings, peak memory).
 
     --model takes a checkpoint directory, a hub id or a registry URI (models:/NAME@ALIAS); image k uses seed+k.
+    --lora adds adapters trained on that model (docs/lora.md); --fuse-lora merges them into the weights first.
     """
     from ultraflux_model.inference.pipeline import generate_from_config
 
@@ -115,6 +122,8 @@ def generate(
         overrides.append(f"generate.prompts={override_value(prompts)}")
     if width is not None:
         overrides.append(f"generate.sizes={override_value([[width, height]])}")
+    if lora:
+        overrides.append(f"generate.lora={override_value(list(lora))}")
     cfg = resolve_config(config, overrides)
     for image in generate_from_config(cfg.generate, rope_kernel=cfg.kernels.rope, limits=cfg.serve):
         typer.echo(f"{image.path}  ({image.width}x{image.height}, seed {image.seed})")

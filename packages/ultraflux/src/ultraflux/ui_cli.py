@@ -7,18 +7,25 @@ from pathlib import Path
 
 import typer
 from ultraflux_core.errors import UltraFluxError
-from ultraflux_core.options import Options, config_options
+from ultraflux_core.options import Options, config_options, override_value
 from ultraflux_model.config import UiConfig
 
 from ultraflux.config import resolve_config
 
 
-@config_options(Options("ui", UiConfig))
-def ui(*, config: list[Path], overrides: list[str]) -> None:
+@config_options(Options("ui", UiConfig, exclude=("lora",)))
+def ui(
+    lora: list[str] = typer.Option([], "--lora", help="a LoRA adapter folder the picker offers; repeat (ui.lora)"),
+    *,
+    config: list[Path],
+    overrides: list[str],
+) -> None:
     """Start the web app: generate at any aspect ratio, watch progress, browse the gallery, compare two models.
 
     --model and --compare take a checkpoint directory, a hub id or a registry URI (models:/NAME@ALIAS).
     """
+    if lora:
+        overrides.append(f"ui.lora={override_value(list(lora))}")
     cfg = resolve_config(config, overrides)
     # Gradio phones home for analytics and version checks unless told not to; read when gradio is imported.
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -30,7 +37,7 @@ def ui(*, config: list[Path], overrides: list[str]) -> None:
         raise UltraFluxError(f"the web app needs gradio ({err}): pip install 'ultraflux-model[app]'") from err
 
     studio = Studio(cfg.ui.model, out=cfg.ui.out, limits=cfg.serve, compare=cfg.ui.compare,
-                    transformer=cfg.ui.transformer)  # fmt: skip
+                    transformer=cfg.ui.transformer, lora=cfg.ui.lora)  # fmt: skip
     # Load once, before serving: a missing or broken model fails here with one line, not on the first request.
     for side, slot in studio.slots():
         typer.echo(f"loaded {side}: {studio.load(side, second=slot.ref if side == 'compare' else None).label}")

@@ -33,6 +33,7 @@ TOKEN_PX = 32  # 16x VAE downsampling then 2x2 packing: one transformer token co
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's signed 64-bit range, and what JSON clients can send exactly
 MAX_GUIDANCE = 30.0  # distilled guidance: the official default is 4.0, Flux-dev's useful range ends well below 30
 MAX_T5_TOKENS = 512  # the T5 context UltraFlux was trained with; longer prompts are cut (with a notice)
+MAX_LORA_SCALE = 4.0  # |scale| of one LoRA adapter; 1 is the adapter as trained, negative scales invert it
 
 
 class KernelConfig(Section):
@@ -99,6 +100,21 @@ class GenerateConfig(Section):
     transformer: str | None = Field(
         None, description="transformer from another source (directory or hub id); None: the checkpoint's own"
     )
+    lora: tuple[str, ...] = Field(
+        (), description="LoRA adapters as PATH[:SCALE] (an adapter folder, scale 1 by default, |scale| at most 4); "
+        "each must have been trained on this model's transformer (docs/lora.md)"
+    )
+    fuse_lora: bool = Field(
+        False, description="merge the adapters into the transformer's weights before sampling (faster steps); "
+        "the base weights are restored bit for bit when the adapters change"
+    )
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_specs_parse(cls, specs: tuple[str, ...]) -> tuple[str, ...]:
+        for spec in specs:
+            parse_lora_spec(spec)
+        return specs
 
     @field_validator("sizes")
     @classmethod
@@ -121,6 +137,40 @@ def check_image_size(width: int, height: int) -> None:
             f"image size {width}x{height} is not supported: width and height must be positive multiples of "
             f"{TOKEN_PX} (16x VAE, 2x2 packing); the nearest valid size is {w}x{h}"
         )
+
+
+def check_lora_scale(scale: object, what: str = "LoRA scale") -> float:
+    """``scale`` as a float when it is a finite number with ``|scale| <= MAX_LORA_SCALE``, else ``UltraFluxError``."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(float(scale)):
+        raise UltraFluxError(f"{what} must be a finite number, got {scale!r}")
+    if abs(float(scale)) > MAX_LORA_SCALE:
+        raise UltraFluxError(f"{what} must lie between -{MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, got {scale:g}")
+    return float(scale)
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``"PATH[:SCALE]"`` → ``(PATH, SCALE)`` (scale 1 when absent). Pure: whether PATH is an adapter is checked
+    where it is loaded (``ultraflux_model.lora.apply.read_adapter``).
+
+    The scale is what follows the last ``:`` unless that part holds a ``/`` or ``\\`` (then the whole text is a
+    path, e.g. ``C:\\adapters\\style``); a tail that is not a number is refused rather than read as a path.
+    """
+    text = spec.strip()
+    head, colon, tail = text.rpartition(":")
+    if not colon or "/" in tail or "\\" in tail:
+        path, scale = text, 1.0
+    else:
+        try:
+            value = float(tail)
+        except ValueError:
+            raise UltraFluxError(
+                f"bad LoRA scale {tail!r} in {spec!r}: write PATH or PATH:SCALE with SCALE a number "
+                f"between -{MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}"
+            ) from None
+        path, scale = head, check_lora_scale(value, f"LoRA scale in {spec!r}")
+    if not path:
+        raise UltraFluxError(f"LoRA adapter {spec!r} names no path: write PATH or PATH:SCALE")
+    return path, scale
 
 
 TimestepSampling = Literal["uniform", "logit_normal"]
@@ -402,6 +452,10 @@ class RayServeConfig(Section):
         None, ge=1, description="None: a fixed number of replicas; set: autoscale between replicas and max_replicas"
     )
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per replica (1 on GPU nodes; 0 runs on CPU)")
+    lora: tuple[str, ...] = Field(
+        (), description="LoRA adapter folders every replica loads, each trained on model; a request names one by its "
+        "folder name (column lora), never by path"
+    )
     num_cpus: float = Field(1.0, ge=0.0, description="CPUs per replica")
     max_ongoing_requests: int = Field(1, ge=1, description="requests one replica generates at once (one per GPU)")
     max_queued_requests: int = Field(
@@ -423,6 +477,10 @@ class UiConfig(Section):
     model: str = Field("artifacts/tiny-ultraflux", description="checkpoint directory, hub id or models:/NAME@ALIAS")
     compare: str | None = Field(None, description="second model shown side by side (same prompt and seed)")
     transformer: str | None = Field(None, description="transformer from another source for --model")
+    lora: tuple[str, ...] = Field(
+        (), description="LoRA adapter folders the page's LoRA picker offers (by folder name, with a scale slider), "
+        "each trained on --model; clients pick by name, never by path"
+    )
     host: str = Field("127.0.0.1", description="bind address; loopback unless you mean to expose it")
     port: int = Field(7860, ge=0, le=65535, description="0 picks a free port")
     out: Path = Path("artifacts/studio")

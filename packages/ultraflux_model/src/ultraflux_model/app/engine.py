@@ -21,8 +21,9 @@ from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_model.checkpoint.layout import fingerprint
 from ultraflux_model.config import Dtype, Offload, ServeConfig, VaeDecodeMode
-from ultraflux_model.inference.limits import check_request, check_settings
+from ultraflux_model.inference.limits import check_lora, check_request, check_settings
 from ultraflux_model.inference.pipeline import GeneratedImage, StepCallback, UltraFluxPipeline, generate, load_pipeline
+from ultraflux_model.lora.apply import Adapter, base_fingerprints, check_base, read_adapter
 
 SIDES = ("model", "compare")
 # An absolute path in a message ("/etc/…", "'/root/x'"), but not "models:/…", "1/steps" or a URL's "//".
@@ -47,6 +48,8 @@ class Request:
     dtype: Dtype = "fp32"
     offload: Offload = "none"
     vae_decode: VaeDecodeMode = "tiled"
+    lora: str | None = None  # one of the app's adapters by name (the main model only); None: none
+    lora_scale: float = 1.0
 
 
 @dataclass
@@ -95,7 +98,9 @@ class Studio:
     """Models loaded once, one job on the device at a time, per-session cancellation.
 
     The second model of a comparison is one of ``compare`` (the models the server was started with), chosen per
-    request: clients never name a path, and one user's choice never changes another's.
+    request: clients never name a path, and one user's choice never changes another's. The same holds for LoRA
+    adapters: ``lora`` lists the adapter folders the app offers (by folder name, checked against the main model when
+    it loads); a request picks one by name with a scale, and it applies to the main model only.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class Studio:
         compare: str | Sequence[str] | None = None,
         transformer: str | None = None,
         device: str | None = None,
+        lora: Sequence[str] = (),
     ) -> None:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -116,6 +122,10 @@ class Studio:
         self.main = ModelSlot(model, transformer)
         refs = [compare] if isinstance(compare, str) else list(compare or ())
         self.seconds: dict[str, ModelSlot] = {ref: ModelSlot(ref) for ref in dict.fromkeys(r for r in refs if r)}
+        adapters = [read_adapter(path) for path in lora]
+        self.adapters: dict[str, Adapter] = {adapter.name: adapter for adapter in adapters}
+        if len(self.adapters) != len(adapters):
+            raise UltraFluxError("two LoRA adapters share a folder name: the picker lists them by name; rename one")
         # Gradio's concurrency limit stops a second job from starting, but a cancelled job's thread runs on
         # until its next step; this lock keeps the device to one job even then.
         self._device_lock = threading.Lock()
@@ -127,6 +137,11 @@ class Studio:
     def compare_choices(self) -> list[str]:
         """The models a comparison may use (the Compare tab's dropdown), first one the default."""
         return list(self.seconds)
+
+    @property
+    def lora_choices(self) -> list[str]:
+        """The adapters a request may name (the LoRA picker)."""
+        return list(self.adapters)
 
     def slots(self) -> list[tuple[str, ModelSlot]]:
         """Every model of the app as ``(side, slot)``: the main model, then each second model."""
@@ -163,6 +178,10 @@ class Studio:
                 slot.ref, dtype=key[0], offload=offload, device=self.device, transformer=slot.transformer
             )
             slot.loaded_as = key
+            if slot is self.main and self.adapters:  # an adapter of another model fails at start, not per request
+                allowed = base_fingerprints(slot.pipe.checkpoint_root, slot.pipe.transformer_root)  # type: ignore[attr-defined]
+                for adapter in self.adapters.values():
+                    check_base(adapter, allowed)
         return slot
 
     # -- cancellation -----------------------------------------------------------------------------------
@@ -185,6 +204,7 @@ class Studio:
         check_request(self.limits, [(request.width, request.height)], images=request.images)
         check_settings(self.limits, steps=request.steps, guidance=request.guidance, seed=request.seed,
                        images=request.images)  # fmt: skip
+        check_lora(self.adapters, request.lora, request.lora_scale)
 
     def new_run_dir(self) -> Path:
         """A fresh directory under ``out`` per request, so requests never overwrite each other's files."""
@@ -216,6 +236,8 @@ class Studio:
             if progress is not None:
                 progress(phase, done, total)
 
+        name, scale = check_lora(self.adapters, request.lora, request.lora_scale)
+        adapters = [(self.adapters[name], scale)] if name and side == "model" else []
         with self._device_lock:
             slot = self.load(side, request.dtype, request.offload, second)
             return generate(
@@ -234,6 +256,7 @@ class Studio:
                 callback=on_step,
                 transformer=slot.transformer,
                 limits=self.limits,
+                lora=adapters,
             )
 
     def compare(

@@ -21,10 +21,12 @@ import gradio as gr
 
 from ultraflux_model.app.engine import Request, Studio, friendly_error, hide_paths, list_outputs, read_sidecar
 from ultraflux_model.app.sizes import ASPECTS, FAMILIES, preset_size, size_note
+from ultraflux_model.config import MAX_LORA_SCALE
 from ultraflux_model.inference.pipeline import StepCallback
 
 DEVICE = "device"  # the concurrency id every event that runs a model shares
 CSS = "#size-note p {margin: 0} footer {display: none !important}"
+NO_LORA = "none"  # the LoRA picker's first entry
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -120,18 +122,21 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
     def show_selected(paths: list[str], evt: gr.SelectData) -> tuple[dict[str, Any], list[str]]:
         return selected_item(paths, evt.index)
 
-    def request_of(prompt, width, height, steps, guidance, seed, images=1, dtype=None, offload="none", decode="tiled"):
+    def request_of(prompt, width, height, steps, guidance, seed, images=1, dtype=None, offload="none", decode="tiled",
+                   lora=None, lora_scale=1.0):  # fmt: skip
         if width is None or height is None or seed is None:
             raise gr.Error("width, height and seed must be numbers", print_exception=False)
         return Request(
             prompt=prompt or "", width=int(width), height=int(height), steps=int(steps), guidance=float(guidance),
             seed=int(seed), images=int(images), dtype=dtype or studio.default_dtype, offload=offload, vae_decode=decode,
+            lora=None if lora in (None, "", NO_LORA) else lora, lora_scale=1.0 if lora_scale is None else lora_scale,
         )  # fmt: skip
 
     @_user_errors
-    def run_generate(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode,
+    def run_generate(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode, lora, lora_scale,
                      request: gr.Request, progress=gr.Progress()):  # fmt: skip
-        req = request_of(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode)
+        req = request_of(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode, lora,
+                         lora_scale)  # fmt: skip
         made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, req.images))
         _notices(made)
         return [(str(g.path), _caption(g.sidecar)) for g in made], [g.sidecar for g in made]
@@ -144,11 +149,19 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         return str(made[0].path), {**made[0].sidecar, "image_path": str(made[0].path)}
 
     @_user_errors
-    def run_compare(prompt, width, height, steps, guidance, seed, second, dtype, offload, decode,
-                    request: gr.Request, progress=gr.Progress()):  # fmt: skip
+    def api_generate_lora(prompt, width, height, steps, guidance, seed, lora, lora_scale, request: gr.Request,
+                          progress=gr.Progress()):  # fmt: skip
+        req = request_of(prompt, width, height, steps, guidance, seed, lora=lora, lora_scale=lora_scale)
+        made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, 1))
+        _notices(made)
+        return str(made[0].path), {**made[0].sidecar, "image_path": str(made[0].path)}
+
+    @_user_errors
+    def run_compare(prompt, width, height, steps, guidance, seed, second, dtype, offload, decode, lora=None,
+                    lora_scale=1.0, request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
         # ``second`` is this session's dropdown value: checked against the command line's models by the engine,
         # never stored server-side (one user's choice is not another's).
-        req = request_of(prompt, width, height, steps, guidance, seed, 1, dtype, offload, decode)
+        req = request_of(prompt, width, height, steps, guidance, seed, 1, dtype, offload, decode, lora, lora_scale)
         pair = studio.compare(req, session=request.session_hash or "", progress=_progress(progress, req.steps, 2),
                               second=second or None)  # fmt: skip
         (a, meta_a), (b, meta_b) = pair["model"], pair["compare"]
@@ -157,7 +170,7 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
     def api_compare(prompt, width, height, steps, guidance, seed, second=None, request: gr.Request = None,
                     progress=gr.Progress()):  # fmt: skip
         a, b, _, _, meta = run_compare(prompt, width, height, steps, guidance, seed, second, None, "none", "tiled",
-                                       request, progress)  # fmt: skip
+                                       request=request, progress=progress)  # fmt: skip
         return a, b, meta
 
     def on_size(w, h):
@@ -193,6 +206,13 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
                     seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
                     randomise = gr.Button("Random seed", size="sm")
                     images = gr.Slider(1, studio.limits.max_images, value=1, step=1, label="Images")
+                lora_choices = [NO_LORA] + studio.lora_choices
+                with gr.Row(visible=bool(studio.lora_choices)):
+                    lora = gr.Dropdown(lora_choices, value=NO_LORA, label="LoRA",
+                                       info="an adapter this app was started with (--lora); the main model only",
+                                       elem_id="lora")  # fmt: skip
+                    lora_scale = gr.Slider(-MAX_LORA_SCALE, MAX_LORA_SCALE, value=1.0, step=0.05, label="LoRA scale",
+                                           elem_id="lora-scale")  # fmt: skip
                 with gr.Accordion("Advanced settings", open=False):
                     dtype = gr.Radio(["bf16", "fp16", "fp32"], value=studio.default_dtype, label="dtype")
                     offload = gr.Radio(["none", "model", "sequential"], value="none", label="CPU offload (GPU only)")
@@ -227,17 +247,19 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         paths = gr.State([])
         # Hidden outputs of the API endpoints (scripts get the file and the sidecar; the page shows its own).
         with gr.Row(visible=False):
-            api_go, api_cmp = gr.Button(), gr.Button()
+            api_go, api_cmp, api_lora = gr.Button(), gr.Button(), gr.Button()
             api_image, api_image_b, api_meta = gr.Image(type="filepath"), gr.Image(type="filepath"), gr.JSON()
 
         base = [prompt, width, height, steps, guidance, seed]
-        advanced = [dtype, offload, decode]
+        advanced = [dtype, offload, decode, lora, lora_scale]
         device = {"concurrency_limit": 1, "concurrency_id": DEVICE, "validator": session_limit(demo, session_jobs)}
         gen = go.click(run_generate, base + [images] + advanced, [result, result_meta], api_visibility="private",
                        **device)  # fmt: skip
         cmp = cmp_go.click(run_compare, base + [second] + advanced, [img_a, img_b, label_a, label_b, cmp_meta],
                            api_visibility="private", **device)  # fmt: skip
         api_go.click(api_generate, base, [api_image, api_meta], api_name="generate", **device)
+        api_lora.click(api_generate_lora, base + [lora, lora_scale], [api_image, api_meta], api_name="generate_lora",
+                       **device)  # fmt: skip
         api_cmp.click(api_compare, base + [second], [api_image, api_image_b, api_meta], api_name="compare", **device)
         for event in (gen, cmp):
             event.then(refresh_gallery, None, [gallery, paths], queue=False, api_visibility="private")

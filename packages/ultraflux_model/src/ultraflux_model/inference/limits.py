@@ -3,7 +3,8 @@
 
 Bounds (docs/app.md, "Request limits"): steps 1 … ``serve.max_steps``; guidance finite in 0 … ``MAX_GUIDANCE``;
 shift finite and positive; seeds 0 … 2**63-1 for every image of the request; sizes positive multiples of 32 and at
-most ``serve.max_pixels``; at most ``serve.max_images`` images. Each refusal is an ``UltraFluxError`` whose one-line
+most ``serve.max_pixels``; at most ``serve.max_images`` images; a LoRA adapter only by a name the server lists, its
+scale finite within ±``MAX_LORA_SCALE``. Each refusal is an ``UltraFluxError`` whose one-line
 message names the parameter and its allowed range.
 """
 
@@ -11,11 +12,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from ultraflux_core.errors import UltraFluxError
 
-from ultraflux_model.config import MAX_GUIDANCE, MAX_SEED, ServeConfig, check_image_size
+from ultraflux_model.config import MAX_GUIDANCE, MAX_SEED, ServeConfig, check_image_size, check_lora_scale
 
 
 @dataclass(frozen=True)
@@ -89,3 +91,18 @@ def check_request(limits: ServeConfig, sizes: list[tuple[int, int]], images: int
                 f"{width}x{height} is {width * height / 1e6:.1f} MP, over the limit of "
                 f"{limits.max_pixels / 1e6:.1f} MP per image (serve.max_pixels); choose a smaller size"
             )
+
+
+def check_lora(known: Collection[str], name: object, scale: object = 1.0) -> tuple[str | None, float]:
+    """``(adapter name or None, scale)`` of a request's LoRA choice, or ``UltraFluxError``.
+
+    ``name`` must be one of ``known`` (the adapters the server loaded at start), never a path: a client's text does
+    not reach the filesystem, and a refusal lists the known names instead of echoing it. None or "" is no adapter.
+    """
+    if name is None or name == "":
+        return None, 1.0
+    if not isinstance(name, str) or name not in known:
+        choices = ", ".join(sorted(known))
+        raise UltraFluxError("unknown LoRA adapter: " + (f"choose one of the {len(known)} this server lists ({choices})"
+                                                         if known else "this server was started without adapters"))
+    return name, check_lora_scale(scale, "lora_scale")

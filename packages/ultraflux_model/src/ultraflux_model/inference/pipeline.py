@@ -15,7 +15,7 @@ import logging
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
@@ -44,6 +44,7 @@ from ultraflux_model.diffusion.latents import image_ids, latent_hw, pack_latents
 from ultraflux_model.dtypes import TORCH_DTYPES
 from ultraflux_model.inference.limits import check_settings
 from ultraflux_model.inference.stop import check_stop
+from ultraflux_model.lora.apply import Adapter, read_specs, use_adapters
 from ultraflux_model.modules.text_encoders import encode_prompts, load_text_encoders
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
 from ultraflux_model.vae.autoencoder import DecodeMode, UltraFluxAutoencoderKL
@@ -259,6 +260,8 @@ def generate(
     callback: StepCallback | None = None,
     seed_policy: SeedPolicy = "per_prompt",
     limits: ServeConfig | None = None,
+    lora: Sequence[str | tuple[Adapter, float]] = (),
+    fuse_lora: bool = False,
 ) -> list[GeneratedImage]:
     """Generate every (prompt, size) pair; image ``k`` uses seed ``seed + k`` (``seed_policy="per_prompt"``) or
     ``seed`` (``"fixed"``, the official inference's one seed for every prompt). Writes PNG + JSON sidecar each.
@@ -270,6 +273,11 @@ def generate(
     :data:`StepCallback`). Sampling stops with :class:`~ultraflux_model.inference.stop.Stopped` at the next step once
     the process-wide stop flag is set (SIGTERM in a server). A prompt longer than ``max_sequence_length`` T5 tokens
     is cut, with a logged warning and a ``notice`` in its sidecar.
+
+    ``lora`` lists LoRA adapters as ``PATH[:SCALE]`` (or adapters already read, with their scales): each folder is
+    read before the model is loaded, checked against the transformer it will run on, and active for these images
+    (a shared ``pipe`` keeps them loaded; the next call turns off those it does not name, unfusing first);
+    ``fuse_lora`` merges them into the weights (``ultraflux_model.lora.apply``). The sidecar lists them (``lora``).
     """
     if not prompts:
         raise UltraFluxError("no prompts given")
@@ -284,6 +292,8 @@ def generate(
     settings = check_settings(limits or ServeConfig(), steps=steps, guidance=guidance, seed=seed, shift=shift,
                               images=len(prompts) * len(sizes) if seed_policy == "per_prompt" else 1)  # fmt: skip
     steps, guidance, seed, shift = settings.steps, settings.guidance, settings.seed, settings.shift
+    adapters = [spec for spec in lora if not isinstance(spec, str)]
+    adapters += read_specs([spec for spec in lora if isinstance(spec, str)])
 
     def on_step(phase: str, done: int, total: int) -> None:
         if phase == "denoise":
@@ -298,6 +308,7 @@ def generate(
     pipe = pipe or load_pipeline(
         model, dtype=dtype, device=device, offload=offload, rope_kernel=rope_kernel, transformer=transformer
     )
+    lora_records = use_adapters(pipe, adapters, fuse_weights=fuse_lora)
     load_s = time.perf_counter() - started
     root: Path = pipe.checkpoint_root  # type: ignore[attr-defined]
     model_hash = fingerprint(root)
@@ -362,6 +373,7 @@ def generate(
             "model": str(model),
             "model_hash": model_hash,
             **source,
+            **({"lora": lora_records, "lora_fused": fuse_lora} if lora_records else {}),
             "device": str(exec_device),
             "timings_s": {
                 "load": round(load_s, 4) if index == 0 else 0.0,
@@ -395,6 +407,8 @@ def generate_from_config(cfg: GenerateConfig, **overrides: Any) -> list[Generate
         "max_sequence_length": cfg.max_sequence_length,
         "out_dir": cfg.out,
         "transformer": cfg.transformer,
+        "lora": cfg.lora,
+        "fuse_lora": cfg.fuse_lora,
     }
     kwargs.update(overrides)
     return generate(cfg.model, list(cfg.prompts), [tuple(s) for s in cfg.sizes], **kwargs)

@@ -88,18 +88,19 @@ def save_adapter(transformer: torch.nn.Module, out_dir: Path | str, meta: dict[s
 
 
 def read_meta(adapter_dir: Path | str) -> dict[str, Any]:
-    """The ``META_FILE`` of an adapter folder (refusing a folder that is not one)."""
-    adapter_dir = Path(adapter_dir)
-    path = adapter_dir / META_FILE
-    if not (adapter_dir / ADAPTER_FILE).is_file() or not path.is_file():
-        raise UltraFluxError(f"{adapter_dir} is not a LoRA adapter folder (needs {ADAPTER_FILE} and {META_FILE})")
+    """The ``META_FILE`` of an adapter folder (refusing a folder that is not one, naming what is missing)."""
+    folder = Path(adapter_dir)
+    for name in (ADAPTER_FILE, META_FILE):
+        if not (folder / name).is_file():
+            raise UltraFluxError(f"LoRA adapter {folder} has no {name}: an adapter folder holds {ADAPTER_FILE} and "
+                                 f"{META_FILE} (what LoRA training writes)")  # fmt: skip
     try:
-        meta = json.loads(path.read_text())
-    except ValueError as err:
-        raise UltraFluxError(f"{path} is not valid JSON: {err}") from err
-    missing = [k for k in REQUIRED_META if k not in meta]
+        meta = json.loads((folder / META_FILE).read_text())
+    except (OSError, ValueError) as err:
+        raise UltraFluxError(f"LoRA adapter {folder}: {META_FILE} is not valid JSON ({err})") from None
+    missing = [key for key in REQUIRED_META if key not in meta] if isinstance(meta, dict) else list(REQUIRED_META)
     if missing:
-        raise UltraFluxError(f"{path} lacks {missing}")
+        raise UltraFluxError(f"LoRA adapter {folder}: {META_FILE} lacks {', '.join(missing)}")
     return meta
 
 

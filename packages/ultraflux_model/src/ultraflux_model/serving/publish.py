@@ -66,3 +66,46 @@ def log_release(
         raise
     client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
     return LoggedRelease(logged.model_id, f"models:/{logged.model_id}", manifest, uploaded)
+
+
+def register_adapter(adapter_dir: Path, tracking_uri: str, run_id: str, base_uri: str,
+                     name: str = "ultraflux-lora") -> str:  # fmt: skip
+    """Register a LoRA adapter folder as a version of registered model ``name``, naming its base release; returns the
+    version.
+
+    ``base_uri`` is the release the adapter was trained on (``models:/ultraflux@champion``, ``models:/ultraflux/3``):
+    it is resolved to its version, fetched through the verified cache and the adapter is checked against it
+    (``UltraFluxError`` for an adapter of other weights, before anything is written). The adapter's two files are
+    logged under run ``run_id`` (artifact path ``lora/<folder name>``); the version's description and its
+    ``ultraflux.base_*`` tags name the base model, version and URI. Serve it by its URI
+    (``serving_config(lora={"style": "models:/ultraflux-lora/1"})``).
+    """
+    from ultraflux_core.tracking.uri import client_for, registered_version
+
+    from ultraflux_model.checkpoint.resolve import resolve_checkpoint
+    from ultraflux_model.lora.adapters import ADAPTER_FILE, META_FILE
+    from ultraflux_model.lora.apply import base_fingerprints, check_base, read_adapter
+
+    adapter = read_adapter(adapter_dir)
+    base_name, base_version = registered_version(tracking_uri, base_uri)
+    pinned = f"models:/{base_name}/{base_version}"
+    check_base(adapter, base_fingerprints(resolve_checkpoint(pinned, tracking_uri)))
+    client = client_for(tracking_uri)
+    artifact_path = f"lora/{adapter.name}"
+    for file in (ADAPTER_FILE, META_FILE):
+        client.log_artifact(run_id, str(adapter.folder / file), artifact_path)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    tags = {"ultraflux.kind": "lora", "ultraflux.base_model": base_name, "ultraflux.base_version": base_version,
+            "ultraflux.base_uri": pinned, "ultraflux.base_fingerprint": str(adapter.meta["base_fingerprint"]),
+            "ultraflux.adapter_sha256": adapter.sha256, "ultraflux.rank": str(adapter.rank),
+            "ultraflux.alpha": str(adapter.alpha), "ultraflux.targets": str(adapter.meta["targets"])}  # fmt: skip
+    description = (f"LoRA adapter {adapter.name} (rank {adapter.rank}, alpha {adapter.alpha:g}, "
+                   f"targets {adapter.meta['targets']}) for {base_name} version {base_version} ({pinned}, requested as "
+                   f"{base_uri}); use it with that release only")  # fmt: skip
+    try:
+        client.create_registered_model(name)
+    except Exception as err:  # noqa: BLE001 - MlflowException; an existing model is fine
+        if "RESOURCE_ALREADY_EXISTS" not in str(getattr(err, "error_code", "")):
+            raise
+    version = client.create_model_version(name, source=source, run_id=run_id, tags=tags, description=description)
+    return str(version.version)

@@ -4,7 +4,11 @@ Input columns (only ``prompt`` required; a missing column or an empty cell takes
 is the ``generate`` section it was released with, as ``ultraflux generate`` would use; row ``k`` without a seed
 uses ``seed + k``, as ``ultraflux generate`` numbers its images)::
 
-    prompt: str   width: int   height: int   steps: int   guidance: float   seed: int
+    prompt: str   width: int   height: int   steps: int   guidance: float   seed: int   lora: str   lora_scale: float
+
+``lora`` names one of the LoRA adapters the release was logged with (``serving_config(lora={name: folder or
+models:/ URI})``; loaded and checked against the release's transformer when the server starts, listed in every
+refusal), never a path; ``lora_scale`` (default 1) is its weight, finite within ±4.
 
 Output columns: ``image`` (PNG bytes, base64), ``width``, ``height``, ``seed``, ``metadata`` (the JSON sidecar
 ``ultraflux generate`` writes beside each PNG). Every request passes the one request guard
@@ -26,6 +30,7 @@ import logging
 import math
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,25 +41,31 @@ from mlflow.pyfunc import PythonModel
 from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_model.config import GenerateConfig, ServeConfig
-from ultraflux_model.inference.limits import check_request, check_settings, whole_number
+from ultraflux_model.inference.limits import check_lora, check_request, check_settings, whole_number
 from ultraflux_model.inference.stop import Stopped
 
 logger = logging.getLogger(__name__)
 
-OPTIONAL_COLUMNS: dict[str, type] = {"width": int, "height": int, "steps": int, "guidance": float, "seed": int}
+OPTIONAL_COLUMNS: dict[str, type] = {"width": int, "height": int, "steps": int, "guidance": float, "seed": int,
+                                     "lora": str, "lora_scale": float}  # fmt: skip
 OUTPUT_COLUMNS = ("image", "width", "height", "seed", "metadata")
 
 
-def serving_config(generate: GenerateConfig | None = None, serve: ServeConfig | None = None) -> dict[str, Any]:
+def serving_config(generate: GenerateConfig | None = None, serve: ServeConfig | None = None,
+                   lora: dict[str, str] | None = None) -> dict[str, Any]:
     """The served model's ``model_config``: request defaults and fixed settings from ``generate``, ceilings from
-    ``serve`` (the same ``serve`` section the web app enforces)."""
+    ``serve`` (the same ``serve`` section the web app enforces), and the LoRA adapters requests may name
+    (``{name: adapter folder or registry URI}``, loaded when the server starts)."""
     gen, limits = generate or GenerateConfig(), serve or ServeConfig()
+    for name in lora or {}:
+        if not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise UltraFluxError(f"LoRA adapter name {name!r}: use letters, digits, '-', '_' and '.' only")
     width, height = gen.sizes[0]
     return {
         "width": width, "height": height, "steps": gen.steps, "guidance": gen.guidance, "seed": gen.seed,
         "shift": gen.shift, "max_sequence_length": gen.max_sequence_length, "dtype": gen.dtype,
         "vae_decode": gen.vae_decode, "max_pixels": limits.max_pixels, "max_images": limits.max_images,
-        "max_steps": limits.max_steps,
+        "max_steps": limits.max_steps, "lora": dict(lora or {}),
     }
 
 
@@ -69,7 +80,7 @@ def signature():  # noqa: ANN201 - mlflow ModelSignature
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    kinds = {int: "long", float: "double"}
+    kinds = {int: "long", float: "double", str: "string"}
     inputs = Schema([ColSpec("string", "prompt")] + [
         ColSpec(kinds[kind], name, required=False) for name, kind in OPTIONAL_COLUMNS.items()
     ])
@@ -128,17 +139,20 @@ def parse_requests(frame: pd.DataFrame, config: dict[str, Any]) -> list[dict[str
         prompt = row["prompt"]
         if not isinstance(prompt, str) or not prompt.strip():
             raise UltraFluxError(f"row {k}: prompt must be a non-empty string")
-        defaults = {**config, "seed": config["seed"] + k}  # seed + row, as ultraflux generate numbers its images
+        # seed + row, as ultraflux generate numbers its images; no adapter unless the row names one
+        defaults = {**config, "seed": config["seed"] + k, "lora": None, "lora_scale": 1.0}
         cells = {name: _cell(row, name, defaults[name]) for name in OPTIONAL_COLUMNS}
         try:
             size = (whole_number("width", cells["width"]), whole_number("height", cells["height"]))
             check_request(limits, [size], len(frame))
             settings = check_settings(limits, steps=cells["steps"], guidance=cells["guidance"], seed=cells["seed"],
                                       shift=config["shift"])  # fmt: skip
+            lora, lora_scale = check_lora(config.get("lora", {}), cells["lora"], cells["lora_scale"])
         except UltraFluxError as err:
             raise UltraFluxError(f"row {k}: {err}") from None
         requests.append({"prompt": prompt, "width": size[0], "height": size[1], "steps": settings.steps,
-                         "guidance": settings.guidance, "seed": settings.seed})  # fmt: skip
+                         "guidance": settings.guidance, "seed": settings.seed, "lora": lora,
+                         "lora_scale": lora_scale})  # fmt: skip
     return requests
 
 
@@ -174,6 +188,29 @@ def _log_to_stderr() -> None:
         logger.propagate = False
 
 
+def load_served_adapters(refs: dict[str, str], root: Path) -> dict[str, Any]:
+    """``{name: Adapter}`` of a release's LoRA adapters, each a local folder or a registry URI (downloaded once per
+    server start), read and checked against the release's transformer: a server never starts with an adapter of
+    another model."""
+    from ultraflux_model.lora.apply import base_fingerprints, check_base, read_adapter
+
+    adapters = {}
+    allowed = base_fingerprints(root) if refs else set()
+    for name, ref in refs.items():
+        folder = Path(ref)
+        if "://" in ref or ref.startswith(("models:/", "runs:/")):
+            import mlflow.artifacts
+
+            folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref, dst_path=tempfile.mkdtemp(
+                prefix=f"ultraflux-lora-{name}-")))  # fmt: skip
+        adapter = replace(read_adapter(folder), label=name)
+        check_base(adapter, allowed)
+        adapters[name] = adapter
+    if adapters:
+        logger.info("LoRA adapters: %s", ", ".join(adapters))
+    return adapters
+
+
 class UltraFluxPyfunc(PythonModel):
     """Loads the release's checkpoint once (through the content-addressed cache) and generates per request."""
 
@@ -190,6 +227,7 @@ class UltraFluxPyfunc(PythonModel):
         self.config = dict(context.model_config)
         self.root = materialize(Manifest.read(Path(context.artifacts["manifest"])))
         self.pipe = load_pipeline(self.root, dtype=self.config["dtype"])
+        self.adapters = load_served_adapters(self.config.get("lora", {}), self.root)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001
         try:
@@ -199,7 +237,8 @@ class UltraFluxPyfunc(PythonModel):
             raise RequestError(err) from None
 
     def _predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        return predict_requests(self.pipe, self.root, self.config, parse_requests(frame, self.config))
+        return predict_requests(self.pipe, self.root, self.config, parse_requests(frame, self.config),
+                                adapters=self.adapters)
 
 
 # ``callback(row, phase, done, total)``: ``generate``'s step callback tagged with the request row (progress of a job,
@@ -208,9 +247,11 @@ RowCallback = Callable[[int, str, int, int], None]
 
 
 def predict_requests(pipe, root: Path, config: dict[str, Any], requests: list[dict[str, Any]],  # noqa: ANN001
-                     callback: RowCallback | None = None) -> pd.DataFrame:  # fmt: skip
+                     callback: RowCallback | None = None,
+                     adapters: dict[str, Any] | None = None) -> pd.DataFrame:  # fmt: skip
     """The output table for :func:`parse_requests`' rows, generated one by one with the loaded ``pipe`` (the pyfunc
-    model and the Ray Serve replicas share it, so both answer the same bytes)."""
+    model and the Ray Serve replicas share it, so both answer the same bytes); ``adapters`` are the server's LoRA
+    adapters by name (:func:`load_served_adapters`), which a row's ``lora`` names."""
     from ultraflux_model.inference.pipeline import generate
 
     limits = serve_limits(config)
@@ -226,6 +267,7 @@ def predict_requests(pipe, root: Path, config: dict[str, Any], requests: list[di
                 max_sequence_length=config["max_sequence_length"], out_dir=Path(tmp) / str(k),
                 pipe=pipe, progress=False, limits=limits,
                 callback=None if callback is None else functools.partial(callback, k),
+                lora=[((adapters or {})[request["lora"]], request["lora_scale"])] if request["lora"] else [],
             )[0]
             rows.append({
                 "image": base64.b64encode(image.path.read_bytes()).decode("ascii"),

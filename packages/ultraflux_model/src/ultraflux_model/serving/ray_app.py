@@ -31,6 +31,7 @@ that step is done, so the next request never shares the device with the one bein
 # Serve's ingress wrapper, where postponed (string) annotations do not resolve and every POST answered 422.
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -39,6 +40,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -52,7 +54,13 @@ from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_model.config import GenerateConfig, RayServeConfig, ServeConfig
 from ultraflux_model.inference.stop import Cancelled, Stopped
-from ultraflux_model.serving.pyfunc import parse_requests, predict_requests, serving_config, signature
+from ultraflux_model.serving.pyfunc import (
+    load_served_adapters,
+    parse_requests,
+    predict_requests,
+    serving_config,
+    signature,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +149,7 @@ class Generator:
         self.config = config
         self.root = resolve_checkpoint(model)
         self.pipe = load_pipeline(self.root, dtype=config["dtype"])
+        self.adapters = load_served_adapters(config.get("lora", {}), self.root)
         self.replica = serve.get_replica_context().replica_id.unique_id
 
     async def predict(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -177,7 +186,9 @@ class Generator:
                 raise Cancelled(f"generation cancelled at {phase} step {done} of {total} of image {row + 1}")
 
         loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(None, predict_requests, self.pipe, self.root, self.config, requests, on_step)
+        generate = functools.partial(predict_requests, self.pipe, self.root, self.config, requests, on_step,
+                                     adapters=self.adapters)
+        work = loop.run_in_executor(None, generate)
         try:
             frame = await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -319,7 +330,7 @@ class Api:
 
 def build_app(cfg: RayServeConfig, generate: GenerateConfig, limits: ServeConfig) -> serve.Application:
     """The application: request defaults from ``generate``, ceilings from ``limits``, scaling from ``cfg``."""
-    config = serving_config(generate, limits)
+    config = serving_config(generate, limits, lora={Path(folder).name: folder for folder in cfg.lora})
     scaling: dict[str, Any] = (
         {"num_replicas": cfg.replicas} if cfg.max_replicas is None else
         {"autoscaling_config": {"min_replicas": cfg.replicas, "max_replicas": cfg.max_replicas,
