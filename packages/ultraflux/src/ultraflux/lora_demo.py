@@ -37,7 +37,6 @@ def main(config: list[str] = CONFIG, overrides: list[str] | None = None) -> dict
     from ultraflux_data import stages
     from ultraflux_model.checkpoint.tiny import ensure_checkpoint
     from ultraflux_model.inference.pipeline import generate, load_pipeline
-    from ultraflux_model.lora.adapters import adapted_transformer
     from ultraflux_model.training.curriculum import stage_plans
     from ultraflux_model.training.trainer import train
 
@@ -52,12 +51,11 @@ def main(config: list[str] = CONFIG, overrides: list[str] | None = None) -> dict
         run(cfg.data, progress=False)
     results = train(cfg, resume=True)
     adapter = stage_plans(cfg.train)[-1].export
-    pipe = load_pipeline(base, dtype="fp32", device="cpu",
-                         transformer=adapted_transformer(base / "transformer", adapter))
+    pipe = load_pipeline(base, dtype="fp32", device="cpu")
     images = generate(base, list(cfg.generate.prompts), list(cfg.generate.sizes), steps=cfg.generate.steps,
                       guidance=cfg.generate.guidance, shift=cfg.generate.shift, seed=cfg.generate.seed, dtype="fp32",
                       max_sequence_length=cfg.data.cache.max_sequence_length, out_dir=cfg.generate.out, pipe=pipe,
-                      progress=False)
+                      progress=False, lora=[str(adapter)])
     summary = {"adapter": str(adapter), "images": [str(i.path) for i in images],
                "losses": [r.losses[-1] for r in results if r.losses], "run_ids": [r.run_id for r in results],
                "seconds": round(time.perf_counter() - started, 1)}

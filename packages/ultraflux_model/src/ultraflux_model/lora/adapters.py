@@ -132,17 +132,3 @@ def load_adapter_state(transformer: torch.nn.Module, adapter_dir: Path | str) ->
                                  f"{tuple(param.shape)}: use the same rank it was trained with")
         param.copy_(wanted[name])
     return meta
-
-
-def adapted_transformer(base_transformer: Path | str, adapter_dir: Path | str,
-                        dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The base transformer folder loaded with an adapter folder's LoRA layers (unmerged), ready for a pipeline's
-    ``transformer=``. Rank, alpha, dropout and targets come from the adapter's ``META_FILE``."""
-    from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
-
-    meta = read_meta(adapter_dir)
-    model = UltraFluxTransformer2DModel.from_pretrained(base_transformer, torch_dtype=dtype)
-    add_lora(model, rank=int(meta["rank"]), alpha=float(meta["alpha"]), dropout=float(meta.get("dropout", 0.0)),
-             targets=meta["targets"])
-    load_adapter_state(model, adapter_dir)
-    return model.eval()

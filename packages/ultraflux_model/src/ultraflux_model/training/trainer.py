@@ -271,21 +271,17 @@ def write_sample_grids(export_dir: Path, cfg: RunConfig, out_dir: Path, tracker:
 
     train = cfg.train
     dtype = "bf16" if use_bf16(train.deepspeed) else "fp32"
-    transformer = None
-    if base is not None:
-        from ultraflux_model.lora.adapters import adapted_transformer
-
-        transformer = adapted_transformer(base / TRANSFORMER_DIR, export_dir,
-                                          torch.bfloat16 if dtype == "bf16" else torch.float32)
-        export_dir = base
-    pipe = load_pipeline(export_dir, dtype=dtype, device=str(device), transformer=transformer)
+    # With LoRA the export is an adapter folder: samples run the base with it, the way `generate --lora` does.
+    lora = [str(export_dir)] if base is not None else []
+    checkpoint = base if base is not None else export_dir
+    pipe = load_pipeline(checkpoint, dtype=dtype, device=str(device))
     grids: list[Path] = []
     for width, height in train.sample_sizes:
         images = generate(
-            export_dir, list(train.sample_prompts), [(width, height)], steps=train.sample_steps,
+            checkpoint, list(train.sample_prompts), [(width, height)], steps=train.sample_steps,
             guidance=cfg.generate.guidance, shift=cfg.generate.shift, seed=train.seed, dtype=dtype,
             max_sequence_length=text_tokens, out_dir=out_dir / f"{width}x{height}",
-            pipe=pipe, progress=False,
+            pipe=pipe, progress=False, lora=lora,
         )
         grid = Image.new("RGB", (width * len(images), height))
         for i, item in enumerate(images):
