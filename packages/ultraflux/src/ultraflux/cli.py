@@ -13,7 +13,7 @@ import typer
 from ultraflux_core.config import dump_config
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.options import Options, config_options, override_value
-from ultraflux_model.config import Dtype, GenerateConfig
+from ultraflux_model.config import AccelConfig, Dtype, GenerateConfig
 
 from ultraflux.config import load_config, resolve_config
 from ultraflux.convert_cli import convert_app
@@ -84,7 +84,8 @@ def init_tiny(
 
 
 @app.command()
-@config_options(Options("generate", GenerateConfig, exclude=("prompts", "sizes")))
+@config_options(Options("generate", GenerateConfig, exclude=("prompts", "sizes")),
+                Options("generate.accel", AccelConfig))
 def generate(
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="a prompt; repeat for several (generate.prompts)"),
     prompts_file: Path | None = typer.Option(None, help="text file, one prompt per line (generate.prompts)"),
@@ -97,6 +98,8 @@ def generate(
     """Generate images; each PNG gets a JSON sidecar (prompt, seed, size, model hash, timings, peak memory).
 
     --model takes a checkpoint directory, a hub id or a registry URI (models:/NAME@ALIAS); image k uses seed+k.
+    --cache/--compile/--quantize/--parallel pick the accelerators (docs/inference.md); --parallel context runs under
+    'torchrun --nproc-per-node N -m ultraflux.cli generate …' and rank 0 writes the images.
     """
     from ultraflux_model.inference.pipeline import generate_from_config
 
@@ -121,3 +124,7 @@ def main() -> None:
     from ultraflux_core.console import run
 
     run(app)
+
+
+if __name__ == "__main__":  # torchrun -m ultraflux.cli generate --parallel context …
+    main()
