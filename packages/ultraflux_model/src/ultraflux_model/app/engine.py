@@ -14,13 +14,23 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_model.checkpoint.layout import fingerprint
-from ultraflux_model.config import Dtype, Offload, ServeConfig, VaeDecodeMode
+from ultraflux_model.config import (
+    AccelConfig,
+    CacheMode,
+    CompileMode,
+    Dtype,
+    Offload,
+    QuantizeMode,
+    ServeConfig,
+    VaeDecodeMode,
+)
+from ultraflux_model.inference.accel import check_accel
 from ultraflux_model.inference.limits import check_request, check_settings
 from ultraflux_model.inference.pipeline import GeneratedImage, StepCallback, UltraFluxPipeline, generate, load_pipeline
 
@@ -47,6 +57,12 @@ class Request:
     dtype: Dtype = "fp32"
     offload: Offload = "none"
     vae_decode: VaeDecodeMode = "tiled"
+    cache: CacheMode = "none"
+    compile: CompileMode = "none"
+    quantize: QuantizeMode = "none"
+
+
+ACCEL_CHOICES = {"cache": CacheMode, "compile": CompileMode, "quantize": QuantizeMode}  # what a Request may pick
 
 
 @dataclass
@@ -56,7 +72,7 @@ class ModelSlot:
     ref: str
     transformer: str | None = None
     pipe: UltraFluxPipeline | None = None
-    loaded_as: tuple[str, str] | None = None
+    loaded_as: tuple[str, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -107,8 +123,11 @@ class Studio:
         compare: str | Sequence[str] | None = None,
         transformer: str | None = None,
         device: str | None = None,
+        accel: AccelConfig | None = None,
     ) -> None:
         self.out = Path(out)
+        # The thresholds of the caches; a request picks cache, compile and quantize, never parallelism.
+        self.accel = (accel or AccelConfig()).model_copy(update={"parallel": "none"})
         self.out.mkdir(parents=True, exist_ok=True)
         self.limits = limits or ServeConfig()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -152,15 +171,17 @@ class Studio:
         return self.seconds[second]
 
     def load(
-        self, side: str = "model", dtype: Dtype | None = None, offload: Offload = "none", second: str | None = None
+        self, side: str = "model", dtype: Dtype | None = None, offload: Offload = "none", second: str | None = None,
+        accel: AccelConfig | None = None,
     ) -> ModelSlot:
-        """Load ``side``'s pipeline unless it is already loaded with this dtype and offload."""
+        """Load ``side``'s pipeline unless it is already loaded with this dtype, offload, compile and quantize."""
         slot = self.slot(side, second)
-        key = (dtype or self.default_dtype, offload)
+        accel = accel or self.accel
+        key = (dtype or self.default_dtype, offload, accel.compile, accel.quantize)
         if slot.pipe is None or slot.loaded_as != key:
             slot.pipe = None  # free the old weights before loading the new ones
             slot.pipe = load_pipeline(
-                slot.ref, dtype=key[0], offload=offload, device=self.device, transformer=slot.transformer
+                slot.ref, dtype=key[0], offload=offload, device=self.device, transformer=slot.transformer, accel=accel
             )
             slot.loaded_as = key
         return slot
@@ -185,6 +206,14 @@ class Studio:
         check_request(self.limits, [(request.width, request.height)], images=request.images)
         check_settings(self.limits, steps=request.steps, guidance=request.guidance, seed=request.seed,
                        images=request.images)  # fmt: skip
+        check_accel(self.accel_for(request), torch.device(self.device), request.offload)
+
+    def accel_for(self, request: Request) -> AccelConfig:
+        """The server's accelerator settings with the request's cache, compile and quantize."""
+        for name, kind in ACCEL_CHOICES.items():
+            if getattr(request, name) not in get_args(kind):
+                raise UltraFluxError(f"{name} must be one of {list(get_args(kind))}, got {getattr(request, name)!r}")
+        return self.accel.model_copy(update={name: getattr(request, name) for name in ACCEL_CHOICES})
 
     def new_run_dir(self) -> Path:
         """A fresh directory under ``out`` per request, so requests never overwrite each other's files."""
@@ -217,7 +246,8 @@ class Studio:
                 progress(phase, done, total)
 
         with self._device_lock:
-            slot = self.load(side, request.dtype, request.offload, second)
+            accel = self.accel_for(request)
+            slot = self.load(side, request.dtype, request.offload, second, accel)
             return generate(
                 slot.ref,
                 [request.prompt],
@@ -234,6 +264,7 @@ class Studio:
                 callback=on_step,
                 transformer=slot.transformer,
                 limits=self.limits,
+                accel=accel,
             )
 
     def compare(

@@ -5,11 +5,13 @@ is the ``generate`` section it was released with, as ``ultraflux generate`` woul
 uses ``seed + k``, as ``ultraflux generate`` numbers its images)::
 
     prompt: str   width: int   height: int   steps: int   guidance: float   seed: int
+    cache: str (none | first_block | taylorseer; thresholds are the release's generate.accel)
 
 Output columns: ``image`` (PNG bytes, base64), ``width``, ``height``, ``seed``, ``metadata`` (the JSON sidecar
 ``ultraflux generate`` writes beside each PNG). Every request passes the one request guard
 (``ultraflux_model.inference.limits``: steps up to the release's ``max_steps``, guidance finite in 0 … 30, seeds
-0 … 2**63-1, ``max_pixels`` per image, ``max_images`` rows) before anything is generated.
+0 … 2**63-1, ``max_pixels`` per image, ``max_images`` rows) before anything is generated. The release's
+``generate.accel`` (compile, quantize) is applied once at load; the cache can change per row.
 
 Errors: a refused request (any ``UltraFluxError``) becomes MLflow's ``INVALID_PARAMETER_VALUE`` (HTTP 400) with the
 one-line message and no stack trace; a request stopped by SIGTERM (the server shutting down) becomes
@@ -25,7 +27,7 @@ import logging
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -33,13 +35,14 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UN
 from mlflow.pyfunc import PythonModel
 from ultraflux_core.errors import UltraFluxError
 
-from ultraflux_model.config import GenerateConfig, ServeConfig
+from ultraflux_model.config import AccelConfig, CacheMode, GenerateConfig, ServeConfig
 from ultraflux_model.inference.limits import check_request, check_settings, whole_number
 from ultraflux_model.inference.stop import Stopped
 
 logger = logging.getLogger(__name__)
 
-OPTIONAL_COLUMNS: dict[str, type] = {"width": int, "height": int, "steps": int, "guidance": float, "seed": int}
+OPTIONAL_COLUMNS: dict[str, type] = {"width": int, "height": int, "steps": int, "guidance": float, "seed": int,
+                                     "cache": str}
 OUTPUT_COLUMNS = ("image", "width", "height", "seed", "metadata")
 
 
@@ -53,7 +56,13 @@ def serving_config(generate: GenerateConfig | None = None, serve: ServeConfig | 
         "shift": gen.shift, "max_sequence_length": gen.max_sequence_length, "dtype": gen.dtype,
         "vae_decode": gen.vae_decode, "max_pixels": limits.max_pixels, "max_images": limits.max_images,
         "max_steps": limits.max_steps,
+        "accel": gen.accel.model_dump(),
     }
+
+
+def release_accel(config: dict[str, Any]) -> AccelConfig:
+    """The accelerators of a release's ``model_config`` (releases logged before them: none)."""
+    return AccelConfig(**config.get("accel", {}))
 
 
 def serve_limits(config: dict[str, Any]) -> ServeConfig:
@@ -67,7 +76,7 @@ def signature():  # noqa: ANN201 - mlflow ModelSignature
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    kinds = {int: "long", float: "double"}
+    kinds = {int: "long", float: "double", str: "string"}
     inputs = Schema([ColSpec("string", "prompt")] + [
         ColSpec(kinds[kind], name, required=False) for name, kind in OPTIONAL_COLUMNS.items()
     ])
@@ -82,7 +91,7 @@ def input_example(config: dict[str, Any]) -> pd.DataFrame:
             ("a lighthouse on a cliff above a stormy sea, wide panorama", 1)]
     return pd.DataFrame([
         {"prompt": prompt, "width": config["width"], "height": config["height"], "steps": config["steps"],
-         "guidance": float(config["guidance"]), "seed": config["seed"] + k}
+         "guidance": float(config["guidance"]), "seed": config["seed"] + k, "cache": release_accel(config).cache}
         for prompt, k in rows
     ])
 
@@ -126,17 +135,20 @@ def parse_requests(frame: pd.DataFrame, config: dict[str, Any]) -> list[dict[str
         prompt = row["prompt"]
         if not isinstance(prompt, str) or not prompt.strip():
             raise UltraFluxError(f"row {k}: prompt must be a non-empty string")
-        defaults = {**config, "seed": config["seed"] + k}  # seed + row, as ultraflux generate numbers its images
+        # seed + row, as ultraflux generate numbers its images
+        defaults = {**config, "seed": config["seed"] + k, "cache": release_accel(config).cache}
         cells = {name: _cell(row, name, defaults[name]) for name in OPTIONAL_COLUMNS}
         try:
             size = (whole_number("width", cells["width"]), whole_number("height", cells["height"]))
             check_request(limits, [size], len(frame))
             settings = check_settings(limits, steps=cells["steps"], guidance=cells["guidance"], seed=cells["seed"],
                                       shift=config["shift"])  # fmt: skip
+            if cells["cache"] not in get_args(CacheMode):
+                raise UltraFluxError(f"cache must be one of {list(get_args(CacheMode))}, got {cells['cache']!r}")
         except UltraFluxError as err:
             raise UltraFluxError(f"row {k}: {err}") from None
         requests.append({"prompt": prompt, "width": size[0], "height": size[1], "steps": settings.steps,
-                         "guidance": settings.guidance, "seed": settings.seed})  # fmt: skip
+                         "guidance": settings.guidance, "seed": settings.seed, "cache": cells["cache"]})  # fmt: skip
     return requests
 
 
@@ -187,7 +199,8 @@ class UltraFluxPyfunc(PythonModel):
         stop_on_sigterm()
         self.config = dict(context.model_config)
         self.root = materialize(Manifest.read(Path(context.artifacts["manifest"])))
-        self.pipe = load_pipeline(self.root, dtype=self.config["dtype"])
+        self.accel = release_accel(self.config)
+        self.pipe = load_pipeline(self.root, dtype=self.config["dtype"], accel=self.accel)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001
         try:
@@ -212,6 +225,7 @@ class UltraFluxPyfunc(PythonModel):
                     shift=self.config["shift"], dtype=self.config["dtype"], vae_decode=self.config["vae_decode"],
                     max_sequence_length=self.config["max_sequence_length"], out_dir=Path(tmp) / str(k),
                     pipe=self.pipe, progress=False, limits=limits,
+                    accel=self.accel.model_copy(update={"cache": request["cache"]}),
                 )[0]
                 rows.append({
                     "image": base64.b64encode(image.path.read_bytes()).decode("ascii"),
