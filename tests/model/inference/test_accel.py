@@ -1,6 +1,7 @@
 """The accelerators of ``generate.accel`` on the tiny checkpoint: diffusers' cache hooks skip block evaluations
-(counted by forward hooks inside the blocks) and, set not to skip, give the uncached image bit for bit; FP8 and
-context parallelism are refused with one line where they cannot run; regional compilation equals eager."""
+(counted by forward hooks inside the blocks, ``count_evaluations``) and, set not to skip, give the uncached image
+bit for bit; FP8 and context parallelism are refused with one line where they cannot run; regional compilation
+equals eager."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from PIL import Image
 from pydantic import ValidationError
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_model.config import AccelConfig
-from ultraflux_model.inference.accel import check_accel, set_cache
+from ultraflux_model.inference.accel import check_accel, count_evaluations, set_cache
 from ultraflux_model.inference.pipeline import generate, load_pipeline
 
 SIZE = (64, 64)
@@ -26,24 +27,9 @@ def pipe(tiny_checkpoint: Path):
     return load_pipeline(tiny_checkpoint, dtype="fp32", device="cpu")
 
 
-def count_block_evaluations(transformer) -> dict[str, int]:
-    """Forward hooks on the first op inside each block and inside each block's attention: they fire only when that
-    code really runs (a cache hook replaces the block's or the attention's forward, so a hook on the block itself
-    would fire for a skipped block too)."""
-    counts = {"blocks": 0, "attention": 0}
-
-    def bump(key: str):
-        return lambda *_: counts.__setitem__(key, counts[key] + 1)
-
-    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
-        (block.norm1 if hasattr(block, "norm1") else block.norm).register_forward_hook(bump("blocks"))
-        block.attn.to_q.register_forward_hook(bump("attention"))
-    return counts
-
-
 @pytest.fixture(scope="module")
 def counts(pipe) -> dict[str, int]:
-    return count_block_evaluations(pipe.transformer)
+    return count_evaluations(pipe.transformer)
 
 
 def run(pipe, counts, accel: AccelConfig, out: Path) -> tuple[np.ndarray, dict[str, int]]:

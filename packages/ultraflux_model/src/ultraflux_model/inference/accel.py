@@ -171,3 +171,21 @@ def is_writer() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def count_evaluations(transformer: Any) -> dict[str, int]:
+    """Live counts of the block and attention evaluations ``transformer`` really runs (benchmarks, tests).
+
+    Forward hooks on the first op inside each block and inside each block's attention: a cache hook replaces the
+    forward of a whole block or attention module, so a hook on that module itself would count a skipped call too.
+    Reset by assigning 0 to both keys.
+    """
+    counts = {"blocks": 0, "attention": 0}
+
+    def bump(key: str) -> Any:
+        return lambda *_: counts.__setitem__(key, counts[key] + 1)
+
+    for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        (block.norm1 if hasattr(block, "norm1") else block.norm).register_forward_hook(bump("blocks"))
+        block.attn.to_q.register_forward_hook(bump("attention"))
+    return counts
