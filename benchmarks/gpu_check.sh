@@ -62,7 +62,7 @@ install_venv() {
     > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/host-packages.pth" || return 2
   local pip=("$VENV/bin/python" -m pip install --no-index --find-links "$WHEELS" --disable-pip-version-check)
   "${pip[@]}" --no-deps "$WHEELS"/*.whl || return 2
-  "${pip[@]}" --no-deps ./packages/ultraflux_eval ./packages/ultraflux_model || return 2
+  "${pip[@]}" --no-deps ./packages/ultraflux_core ./packages/ultraflux_eval ./packages/ultraflux_model || return 2
   "$VENV/bin/python" - <<'EOF'
 import importlib
 for name in ("torch", "triton", "diffusers", "pydantic", "ultraflux_model.modules.transformer",
