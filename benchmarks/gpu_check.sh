@@ -4,6 +4,7 @@
 #
 #   make gpu-wheels                      # here, once: the missing wheels into build/gpu-wheels (~19 MB)
 #   benchmarks/gpu_check.sh [--dry-run]  # there: install, CUDA tests, benchmarks; results in $OUT
+#   benchmarks/gpu_check.sh accel [--dry-run]  # there: install, then the accelerator grid alone (its own run)
 #
 # 1. a venv that sees the host's packages (a .pth file, so the host Python may itself be a venv), our two
 #    packages installed with --no-deps plus the carried wheels, all offline;
@@ -13,10 +14,20 @@
 # Every step is time-boxed (the boxes add up to 435 s: the whole run stays under 8 minutes) and recorded in $OUT/summary.json;
 # a failing step does not stop the others. --dry-run (a machine without CUDA) does the install and the imports,
 # runs the tests (the gpu test skips) and the benchmarks that skip cleanly without CUDA, and skips the rest.
+# `accel`: install (90 s) + every cache × compile × quantize combination of generate.accel at 1024² and 4096²
+# (benchmarks/bench_generate.py --mode accel, 420 s box: each compiled combination compiles once per size), seconds
+# per step and the ratio against none/none/none, in $OUT/generate_accel_cuda.{csv,json}; under 9 minutes in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY_RUN=0
-[[ "${1:-}" == "--dry-run" ]] && DRY_RUN=1
+ACCEL=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    accel) ACCEL=1 ;;
+    *) echo "usage: benchmarks/gpu_check.sh [accel] [--dry-run]"; exit 2 ;;
+  esac
+done
 OUT=${OUT:-benchmarks/results/gpu-check}
 WHEELS=${WHEELS:-build/gpu-wheels}
 HOST_PY=${PYTHON:-python3}
@@ -51,13 +62,13 @@ install_venv() {
     > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/host-packages.pth" || return 2
   local pip=("$VENV/bin/python" -m pip install --no-index --find-links "$WHEELS" --disable-pip-version-check)
   "${pip[@]}" --no-deps "$WHEELS"/*.whl || return 2
-  "${pip[@]}" --no-deps ./packages/ultraflux_eval ./packages/ultraflux_model || return 2
+  "${pip[@]}" --no-deps ./packages/ultraflux_core ./packages/ultraflux_eval ./packages/ultraflux_model || return 2
   "$VENV/bin/python" - <<'EOF'
 import importlib
 for name in ("torch", "triton", "diffusers", "pydantic", "ultraflux_model.modules.transformer",
              "ultraflux_model.vae.autoencoder", "ultraflux_model.inference.pipeline", "ultraflux_model.kernels.rope",
              "ultraflux_model.kernels.wavelet_loss", "benchmarks.bench_kernels", "benchmarks.bench_block",
-             "benchmarks.bench_vae_decode", "benchmarks.bench_generate"):
+             "benchmarks.bench_vae_decode", "benchmarks.bench_generate", "ultraflux_model.inference.accel"):
     module = importlib.import_module(name)
     print(f"{name:42s} {getattr(module, '__version__', '')}")
 import torch
@@ -70,6 +81,10 @@ export WHEELS VENV HOST_PY
 step install 90 bash -c install_venv || { echo "install failed: see $OUT/install.log"; exit 2; }
 PY="$VENV/bin/python"
 command -v nvidia-smi > /dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+if (( ACCEL )); then
+  # without CUDA (the dry run) the benchmark writes one 'skipped' row and exits 0
+  step bench_accel 420 "$PY" -m benchmarks.bench_generate --mode accel --device cuda --sizes 1024 4096 --out "$OUT"
+else
 step gpu_tests 60 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/model/test_kernels_cuda.py
 step bench_block 45 "$PY" -m benchmarks.bench_block --device cuda --tokens 4096 16384 --out "$OUT"
 step bench_generate 105 "$PY" -m benchmarks.bench_generate --device cuda --sizes 1024 4096 --out "$OUT"
@@ -80,6 +95,7 @@ else
   step bench_kernels 75 "$PY" -m benchmarks.bench_kernels --device cuda --repeats 10
   step bench_vae_decode 60 "$PY" -m benchmarks.bench_vae_decode --device cuda --dtype bf16 --sizes 4096
   cp benchmarks/results/kernels_cuda.* benchmarks/results/vae_decode.* "$OUT"/ 2> /dev/null
+fi
 fi
 "$PY" - "$SUMMARY" "$OUT/summary.json" "$(( $(date +%s) - START ))" <<'EOF'
 import json, sys

@@ -178,3 +178,13 @@ def test_studio_refuses_the_setting_attacks_before_loading(tmp_path, attack, mes
     with pytest.raises(UltraFluxError, match=message):
         app.generate(Request("a fox", 64, 64, **attack))
     assert app.main.pipe is None and not list((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize("choice,message", [({"quantize": "fp8"}, "quantize: fp8 needs a CUDA GPU .* on cpu"),
+                                            ({"cache": "warp"}, "cache must be one of"),
+                                            ({"compile": "max"}, "compile must be one of")])  # fmt: skip
+def test_studio_refuses_accelerators_the_device_cannot_run_before_loading(tmp_path, choice, message):
+    app = Studio(str(tmp_path / "no-model"), out=tmp_path / "o", device="cpu")
+    with pytest.raises(UltraFluxError, match=message):
+        app.generate(Request("a fox", 64, 64, **choice))
+    assert app.main.pipe is None and not list((tmp_path / "o").iterdir())

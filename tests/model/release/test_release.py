@@ -107,11 +107,14 @@ def test_second_release_uploads_only_the_changed_blobs_and_fetches_once(tiny_che
 def test_requests_take_the_release_defaults_and_respect_the_ceilings():
     config = serving_config(GenerateConfig(sizes=((64, 96),), steps=3, seed=5),
                             ServeConfig(max_pixels=96 * 96, max_images=3))
-    frame = pd.DataFrame({"prompt": ["a", "b"], "width": [96, None], "seed": [7, None]})
+    frame = pd.DataFrame({"prompt": ["a", "b"], "width": [96, None], "seed": [7, None], "cache": ["first_block", None]})
     assert parse_requests(frame, config) == [
-        {"prompt": "a", "width": 96, "height": 96, "steps": 3, "guidance": 4.0, "seed": 7},
-        {"prompt": "b", "width": 64, "height": 96, "steps": 3, "guidance": 4.0, "seed": 6},  # seed + row, as generate
+        {"prompt": "a", "width": 96, "height": 96, "steps": 3, "guidance": 4.0, "seed": 7, "cache": "first_block"},
+        # seed + row, as generate; the cache of the release's generate.accel
+        {"prompt": "b", "width": 64, "height": 96, "steps": 3, "guidance": 4.0, "seed": 6, "cache": "none"},
     ]
+    with pytest.raises(UltraFluxError, match=r"row 0: cache must be one of \['none', 'first_block', 'taylorseer'\]"):
+        parse_requests(pd.DataFrame({"prompt": ["a"], "cache": ["fast"]}), config)
     with pytest.raises(UltraFluxError, match="over the limit"):
         parse_requests(pd.DataFrame({"prompt": ["a"], "width": [128], "height": [128]}), config)
     with pytest.raises(UltraFluxError, match="4 images per request exceeds the limit of 3"):

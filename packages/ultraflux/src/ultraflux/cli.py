@@ -13,7 +13,7 @@ import typer
 from ultraflux_core.config import dump_config
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.options import Options, config_options, override_value
-from ultraflux_model.config import Dtype, GenerateConfig
+from ultraflux_model.config import AccelConfig, Dtype, GenerateConfig
 
 from ultraflux.config import load_config, resolve_config
 from ultraflux.convert_cli import convert_app
@@ -90,7 +90,8 @@ def init_tiny(
 
 
 @app.command()
-@config_options(Options("generate", GenerateConfig, exclude=("prompts", "sizes", "lora")))
+@config_options(Options("generate", GenerateConfig, exclude=("prompts", "sizes", "lora")),
+                Options("generate.accel", AccelConfig))
 def generate(
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="a prompt; repeat for several (generate.prompts)"),
     prompts_file: Path | None = typer.Option(None, help="text file, one prompt per line (generate.prompts)"),
@@ -108,6 +109,8 @@ def generate(
 
     --model takes a checkpoint directory, a hub id or a registry URI (models:/NAME@ALIAS); image k uses seed+k.
     --lora adds adapters trained on that model (docs/lora.md); --fuse-lora merges them into the weights first.
+    --cache/--compile/--quantize/--parallel pick the accelerators (docs/inference.md); --parallel context runs under
+    'torchrun --nproc-per-node N -m ultraflux.cli generate …' and rank 0 writes the images.
     """
     from ultraflux_model.inference.pipeline import generate_from_config
 
@@ -136,5 +139,5 @@ def main() -> None:
     run(app)
 
 
-if __name__ == "__main__":  # python -m ultraflux.cli (what a subprocess without the console script runs)
+if __name__ == "__main__":  # python -m ultraflux.cli: a subprocess without the console script, torchrun -m …
     main()

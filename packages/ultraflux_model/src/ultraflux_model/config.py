@@ -78,6 +78,52 @@ class LossConfig(Section):
         return c_max
 
 
+CacheMode = Literal["none", "first_block", "taylorseer"]
+TaylorSeerPredict = Literal["attention", "output"]
+CompileMode = Literal["none", "regional"]
+QuantizeMode = Literal["none", "fp8"]
+ParallelMode = Literal["none", "context"]
+ParallelAttention = Literal["ulysses", "ring"]
+
+
+class AccelConfig(Section):
+    """Accelerators of the denoiser, all diffusers' or torch's own (docs/inference.md "Accelerators"); every one
+    is off by default, which is today's exact sampling."""
+
+    cache: CacheMode = Field(
+        "none", description="reuse block outputs across steps: first_block (diffusers' FirstBlockCache) or "
+        "taylorseer (diffusers' TaylorSeer cache); none runs every block at every step",
+    )
+    cache_threshold: float = Field(
+        0.05, ge=0.0, allow_inf_nan=False,
+        description="first_block: skip the other blocks while the first block's residual changes by less than this "
+        "(relative mean absolute difference); 0 never skips",
+    )
+    taylorseer_interval: int = Field(
+        5, ge=1, description="taylorseer: one computed step, then interval-1 predicted ones (1: every step computed)"
+    )
+    taylorseer_warmup: int = Field(3, ge=0, description="taylorseer: steps computed in full before predicting")
+    taylorseer_order: int = Field(1, ge=1, le=4, description="taylorseer: order of the Taylor expansion")
+    taylorseer_predict: TaylorSeerPredict = Field(
+        "attention", description="taylorseer: predict each block's attention (blocks still run their MLPs) or the "
+        "model's output (every block skipped on predicted steps: diffusers' lite mode)",
+    )
+    compile: CompileMode = Field(
+        "none", description="regional: torch.compile each repeated transformer block (compiled once per shape)"
+    )
+    quantize: QuantizeMode = Field(
+        "none", description="fp8: torchao float8 weight-only transformer Linears (CUDA, compute capability 8.9+)"
+    )
+    parallel: ParallelMode = Field(
+        "none", description="context: one image's tokens split over the ranks of a torchrun launch (diffusers' "
+        "ContextParallelConfig)",
+    )
+    parallel_attention: ParallelAttention = Field(
+        "ulysses", description="context parallel attention: ulysses (all-to-all over heads; CPU or GPU) or ring "
+        "(needs a GPU attention backend that returns the log-sum-exp)",
+    )
+
+
 class GenerateConfig(Section):
     """Text-to-image generation (defaults follow the official UltraFlux inference)."""
 
@@ -100,6 +146,7 @@ class GenerateConfig(Section):
     transformer: str | None = Field(
         None, description="transformer from another source (directory or hub id); None: the checkpoint's own"
     )
+    accel: AccelConfig = Field(AccelConfig(), description="caching, compilation, FP8 weights, multi-GPU per image")
     lora: tuple[str, ...] = Field(
         (), description="LoRA adapters as PATH[:SCALE] (an adapter folder, scale 1 by default, |scale| at most 4); "
         "each must have been trained on this model's transformer (docs/lora.md)"

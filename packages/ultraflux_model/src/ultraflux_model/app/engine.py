@@ -14,13 +14,23 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_model.checkpoint.layout import fingerprint
-from ultraflux_model.config import Dtype, Offload, ServeConfig, VaeDecodeMode
+from ultraflux_model.config import (
+    AccelConfig,
+    CacheMode,
+    CompileMode,
+    Dtype,
+    Offload,
+    QuantizeMode,
+    ServeConfig,
+    VaeDecodeMode,
+)
+from ultraflux_model.inference.accel import check_accel
 from ultraflux_model.inference.limits import check_lora, check_request, check_settings
 from ultraflux_model.inference.pipeline import GeneratedImage, StepCallback, UltraFluxPipeline, generate, load_pipeline
 from ultraflux_model.lora.apply import Adapter, base_fingerprints, check_base, read_adapter
@@ -48,8 +58,14 @@ class Request:
     dtype: Dtype = "fp32"
     offload: Offload = "none"
     vae_decode: VaeDecodeMode = "tiled"
+    cache: CacheMode = "none"
+    compile: CompileMode = "none"
+    quantize: QuantizeMode = "none"
     lora: str | None = None  # one of the app's adapters by name (the main model only); None: none
     lora_scale: float = 1.0
+
+
+ACCEL_CHOICES = {"cache": CacheMode, "compile": CompileMode, "quantize": QuantizeMode}  # what a Request may pick
 
 
 @dataclass
@@ -59,7 +75,7 @@ class ModelSlot:
     ref: str
     transformer: str | None = None
     pipe: UltraFluxPipeline | None = None
-    loaded_as: tuple[str, str] | None = None
+    loaded_as: tuple[str, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -113,8 +129,11 @@ class Studio:
         transformer: str | None = None,
         device: str | None = None,
         lora: Sequence[str] = (),
+        accel: AccelConfig | None = None,
     ) -> None:
         self.out = Path(out)
+        # The thresholds of the caches; a request picks cache, compile and quantize, never parallelism.
+        self.accel = (accel or AccelConfig()).model_copy(update={"parallel": "none"})
         self.out.mkdir(parents=True, exist_ok=True)
         self.limits = limits or ServeConfig()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -167,15 +186,17 @@ class Studio:
         return self.seconds[second]
 
     def load(
-        self, side: str = "model", dtype: Dtype | None = None, offload: Offload = "none", second: str | None = None
+        self, side: str = "model", dtype: Dtype | None = None, offload: Offload = "none", second: str | None = None,
+        accel: AccelConfig | None = None,
     ) -> ModelSlot:
-        """Load ``side``'s pipeline unless it is already loaded with this dtype and offload."""
+        """Load ``side``'s pipeline unless it is already loaded with this dtype, offload, compile and quantize."""
         slot = self.slot(side, second)
-        key = (dtype or self.default_dtype, offload)
+        accel = accel or self.accel
+        key = (dtype or self.default_dtype, offload, accel.compile, accel.quantize)
         if slot.pipe is None or slot.loaded_as != key:
             slot.pipe = None  # free the old weights before loading the new ones
             slot.pipe = load_pipeline(
-                slot.ref, dtype=key[0], offload=offload, device=self.device, transformer=slot.transformer
+                slot.ref, dtype=key[0], offload=offload, device=self.device, transformer=slot.transformer, accel=accel
             )
             slot.loaded_as = key
             if slot is self.main and self.adapters:  # an adapter of another model fails at start, not per request
@@ -205,6 +226,14 @@ class Studio:
         check_settings(self.limits, steps=request.steps, guidance=request.guidance, seed=request.seed,
                        images=request.images)  # fmt: skip
         check_lora(self.adapters, request.lora, request.lora_scale)
+        check_accel(self.accel_for(request), torch.device(self.device), request.offload)
+
+    def accel_for(self, request: Request) -> AccelConfig:
+        """The server's accelerator settings with the request's cache, compile and quantize."""
+        for name, kind in ACCEL_CHOICES.items():
+            if getattr(request, name) not in get_args(kind):
+                raise UltraFluxError(f"{name} must be one of {list(get_args(kind))}, got {getattr(request, name)!r}")
+        return self.accel.model_copy(update={name: getattr(request, name) for name in ACCEL_CHOICES})
 
     def new_run_dir(self) -> Path:
         """A fresh directory under ``out`` per request, so requests never overwrite each other's files."""
@@ -239,7 +268,8 @@ class Studio:
         name, scale = check_lora(self.adapters, request.lora, request.lora_scale)
         adapters = [(self.adapters[name], scale)] if name and side == "model" else []
         with self._device_lock:
-            slot = self.load(side, request.dtype, request.offload, second)
+            accel = self.accel_for(request)
+            slot = self.load(side, request.dtype, request.offload, second, accel)
             return generate(
                 slot.ref,
                 [request.prompt],
@@ -257,6 +287,7 @@ class Studio:
                 transformer=slot.transformer,
                 limits=self.limits,
                 lora=adapters,
+                accel=accel,
             )
 
     def compare(

@@ -123,20 +123,21 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         return selected_item(paths, evt.index)
 
     def request_of(prompt, width, height, steps, guidance, seed, images=1, dtype=None, offload="none", decode="tiled",
-                   lora=None, lora_scale=1.0):  # fmt: skip
+                   cache="none", compile_="none", quantize="none", lora=None, lora_scale=1.0):  # fmt: skip
         if width is None or height is None or seed is None:
             raise gr.Error("width, height and seed must be numbers", print_exception=False)
         return Request(
             prompt=prompt or "", width=int(width), height=int(height), steps=int(steps), guidance=float(guidance),
             seed=int(seed), images=int(images), dtype=dtype or studio.default_dtype, offload=offload, vae_decode=decode,
+            cache=cache, compile=compile_, quantize=quantize,
             lora=None if lora in (None, "", NO_LORA) else lora, lora_scale=1.0 if lora_scale is None else lora_scale,
         )  # fmt: skip
 
     @_user_errors
-    def run_generate(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode, lora, lora_scale,
-                     request: gr.Request, progress=gr.Progress()):  # fmt: skip
-        req = request_of(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode, lora,
-                         lora_scale)  # fmt: skip
+    def run_generate(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode, cache, compile_,
+                     quantize, lora, lora_scale, request: gr.Request, progress=gr.Progress()):  # fmt: skip
+        req = request_of(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode, cache, compile_,
+                         quantize, lora, lora_scale)  # fmt: skip
         made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, req.images))
         _notices(made)
         return [(str(g.path), _caption(g.sidecar)) for g in made], [g.sidecar for g in made]
@@ -157,11 +158,13 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         return str(made[0].path), {**made[0].sidecar, "image_path": str(made[0].path)}
 
     @_user_errors
-    def run_compare(prompt, width, height, steps, guidance, seed, second, dtype, offload, decode, lora=None,
-                    lora_scale=1.0, request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
+    def run_compare(prompt, width, height, steps, guidance, seed, second, dtype, offload, decode, cache="none",
+                    compile_="none", quantize="none", lora=None, lora_scale=1.0, request: gr.Request = None,
+                    progress=gr.Progress()):  # fmt: skip
         # ``second`` is this session's dropdown value: checked against the command line's models by the engine,
         # never stored server-side (one user's choice is not another's).
-        req = request_of(prompt, width, height, steps, guidance, seed, 1, dtype, offload, decode, lora, lora_scale)
+        req = request_of(prompt, width, height, steps, guidance, seed, 1, dtype, offload, decode, cache, compile_,
+                         quantize, lora, lora_scale)  # fmt: skip
         pair = studio.compare(req, session=request.session_hash or "", progress=_progress(progress, req.steps, 2),
                               second=second or None)  # fmt: skip
         (a, meta_a), (b, meta_b) = pair["model"], pair["compare"]
@@ -217,6 +220,10 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
                     dtype = gr.Radio(["bf16", "fp16", "fp32"], value=studio.default_dtype, label="dtype")
                     offload = gr.Radio(["none", "model", "sequential"], value="none", label="CPU offload (GPU only)")
                     decode = gr.Radio(["tiled", "full", "official"], value="tiled", label="VAE decode")
+                    # The accelerators (docs/inference.md); thresholds are the server's generate.accel.
+                    cache = gr.Radio(["none", "first_block", "taylorseer"], value="none", label="Step cache")
+                    compile_ = gr.Radio(["none", "regional"], value="none", label="torch.compile (first image slow)")
+                    quantize = gr.Radio(["none", "fp8"], value="none", label="FP8 weights (GPU 8.9+)")
                 with gr.Row():
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                     cmp_go = gr.Button("Compare", elem_id="compare")
@@ -251,7 +258,7 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
             api_image, api_image_b, api_meta = gr.Image(type="filepath"), gr.Image(type="filepath"), gr.JSON()
 
         base = [prompt, width, height, steps, guidance, seed]
-        advanced = [dtype, offload, decode, lora, lora_scale]
+        advanced = [dtype, offload, decode, cache, compile_, quantize, lora, lora_scale]
         device = {"concurrency_limit": 1, "concurrency_id": DEVICE, "validator": session_limit(demo, session_jobs)}
         gen = go.click(run_generate, base + [images] + advanced, [result, result_meta], api_visibility="private",
                        **device)  # fmt: skip

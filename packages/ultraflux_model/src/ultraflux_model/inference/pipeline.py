@@ -16,6 +16,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
@@ -32,6 +33,7 @@ from ultraflux_model.checkpoint.loading import check_local_component
 from ultraflux_model.checkpoint.resolve import resolve_checkpoint
 from ultraflux_model.config import (
     MAX_T5_TOKENS,
+    AccelConfig,
     Dtype,
     GenerateConfig,
     KernelChoice,
@@ -42,6 +44,15 @@ from ultraflux_model.config import (
 )
 from ultraflux_model.diffusion.latents import image_ids, latent_hw, pack_latents, text_ids, unpack_latents
 from ultraflux_model.dtypes import TORCH_DTYPES
+from ultraflux_model.inference.accel import (
+    apply_load_time,
+    check_accel,
+    check_split,
+    init_context_parallel,
+    is_writer,
+    load_time,
+    set_cache,
+)
 from ultraflux_model.inference.limits import check_settings
 from ultraflux_model.inference.stop import check_stop
 from ultraflux_model.lora.apply import Adapter, read_specs, use_adapters
@@ -91,13 +102,15 @@ def load_pipeline(
     offload: Offload = "none",
     transformer: UltraFluxTransformer2DModel | str | Path | None = None,
     rope_kernel: KernelChoice = "auto",
+    accel: AccelConfig | None = None,
 ) -> UltraFluxPipeline:
     """Load every component (safetensors only) and place it per ``offload``.
 
     ``transformer`` replaces the checkpoint's own: a loaded model (e.g. a freshly exported training
     checkpoint) or a reference to one (directory or hub id, see :func:`load_transformer`), as diffusers
     pipelines take components from other sources. ``rope_kernel`` selects eager or fused RoPE in its
-    attention layers.
+    attention layers. ``accel`` (default: none) applies the accelerators once the transformer is on its device
+    (:mod:`~ultraflux_model.inference.accel`); the pipeline keeps it as ``pipe.accel``.
     """
     root = resolve_checkpoint(model)
     check_checkpoint_layout(root)
@@ -111,6 +124,8 @@ def load_pipeline(
         raise UltraFluxError(
             f"--offload {offload} moves weights between CPU and a GPU; there is no GPU here (use none)"
         )
+    accel = accel or AccelConfig()
+    check_accel(accel, device, offload)
     text = load_text_encoders(root, dtype=dtype)
     pipe = UltraFluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler"),
@@ -132,6 +147,9 @@ def load_pipeline(
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         pipe.to(device)
+    apply_load_time(pipe.transformer, accel)
+    set_cache(pipe.transformer, accel)
+    pipe.accel = accel  # type: ignore[attr-defined]
     return pipe
 
 
@@ -201,17 +219,23 @@ def sample_latents(
     # An array, not a Python list: one float32 per step, whatever the step count (the guard bounds it as well).
     scheduler.set_timesteps(sigmas=torch.linspace(1.0, 1.0 / steps, steps).numpy(), device=device)
     timesteps = scheduler.timesteps
+    cached = getattr(transformer, "is_cache_enabled", False)
+    if cached:
+        transformer._reset_stateful_cache()  # each image starts its cache afresh
     for k, t in enumerate(tqdm(timesteps, desc=f"{width}x{height}", leave=False, disable=not progress), 1):
-        velocity = transformer(
-            hidden_states=latents,
-            encoder_hidden_states=prompt_embeds,
-            pooled_projections=pooled,
-            timestep=(t / 1000).expand(1).to(latents.dtype),
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=guidance_t,
-            return_dict=False,
-        )[0]
+        # diffusers' cache hooks keep their state per named context; one conditional pass per step here.
+        context = transformer.cache_context("cond", step_index=k - 1, num_inference_steps=steps) if cached else None
+        with context or nullcontext():
+            velocity = transformer(
+                hidden_states=latents,
+                encoder_hidden_states=prompt_embeds,
+                pooled_projections=pooled,
+                timestep=(t / 1000).expand(1).to(latents.dtype),
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+                guidance=guidance_t,
+                return_dict=False,
+            )[0]
         latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
         if callback is not None:
             callback("denoise", k, len(timesteps))
@@ -262,6 +286,7 @@ def generate(
     limits: ServeConfig | None = None,
     lora: Sequence[str | tuple[Adapter, float]] = (),
     fuse_lora: bool = False,
+    accel: AccelConfig | None = None,
 ) -> list[GeneratedImage]:
     """Generate every (prompt, size) pair; image ``k`` uses seed ``seed + k`` (``seed_policy="per_prompt"``) or
     ``seed`` (``"fixed"``, the official inference's one seed for every prompt). Writes PNG + JSON sidecar each.
@@ -278,6 +303,10 @@ def generate(
     read before the model is loaded, checked against the transformer it will run on, and active for these images
     (a shared ``pipe`` keeps them loaded; the next call turns off those it does not name, unfusing first);
     ``fuse_lora`` merges them into the weights (``ultraflux_model.lora.apply``). The sidecar lists them (``lora``).
+    ``accel`` picks the accelerators (docs/inference.md "Accelerators"; default: those ``pipe`` was loaded with, else
+    none). A given ``pipe`` takes a new cache setting per call; compile, quantize and parallel are fixed at its load.
+    Under ``parallel: context`` every rank of the torchrun launch samples the image and rank 0 alone decodes and writes
+    it (the other ranks return an empty list).
     """
     if not prompts:
         raise UltraFluxError("no prompts given")
@@ -292,6 +321,17 @@ def generate(
     settings = check_settings(limits or ServeConfig(), steps=steps, guidance=guidance, seed=seed, shift=shift,
                               images=len(prompts) * len(sizes) if seed_policy == "per_prompt" else 1)  # fmt: skip
     steps, guidance, seed, shift = settings.steps, settings.guidance, settings.seed, settings.shift
+    if pipe is not None:
+        loaded = getattr(pipe, "accel", AccelConfig())
+        accel = accel or loaded
+        if load_time(accel) != load_time(loaded):
+            raise UltraFluxError(f"this pipeline was loaded with {load_time(loaded)}; reload it for {load_time(accel)}")
+        set_cache(pipe.transformer, accel)
+    else:
+        accel = accel or AccelConfig()
+        check_accel(accel, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), offload)
+        if accel.parallel == "context":
+            device = str(init_context_parallel())
     adapters = [spec for spec in lora if not isinstance(spec, str)]
     adapters += read_specs([spec for spec in lora if isinstance(spec, str)])
 
@@ -306,7 +346,8 @@ def generate(
 
     started = time.perf_counter()
     pipe = pipe or load_pipeline(
-        model, dtype=dtype, device=device, offload=offload, rope_kernel=rope_kernel, transformer=transformer
+        model, dtype=dtype, device=device, offload=offload, rope_kernel=rope_kernel, transformer=transformer,
+        accel=accel,
     )
     lora_records = use_adapters(pipe, adapters, fuse_weights=fuse_lora)
     load_s = time.perf_counter() - started
@@ -336,6 +377,7 @@ def generate(
             pipe, [prompt], max_sequence_length, device=exec_device, dtype=pipe.transformer.dtype
         )
         t1 = time.perf_counter()
+        check_split(pipe.transformer, prompt_embeds.shape[1], (width // 32) * (height // 32))
         z = sample_latents(
             pipe,
             prompt_embeds,
@@ -350,6 +392,8 @@ def generate(
             callback=on_step,
         )
         t2 = time.perf_counter()
+        if not is_writer():
+            continue  # a helper rank of a context-parallel launch: rank 0 decodes and writes
         if callback is not None:
             callback("decode", 0, 1)
         image = decode_to_pil(pipe, z, vae_decode)
@@ -370,6 +414,7 @@ def generate(
             "dtype": dtype,
             "offload": offload,
             "vae_decode": vae_decode,
+            **({"accel": accel.model_dump()} if accel != AccelConfig() else {}),
             "model": str(model),
             "model_hash": model_hash,
             **source,
@@ -409,6 +454,7 @@ def generate_from_config(cfg: GenerateConfig, **overrides: Any) -> list[Generate
         "transformer": cfg.transformer,
         "lora": cfg.lora,
         "fuse_lora": cfg.fuse_lora,
+        "accel": cfg.accel,
     }
     kwargs.update(overrides)
     return generate(cfg.model, list(cfg.prompts), [tuple(s) for s in cfg.sizes], **kwargs)

@@ -20,7 +20,7 @@ Per axis of ``dim`` channels (``dim/2`` interleaved pairs) and training window `
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -139,6 +139,9 @@ class ResonanceYarnPosEmbed(nn.Module):
         self.train_tokens_hw = (int(train_tokens_hw[0]), int(train_tokens_hw[1]))
         self.axis_order = axis_order
         self.method = method
+        # Context parallelism hands each rank a slice of the ids; the YaRN switch and scale depend on the span of the
+        # whole image, so the ranks of this group agree on it (``inference.accel``). None: the ids are the whole set.
+        self.span_group: Any = None
 
     def train_len(self, axis: int) -> int | None:
         """Training window of ``axis`` in tokens, or ``None`` for the text axis."""
@@ -153,9 +156,10 @@ class ResonanceYarnPosEmbed(nn.Module):
         if ids.ndim != 2 or ids.shape[-1] != len(self.axes_dim):
             raise ValueError(f"ids must be [S, {len(self.axes_dim)}], got {tuple(ids.shape)}")
         cos_parts, sin_parts = [], []
+        spans = self._spans(ids)
         for axis, dim in enumerate(self.axes_dim):
             pos = ids[:, axis].to(torch.float64)
-            span = int(pos.max().item() - pos.min().item() + 1)
+            span = spans[axis]
             train_len = self.train_len(axis)
             if self.method != "yarn" or train_len is None:
                 train_len = max(span, 1)  # span <= train_len: plain RoPE
@@ -163,3 +167,13 @@ class ResonanceYarnPosEmbed(nn.Module):
             cos_parts.append(cos)
             sin_parts.append(sin)
         return torch.cat(cos_parts, dim=-1), torch.cat(sin_parts, dim=-1)
+
+    def _spans(self, ids: torch.Tensor) -> list[int]:
+        """``max - min + 1`` per axis of ``ids [S, 3]``, over every rank of ``span_group`` when it is set."""
+        bounds = torch.cat([ids.amax(0), -ids.amin(0)]).to(torch.float64)  # [2 * axes]
+        if self.span_group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=self.span_group)
+        n = len(self.axes_dim)
+        return [int(bounds[axis].item() + bounds[n + axis].item() + 1) for axis in range(n)]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from diffusers.configuration_utils import register_to_config
+from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
 from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
 
 from ultraflux_model.checkpoint.loading import StrictPretrainedMixin
@@ -75,3 +77,22 @@ class UltraFluxTransformer2DModel(StrictPretrainedMixin, FluxTransformer2DModel)
     def set_rope_kernel(self, choice: KernelChoice) -> None:
         """Select the RoPE implementation for every attention layer (``auto`` | ``eager`` | ``triton``)."""
         self.set_attn_processor(UltraFluxAttnProcessor(rope_kernel=choice))
+
+    def _resolve_parallel_config(self, config: ParallelConfig | ContextParallelConfig) -> ParallelConfig:
+        """diffusers' own, plus context parallelism over CPU ranks (gloo).
+
+        diffusers 0.42 places rank ``r`` on accelerator ``r % device_count()``, a division by zero on a machine
+        without one; there the mesh and the device are the CPU's. Tensor parallelism is left to diffusers.
+        """
+        if torch.accelerator.device_count() or not isinstance(config, ContextParallelConfig):
+            return super()._resolve_parallel_config(config)
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            raise RuntimeError("torch.distributed must be initialized before applying a parallel config")
+        parallel = ParallelConfig(context_parallel_config=config)
+        mesh = config.mesh or torch.distributed.device_mesh.init_device_mesh(
+            "cpu", mesh_shape=config.mesh_shape, mesh_dim_names=config.mesh_dim_names
+        )
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        parallel.setup(rank, world, torch.device("cpu"), mesh=mesh)
+        self._parallel_config = parallel
+        return parallel

@@ -5,6 +5,7 @@ is the ``generate`` section it was released with, as ``ultraflux generate`` woul
 uses ``seed + k``, as ``ultraflux generate`` numbers its images)::
 
     prompt: str   width: int   height: int   steps: int   guidance: float   seed: int   lora: str   lora_scale: float
+    cache: str (none | first_block | taylorseer; thresholds are the release's generate.accel)
 
 ``lora`` names one of the LoRA adapters the release was logged with (``serving_config(lora={name: folder or
 models:/ URI})``; loaded and checked against the release's transformer when the server starts, listed in every
@@ -13,7 +14,8 @@ refusal), never a path; ``lora_scale`` (default 1) is its weight, finite within 
 Output columns: ``image`` (PNG bytes, base64), ``width``, ``height``, ``seed``, ``metadata`` (the JSON sidecar
 ``ultraflux generate`` writes beside each PNG). Every request passes the one request guard
 (``ultraflux_model.inference.limits``: steps up to the release's ``max_steps``, guidance finite in 0 … 30, seeds
-0 … 2**63-1, ``max_pixels`` per image, ``max_images`` rows) before anything is generated.
+0 … 2**63-1, ``max_pixels`` per image, ``max_images`` rows) before anything is generated. The release's
+``generate.accel`` (compile, quantize) is applied once at load; the cache can change per row.
 
 Errors: a refused request (any ``UltraFluxError``) becomes MLflow's ``INVALID_PARAMETER_VALUE`` (HTTP 400) with the
 one-line message and no stack trace; a request stopped by SIGTERM (the server shutting down) becomes
@@ -32,7 +34,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pandas as pd
 from mlflow.exceptions import MlflowException
@@ -40,14 +42,14 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, TEMPORARILY_UN
 from mlflow.pyfunc import PythonModel
 from ultraflux_core.errors import UltraFluxError
 
-from ultraflux_model.config import GenerateConfig, ServeConfig
+from ultraflux_model.config import AccelConfig, CacheMode, GenerateConfig, ServeConfig
 from ultraflux_model.inference.limits import check_lora, check_request, check_settings, whole_number
 from ultraflux_model.inference.stop import Stopped
 
 logger = logging.getLogger(__name__)
 
 OPTIONAL_COLUMNS: dict[str, type] = {"width": int, "height": int, "steps": int, "guidance": float, "seed": int,
-                                     "lora": str, "lora_scale": float}  # fmt: skip
+                                     "lora": str, "lora_scale": float, "cache": str}  # fmt: skip
 OUTPUT_COLUMNS = ("image", "width", "height", "seed", "metadata")
 
 
@@ -66,7 +68,13 @@ def serving_config(generate: GenerateConfig | None = None, serve: ServeConfig | 
         "shift": gen.shift, "max_sequence_length": gen.max_sequence_length, "dtype": gen.dtype,
         "vae_decode": gen.vae_decode, "max_pixels": limits.max_pixels, "max_images": limits.max_images,
         "max_steps": limits.max_steps, "lora": dict(lora or {}),
+        "accel": gen.accel.model_dump(),
     }
+
+
+def release_accel(config: dict[str, Any]) -> AccelConfig:
+    """The accelerators of a release's ``model_config`` (releases logged before them: none)."""
+    return AccelConfig(**config.get("accel", {}))
 
 
 def serve_limits(config: dict[str, Any]) -> ServeConfig:
@@ -95,7 +103,7 @@ def input_example(config: dict[str, Any]) -> pd.DataFrame:
             ("a lighthouse on a cliff above a stormy sea, wide panorama", 1)]
     return pd.DataFrame([
         {"prompt": prompt, "width": config["width"], "height": config["height"], "steps": config["steps"],
-         "guidance": float(config["guidance"]), "seed": config["seed"] + k}
+         "guidance": float(config["guidance"]), "seed": config["seed"] + k, "cache": release_accel(config).cache}
         for prompt, k in rows
     ])
 
@@ -140,7 +148,8 @@ def parse_requests(frame: pd.DataFrame, config: dict[str, Any]) -> list[dict[str
         if not isinstance(prompt, str) or not prompt.strip():
             raise UltraFluxError(f"row {k}: prompt must be a non-empty string")
         # seed + row, as ultraflux generate numbers its images; no adapter unless the row names one
-        defaults = {**config, "seed": config["seed"] + k, "lora": None, "lora_scale": 1.0}
+        defaults = {**config, "seed": config["seed"] + k, "lora": None, "lora_scale": 1.0,
+                    "cache": release_accel(config).cache}
         cells = {name: _cell(row, name, defaults[name]) for name in OPTIONAL_COLUMNS}
         try:
             size = (whole_number("width", cells["width"]), whole_number("height", cells["height"]))
@@ -148,11 +157,13 @@ def parse_requests(frame: pd.DataFrame, config: dict[str, Any]) -> list[dict[str
             settings = check_settings(limits, steps=cells["steps"], guidance=cells["guidance"], seed=cells["seed"],
                                       shift=config["shift"])  # fmt: skip
             lora, lora_scale = check_lora(config.get("lora", {}), cells["lora"], cells["lora_scale"])
+            if cells["cache"] not in get_args(CacheMode):
+                raise UltraFluxError(f"cache must be one of {list(get_args(CacheMode))}, got {cells['cache']!r}")
         except UltraFluxError as err:
             raise UltraFluxError(f"row {k}: {err}") from None
         requests.append({"prompt": prompt, "width": size[0], "height": size[1], "steps": settings.steps,
                          "guidance": settings.guidance, "seed": settings.seed, "lora": lora,
-                         "lora_scale": lora_scale})  # fmt: skip
+                         "lora_scale": lora_scale, "cache": cells["cache"]})  # fmt: skip
     return requests
 
 
@@ -226,7 +237,7 @@ class UltraFluxPyfunc(PythonModel):
         stop_on_sigterm()
         self.config = dict(context.model_config)
         self.root = materialize(Manifest.read(Path(context.artifacts["manifest"])))
-        self.pipe = load_pipeline(self.root, dtype=self.config["dtype"])
+        self.pipe = load_pipeline(self.root, dtype=self.config["dtype"], accel=release_accel(self.config))
         self.adapters = load_served_adapters(self.config.get("lora", {}), self.root)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # noqa: ANN001
@@ -254,7 +265,7 @@ def predict_requests(pipe, root: Path, config: dict[str, Any], requests: list[di
     adapters by name (:func:`load_served_adapters`), which a row's ``lora`` names."""
     from ultraflux_model.inference.pipeline import generate
 
-    limits = serve_limits(config)
+    limits, accel = serve_limits(config), release_accel(config)
     rows = []
     with tempfile.TemporaryDirectory(prefix="ultraflux-serve-") as tmp:
         for k, request in enumerate(requests):
@@ -268,6 +279,7 @@ def predict_requests(pipe, root: Path, config: dict[str, Any], requests: list[di
                 pipe=pipe, progress=False, limits=limits,
                 callback=None if callback is None else functools.partial(callback, k),
                 lora=[((adapters or {})[request["lora"]], request["lora_scale"])] if request["lora"] else [],
+                accel=accel.model_copy(update={"cache": request["cache"]}),
             )[0]
             rows.append({
                 "image": base64.b64encode(image.path.read_bytes()).decode("ascii"),

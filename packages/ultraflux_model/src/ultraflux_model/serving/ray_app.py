@@ -58,6 +58,7 @@ from ultraflux_model.serving.pyfunc import (
     load_served_adapters,
     parse_requests,
     predict_requests,
+    release_accel,
     serving_config,
     signature,
 )
@@ -148,7 +149,7 @@ class Generator:
 
         self.config = config
         self.root = resolve_checkpoint(model)
-        self.pipe = load_pipeline(self.root, dtype=config["dtype"])
+        self.pipe = load_pipeline(self.root, dtype=config["dtype"], accel=release_accel(config))
         self.adapters = load_served_adapters(config.get("lora", {}), self.root)
         self.replica = serve.get_replica_context().replica_id.unique_id
 
