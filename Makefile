@@ -24,9 +24,17 @@ $(VENV)/.installed: requirements/ci.txt requirements/constraints.txt $(wildcard 
 setup: $(VENV)/.installed
 
 ## The main job: end to end on the embedded defaults (tiny model, synthetic data, SQLite MLflow, local DVC remote, ephemeral Prefect).
+## It prints one progress line per step and a closing summary (release, champion, report, VAE table, next commands).
+## What the libraries would add is kept out (each can be turned back on by exporting it): Prefect's and MLflow's
+## INFO logs (every task start and finish, "creating tables"), the Hugging Face load/save bars that break into the
+## training bar, transformers' and diffusers' notes on their own deprecated internals.
+demo: export PREFECT_LOGGING_LEVEL ?= WARNING
+demo: export MLFLOW_LOGGING_LEVEL ?= WARNING
+demo: export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
+demo: export TRANSFORMERS_VERBOSITY ?= error
+demo: export DIFFUSERS_VERBOSITY ?= error
 demo: setup
 	$(PY) -m flows.pipeline --config params.yaml
-	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/artifacts/mlflow.db"
 
 ## System packages of the tests only (never of the demo): headless Chromium + its driver for the web app's
 ## real-browser test (Debian packages; root installs them, anyone else gets a note and that one test is skipped).

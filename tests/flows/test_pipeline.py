@@ -26,6 +26,12 @@ def test_pipeline_runs_end_to_end_and_promotes_a_release(tmp_path: Path, monkeyp
     cmd = [sys.executable, "-m", "flows.pipeline", "--config", str(REPO / "params.yaml")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # what a newcomer reads (issue 20): a line per step, the closing summary, and no torch.distributed deprecations
+    assert [line[:5] for line in proc.stdout.splitlines() if line.startswith("[")] == ["[1/4]", "[2/4]", "[3/4]",
+                                                                                         "[4/4]"]
+    assert "UltraFlux demo: done" in proc.stdout and "champion: models:/ultraflux/1 (this release)" in proc.stdout
+    assert "make ui" in proc.stdout and "| metric | starting VAE | after training |" in proc.stdout
+    assert "torch.distributed" not in proc.stderr
 
     artifacts = tmp_path / "artifacts"
     releases = sorted((artifacts / "release").glob("ultraflux-*"))
@@ -36,6 +42,8 @@ def test_pipeline_runs_end_to_end_and_promotes_a_release(tmp_path: Path, monkeyp
     from ultraflux_model.checkpoint.resolve import resolve_checkpoint
 
     check_checkpoint_layout(releases[0])
+    assert f"release   {releases[0]}" in proc.stdout or f"release   {releases[0].relative_to(tmp_path)}" in proc.stdout
+    assert (artifacts / "release" / "eval" / "report" / "report.html").is_file()
     trained = fingerprint(artifacts / "train" / "stage2" / "export" / "transformer")
     assert fingerprint(releases[0] / "transformer") == trained  # the release carries the stage-2 weights
     assert fingerprint(releases[0] / "vae") == fingerprint(artifacts / "vae-post" / "vae")

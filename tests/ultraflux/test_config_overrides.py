@@ -35,7 +35,7 @@ def test_overrides_apply_to_a_presets_list_and_layer_with_files() -> None:
     ("data.scoring.workers=4", r"data.scoring.workers: unknown setting 'workers' \(removed in this version: set "
                                r"compute.workers"),
     ("trian.seed=1", r"trian: unknown setting 'trian' \(did you mean 'train'"),
-    ("generate.dtype=fp64", r"generate.dtype: should be 'bf16', 'fp16', 'fp32' or 'auto', got 'fp64'$"),
+    ("generate.dtype=fp64", r"generate.dtype: should be 'auto', 'bf16', 'fp16' or 'fp32', got 'fp64'$"),
     ("generate.steps=0", r"generate.steps: should be greater than or equal to 1, got 0$"),
 ])
 def test_bad_list_overrides_say_what_exists(override: str, message: str) -> None:
