@@ -27,10 +27,11 @@ setup: $(VENV)/.installed
 ## It prints one progress line per step and a closing summary (release, champion, report, VAE table, next commands).
 ## What the libraries would add is kept out (each can be turned back on by exporting it): Prefect's and MLflow's
 ## INFO logs (every task start and finish, "creating tables"), the Hugging Face load/save bars that break into the
-## training bar, transformers' and diffusers' notes on their own deprecated internals.
+## training bar and MLflow's download bars, transformers' and diffusers' notes on their own deprecated internals.
 demo: export PREFECT_LOGGING_LEVEL ?= WARNING
 demo: export MLFLOW_LOGGING_LEVEL ?= WARNING
 demo: export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
+demo: export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 demo: export TRANSFORMERS_VERBOSITY ?= error
 demo: export DIFFUSERS_VERBOSITY ?= error
 demo: setup

@@ -48,6 +48,12 @@ def step_summary(step: str, result: Any) -> str:
     return f"{Path(result['checkpoint']).name}, registered as version {registry.get('version', '?')}: {outcome}"
 
 
+def overall_scores(table: dict[str, dict[str, float]]) -> str:
+    """The ``overall`` row of an evaluation table (``{aspect | "overall": {metric: value}}``) in one line."""
+    row = table.get("overall", {})
+    return ", ".join(f"{metric} {value:.4g}" for metric, value in sorted(row.items()) if metric != "n_images")
+
+
 def champion_line(uri: str, model_name: str, alias: str, release: dict[str, Any]) -> str:
     """Which registered version holds the alias now, with its scores (this release's when it won)."""
     from ultraflux_core.tracking.uri import registered_version
@@ -58,9 +64,7 @@ def champion_line(uri: str, model_name: str, alias: str, release: dict[str, Any]
         return f"{alias}: none ({err})"
     registry = release.get("registry") or {}
     if str(registry.get("version")) == str(version):
-        scores = ", ".join(f"{metric} {values['overall']:.4g}" for metric, values in sorted(release["table"].items())
-                           if isinstance(values, dict) and "overall" in values)
-        return f"{alias}: models:/{model_name}/{version} (this release) — {scores}"
+        return f"{alias}: models:/{model_name}/{version} (this release) — {overall_scores(release['table'])}"
     return f"{alias}: models:/{model_name}/{version} — {registry.get('champion')} on the promotion metric"
 
 
@@ -79,7 +83,7 @@ def closing_summary(summary: dict[str, Any], champion: str) -> str:
         f"  eval run  {release['run_id']} in {uri}",
         "",
         "VAE decoder post-training (before → after):",
-        *("  " + line for line in vae["table"].splitlines()),
+        *(f"  {line}".rstrip() for line in vae["table"].splitlines()),
         "",
         "next:",
         "  make ui      # UltraFlux Studio on the champion at http://127.0.0.1:7860",

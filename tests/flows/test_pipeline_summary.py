@@ -7,12 +7,13 @@ from __future__ import annotations
 import pytest
 from ultraflux_core.console import progress_line
 
-from flows.pipeline import STEPS, closing_summary, step_summary
+from flows.pipeline import STEPS, closing_summary, overall_scores, step_summary
 
 RELEASE = {
     "checkpoint": "/repo/artifacts/release/ultraflux-0123456789ab", "run_id": "abc123",
     "tracking_uri": "sqlite:////repo/artifacts/mlflow.db", "report": "artifacts/release/eval/report/report.html",
-    "table": {"clip_score": {"1:1": 30.0, "overall": 31.25}, "glcm": {"overall": 4.5}},
+    "table": {"1:1": {"clip_score": 30.0, "glcm": 4.0, "n_images": 2},
+              "overall": {"clip_score": 31.25, "glcm": 4.5, "n_images": 6}},
     "registry": {"version": "3", "promoted": True, "reason": "first version", "candidate": 31.25, "champion": None},
 }
 VAE = {"before": {"rfid": 9.0, "psnr": 20.0, "ssim": 0.5, "lpips": 0.4},
@@ -51,3 +52,7 @@ def test_closing_summary_names_everything_a_newcomer_looks_for():
     assert "| PSNR (dB) | 20.0000 | 21.5000 |" in text  # the VAE before/after table the README promises
     assert "make ui" in text
     assert ".venv/bin/mlflow ui --backend-store-uri sqlite:////repo/artifacts/mlflow.db" in text
+
+
+def test_the_champions_scores_are_the_overall_row():
+    assert overall_scores(RELEASE["table"]) == "clip_score 31.25, glcm 4.5"
