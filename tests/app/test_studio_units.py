@@ -118,9 +118,11 @@ def test_missing_model_and_missing_compare_fail_clearly(tmp_path):
         Studio(str(tmp_path / "nope"), out=tmp_path / "o", device="cpu").compare(Request("x", 64, 64))
 
 
-def test_make_ui_picks_the_newest_release_and_compares_with_the_previous(tmp_path):
+def test_make_ui_picks_the_newest_release_and_compares_with_the_previous(tmp_path, monkeypatch):
     from ultraflux_model.app.models import pick_models
 
+    monkeypatch.chdir(tmp_path)  # the champion's default store is ./artifacts/mlflow.db: none here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(UltraFluxError, match="run `make demo` first"):
         pick_models(tmp_path)
     old, new = tmp_path / "ultraflux-aaa", tmp_path / "ultraflux-bbb"
