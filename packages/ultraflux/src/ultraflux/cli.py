@@ -47,6 +47,8 @@ def _root(
                                       help="print the version and exit"),
 ) -> None:
     """UltraFlux: native-4K text-to-image generation, data, training."""
+
+
 config_app = typer.Typer(help="Inspect and validate the config tree (params.yaml + presets).", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")  # ultraflux/data_cli.py
