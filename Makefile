@@ -12,14 +12,10 @@ export HF_HUB_OFFLINE := 1
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 
-.PHONY: setup demo demo-lora test test-fast bench clean ui
+.PHONY: setup demo demo-lora test test-deps test-fast bench clean ui
 
 $(VENV)/.installed: requirements/ci.txt requirements/constraints.txt $(wildcard packages/*/pyproject.toml)
 	test -x $(PY) || python3 -m venv $(VENV)
-	# Headless Chromium + its driver for the web app's real-browser test (Debian packages; root installs them).
-	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
-	  else echo "note: install chromium and chromium-driver (apt) for the browser test"; fi; }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/ci.txt -c requirements/constraints.txt
 	$(PY) -m pip install -q --no-deps -c requirements/constraints.txt pyiqa  # MUSIQ and Q-Align arch code; see docs/evaluation.md
@@ -28,9 +24,25 @@ $(VENV)/.installed: requirements/ci.txt requirements/constraints.txt $(wildcard 
 setup: $(VENV)/.installed
 
 ## The main job: end to end on the embedded defaults (tiny model, synthetic data, SQLite MLflow, local DVC remote, ephemeral Prefect).
+## It prints one progress line per step and a closing summary (release, champion, report, VAE table, next commands).
+## What the libraries would add is kept out (each can be turned back on by exporting it): Prefect's and MLflow's
+## INFO logs (every task start and finish, "creating tables"), the Hugging Face load/save bars that break into the
+## training bar and MLflow's download bars, transformers' and diffusers' notes on their own deprecated internals.
+demo: export PREFECT_LOGGING_LEVEL ?= WARNING
+demo: export MLFLOW_LOGGING_LEVEL ?= WARNING
+demo: export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
+demo: export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
+demo: export TRANSFORMERS_VERBOSITY ?= error
+demo: export DIFFUSERS_VERBOSITY ?= error
 demo: setup
 	$(PY) -m flows.pipeline --config params.yaml
-	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/artifacts/mlflow.db"
+
+## System packages of the tests only (never of the demo): headless Chromium + its driver for the web app's
+## real-browser test (Debian packages; root installs them, anyone else gets a note and that one test is skipped).
+test-deps:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	  else echo "note: install chromium and chromium-driver (apt) for the browser test; without them it is skipped"; fi; }
 
 ## A LoRA on the tiny model from six captioned images, tracked in MLflow, then one image with it (CPU).
 demo-lora: setup
@@ -38,7 +50,7 @@ demo-lora: setup
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/artifacts/lora-demo/train/mlflow.db"
 
 ## The whole CPU test suite (Triton kernels run under TRITON_INTERPRET=1 in their own tests).
-test: setup
+test: setup test-deps
 	$(PY) -m pytest -n 2 --dist loadfile
 
 bench: setup

@@ -158,7 +158,8 @@ def eval_flow(
         labels = None
     params = {"model": model or model_uri or "", "images_dir": images_dir or "", "model_version": version or ""}
     run_id, table = evaluate_and_log(paths, prompts, labels, cfg.eval, out_dir / "report", params)
-    result: dict[str, Any] = {"run_id": run_id, "table": table, "tracking_uri": uri}
+    result: dict[str, Any] = {"run_id": run_id, "table": table, "tracking_uri": uri,
+                              "report": str(out_dir / "report" / "report.html")}
     if register_version and generator is not None:
         provenance = {
             "git_sha": git_sha(REPO_ROOT),

@@ -27,7 +27,7 @@ def vae_flow(config: list[str] | None = None, overrides: list[str] | None = None
     report = post_train(cfg)
     create_markdown_artifact(key="vae-post-training", markdown=f"### VAE decoder post-training\n\n{report.table()}"
                              f"\nstart: `{report.start_vae}`, export: `{report.export}`\n")
-    return {"before": report.before, "after": report.after, "export": str(report.export)}
+    return {"before": report.before, "after": report.after, "export": str(report.export), "table": report.table()}
 
 
 if __name__ == "__main__":

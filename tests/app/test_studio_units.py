@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -117,19 +118,41 @@ def test_missing_model_and_missing_compare_fail_clearly(tmp_path):
         Studio(str(tmp_path / "nope"), out=tmp_path / "o", device="cpu").compare(Request("x", 64, 64))
 
 
-def test_make_ui_picks_the_newest_release_and_compares_with_the_previous(tmp_path):
+def test_make_ui_picks_the_newest_release_and_compares_with_the_previous(tmp_path, monkeypatch):
     from ultraflux_model.app.models import pick_models
 
+    monkeypatch.chdir(tmp_path)  # the champion's default store is ./artifacts/mlflow.db: none here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(UltraFluxError, match="run `make demo` first"):
         pick_models(tmp_path)
     old, new = tmp_path / "ultraflux-aaa", tmp_path / "ultraflux-bbb"
     for k, path in enumerate((old, new)):
-        path.mkdir()
+        (path / "transformer").mkdir(parents=True)
+        (path / "transformer" / "weights.safetensors").write_bytes(bytes([k]) * 64)  # other weights
         os.utime(path, ns=(10**18 + k, 10**18 + k))
     (tmp_path / "staging").mkdir()
     # No registry reachable in tests (HF_HUB_OFFLINE, no models:/ store): fall back to the release directories.
     assert pick_models(tmp_path, champion=str(tmp_path / "no-such-champion")) == (str(new), str(old))
     assert pick_models(tmp_path, champion=str(old)) == (str(old), str(new))  # a resolvable champion comes first
+
+
+def test_make_ui_compares_by_content_never_a_release_with_itself(tmp_path):
+    """The champion resolves to a copy (the model cache): the release it was logged from is the same model, so
+    the other release is offered, and with no other weights anywhere the app opens one model."""
+    from ultraflux_model.app.models import pick_models
+
+    releases, cache = tmp_path / "release", tmp_path / "cache"
+    old, new = releases / "ultraflux-aaa", releases / "ultraflux-bbb"
+    for k, path in enumerate((old, new)):
+        (path / "vae").mkdir(parents=True)
+        (path / "vae" / "weights.safetensors").write_bytes(bytes([k]) * 64)
+        os.utime(path, ns=(10**18 + k, 10**18 + k))
+    shutil.copytree(new, cache / "3f2a")  # what models:/ultraflux@champion resolves to
+    assert pick_models(releases, champion=str(cache / "3f2a")) == (str(cache / "3f2a"), str(old))
+    shutil.rmtree(old)
+    assert pick_models(releases, champion=str(cache / "3f2a")) == (str(cache / "3f2a"), None)  # alone
+    shutil.copytree(new, releases / "ultraflux-ccc")  # the same weights released twice: still alone
+    assert pick_models(releases, champion=str(cache / "3f2a")) == (str(cache / "3f2a"), None)
 
 
 def test_gallery_selection_offers_the_png_and_its_sidecar(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,12 @@ def test_pipeline_runs_end_to_end_and_promotes_a_release(tmp_path: Path, monkeyp
     cmd = [sys.executable, "-m", "flows.pipeline", "--config", str(REPO / "params.yaml")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # what a newcomer reads (issue 20): a line per step, the closing summary, and no torch.distributed deprecations
+    steps = [line[:5] for line in proc.stdout.splitlines() if re.match(r"\[\d/4\] ", line)]
+    assert steps == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert "UltraFlux demo: done" in proc.stdout and "champion: models:/ultraflux/1 (this release)" in proc.stdout
+    assert "make ui" in proc.stdout and "| metric | starting VAE | after training |" in proc.stdout
+    assert "torch.distributed" not in proc.stderr
 
     artifacts = tmp_path / "artifacts"
     releases = sorted((artifacts / "release").glob("ultraflux-*"))
@@ -36,6 +43,8 @@ def test_pipeline_runs_end_to_end_and_promotes_a_release(tmp_path: Path, monkeyp
     from ultraflux_model.checkpoint.resolve import resolve_checkpoint
 
     check_checkpoint_layout(releases[0])
+    assert f"release   {releases[0]}" in proc.stdout or f"release   {releases[0].relative_to(tmp_path)}" in proc.stdout
+    assert (artifacts / "release" / "eval" / "report" / "report.html").is_file()
     trained = fingerprint(artifacts / "train" / "stage2" / "export" / "transformer")
     assert fingerprint(releases[0] / "transformer") == trained  # the release carries the stage-2 weights
     assert fingerprint(releases[0] / "vae") == fingerprint(artifacts / "vae-post" / "vae")
@@ -56,3 +65,16 @@ def test_pipeline_runs_end_to_end_and_promotes_a_release(tmp_path: Path, monkeyp
     losses = [json.loads(line)["loss"] for line in (artifacts / "train" / "stage1" / "metrics.jsonl").read_text().splitlines()]
     quarter = len(losses) // 4
     assert sum(losses[-quarter:]) / quarter < sum(losses[:quarter]) / quarter  # the loss falls on average
+
+    # README's web-app example runs as written after the demo, from the demo's folder and without a tracking URI
+    # (the demo's store is the default): a real comparison, the trained champion beside the untrained base
+    from ultraflux_model.app.models import pick_models
+
+    example = next(line for line in (REPO / "README.md").read_text().splitlines()
+                   if line.startswith(".venv/bin/ultraflux ui "))
+    refs = re.findall(r"--(?:model|compare) (\S+)", example)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert len(refs) == 2 and fingerprint(resolve_checkpoint(refs[0])) != fingerprint(resolve_checkpoint(refs[1]))
+    # `make ui`: the champion alone, never beside its own release folder
+    assert pick_models(artifacts / "release") == ("models:/ultraflux@champion", None)

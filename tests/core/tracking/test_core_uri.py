@@ -24,7 +24,8 @@ from tests.servers import free_port
 def test_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert TrackingConfig().resolve_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    assert EvalTrackingConfig().resolve_uri() == "sqlite:///mlflow.db"  # relative: the working directory's store
+    # the demo's store under the working directory: the one default of every lookup
+    assert EvalTrackingConfig().resolve_uri() == f"sqlite:///{Path('artifacts/mlflow.db').resolve()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert TrackingConfig().resolve_uri(tmp_path) == "http://127.0.0.1:5000"
     assert EvalTrackingConfig().resolve_uri() == "http://127.0.0.1:5000"

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 from ultraflux.cli import app
@@ -99,8 +100,22 @@ def test_cli_generate_and_init_tiny(tmp_path):
         "--steps", "2", "--dtype", "fp32", "--seed", "5", "--out", str(tmp_path / "out"),
     ])
     assert result.exit_code == 0, result.output
-    sidecars = sorted((tmp_path / "out").glob("*.json"))
+    sidecars = sorted((tmp_path / "out").glob("*/*.json"))  # each invocation writes into a run folder of its own
     assert [json.loads(p.read_text())["prompt"] for p in sidecars] == ["a lighthouse", "a mountain lake"]
     assert [json.loads(p.read_text())["seed"] for p in sidecars] == [5, 6]
+    assert {json.loads(p.read_text())["dtype"] for p in sidecars} == {"fp32"}
+    first = {p: p.with_suffix(".png").read_bytes() for p in sidecars}
+    again = ["generate", "--model", str(ckpt), "-p", "a lighthouse", "--width", "64", "--height", "128", "--steps", "2",
+             "--seed", "9", "--out", str(tmp_path / "out")]  # dtype left at auto: fp32 on this CPU
+    result = runner.invoke(app, again)
+    assert result.exit_code == 0, result.output
+    runs = sorted(p for p in (tmp_path / "out").iterdir() if p.is_dir())
+    assert len(runs) == 2 and any(f"1 image(s) in {run}" in result.output for run in runs)
+    assert all(p.with_suffix(".png").read_bytes() == data for p, data in first.items())  # the first run is intact
+    new = next(p for r in runs for p in r.glob("*.json") if p not in first)
+    assert json.loads(new.read_text())["dtype"] == ("bf16" if torch.cuda.is_available() else "fp32")
+    result = runner.invoke(app, [*again, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["0000_64x128_seed9.png"]  # --out itself
     bad = runner.invoke(app, ["generate", "--model", str(ckpt), "-p", "x", "--width", "64", "--height", "100"])
     assert bad.exit_code != 0 and "nearest valid size is 64x96" in str(bad.exception)

@@ -116,7 +116,7 @@ def test_cli_generate_with_lora(tiny_checkpoint, tiny_adapter, tmp_path):
               "--steps", "1", "--dtype", "fp32"]  # fmt: skip
     result = runner.invoke(app, common + ["--lora", f"{tiny_adapter}:0.5", "--fuse-lora", "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
-    (sidecar,) = [json.loads(p.read_text()) for p in (tmp_path / "o").glob("*.json")]
+    (sidecar,) = [json.loads(p.read_text()) for p in (tmp_path / "o").rglob("*.json")]
     assert [(r["name"], r["scale"]) for r in sidecar["lora"]] == [("style-a", 0.5)] and sidecar["lora_fused"]
     missing = runner.invoke(app, common + ["--lora", str(tmp_path / "none"), "--out", str(tmp_path / "x")])
     assert isinstance(missing.exception, UltraFluxError) and "does not exist" in str(missing.exception)

@@ -237,3 +237,17 @@ def test_lora_plan_counts_adapters_and_the_frozen_base():
 def _meta_flux_dev() -> UltraFluxTransformer2DModel:
     with torch.device("meta"):
         return UltraFluxTransformer2DModel(guidance_embeds=True)
+
+
+def test_plan_warns_on_settings_that_make_no_sense():
+    """The defaults on 8 GPUs: accumulation 0.12 and a micro-batch of hundreds of thousands, said plainly."""
+    result = CliRunner().invoke(app, ["plan", "-c", str(ROOT / "params.yaml"), "--gpus", "8"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning: ")]
+    assert any("stage stage1: global_batch 2 is smaller than micro_batch 2 × 8 GPUs = 16 (accumulation 0.12 < 1)" in w
+               for w in warnings)
+    assert any("memory does not bound this run" in w for w in warnings)
+    paper = plan_config(load_config(ROOT / "params.yaml", ROOT / "configs/4k.yaml"), gpus=8, gpu_memory_gb=80)
+    assert paper["warnings"] == []  # the paper run: 64 = 1 × 8 GPUs × 8 accumulation, memory-bound
+    uneven = plan_config(load_config(ROOT / "params.yaml", ROOT / "configs/4k.yaml"), gpus=6, gpu_memory_gb=80)
+    assert any("is not a multiple of micro_batch" in w for w in uneven["warnings"])

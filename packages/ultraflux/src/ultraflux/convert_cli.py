@@ -18,7 +18,8 @@ convert_app = typer.Typer(help="Write UltraFlux-layout checkpoints (from FLUX.1-
 def flux_dev_command(
     src: str = typer.Argument(..., help="diffusers FLUX.1-dev checkpoint: a directory or a hub id"),
     dst: Path = typer.Argument(..., help="new directory for the UltraFlux-layout checkpoint"),
-    vae: str = typer.Option("f16-init", help="'f16-init' (FLUX.1-dev VAE weights, stride 2) or an F16 VAE dir"),
+    vae: str = typer.Option("f16-init", metavar="f16-init|DIR",
+                            help="'f16-init' (FLUX.1-dev VAE weights, stride 2) or an F16 VAE dir"),
 ) -> None:
     """FLUX.1-dev → UltraFlux layout (transformer unchanged + YaRN keys, F16 VAE start, encoders copied)."""
     out = convert_flux_dev(src, dst, vae=vae)
@@ -32,9 +33,9 @@ def assemble_command(
     base: str = typer.Argument(..., help="complete checkpoint (dir or hub id), e.g. Owen777/UltraFlux-v1"),
     dst: Path = typer.Argument(..., help="new directory"),
     transformer: str | None = typer.Option(
-        None, help="transformer dir or hub id, e.g. Owen777/UltraFlux-v1-1-Transformer"
+        None, metavar="DIR|HUB-ID", help="transformer dir or hub id, e.g. Owen777/UltraFlux-v1-1-Transformer"
     ),
-    vae: str | None = typer.Option(None, help="vae dir or hub id"),
+    vae: str | None = typer.Option(None, metavar="DIR|HUB-ID", help="vae dir or hub id"),
 ) -> None:
     """A complete checkpoint: BASE with its transformer and/or VAE replaced (files hard-linked)."""
     if transformer is None and vae is None:

@@ -53,7 +53,7 @@ def validate(metadata: Path) -> None:
 @app.command("download")
 @config_options(Options("compute", ComputeConfig))
 def download(metadata: Path, out: Path = typer.Option(...), *, config: list[Path], overrides: list[str]) -> None:
-    """Download the http(s) ``image_url``s of a metadata file (or a .txt list of URLs) into OUT, resumably."""
+    """Download the http(s) image_url values of a metadata file (or a .txt list of URLs) into OUT, resumably."""
     from ultraflux_data.download import download_urls, listed_urls, summarise
 
     cfg = resolve_config(config, overrides)

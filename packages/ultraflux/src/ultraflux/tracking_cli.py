@@ -11,7 +11,8 @@ app = typer.Typer(help="Check the MLflow tracking server.", no_args_is_help=True
 
 @app.command("check")
 def check(
-    uri: str | None = typer.Option(None, help="tracking URI (default: tracking.uri, then $MLFLOW_TRACKING_URI)"),
+    uri: str | None = typer.Option(None, metavar="URI",
+                                   help="tracking URI (default: tracking.uri, then $MLFLOW_TRACKING_URI)"),
     timeout_s: float = typer.Option(5.0, help="TCP connect timeout before the artifact probe"),
 ) -> None:
     """Readiness: write, read back and delete a tiny artifact through the server (proves the artifact store is

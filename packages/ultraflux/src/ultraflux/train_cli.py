@@ -31,7 +31,7 @@ train_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 @config_options(Options("train", TrainConfig))
 def train_command(
     resume: bool = typer.Option(False, help="skip finished stages, continue the interrupted one from its checkpoint"),
-    stage: list[str] = typer.Option([], help="run only these stages (by name); default: all, in order"),
+    stage: list[str] = typer.Option([], metavar="NAME", help="run only these stages (by name); default: all, in order"),
     *,
     config: list[Path],
     overrides: list[str],

@@ -9,9 +9,10 @@ Each package owns its sections (``ultraflux_model.config``, ``ultraflux_data.con
 from __future__ import annotations
 
 import copy
+import difflib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -104,14 +105,67 @@ def read_yaml(path: Path | str) -> dict[str, Any]:
     return data
 
 
-def _error_line(error: Mapping[str, Any], prefix: str, removed: Mapping[str, str]) -> str:
-    """One validation error as ``  dotted.path: message``, with the migration hint for a removed key."""
+def _fields_at(model: type[BaseModel], loc: Sequence[Any]) -> list[str]:
+    """The field names of the section that holds the last key of ``loc`` (a pydantic error location), following
+    nested sections, tuples/lists of sections (integer steps) and ``X | None``; [] when it is not a section."""
+    node: Any = model
+    for step in loc:
+        if isinstance(step, int):
+            continue
+        fields = getattr(node, "model_fields", None)
+        if fields is None or step not in fields:
+            return []
+        node = _section_type(fields[step].annotation)
+    return list(getattr(node, "model_fields", {}))
+
+
+def _section_type(annotation: Any) -> Any:
+    """The section class inside ``annotation`` (``S``, ``S | None``, ``tuple[S, ...]``, ``list[S]``), else it."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _section_type(arg)
+        if isinstance(found, type) and issubclass(found, BaseModel):
+            return found
+    return annotation
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _human(error: Mapping[str, Any], model: type[BaseModel] | None) -> str:
+    """pydantic's message in the words of a config file: unknown keys with the closest known ones, validators'
+    own messages without pydantic's "Value error, " prefix, other refusals with the value that was given."""
+    kind, msg = error["type"], str(error["msg"])
+    if kind == "extra_forbidden":
+        name = str(error["loc"][-1])
+        known = _fields_at(model, error["loc"][:-1]) if model is not None else []
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else (
+            f" (known: {', '.join(known)})" if known else "")
+        return f"unknown setting {name!r}{hint}"
+    if kind == "missing":
+        return "required setting is missing"
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    if kind in ("value_error", "assertion_error"):
+        return msg
+    msg = msg.replace("Input should be", "should be", 1)
+    value = error.get("input")
+    return f"{msg}, got {_shown(value)}" if isinstance(value, (str, int, float, bool)) or value is None else msg
+
+
+def _error_line(error: Mapping[str, Any], prefix: str, removed: Mapping[str, str],
+                model: type[BaseModel] | None = None) -> str:
+    """One validation error as ``  dotted.path: message`` (:func:`_human`), with the migration hint for a removed
+    key."""
     where = prefix + ".".join(str(p) for p in error["loc"])
-    line = f"  {where}: {error['msg']}"
     pattern = prefix + ".".join("*" if isinstance(p, int) else str(p) for p in error["loc"])
     if error["type"] == "extra_forbidden" and pattern in removed:
-        line += f" (removed in this version: {removed[pattern]})"
-    return line
+        return f"  {where}: unknown setting {str(error['loc'][-1])!r} (removed in this version: {removed[pattern]})"
+    return f"  {where}: {_human(error, model)}"
 
 
 def validate(model: type[S], data: Mapping[str, Any], source: str = "config", *, prefix: str = "",
@@ -122,7 +176,7 @@ def validate(model: type[S], data: Mapping[str, Any], source: str = "config", *,
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        lines = [_error_line(e, prefix, removed or {}) for e in err.errors()]
+        lines = [_error_line(e, prefix, removed or {}, model) for e in err.errors()]
         raise UltraFluxError(f"invalid {source}:\n" + "\n".join(lines)) from err
 
 

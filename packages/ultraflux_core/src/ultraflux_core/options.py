@@ -52,6 +52,19 @@ def _scalar(annotation: Any) -> Any | None:
     return annotation if annotation in _SCALARS else None
 
 
+# What help shows for a value instead of typer's Python type names (<str>, <list[Path]>).
+METAVARS = {str: "TEXT", int: "INTEGER", float: "NUMBER", Path: "PATH"}
+CONFIG_METAVAR, SET_METAVAR = "FILE", "KEY=VALUE"
+
+
+def metavar(kind: Any) -> str | None:
+    """The help placeholder of an option type: ``TEXT``, ``INTEGER``, ``NUMBER``, ``PATH``, ``a|b`` for choices;
+    None for a flag."""
+    if get_origin(kind) is Literal:
+        return "|".join(str(v) for v in get_args(kind))
+    return METAVARS.get(kind)
+
+
 def _help(dotted: str, field: FieldInfo) -> str:
     text = (field.description or "").replace("``", "")
     default = field.get_default(call_default_factory=True)
@@ -77,7 +90,8 @@ def _generated(groups: Sequence[Options], taken: Collection[str]) -> dict[str, t
                 continue
             dotted = f"{group.prefix}.{name}"
             flag = f"--{name.replace('_', '-')}"
-            option = typer.Option(f"{flag}/--no-{flag[2:]}" if kind is bool else flag, help=_help(dotted, field))
+            option = typer.Option(f"{flag}/--no-{flag[2:]}" if kind is bool else flag, help=_help(dotted, field),
+                                  metavar=metavar(kind))
             annotation = Annotated[Union[kind, None], option]  # noqa: UP007 - a runtime type for typer
             out[name] = (dotted, inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
                                                    annotation=annotation))
@@ -94,9 +108,11 @@ def config_options(*groups: Options) -> Callable[[F], F]:
         generated = _generated(groups, {p.name for p in own})
         shared = [
             inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=[], annotation=Annotated[
-                list[Path], typer.Option("--config", "-c", help="YAML files layered in order (e.g. params.yaml)")]),
+                list[Path], typer.Option("--config", "-c", metavar=CONFIG_METAVAR,
+                                         help="YAML file, repeatable: layered in order (e.g. params.yaml)")]),
             inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=[], annotation=Annotated[
-                list[str], typer.Option("--set", help="section.key=value overrides (any field of the config tree)")]),
+                list[str], typer.Option("--set", metavar=SET_METAVAR,
+                                        help="section.key=value override, repeatable (any field of the config tree)")]),
         ]
         positional = [p for p in own if p.kind is not inspect.Parameter.KEYWORD_ONLY]
         keyword = [p for p in own if p.kind is inspect.Parameter.KEYWORD_ONLY]

@@ -68,14 +68,19 @@ def compare_command(
     run_a: Annotated[str, typer.Argument(help="MLflow run id A")],
     run_b: Annotated[str, typer.Argument(help="MLflow run id B")],
     tracking_uri: Annotated[
-        str | None, typer.Option(help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+        str | None, typer.Option(metavar="URI", help="default: $MLFLOW_TRACKING_URI, else the demo's store "
+                                      "sqlite:///<cwd>/artifacts/mlflow.db")
     ] = None,
 ) -> None:
     """Side-by-side table of every metric of two evaluation runs (B − A in the last column)."""
+    from ultraflux_core.tracking.uri import check_store_exists
+
     from ultraflux_eval.config import TrackingConfig
     from ultraflux_eval.protocol.logging import compare_runs, reachable_tracking_uri
 
-    uri = reachable_tracking_uri(TrackingConfig(tracking_uri=tracking_uri))
+    uri = TrackingConfig(tracking_uri=tracking_uri).resolve_uri()
+    check_store_exists(uri, holds="the runs")  # a lookup never creates an empty store
+    uri = reachable_tracking_uri(TrackingConfig(tracking_uri=uri))
     table = Table("metric", f"A {run_a[:8]}", f"B {run_b[:8]}", "B - A")
     for key, a, b in compare_runs(uri, run_a, run_b):
         table.add_row(key, _fmt(a), _fmt(b), _fmt(b - a) if a is not None and b is not None else "-")
@@ -86,8 +91,8 @@ def compare_command(
 def weights_verify(
     weights_dir: Annotated[Path, typer.Argument(help="folder holding manifest.yaml")] = Path("storage/eval-weights"),
     role: Annotated[list[str] | None, typer.Option(
-        help="only these backbones (clip, aesthetic_head, pickscore, hps, inception, musiq, hpsv3, qalign, "
-             "artimuse)")] = None,
+        metavar="NAME", help="only these backbones (clip, aesthetic_head, pickscore, hps, inception, musiq, hpsv3, "
+                             "qalign, artimuse)")] = None,
 ) -> None:
     """Check every file of the manifest (or of --role) exists with its sha256; exit 2 naming each bad file."""
     from ultraflux_eval.backbones.weights import verify_weights
@@ -100,7 +105,7 @@ def weights_verify(
 def weights_manifest(
     weights_dir: Annotated[Path, typer.Argument(help="folder with the backbone files")],
     backbone: Annotated[list[str] | None, typer.Option(
-        help="ROLE=RELATIVE_PATH, e.g. clip=clip or inception=inception/v3.safetensors")] = None,
+        metavar="ROLE=PATH", help="ROLE=RELATIVE_PATH, e.g. clip=clip or inception=inception/v3.safetensors")] = None,
 ) -> None:
     """Hash every file under WEIGHTS_DIR into manifest.yaml and record which path each backbone loads."""
     from ultraflux_eval.backbones.weights import write_manifest

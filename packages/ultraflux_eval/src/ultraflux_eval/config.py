@@ -17,12 +17,12 @@ from pydantic import Field, field_validator, model_validator
 from ultraflux_core.config import Section, apply_override, deep_merge, parse_override, read_yaml, validate
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.tracking.config import PromotionConfig
-from ultraflux_core.tracking.uri import resolve_tracking_uri
+from ultraflux_core.tracking.uri import DEMO_STORE, default_tracking_uri
 
 from ultraflux_eval.errors import EvalError
 from ultraflux_eval.metrics.table import MetricName
 
-EVAL_STORE = "mlflow.db"  # the SQLite file (relative to the working directory) when no tracking URI is set
+EVAL_STORE = DEMO_STORE  # the demo's SQLite file (under the working directory) when no tracking URI is set
 
 
 class AspectSize(Section):
@@ -114,15 +114,16 @@ class BackbonesConfig(Section):
 
 
 class TrackingConfig(Section):
-    """MLflow endpoint. ``tracking_uri`` unset: ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` (read lazily)."""
+    """MLflow endpoint. ``tracking_uri`` unset: ``$MLFLOW_TRACKING_URI``, else the demo's store
+    ``sqlite:///<cwd>/artifacts/mlflow.db`` (read lazily)."""
 
     tracking_uri: str | None = None
     experiment: str = "ultraflux-eval"
     connect_timeout_s: float = Field(5.0, gt=0, description="reachability check of an http(s) tracking server")
 
     def resolve_uri(self) -> str:
-        """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the working directory."""
-        return resolve_tracking_uri(self.tracking_uri, EVAL_STORE)
+        """``tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the demo's store (``default_tracking_uri``)."""
+        return default_tracking_uri(self.tracking_uri)
 
 
 class EvalConfig(Section):

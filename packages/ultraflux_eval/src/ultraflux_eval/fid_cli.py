@@ -63,7 +63,7 @@ def fid_command(
         help="torch-fidelity Inception weights (weights-inception-2015-12-05-6726825d.pth); "
              "default: the `inception` entry of --weights-dir's manifest (sha256-verified)")] = None,
     weights_dir: Annotated[Path, typer.Option(help="folder with manifest.yaml")] = Path("storage/eval-weights"),
-    resize: Annotated[str, typer.Option(
+    resize: Annotated[str, typer.Option(metavar="legacy|clean|d4k",
         help="legacy (squash to 299: torch-fidelity), clean (clean-fid) or d4k (Diffusion-4K's protocol: short side "
              "to --crop-size, centre crop, then legacy; comparable with the paper's FID)")] = "legacy",
     crop_size: Annotated[int, typer.Option(

@@ -29,7 +29,8 @@ def metrics_command(
 
 
 def fetch_command(
-    only: Annotated[list[str] | None, typer.Option(help="only the backbones of these metrics (repeatable)")] = None,
+    only: Annotated[list[str] | None, typer.Option(
+        metavar="METRIC", help="only the backbones of these metrics (repeatable)")] = None,
     dir_: Annotated[Path, typer.Option("--dir", help="weights folder (manifest.yaml is written there)")] = Path(
         "storage/eval-weights"),
     source: Annotated[Path | None, typer.Option(

@@ -17,6 +17,8 @@ from ultraflux_core.config import Section
 from ultraflux_core.errors import UltraFluxError
 
 Dtype = Literal["bf16", "fp16", "fp32"]
+# What generation takes: a dtype, or auto = bf16 on a GPU and fp32 on a CPU (ultraflux_model.dtypes.resolve_dtype).
+GenerateDtype = Literal["auto", "bf16", "fp16", "fp32"]
 Offload = Literal["none", "model", "sequential"]
 VaeDecodeMode = Literal["tiled", "full", "official"]
 KernelChoice = Literal["auto", "eager", "triton"]
@@ -32,6 +34,8 @@ TOKEN_PX = 32  # 16x VAE downsampling then 2x2 packing: one transformer token co
 # Request bounds every entry point enforces (``ultraflux_model.inference.limits.check_settings``); docs/app.md.
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed's signed 64-bit range, and what JSON clients can send exactly
 MAX_GUIDANCE = 30.0  # distilled guidance: the official default is 4.0, Flux-dev's useful range ends well below 30
+# The largest bucket of the 4K family (6144×2752 = 16,908,288 px, pinned against ultraflux_model/buckets.py by a test).
+MAX_4K_BUCKET_PIXELS = 16_908_288
 MAX_T5_TOKENS = 512  # the T5 context UltraFlux was trained with; longer prompts are cut (with a notice)
 MAX_LORA_SCALE = 4.0  # |scale| of one LoRA adapter; 1 is the adapter as trained, negative scales invert it
 
@@ -139,10 +143,16 @@ class GenerateConfig(Section):
     shift: float = Field(3.0, gt=0.0, allow_inf_nan=False, description="static FlowMatch Euler timestep shift")
     max_sequence_length: int = Field(MAX_T5_TOKENS, ge=1, le=MAX_T5_TOKENS, description="T5 tokens")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="image k uses seed + k (0 … 2**63-1)")
-    dtype: Dtype = "bf16"
+    dtype: GenerateDtype = Field(
+        "auto", description="auto: bf16 on a GPU, fp32 on a CPU (where bf16 is slower and lossier)"
+    )
     offload: Offload = "none"
     vae_decode: VaeDecodeMode = "tiled"
-    out: Path = Path("artifacts/generated")
+    out: Path = Field(
+        Path("artifacts/generated"),
+        description="folder of the images: `ultraflux generate` writes each run into a new subfolder <time>-<id> of "
+        "it, or into it directly with --overwrite",
+    )
     transformer: str | None = Field(
         None, description="transformer from another source (directory or hub id); None: the checkpoint's own"
     )
@@ -171,15 +181,26 @@ class GenerateConfig(Section):
         return sizes
 
 
-def nearest_valid_size(width: int, height: int) -> tuple[int, int]:
-    """The closest (width, height) whose sides are positive multiples of 32."""
-    return (max(TOKEN_PX, round(width / TOKEN_PX) * TOKEN_PX), max(TOKEN_PX, round(height / TOKEN_PX) * TOKEN_PX))
+def nearest_valid_size(width: int, height: int, max_pixels: int | None = None) -> tuple[int, int]:
+    """The closest (width, height) whose sides are positive multiples of 32; with ``max_pixels``, scaled down at
+    the same aspect ratio until it holds at most that many pixels (a suggestion must itself be accepted)."""
+    w = max(TOKEN_PX, round(width / TOKEN_PX) * TOKEN_PX)
+    h = max(TOKEN_PX, round(height / TOKEN_PX) * TOKEN_PX)
+    if max_pixels is None or w * h <= max_pixels:
+        return w, h
+    scale = math.sqrt(max_pixels / (max(width, 1) * max(height, 1)))
+    w = max(TOKEN_PX, math.floor(max(width, 1) * scale / TOKEN_PX) * TOKEN_PX)
+    h = max(TOKEN_PX, math.floor(max(height, 1) * scale / TOKEN_PX) * TOKEN_PX)
+    while w * h > max_pixels and max(w, h) > TOKEN_PX:  # an extreme aspect ratio where one side sat at 32
+        w, h = (w - TOKEN_PX, h) if w >= h else (w, h - TOKEN_PX)
+    return w, h
 
 
-def check_image_size(width: int, height: int) -> None:
-    """Raise ``UltraFluxError`` naming the nearest valid size unless both sides are multiples of 32."""
+def check_image_size(width: int, height: int, max_pixels: int | None = None) -> None:
+    """Raise ``UltraFluxError`` naming the nearest valid size (within ``max_pixels``, default the 4K buckets')
+    unless both sides are positive multiples of 32."""
     if width <= 0 or height <= 0 or width % TOKEN_PX or height % TOKEN_PX:
-        w, h = nearest_valid_size(width, height)
+        w, h = nearest_valid_size(width, height, MAX_4K_BUCKET_PIXELS if max_pixels is None else max_pixels)
         raise UltraFluxError(
             f"image size {width}x{height} is not supported: width and height must be positive multiples of "
             f"{TOKEN_PX} (16x VAE, 2x2 packing); the nearest valid size is {w}x{h}"
@@ -465,10 +486,6 @@ class VaeTrainConfig(Section):
     def _crop_is_token_multiple(cls, crop: int) -> int:
         check_image_size(crop, crop)
         return crop
-
-
-# The largest bucket of the 4K family (6144×2752 = 16,908,288 px, pinned against ultraflux_model/buckets.py by a test).
-MAX_4K_BUCKET_PIXELS = 16_908_288
 
 
 class ServeConfig(Section):

@@ -18,6 +18,9 @@ from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.tracking.client import apply_client_settings
 
 REGISTRY_SCHEMES = ("models:/", "runs:/")
+# The demo's store (`make demo`, `make ui`, the MLflow UI command): the one default of every command that looks
+# runs or models up without a tracking URI, relative to the working directory (the repository root after a demo).
+DEMO_STORE = Path("artifacts/mlflow.db")
 # the root ``tracking`` section's settings; a caller with its own section passes its own advice
 DEFAULT_ADVICE = ("set tracking.uri or $MLFLOW_TRACKING_URI to a running server, or unset both to log into a local "
                   "SQLite file")
@@ -49,6 +52,23 @@ def resolve_tracking_uri(uri: str | None, default_store: Path | str) -> str:
     ``default_store`` is written as given: a relative path stays relative to the working directory.
     """
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{default_store}"
+
+
+def default_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``$MLFLOW_TRACKING_URI``, else the demo's store ``sqlite:///<cwd>/artifacts/mlflow.db``."""
+    return resolve_tracking_uri(uri, DEMO_STORE.resolve())
+
+
+def check_store_exists(uri: str, holds: str = "the model") -> None:
+    """Refuse a lookup in a SQLite store that does not exist, before MLflow would create an empty one (a stray
+    ``mlflow.db`` holding nothing); other stores are the server's business."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if str(path) not in ("", ":memory:") and not path.is_file():
+            raise UltraFluxError(
+                f"no MLflow store at {path}: run `make demo` first (it writes {DEMO_STORE}), or set "
+                f"MLFLOW_TRACKING_URI (or tracking.uri) to the store or server that holds {holds}"
+            )
 
 
 def check_tracking_reachable(uri: str, timeout_s: float = 5.0, advice: str = DEFAULT_ADVICE) -> None:

@@ -2,9 +2,10 @@
 :func:`ultraflux_model.inference.pipeline.generate` itself, so a new front-end cannot skip it): pure, no model needed.
 
 Bounds (docs/app.md, "Request limits"): steps 1 … ``serve.max_steps``; guidance finite in 0 … ``MAX_GUIDANCE``;
-shift finite and positive; seeds 0 … 2**63-1 for every image of the request; sizes positive multiples of 32 and at
-most ``serve.max_pixels``; at most ``serve.max_images`` images; a LoRA adapter only by a name the server lists, its
-scale finite within ±``MAX_LORA_SCALE``. Each refusal is an ``UltraFluxError`` whose one-line
+shift finite and positive; seeds 0 … 2**63-1 for every image of the request; prompts not blank; sizes positive
+multiples of 32 and at most ``serve.max_pixels``; at most ``serve.max_images`` images per server request (a batch
+run of the CLI checks everything but that count); a LoRA adapter only by a name the server lists, its scale finite
+within ±``MAX_LORA_SCALE``. Each refusal is an ``UltraFluxError`` whose one-line
 message names the parameter and its allowed range.
 """
 
@@ -17,7 +18,14 @@ from dataclasses import dataclass
 
 from ultraflux_core.errors import UltraFluxError
 
-from ultraflux_model.config import MAX_GUIDANCE, MAX_SEED, ServeConfig, check_image_size, check_lora_scale
+from ultraflux_model.config import (
+    MAX_GUIDANCE,
+    MAX_SEED,
+    ServeConfig,
+    check_image_size,
+    check_lora_scale,
+    nearest_valid_size,
+)
 
 
 @dataclass(frozen=True)
@@ -70,12 +78,36 @@ def check_settings(limits: ServeConfig, *, steps: object, guidance: object, seed
     return Settings(steps=n, guidance=g, seed=first, shift=s)
 
 
+def check_prompts(prompts: list[str]) -> None:
+    """Raise ``UltraFluxError`` unless there is at least one prompt and none is blank."""
+    if not prompts:
+        raise UltraFluxError("no prompt given: describe the image to generate (--prompt or generate.prompts)")
+    blank = [i for i, p in enumerate(prompts) if not isinstance(p, str) or not p.strip()]
+    if blank:
+        which = "the prompt is" if len(prompts) == 1 else f"prompt {blank[0] + 1} of {len(prompts)} is"
+        raise UltraFluxError(f"{which} empty: describe the image to generate")
+
+
+def check_sizes(limits: ServeConfig, sizes: list[tuple[int, int]]) -> None:
+    """Raise ``UltraFluxError`` unless each ``(width, height)`` has sides that are positive multiples of 32 and at
+    most ``limits.max_pixels`` pixels; each message names the nearest size that is accepted."""
+    for width, height in sizes:
+        check_image_size(width, height, limits.max_pixels)
+        if width * height > limits.max_pixels:
+            w, h = nearest_valid_size(width, height, limits.max_pixels)
+            raise UltraFluxError(
+                f"{width}x{height} is {width * height / 1e6:.1f} MP, over the limit of "
+                f"{limits.max_pixels / 1e6:.1f} MP per image (serve.max_pixels); choose a smaller size, e.g. {w}x{h} "
+                "at the same aspect ratio"
+            )
+
+
 def check_request(limits: ServeConfig, sizes: list[tuple[int, int]], images: int = 1) -> None:
     """Raise ``UltraFluxError`` unless every ``(width, height)`` is valid and within ``limits``.
 
     ``images`` is how many images the request makes (e.g. ``len(sizes) × images per size``). Checks, in order:
-    the count, each side a positive multiple of 32 (the message names the nearest valid size), each image's
-    pixel count. The sampling settings are :func:`check_settings`'s.
+    the count, then :func:`check_sizes`. The sampling settings are :func:`check_settings`'s, the prompts
+    :func:`check_prompts`'.
     """
     if images < 1:
         raise UltraFluxError(f"a request must ask for at least 1 image, got {images}")
@@ -84,13 +116,7 @@ def check_request(limits: ServeConfig, sizes: list[tuple[int, int]], images: int
             f"{images} images per request exceeds the limit of {limits.max_images} (serve.max_images); "
             "ask for fewer or raise the limit"
         )
-    for width, height in sizes:
-        check_image_size(width, height)
-        if width * height > limits.max_pixels:
-            raise UltraFluxError(
-                f"{width}x{height} is {width * height / 1e6:.1f} MP, over the limit of "
-                f"{limits.max_pixels / 1e6:.1f} MP per image (serve.max_pixels); choose a smaller size"
-            )
+    check_sizes(limits, sizes)
 
 
 def check_lora(known: Collection[str], name: object, scale: object = 1.0) -> tuple[str | None, float]:

@@ -34,16 +34,15 @@ from ultraflux_model.checkpoint.resolve import resolve_checkpoint
 from ultraflux_model.config import (
     MAX_T5_TOKENS,
     AccelConfig,
-    Dtype,
     GenerateConfig,
+    GenerateDtype,
     KernelChoice,
     Offload,
     SeedPolicy,
     ServeConfig,
-    check_image_size,
 )
 from ultraflux_model.diffusion.latents import image_ids, latent_hw, pack_latents, text_ids, unpack_latents
-from ultraflux_model.dtypes import TORCH_DTYPES
+from ultraflux_model.dtypes import TORCH_DTYPES, resolve_dtype
 from ultraflux_model.inference.accel import (
     apply_load_time,
     check_accel,
@@ -53,7 +52,7 @@ from ultraflux_model.inference.accel import (
     load_time,
     set_cache,
 )
-from ultraflux_model.inference.limits import check_settings
+from ultraflux_model.inference.limits import check_prompts, check_settings, check_sizes
 from ultraflux_model.inference.stop import check_stop
 from ultraflux_model.lora.apply import Adapter, read_specs, use_adapters
 from ultraflux_model.modules.text_encoders import encode_prompts, load_text_encoders
@@ -97,7 +96,7 @@ class UltraFluxPipeline(DiffusionPipeline):
 def load_pipeline(
     model: str | Path,
     *,
-    dtype: Dtype = "bf16",
+    dtype: GenerateDtype = "auto",
     device: str | torch.device | None = None,
     offload: Offload = "none",
     transformer: UltraFluxTransformer2DModel | str | Path | None = None,
@@ -110,16 +109,18 @@ def load_pipeline(
     checkpoint) or a reference to one (directory or hub id, see :func:`load_transformer`), as diffusers
     pipelines take components from other sources. ``rope_kernel`` selects eager or fused RoPE in its
     attention layers. ``accel`` (default: none) applies the accelerators once the transformer is on its device
-    (:mod:`~ultraflux_model.inference.accel`); the pipeline keeps it as ``pipe.accel``.
+    (:mod:`~ultraflux_model.inference.accel`); the pipeline keeps it as ``pipe.accel``. ``dtype``
+    ``auto``: bf16 on a GPU, fp32 on a CPU (:func:`resolve_dtype`).
     """
     root = resolve_checkpoint(model)
     check_checkpoint_layout(root)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(dtype, device)  # type: ignore[assignment]
     torch_dtype = TORCH_DTYPES[dtype]
     transformer_root: Path | None = None
     if isinstance(transformer, (str, Path)):
         transformer_root = transformer_dir(transformer)
         transformer = UltraFluxTransformer2DModel.from_pretrained(transformer_root, torch_dtype=torch_dtype)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if offload != "none" and device.type != "cuda":
         raise UltraFluxError(
             f"--offload {offload} moves weights between CPU and a GPU; there is no GPU here (use none)"
@@ -271,7 +272,7 @@ def generate(
     guidance: float = 4.0,
     shift: float = 3.0,
     seed: int = 0,
-    dtype: Dtype = "bf16",
+    dtype: GenerateDtype = "auto",
     offload: Offload = "none",
     vae_decode: DecodeMode = "tiled",
     max_sequence_length: int = 512,
@@ -308,12 +309,10 @@ def generate(
     Under ``parallel: context`` every rank of the torchrun launch samples the image and rank 0 alone decodes and writes
     it (the other ranks return an empty list).
     """
-    if not prompts:
-        raise UltraFluxError("no prompts given")
+    check_prompts(prompts)
     if seed_policy not in get_args(SeedPolicy):
         raise UltraFluxError(f"seed policy must be one of {list(get_args(SeedPolicy))}, got {seed_policy!r}")
-    for width, height in sizes:
-        check_image_size(width, height)
+    check_sizes(limits or ServeConfig(), sizes)
     if not 1 <= max_sequence_length <= MAX_T5_TOKENS:
         raise UltraFluxError(
             f"max_sequence_length must be between 1 and {MAX_T5_TOKENS} T5 tokens, got {max_sequence_length}"
@@ -341,8 +340,7 @@ def generate(
         if callback is not None:
             callback(phase, done, total)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # created with the first image: a run failing before that leaves no empty folder
 
     started = time.perf_counter()
     pipe = pipe or load_pipeline(
@@ -362,6 +360,8 @@ def generate(
         else {}
     )
     exec_device = pipe._execution_device
+    if dtype == "auto":  # the sidecar names what ran: the weights' dtype
+        dtype = next((k for k, v in TORCH_DTYPES.items() if v == pipe.transformer.dtype), "auto")  # type: ignore
 
     results: list[GeneratedImage] = []
     jobs = [(p, s) for p in prompts for s in sizes]
@@ -429,6 +429,7 @@ def generate(
             "memory": _peak_memory(exec_device),
             **({"notice": notices[prompt]} if notices[prompt] else {}),
         }
+        out_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.png")
         image.save(tmp)
         tmp.replace(path)  # atomic: a killed run never leaves a half-written PNG under the final name

@@ -181,16 +181,22 @@ def fetch_release(model_uri: str, cache_root: Path | None = None, tracking_uri: 
     """``models:/name@alias``, ``models:/name/version``, ``models:/<model_id>`` or ``runs:/<run>/<path>`` → local dir.
 
     Reads the manifest to learn the content hash; the weights come from the cache when that hash is there.
-    ``tracking_uri`` defaults to ``$MLFLOW_TRACKING_URI`` (MLflow's default store without it).
+    ``tracking_uri`` defaults to ``$MLFLOW_TRACKING_URI``, else the demo's store ``artifacts/mlflow.db``; a
+    SQLite store that does not exist is refused before MLflow could create an empty one.
     """
-    import mlflow
     from ultraflux_core.tracking.client import apply_client_settings
-    from ultraflux_core.tracking.uri import is_registered_model_uri, registered_version
+    from ultraflux_core.tracking.uri import (
+        check_store_exists,
+        default_tracking_uri,
+        is_registered_model_uri,
+        registered_version,
+    )
 
     from ultraflux_model.release.aliases import remember
 
     apply_client_settings()
-    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
+    tracking_uri = default_tracking_uri(tracking_uri)
+    check_store_exists(tracking_uri)
     root = Path(cache_root or model_cache_root())
     try:
         manifest = release_manifest(model_uri, tracking_uri)

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -99,3 +102,18 @@ def sum_across_ranks(value: torch.Tensor) -> torch.Tensor:
     out = value.detach().to(torch.device("cuda") if torch.distributed.get_backend() == "nccl" else "cpu", copy=True)
     torch.distributed.all_reduce(out)
     return out.cpu()
+
+
+# torch 2.14 deprecates the collectives DeepSpeed 0.19's ZeRO-3 calls on every gather and reduce-scatter
+# (all_gather_into_tensor, reduce_scatter_tensor and their private predecessors): a FutureWarning per call site and
+# rank, 64 lines in a demo, that nothing on our side can act on.
+DEPRECATED_COLLECTIVES = r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base|" \
+    r"_reduce_scatter_base)` is"
+
+
+@contextmanager
+def quiet_deprecated_collectives() -> Iterator[None]:
+    """Drop exactly those FutureWarnings while a stage trains (scoped: nothing changes outside the block)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=DEPRECATED_COLLECTIVES, category=FutureWarning)
+        yield

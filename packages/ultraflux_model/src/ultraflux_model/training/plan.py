@@ -233,6 +233,7 @@ def plan_run(
     } if lora is None else {}
     head = stages[0]
     peak_total = max(s.total_gb for s in stages)
+    warnings = plan_warnings(stages, world, max_micro)
     return {
         "method": train.method,
         "lora": lora,
@@ -261,7 +262,31 @@ def plan_run(
         "max_micro_batch": max_micro,
         "stages": [asdict(s) for s in stages],
         "time": {"mfu": mfu, "peak_tflops": peak_tflops, "hours": sum(s.hours for s in stages)},
+        "warnings": warnings,
     }
+
+
+def plan_warnings(stages: list[StagePlan], world: int, max_micro: int) -> list[str]:
+    """What makes no sense in the planned run, one line each: a global batch that the ranks cannot split into whole
+    micro-batches (accumulation below 1, or fractional: training refuses both), and a largest fitting micro-batch
+    far beyond what any stage feeds one rank (memory is not what bounds this run: the model is small for these
+    GPUs)."""
+    out = []
+    for s in stages:
+        per_round = s.micro_batch * world
+        if s.grad_accum < 1:
+            out.append(f"stage {s.name}: global_batch {s.global_batch} is smaller than micro_batch {s.micro_batch} × "
+                       f"{world} GPUs = {per_round} (accumulation {s.grad_accum:.2f} < 1): every GPU needs a whole "
+                       f"micro-batch per step; set global_batch to a multiple of {per_round} or plan fewer GPUs")
+        elif s.global_batch % per_round:
+            out.append(f"stage {s.name}: global_batch {s.global_batch} is not a multiple of micro_batch "
+                       f"{s.micro_batch} × {world} GPUs = {per_round} (accumulation {s.grad_accum:.2f}); training "
+                       "refuses it")
+    fed = max(max(1, s.global_batch // world) for s in stages)
+    if max_micro > 8 * fed:
+        out.append(f"a micro-batch of {max_micro:,} would fit, but no stage gives one GPU more than {fed} sample(s) "
+                   "per step: memory does not bound this run (the model is small for these GPUs), its batch sizes do")
+    return out
 
 
 TIGHT_HEADROOM = 0.10
@@ -329,4 +354,5 @@ def format_plan(plan: dict[str, Any]) -> str:
     if plan["world_size"] == 1:  # which one-GPU size the run fits (the LoRA presets' question)
         lines.append("one GPU of " + ", ".join(f"{g} GB: {w}" for g, w in plan["gpu_fit"].items())
                      + " (the largest stage's total)")
+    lines += [f"warning: {w}" for w in plan.get("warnings", [])]
     return "\n".join(lines)

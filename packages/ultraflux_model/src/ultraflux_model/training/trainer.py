@@ -49,7 +49,14 @@ from ultraflux_model.training.curriculum import (
     stage_plans,
     stages_to_run,
 )
-from ultraflux_model.training.distributed import DistInfo, barrier, init_distributed, sum_across_ranks, use_bf16
+from ultraflux_model.training.distributed import (
+    DistInfo,
+    barrier,
+    init_distributed,
+    quiet_deprecated_collectives,
+    sum_across_ranks,
+    use_bf16,
+)
 from ultraflux_model.training.ema import ShardedEma
 from ultraflux_model.training.host_memory import peak_rss_bytes
 from ultraflux_model.training.timesteps import timesteps_from_uniform
@@ -423,7 +430,7 @@ def run_dir_lock(run_dir: Path | str) -> AbstractContextManager[None]:
 def train_stage(cfg: RunConfig, stage: str | int, *, resume: bool = False) -> StageResult:
     """Train one SACL stage to its configured step count (collective over the launched ranks), holding the run
     directory's lock (``run_dir_lock``)."""
-    with run_dir_lock(cfg.train.run_dir):
+    with run_dir_lock(cfg.train.run_dir), quiet_deprecated_collectives():
         return _train_stage(cfg, stage, resume=resume)
 
 
