@@ -15,7 +15,8 @@ from ultraflux.config import resolve_config
 
 @config_options(Options("ui", UiConfig, exclude=("lora",)))
 def ui(
-    lora: list[str] = typer.Option([], "--lora", metavar="DIR", help="a LoRA adapter folder the picker offers; repeat (ui.lora)"),
+    lora: list[str] = typer.Option([], "--lora", metavar="DIR",
+                                   help="a LoRA adapter folder the picker offers; repeat (ui.lora)"),
     *,
     config: list[Path],
     overrides: list[str],
