@@ -9,7 +9,8 @@ app = typer.Typer(help="Run a Prefect process worker that drains on SIGTERM.", n
 
 @app.command("start")
 def start(
-    pool: str = typer.Option(..., "--pool", "-p", metavar="NAME", help="work pool of type process (e.g. ultraflux-process)"),
+    pool: str = typer.Option(..., "--pool", "-p", metavar="NAME",
+                             help="work pool of type process (e.g. ultraflux-process)"),
     name: str | None = typer.Option(None, metavar="NAME", help="worker name (default: Prefect's generated one)"),
     limit: int = typer.Option(4, min=1, help="flow runs at once; also what a stop waits for"),
     with_healthcheck: bool = typer.Option(
