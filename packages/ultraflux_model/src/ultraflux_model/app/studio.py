@@ -19,12 +19,33 @@ from typing import Any
 
 import gradio as gr
 
-from ultraflux_model.app.engine import Request, Studio, friendly_error, hide_paths, list_outputs, read_sidecar
-from ultraflux_model.app.sizes import ASPECTS, FAMILIES, preset_size, size_note
+from ultraflux_model.app.engine import (
+    Request,
+    Studio,
+    friendly_error,
+    hide_paths,
+    list_outputs,
+    read_sidecar,
+    request_from_sidecar,
+    shown,
+)
+from ultraflux_model.app.sizes import ASPECTS, CUSTOM, FAMILIES, controls_for, preset_size, size_note
+from ultraflux_model.inference.limits import whole_number
 from ultraflux_model.inference.pipeline import StepCallback
 
 DEVICE = "device"  # the concurrency id every event that runs a model shares
 CSS = "#size-note p {margin: 0} footer {display: none !important}"
+
+
+class Setting(gr.Slider):
+    """A slider whose range is checked by the one request guard, not by Gradio: an out-of-range value from a script
+    gets the guard's message naming the setting ("steps must be between 1 and 200 (serve.max_steps), got 0")
+    instead of Gradio's nameless "Value 0 is less than minimum value 1."."""
+
+    is_template = True  # Gradio's way to subclass a component: the page draws it as a plain slider
+
+    def preprocess(self, payload: Any) -> Any:
+        return payload  # checked (and named) by ``request_of`` and the engine's guard
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -86,6 +107,12 @@ def _progress(progress: gr.Progress, steps: int, images: int) -> StepCallback:
     return callback
 
 
+def status_line(state: str, detail: str = "") -> str:
+    """The one-line job state under the buttons (``#status``): running, done, cancelled or failed."""
+    icons = {"running": "⏳", "done": "✓", "cancelled": "⏹", "failed": "⚠"}
+    return f"{icons[state]} **{state}**" + (f" · {detail}" if detail else "")
+
+
 def _caption(sidecar: dict[str, Any]) -> str:
     return f"{sidecar.get('width')}×{sidecar.get('height')} · seed {sidecar.get('seed')} · {sidecar.get('prompt', '')[:60]}"
 
@@ -121,12 +148,13 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         return selected_item(paths, evt.index)
 
     def request_of(prompt, width, height, steps, guidance, seed, images=1, dtype=None, offload="none", decode="tiled"):
-        if width is None or height is None or seed is None:
-            raise gr.Error("width, height and seed must be numbers", print_exception=False)
-        return Request(
-            prompt=prompt or "", width=int(width), height=int(height), steps=int(steps), guidance=float(guidance),
-            seed=int(seed), images=int(images), dtype=dtype or studio.default_dtype, offload=offload, vae_decode=decode,
-        )  # fmt: skip
+        # Each value is named when it is not a number; its range is the engine's guard (which names it too).
+        numbers = {k: whole_number(k, v) for k, v in
+                   {"width": width, "height": height, "steps": steps, "seed": seed, "images": images}.items()}
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+            raise gr.Error(f"guidance must be a number, got {guidance!r}", print_exception=False)
+        return Request(prompt=prompt or "", guidance=float(guidance), dtype=dtype or studio.default_dtype,
+                       offload=offload, vae_decode=decode, **numbers)  # fmt: skip
 
     @_user_errors
     def run_generate(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode,
@@ -134,7 +162,8 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         req = request_of(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode)
         made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, req.images))
         _notices(made)
-        return [(str(g.path), _caption(g.sidecar)) for g in made], [g.sidecar for g in made]
+        done = status_line("done", f"{len(made)} image(s) · seed {req.seed} · {req.width}×{req.height}")
+        return [(str(g.path), _caption(g.sidecar)) for g in made], [g.sidecar for g in made], done
 
     @_user_errors
     def api_generate(prompt, width, height, steps, guidance, seed, request: gr.Request, progress=gr.Progress()):
@@ -154,9 +183,13 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         (a, meta_a), (b, meta_b) = pair["model"], pair["compare"]
         return str(a.path), str(b.path), _label(meta_a), _label(meta_b), {"model": meta_a, "compare": meta_b}
 
+    def run_compare_page(*args, **kwargs):
+        a, b, label_a, label_b, meta = run_compare(*args, **kwargs)
+        return a, b, (a, b), label_a, label_b, meta, status_line("done", "A/B on the same prompt and seed")
+
     def api_compare(prompt, width, height, steps, guidance, seed, second=None, request: gr.Request = None,
                     progress=gr.Progress()):  # fmt: skip
-        a, b, _, _, meta = run_compare(prompt, width, height, steps, guidance, seed, second, None, "none", "tiled",
+        a, b, *_, meta = run_compare(prompt, width, height, steps, guidance, seed, second, None, "none", "tiled",
                                        request, progress)  # fmt: skip
         return a, b, meta
 
@@ -164,35 +197,49 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         return size_note(w, h, studio.limits.max_pixels)
 
     def on_preset(aspect, family):
+        if CUSTOM in (aspect, family):  # "custom" keeps the typed size; a preset choice replaces it
+            return gr.skip(), gr.skip(), gr.skip()
         w, h = preset_size(aspect, family)
         return w, h, on_size(w, h)
+
+    def on_typed_size(w, h):
+        # The aspect and size controls follow a typed size: the preset it is, else "custom" (never a stale value).
+        a, f = controls_for(w, h)
+        return a, f, on_size(w, h)
+
+    def reuse(sidecar):
+        req = request_from_sidecar(sidecar or {}, studio.default_dtype)
+        a, f = controls_for(req.width, req.height)
+        return (req.prompt, req.width, req.height, req.steps, req.guidance, req.seed, 1, req.dtype, req.offload,
+                req.vae_decode, a, f, on_size(req.width, req.height),
+                status_line("done", f"settings and seed {req.seed} of the picked image loaded: press Generate"))
 
     w0, h0 = preset_size("1:1", "1K")
     with gr.Blocks(title="UltraFlux Studio") as demo:
         gr.Markdown(
-            f"## UltraFlux Studio\nModel: `{studio.main.label}`"
-            + (f" · compare with `{studio.slot('compare').label}`" if choices else "")
-            + f" · device `{studio.device}` · output `{studio.out}`"
+            f"## UltraFlux Studio\nModel: `{shown(studio.main.label)}`"
+            + (f" · compare with `{shown(studio.slot('compare').label)}`" if choices else "")
+            + f" · device `{studio.device}` · output `{shown(str(studio.out))}`"
         )
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red fox in fresh snow, golden hour",
                                     elem_id="prompt")  # fmt: skip
                 with gr.Row():
-                    aspect = gr.Dropdown(list(ASPECTS), value="1:1", label="Aspect ratio", elem_id="aspect")
-                    family = gr.Radio(list(FAMILIES), value="1K", label="Size", elem_id="family")
+                    aspect = gr.Dropdown([*ASPECTS, CUSTOM], value="1:1", label="Aspect ratio", elem_id="aspect")
+                    family = gr.Radio([*FAMILIES, CUSTOM], value="1K", label="Size", elem_id="family")
                 with gr.Row():
                     width = gr.Number(w0, label="Width", precision=0, elem_id="width")
                     height = gr.Number(h0, label="Height", precision=0, elem_id="height")
                 note = gr.Markdown(on_size(w0, h0), elem_id="size-note")
                 with gr.Row():
-                    steps = gr.Slider(1, studio.limits.max_steps, value=min(default_steps, studio.limits.max_steps),
+                    steps = Setting(1, studio.limits.max_steps, value=min(default_steps, studio.limits.max_steps),
                                       step=1, label="Steps", elem_id="steps")  # fmt: skip
-                    guidance = gr.Slider(0.0, 10.0, value=4.0, step=0.1, label="Guidance")
+                    guidance = Setting(0.0, 10.0, value=4.0, step=0.1, label="Guidance")
                 with gr.Row():
                     seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
                     randomise = gr.Button("Random seed", size="sm")
-                    images = gr.Slider(1, studio.limits.max_images, value=1, step=1, label="Images")
+                    images = Setting(1, studio.limits.max_images, value=1, step=1, label="Images")
                 with gr.Accordion("Advanced settings", open=False):
                     dtype = gr.Radio(["bf16", "fp16", "fp32"], value=studio.default_dtype, label="dtype")
                     offload = gr.Radio(["none", "model", "sequential"], value="none", label="CPU offload (GPU only)")
@@ -201,6 +248,7 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                     cmp_go = gr.Button("Compare", elem_id="compare")
                     stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                status = gr.Markdown("", elem_id="status")
             with gr.Column(scale=3):
                 with gr.Tab("Result"):
                     result = gr.Gallery(label="Result", columns=2, height=520, elem_id="result")
@@ -211,6 +259,10 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
                                          # checked by the engine, which refuses any other value without echoing it
                                          allow_custom_value=True,
                                          elem_id="second")  # fmt: skip
+                    # A over B with a draggable divider; fullscreen shows the 4K pair at full size, zoom follows.
+                    slider = gr.ImageSlider(label="A/B: drag the divider (fullscreen for 4K detail)", type="filepath",
+                                            format="png", buttons=["fullscreen", "download"], max_height=720,
+                                            elem_id="compare-slider")  # fmt: skip
                     with gr.Row():
                         img_a = gr.Image(label="model", type="filepath", elem_id="compare-a")
                         img_b = gr.Image(label="compare", type="filepath", elem_id="compare-b")
@@ -219,10 +271,11 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
                     cmp_meta = gr.JSON(label="Both sidecars")
                 with gr.Tab("Gallery"):
                     refresh = gr.Button("Refresh", size="sm")
-                    gallery = gr.Gallery(label=f"Everything in {studio.out}, newest first", columns=4, height=480,
-                                         elem_id="gallery")  # fmt: skip
+                    gallery = gr.Gallery(label=f"Everything in {shown(str(studio.out))}, newest first", columns=4,
+                                         height=480, elem_id="gallery")  # fmt: skip
                     with gr.Row():
                         picked = gr.JSON(label="Sidecar")
+                        reuse_go = gr.Button("Reuse these settings and seed", size="sm", elem_id="reuse")
                         downloads = gr.File(label="Download PNG + JSON", file_count="multiple", elem_id="downloads")
         paths = gr.State([])
         # Hidden outputs of the API endpoints (scripts get the file and the sidecar; the page shows its own).
@@ -233,27 +286,43 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         base = [prompt, width, height, steps, guidance, seed]
         advanced = [dtype, offload, decode]
         device = {"concurrency_limit": 1, "concurrency_id": DEVICE, "validator": session_limit(demo, session_jobs)}
-        gen = go.click(run_generate, base + [images] + advanced, [result, result_meta], api_visibility="private",
-                       **device)  # fmt: skip
-        cmp = cmp_go.click(run_compare, base + [second] + advanced, [img_a, img_b, label_a, label_b, cmp_meta],
-                           api_visibility="private", **device)  # fmt: skip
+        running = {"fn": lambda: status_line("running", "press Cancel to stop at the next step"), "inputs": None,
+                   "outputs": status, "queue": False, "api_visibility": "private"}  # fmt: skip
+        go.click(**running)
+        cmp_go.click(**running)
+        gen = go.click(run_generate, base + [images] + advanced, [result, result_meta, status],
+                       api_visibility="private", **device)  # fmt: skip
+        cmp = cmp_go.click(run_compare_page, base + [second] + advanced,
+                           [img_a, img_b, slider, label_a, label_b, cmp_meta, status], api_visibility="private",
+                           **device)  # fmt: skip
         api_go.click(api_generate, base, [api_image, api_meta], api_name="generate", **device)
         api_cmp.click(api_compare, base + [second], [api_image, api_image_b, api_meta], api_name="compare", **device)
         for event in (gen, cmp):
             event.then(refresh_gallery, None, [gallery, paths], queue=False, api_visibility="private")
 
-        def cancel(request: gr.Request) -> None:
+        def cancel(request: gr.Request) -> str:
             studio.cancel(request.session_hash or "")
+            return status_line("cancelled", "stopped at the next step; nothing of the unfinished image was kept")
 
         # Also an API endpoint: a script stops its own session's job (never another session's).
-        stop.click(cancel, None, None, cancels=[gen, cmp], queue=False, api_name="cancel")
+        stop.click(cancel, None, status, cancels=[gen, cmp], queue=False, api_name="cancel")
+        for event in (gen, cmp):  # a failed job says so beside the buttons as well as in its pop-up
+            event.failure(lambda: status_line("failed", "see the message above"), None, status, queue=False,
+                          api_visibility="private")  # fmt: skip
         randomise.click(lambda: secrets.randbelow(2**31), None, seed, queue=False, api_visibility="private")
-        for trigger in (aspect.change, family.change):
+        # .input: the user's own edits only, so a preset filling the size (or the size naming its preset) does not
+        # bounce back as another edit.
+        for trigger in (aspect.input, family.input):
             trigger(on_preset, [aspect, family], [width, height, note], queue=False, api_visibility="private")
+        for trigger in (width.input, height.input):
+            trigger(on_typed_size, [width, height], [aspect, family, note], queue=False, api_visibility="private")
         for trigger in (width.change, height.change):
             trigger(on_size, [width, height], note, queue=False, api_visibility="private")
         refresh.click(refresh_gallery, None, [gallery, paths], queue=False, api_visibility="private")
         gallery.select(show_selected, paths, [picked, downloads], queue=False, api_visibility="private")
+        filled = [prompt, width, height, steps, guidance, seed, images, dtype, offload, decode, aspect, family, note,
+                  status]  # fmt: skip
+        reuse_go.click(_user_errors(reuse), picked, filled, queue=False, api_visibility="private")
         demo.load(refresh_gallery, None, [gallery, paths], queue=False, api_visibility="private")
     # max_size: jobs waiting beyond it are refused ("queue is full") instead of piling up without end.
     demo.queue(max_size=queue_size, default_concurrency_limit=1)

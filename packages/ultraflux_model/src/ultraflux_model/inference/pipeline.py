@@ -43,6 +43,7 @@ from ultraflux_model.config import (
 from ultraflux_model.diffusion.latents import image_ids, latent_hw, pack_latents, text_ids, unpack_latents
 from ultraflux_model.dtypes import TORCH_DTYPES
 from ultraflux_model.inference.limits import check_settings
+from ultraflux_model.inference.png_info import png_info
 from ultraflux_model.inference.stop import check_stop
 from ultraflux_model.modules.text_encoders import encode_prompts, load_text_encoders
 from ultraflux_model.modules.transformer import UltraFluxTransformer2DModel
@@ -373,7 +374,7 @@ def generate(
             **({"notice": notices[prompt]} if notices[prompt] else {}),
         }
         tmp = path.with_suffix(".tmp.png")
-        image.save(tmp)
+        image.save(tmp, pnginfo=png_info(sidecar))  # the settings travel inside the PNG too
         tmp.replace(path)  # atomic: a killed run never leaves a half-written PNG under the final name
         path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
         results.append(
