@@ -183,8 +183,11 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         (a, meta_a), (b, meta_b) = pair["model"], pair["compare"]
         return str(a.path), str(b.path), _label(meta_a), _label(meta_b), {"model": meta_a, "compare": meta_b}
 
-    def run_compare_page(*args, **kwargs):
-        a, b, label_a, label_b, meta = run_compare(*args, **kwargs)
+    def run_compare_page(prompt, width, height, steps, guidance, seed, second, dtype, offload, decode,
+                         request: gr.Request, progress=gr.Progress()):  # fmt: skip
+        # Gradio injects the request and progress by signature: spelled out here, not *args
+        a, b, label_a, label_b, meta = run_compare(prompt, width, height, steps, guidance, seed, second, dtype,
+                                                   offload, decode, request, progress)  # fmt: skip
         return a, b, (a, b), label_a, label_b, meta, status_line("done", "A/B on the same prompt and seed")
 
     def api_compare(prompt, width, height, steps, guidance, seed, second=None, request: gr.Request = None,
@@ -286,29 +289,42 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         base = [prompt, width, height, steps, guidance, seed]
         advanced = [dtype, offload, decode]
         device = {"concurrency_limit": 1, "concurrency_id": DEVICE, "validator": session_limit(demo, session_jobs)}
-        running = {"fn": lambda: status_line("running", "press Cancel to stop at the next step"), "inputs": None,
-                   "outputs": status, "queue": False, "api_visibility": "private"}  # fmt: skip
+        cancelled_by: set[str] = set()  # sessions whose job ended by their Cancel (Gradio reports it as a failure)
+
+        def started(request: gr.Request) -> str:
+            cancelled_by.discard(request.session_hash or "")  # a Cancel pressed before this job is not for it
+            return status_line("running", "press Cancel to stop at the next step")
+
+        running = {"fn": started, "inputs": None, "outputs": status, "queue": False, "api_visibility": "private"}
         go.click(**running)
         cmp_go.click(**running)
         gen = go.click(run_generate, base + [images] + advanced, [result, result_meta, status],
-                       api_visibility="private", **device)  # fmt: skip
+                       api_visibility="private", show_progress_on=[result], **device)  # fmt: skip
         cmp = cmp_go.click(run_compare_page, base + [second] + advanced,
                            [img_a, img_b, slider, label_a, label_b, cmp_meta, status], api_visibility="private",
-                           **device)  # fmt: skip
+                           show_progress_on=[img_a, img_b, slider], **device)  # fmt: skip
         api_go.click(api_generate, base, [api_image, api_meta], api_name="generate", **device)
         api_cmp.click(api_compare, base + [second], [api_image, api_image_b, api_meta], api_name="compare", **device)
         for event in (gen, cmp):
             event.then(refresh_gallery, None, [gallery, paths], queue=False, api_visibility="private")
 
+        cancelled = status_line("cancelled", "stopped at the next step; nothing of the unfinished image was kept")
+
         def cancel(request: gr.Request) -> str:
+            cancelled_by.add(request.session_hash or "")
             studio.cancel(request.session_hash or "")
-            return status_line("cancelled", "stopped at the next step; nothing of the unfinished image was kept")
+            return cancelled
+
+        def ended_badly(request: gr.Request) -> str:
+            if request.session_hash in cancelled_by:
+                cancelled_by.discard(request.session_hash)
+                return cancelled
+            return status_line("failed", "see the message above")
 
         # Also an API endpoint: a script stops its own session's job (never another session's).
         stop.click(cancel, None, status, cancels=[gen, cmp], queue=False, api_name="cancel")
         for event in (gen, cmp):  # a failed job says so beside the buttons as well as in its pop-up
-            event.failure(lambda: status_line("failed", "see the message above"), None, status, queue=False,
-                          api_visibility="private")  # fmt: skip
+            event.failure(ended_badly, None, status, queue=False, api_visibility="private")
         randomise.click(lambda: secrets.randbelow(2**31), None, seed, queue=False, api_visibility="private")
         # .input: the user's own edits only, so a preset filling the size (or the size naming its preset) does not
         # bounce back as another edit.
