@@ -58,7 +58,8 @@ def loaded_image(css: str, count: int = 1):
 
     def condition(driver):
         images = driver.find_elements(By.CSS_SELECTOR, css)
-        done = [i for i in images if driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)]
+        script = "return arguments[0].complete && arguments[0].naturalWidth"
+        done = [i for i in images if driver.execute_script(script, i)]
         return done[:count] if len(done) >= count else False
 
     return condition
