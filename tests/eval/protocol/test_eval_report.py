@@ -82,7 +82,8 @@ def test_header_names_model_hash_date_sha_protocol_and_backbones(page):
     assert about["model"] == "/srv/r/ultraflux-ab" and about["content hash (sha256)"] == "ab" * 32
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", about["date (UTC)"])
     assert about["git sha"] == "0123abc" and about["backbones"] == "tiny"
-    assert about["protocol"].startswith("aesthetic-eval") and "comparable with the paper: no: tiny backbones" in about["protocol"]
+    assert about["protocol"].startswith("aesthetic-eval")
+    assert "comparable with the paper: no: tiny backbones" in about["protocol"]
 
 
 def test_tiny_backbones_put_a_banner_on_the_page(page):
