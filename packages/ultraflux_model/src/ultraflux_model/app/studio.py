@@ -119,7 +119,7 @@ def _caption(sidecar: dict[str, Any]) -> str:
 
 def _label(sidecar: dict[str, Any]) -> str:
     return (
-        f"**{sidecar.get('side', '')}** `{sidecar.get('model')}` · sha256 `{str(sidecar.get('model_hash', ''))[:12]}`  \n"
+        f"**{sidecar.get('side', '')}** `{shown(str(sidecar.get('model')))}` · sha256 `{str(sidecar.get('model_hash', ''))[:12]}`  \n"
         + " · ".join(f"{k} {v}" for k, v in sidecar.get("scores", {}).items())
     )
 
