@@ -121,7 +121,10 @@ def _results(values):
     return EvalResults("b", aspects, ["m"], [], table)
 
 
-@pytest.mark.parametrize("values", [{"1:1": 0.0, "2:1": 0.0}, {"1:1": 5.0, "2:1": 9.0, "16:9": 9.0}])
+FULL = {"1:1": 9.0, "16:9": 9.0, "2:1": 9.0, "1:2": 9.0, "2.39:1": 9.0}  # bars across the whole panel
+
+
+@pytest.mark.parametrize("values", [{"1:1": 0.0, "2:1": 0.0}, {"1:1": 5.0, "2:1": 9.0, "16:9": 9.0}, FULL])
 def test_charts_have_no_empty_panel_and_no_legend_over_a_bar(values):
     fig = metric_figure(_results(values), "m")
     ax = fig.axes[0]

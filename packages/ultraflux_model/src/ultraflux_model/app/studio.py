@@ -184,7 +184,7 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         return str(a.path), str(b.path), _label(meta_a), _label(meta_b), {"model": meta_a, "compare": meta_b}
 
     def run_compare_page(prompt, width, height, steps, guidance, seed, second, dtype, offload, decode,
-                         request: gr.Request, progress=gr.Progress()):  # fmt: skip
+                         request: gr.Request, progress=gr.Progress()):  # noqa: B008  # fmt: skip
         # Gradio injects the request and progress by signature: spelled out here, not *args
         a, b, label_a, label_b, meta = run_compare(prompt, width, height, steps, guidance, seed, second, dtype,
                                                    offload, decode, request, progress)  # fmt: skip
