@@ -237,29 +237,26 @@ class Studio:
         try:
             with self._device_lock:
                 slot = self.load(side, request.dtype, request.offload, second)
-                return self._generate(slot, request, run, on_step)
+                return generate(
+                    slot.ref,
+                    [request.prompt],
+                    [(request.width, request.height)] * request.images,
+                    steps=request.steps,
+                    guidance=request.guidance,
+                    seed=request.seed,
+                    dtype=request.dtype,
+                    offload=request.offload,
+                    vae_decode=request.vae_decode,
+                    out_dir=run,
+                    pipe=slot.pipe,
+                    progress=False,
+                    callback=on_step,
+                    transformer=slot.transformer,
+                    limits=self.limits,
+                )
         except BaseException:
             self._drop_empty(run)  # a cancelled or failed job leaves no empty run folder behind
             raise
-
-    def _generate(self, slot: ModelSlot, request: Request, run: Path, on_step: StepCallback) -> list[GeneratedImage]:
-        return generate(
-            slot.ref,
-            [request.prompt],
-            [(request.width, request.height)] * request.images,
-            steps=request.steps,
-            guidance=request.guidance,
-            seed=request.seed,
-            dtype=request.dtype,
-            offload=request.offload,
-            vae_decode=request.vae_decode,
-            out_dir=run,
-            pipe=slot.pipe,
-            progress=False,
-            callback=on_step,
-            transformer=slot.transformer,
-            limits=self.limits,
-        )
 
     def compare(
         self,
