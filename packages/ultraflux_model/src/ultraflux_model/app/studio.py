@@ -37,17 +37,6 @@ DEVICE = "device"  # the concurrency id every event that runs a model shares
 CSS = "#size-note p {margin: 0} footer {display: none !important}"
 
 
-class Setting(gr.Slider):
-    """A slider whose range is checked by the one request guard, not by Gradio: an out-of-range value from a script
-    gets the guard's message naming the setting ("steps must be between 1 and 200 (serve.max_steps), got 0")
-    instead of Gradio's nameless "Value 0 is less than minimum value 1."."""
-
-    is_template = True  # Gradio's way to subclass a component: the page draws it as a plain slider
-
-    def preprocess(self, payload: Any) -> Any:
-        return payload  # checked (and named) by ``request_of`` and the engine's guard
-
-
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn any failure into a one-line ``gr.Error`` (shown in the page, returned to API clients)."""
 
@@ -148,7 +137,8 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         return selected_item(paths, evt.index)
 
     def request_of(prompt, width, height, steps, guidance, seed, images=1, dtype=None, offload="none", decode="tiled"):
-        # Each value is named when it is not a number; its range is the engine's guard (which names it too).
+        # Raw values (the events skip Gradio's preprocessing): each is named when it is not a number; its range is the
+        # engine's guard (which names it too).
         numbers = {k: whole_number(k, v) for k, v in
                    {"width": width, "height": height, "steps": steps, "seed": seed, "images": images}.items()}
         if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
@@ -236,13 +226,13 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
                     height = gr.Number(h0, label="Height", precision=0, elem_id="height")
                 note = gr.Markdown(on_size(w0, h0), elem_id="size-note")
                 with gr.Row():
-                    steps = Setting(1, studio.limits.max_steps, value=min(default_steps, studio.limits.max_steps),
+                    steps = gr.Slider(1, studio.limits.max_steps, value=min(default_steps, studio.limits.max_steps),
                                       step=1, label="Steps", elem_id="steps")  # fmt: skip
-                    guidance = Setting(0.0, 10.0, value=4.0, step=0.1, label="Guidance")
+                    guidance = gr.Slider(0.0, 10.0, value=4.0, step=0.1, label="Guidance")
                 with gr.Row():
                     seed = gr.Number(0, label="Seed", precision=0, elem_id="seed")
                     randomise = gr.Button("Random seed", size="sm")
-                    images = Setting(1, studio.limits.max_images, value=1, step=1, label="Images")
+                    images = gr.Slider(1, studio.limits.max_images, value=1, step=1, label="Images")
                 with gr.Accordion("Advanced settings", open=False):
                     dtype = gr.Radio(["bf16", "fp16", "fp32"], value=studio.default_dtype, label="dtype")
                     offload = gr.Radio(["none", "model", "sequential"], value="none", label="CPU offload (GPU only)")
@@ -288,7 +278,11 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
 
         base = [prompt, width, height, steps, guidance, seed]
         advanced = [dtype, offload, decode]
-        device = {"concurrency_limit": 1, "concurrency_id": DEVICE, "validator": session_limit(demo, session_jobs)}
+        # preprocess=False: the raw values reach ``request_of`` and the one request guard, whose errors name the
+        # setting ("steps must be between 1 and 200 (serve.max_steps), got 0"), instead of Gradio's slider check
+        # ("Value 0 is less than minimum value 1.", no name).
+        device = {"concurrency_limit": 1, "concurrency_id": DEVICE, "validator": session_limit(demo, session_jobs),
+                  "preprocess": False}  # fmt: skip
         cancelled_by: set[str] = set()  # sessions whose job ended by their Cancel (Gradio reports it as a failure)
 
         def started(request: gr.Request) -> str:
