@@ -21,8 +21,14 @@ from ultraflux.config import UltraFluxConfig, resolve_config
 from ultraflux.deploy import SharedRoots, with_roots
 from ultraflux_core.config import dump_config
 from ultraflux_core.tracking.lineage import config_hash, dvc_data_hash, git_sha
-from ultraflux_core.tracking.registry import promote_if_better, record_evaluation, register_checkpoint
-from ultraflux_core.tracking.uri import is_registered_model_uri, is_registry_uri, registered_version
+from ultraflux_core.tracking.registry import (
+    champion_scores,
+    promote_if_better,
+    record_evaluation,
+    register_checkpoint,
+    version_description,
+)
+from ultraflux_core.tracking.uri import client_for, is_registered_model_uri, is_registry_uri, registered_version
 from ultraflux_data.config import ComputeConfig
 from ultraflux_eval.config import EvalConfig
 from ultraflux_eval.errors import EvalError
@@ -33,6 +39,7 @@ from ultraflux_model.checkpoint.resolve import resolve_checkpoint
 from ultraflux_model.config import GenerateConfig, ServeConfig
 from ultraflux_model.serving.publish import log_release
 from ultraflux_model.serving.pyfunc import serving_config
+from ultraflux_model.training.latent_cache import INDEX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,8 +83,14 @@ def evaluate_and_log(
     cfg: EvalConfig,
     out_dir: Path,
     params: dict[str, Any],
+    lineage: dict[str, str],
 ) -> tuple[str | None, dict[str, dict[str, float]]]:
-    run = run_evaluation(paths, prompts, cfg, out_dir, aspects=labels, params=params)
+    """Evaluate, write the report (header, banner, the paper's and the champion's columns), log one run tagged with
+    the same lineage the registered version gets."""
+    champion = champion_scores(cfg.tracking.resolve_uri(), cfg.promotion)
+    about = {"git sha": lineage["git_sha"], "data (dvc_data_hash)": lineage["dvc_data_hash"]}
+    run = run_evaluation(paths, prompts, cfg, out_dir, aspects=labels, params=params, tags=lineage, about=about,
+                         champion=champion)  # fmt: skip
     return run.run_id, run.results.table
 
 
@@ -93,14 +106,18 @@ def log_model_release(model: str, uri: str, run_id: str, gen: GenerateConfig, se
 
 @task(name="register-and-promote")
 def register_and_promote(
-    cfg: EvalConfig, run_id: str, source: str, version: str | None, provenance: dict[str, str], promote: bool
+    cfg: EvalConfig, run_id: str, source: str, version: str | None, provenance: dict[str, str], promote: bool,
+    changes: str = "",
 ) -> dict[str, Any]:
     """Register the model at ``source`` as a new version (or point an existing ``version`` at this evaluation),
     then apply the promotion rule when ``promote``."""
     uri = cfg.tracking.resolve_uri()
     name = cfg.promotion.model_name
     if version is None:
-        version = register_checkpoint(uri, name, source, {**provenance, "eval_run_id": run_id})
+        tags = {**provenance, "eval_run_id": run_id}
+        scores = client_for(uri).get_run(run_id).data.metrics
+        description = version_description(changes or f"evaluated {source}", scores, tags, cfg.backbones.source)
+        version = register_checkpoint(uri, name, source, tags, description)
     else:
         record_evaluation(uri, name, version, run_id)
     if not promote:
@@ -124,6 +141,7 @@ def eval_flow(
     register_version: bool = True,
     promote: bool = True,
     roots: SharedRoots | None = None,
+    changes: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate one model (or a directory of images) on the benchmark, log one MLflow run, maybe promote.
 
@@ -131,6 +149,7 @@ def eval_flow(
     (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``, ``models:/NAME/latest``: the evaluation is recorded on
     that version; ``runs:/…`` or ``models:/<model_id>``: registered as a new version) or ``images_dir``.
     ``roots`` moves ``artifacts/…`` outputs (the config's and ``out``) onto shared folders (deployments).
+    ``changes`` opens the registered version's description (what is new in it; the release flow names the parts).
     """
     if roots is not None:
         out = roots.rebase(out)
@@ -157,17 +176,19 @@ def eval_flow(
         paths, prompts = collect_images(images_dir, prompts_file)
         labels = None
     params = {"model": model or model_uri or "", "images_dir": images_dir or "", "model_version": version or ""}
-    run_id, table = evaluate_and_log(paths, prompts, labels, cfg.eval, out_dir / "report", params)
+    # One lineage for the evaluation run and the version it registers (the same dvc_data_hash on both).
+    lineage = {
+        "git_sha": git_sha(REPO_ROOT),
+        "dvc_data_hash": dvc_data_hash(Path(cfg.train.cache_dir), INDEX, REPO_ROOT / "dvc.lock"),
+        "config_hash": config_hash(dump_config(cfg)),
+    }
+    run_id, table = evaluate_and_log(paths, prompts, labels, cfg.eval, out_dir / "report", params, lineage)
     result: dict[str, Any] = {"run_id": run_id, "table": table, "tracking_uri": uri,
                               "report": str(out_dir / "report" / "report.html")}
     if register_version and generator is not None:
-        provenance = {
-            "git_sha": git_sha(REPO_ROOT),
-            "dvc_data_hash": dvc_data_hash(REPO_ROOT / "dvc.lock"),
-            "config_hash": config_hash(dump_config(cfg)),
-        }
         source = model_uri if model is None else log_model_release(model, uri, run_id, cfg.generate, cfg.serve)
-        result["registry"] = register_and_promote(cfg.eval, run_id, source, version, provenance, promote)
+        result["registry"] = register_and_promote(cfg.eval, run_id, source, version, lineage, promote,
+                                                  changes or f"evaluated {model or model_uri}")  # fmt: skip
     return result
 
 

@@ -50,7 +50,10 @@ def release_flow(
     overrides = with_roots(config, overrides, roots)
     cfg = resolve_config(config, overrides)
     final = Path(assemble(cfg.train.model, out, transformer, vae))
-    result = eval_flow(model=str(final), config=config, overrides=overrides, out=str(Path(out) / "eval"), promote=promote)
+    parts = [f"{part} from {path}" for part, path in (("transformer", transformer), ("VAE", vae)) if path]
+    changes = f"release {final.name}: {cfg.train.model}" + (f" with the {' and the '.join(parts)}" if parts else "")
+    result = eval_flow(model=str(final), config=config, overrides=overrides, out=str(Path(out) / "eval"),
+                       promote=promote, changes=changes)  # fmt: skip
     print(f"released {final}: {result.get('registry')}")
     return {"checkpoint": str(final), **result}
 

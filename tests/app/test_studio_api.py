@@ -34,6 +34,10 @@ def test_generate_endpoint_returns_image_and_sidecar(client, studio_app, size):
     assert json.loads(served.with_suffix(".json").read_text()) == meta  # the sidecar beside the PNG
     assert np.array_equal(np.asarray(Image.open(served)), np.asarray(image))  # the client got that very file
     assert meta["model"] == str(studio_app.model) and len(meta["model_hash"]) == 64
+    # the settings travel inside the PNG too, as the A1111 `parameters` text chunk image tools read
+    parameters = Image.open(image_file).info["parameters"]
+    assert parameters.startswith("a red fox in snow\nSteps: 2, ")
+    assert f"Seed: 11, Size: {width}x{height}, Model hash: {meta['model_hash'][:10]}" in parameters
 
 
 def test_two_requests_submitted_together_complete_in_order(client, studio_app):
@@ -62,6 +66,18 @@ def test_bad_request_returns_the_message(client, size, message):
     with pytest.raises(AppError, match=message) as err:
         client.predict("a fox", *size, 2, 4.0, 0, api_name="/generate")
     assert "Traceback" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [((0, 4.0, 0), "steps must be between 1 and 200 \\(serve.max_steps\\), got 0"),
+     ((2, 31.0, 0), "guidance must be between 0 and 30"), ((2, 4.0, -1), "seed must lie between 0"),
+     ((2.5, 4.0, 0), "steps must be a whole number")],
+)  # fmt: skip
+def test_range_errors_name_the_setting(client, settings, message):
+    with pytest.raises(AppError, match=message) as err:
+        client.predict("a fox", 64, 64, *settings, api_name="/generate")
+    assert "Value " not in str(err.value) and "minimum value" not in str(err.value)
 
 
 def test_compare_returns_both_models_on_the_same_seed(client, studio_app):
@@ -127,6 +143,8 @@ def test_queue_and_session_limits_refuse_instead_of_piling_up(studio_app):
             other.cancel()
         for job in (running, queued):
             _wait_status(job, {Status.PROGRESS}, "job running")
-            c1.predict(api_name="/cancel")
+            assert "cancelled" in c1.predict(api_name="/cancel")  # the state, shown beside the buttons
             with pytest.raises(AppError, match="cancelled"):
                 job.result(timeout=300)
+    # the cancelled jobs left no empty run folders behind
+    assert not [p for p in studio_app.out.rglob("*") if p.is_dir() and not any(p.iterdir())]

@@ -106,7 +106,8 @@ def test_cancel_stops_at_the_next_step_and_writes_nothing(studio):
     run = studio.new_run_dir()
     with pytest.raises(Cancelled):
         studio.generate(Request("a fox", 64, 64, steps=5), session="session-a", progress=press_cancel, run_dir=run)
-    assert seen == [1] and not list(run.glob("*.png"))
+    assert seen == [1] and not run.exists()  # no image, and no empty run folder left behind
+    assert not [p for p in studio.out.rglob("*") if p.is_dir() and not any(p.iterdir())]
     studio.cancel("session-b")  # another session's cancel does not touch this job, and a stale one is cleared
     assert len(studio.generate(Request("a fox", 64, 64, steps=1), session="session-a")) == 1
 
@@ -211,3 +212,80 @@ def test_studio_refuses_accelerators_the_device_cannot_run_before_loading(tmp_pa
     with pytest.raises(UltraFluxError, match=message):
         app.generate(Request("a fox", 64, 64, **choice))
     assert app.main.pipe is None and not list((tmp_path / "o").iterdir())
+
+
+def test_size_controls_follow_a_typed_size():
+    from ultraflux_model.app.sizes import CUSTOM, controls_for
+
+    assert controls_for(5440, 3072) == ("16:9", "4K") and controls_for(1024, 1024) == ("1:1", "1K")
+    assert controls_for(384, 256) == (CUSTOM, CUSTOM)  # 3:2 is no preset: never the stale "1:1"/"1K"
+    assert controls_for(None, 256) == (CUSTOM, CUSTOM)
+
+
+def test_png_carries_the_a1111_parameters_beside_the_json(studio):
+    from ultraflux_model.inference.png_info import read_parameters
+
+    made = studio.generate(Request("a red fox, snow", 64, 32, steps=2, guidance=3.5, seed=7))[0]
+    text = read_parameters(made.path)
+    prompt, line = text.split("\n")
+    fields = dict(item.split(": ", 1) for item in line.split(", "))
+    sidecar = json.loads(made.path.with_suffix(".json").read_text())
+    assert prompt == sidecar["prompt"] == "a red fox, snow"
+    assert (fields["Steps"], fields["Seed"], fields["Size"]) == ("2", "7", "64x32")
+    assert fields["Distilled CFG Scale"] == "3.5"
+    assert fields["Model hash"] == sidecar["model_hash"][:10] and fields["Sampler"] == "Euler"
+    assert fields["Model"] == "tiny-ultraflux"  # the folder's name, no machine path inside a shared image
+
+
+def test_a1111_parameters_quote_commas_and_hide_paths():
+    from ultraflux_model.inference.png_info import parameters_text
+
+    side = {"prompt": "x", "steps": 1, "guidance": 4.0, "seed": 0, "width": 64, "height": 64, "model_hash": "ab" * 32,
+            "model": "models:/ultraflux@champion"}
+    assert "Model: models:/ultraflux@champion," in parameters_text(side)
+    assert 'Model: "a,b"' in parameters_text({**side, "model": "a,b"})
+    assert "Model: my-release," in parameters_text({**side, "model": "/srv/models/my-release"})
+
+
+def test_gallery_image_reused_makes_the_same_image(studio):
+    import numpy as np
+    from PIL import Image
+    from ultraflux_model.app.engine import read_sidecar, request_from_sidecar
+
+    first = studio.generate(Request("a lighthouse", 96, 64, steps=2, guidance=2.5, seed=41, images=2))[1]
+    again = request_from_sidecar(read_sidecar(first.path))
+    assert (again.prompt, again.width, again.height, again.steps, again.guidance, again.seed, again.images) == (
+        "a lighthouse", 96, 64, 2, 2.5, 42, 1)  # the second image's own seed
+    remade = studio.generate(again)[0]
+    assert remade.path != first.path
+    assert np.array_equal(np.asarray(Image.open(remade.path)), np.asarray(Image.open(first.path)))
+    with pytest.raises(UltraFluxError, match="no usable settings sidecar"):
+        request_from_sidecar({"prompt": "x"})
+
+
+def test_compare_resolves_both_models_before_generating_anything(tiny_checkpoint, tmp_path):
+    """A typo in the second model: one error naming it, before the first model generates (or even loads)."""
+    app = Studio(str(tiny_checkpoint), out=tmp_path / "o", compare=str(tmp_path / "typo"), device="cpu")
+    with pytest.raises(UltraFluxError) as err:
+        app.compare(Request("a fox", 64, 64, steps=1))
+    text = friendly_error(err.value)
+    assert text.startswith("second model: checkpoint <server path> does not exist")
+    assert text.count("does not exist") == 1  # said once
+    assert app.main.pipe is None and not list((tmp_path / "o").iterdir())
+    with pytest.raises(UltraFluxError, match="^second model: "):
+        app.resolve_models(every=True)  # what `ultraflux ui` runs before loading any weights
+
+
+def test_launch_banner_names_the_share_flag():
+    from ultraflux.ui_cli import launch_banner
+
+    text = launch_banner("http://127.0.0.1:7860/", None)
+    assert "http://127.0.0.1:7860/" in text and "`ultraflux ui --share`" in text and "launch()" not in text
+    assert "https://x.gradio.live" in launch_banner("http://127.0.0.1:7860/", "https://x.gradio.live")
+
+
+def test_page_header_shows_no_machine_path():
+    from ultraflux_model.app.engine import shown
+
+    assert shown("/srv/models/ultraflux-ab12 (sha256 ab12)") == "ultraflux-ab12 (sha256 ab12)"
+    assert shown("models:/ultraflux@champion") == "models:/ultraflux@champion"

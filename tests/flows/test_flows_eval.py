@@ -11,6 +11,7 @@ groups, so the logged ``overall`` pins the per-image mean.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -104,6 +105,9 @@ def test_eval_flow_and_nightly_deployment(tmp_path, tiny_checkpoint, prefect_api
         Image.fromarray(rgb).save(images_dir / f"{i:02d}.png")
     (tmp_path / "prompts.txt").write_text("".join(f"prompt {i}\n" for i in range(len(sizes))))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cache = tmp_path / "cache"  # the latent cache a Prefect-path run trained on (no dvc.lock entry for it)
+    cache.mkdir()
+    (cache / "index.parquet").write_bytes(b"the cache index")
     args = {
         "images_dir": str(images_dir),
         "prompts_file": str(tmp_path / "prompts.txt"),
@@ -117,6 +121,7 @@ def test_eval_flow_and_nightly_deployment(tmp_path, tiny_checkpoint, prefect_api
             "generate.steps=2",
             "generate.dtype=fp32",
             "eval.promotion.metric=shannon_entropy/overall",
+            f"train.cache_dir={cache}",
         ],
     }
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], cwd=REPO, env=prefect_api,
@@ -166,6 +171,16 @@ def test_eval_flow_and_nightly_deployment(tmp_path, tiny_checkpoint, prefect_api
     nightly_sidecars = [json.loads(p.read_text()) for p in (tmp_path / "out" / "nightly" / "images").rglob("*.json")]
     assert {s["model"] for s in nightly_sidecars} == {"models:/ultraflux/1"}  # pinned, fetched from the registry
     assert {"git_sha", "dvc_data_hash", "config_hash"} <= set(version.tags)
+    # one lineage: the evaluation run that registered v1 carries the very tags of the version, and a description
+    registering_run = client.get_run(out["model"]["run_id"])
+    for key in ("git_sha", "dvc_data_hash", "config_hash"):
+        assert registering_run.data.tags[key] == version.tags[key]
+    assert version.tags["dvc_data_hash"] == "sha256:" + hashlib.sha256(b"the cache index").hexdigest()
+    assert version.description.startswith("evaluated ") and "Scores (overall, tiny backbones" in version.description
+    assert f"evaluation run {out['model']['run_id']}" in version.description
+    assert registering_run.info.run_name.startswith("eval tiny-ultraflux · ")
+    report = (tmp_path / "out" / "model" / "report" / "report.html").read_text()
+    assert "content hash (sha256)" in report and "tiny RANDOM backbones" in report
     assert len(list((tmp_path / "out" / "nightly" / "images").rglob("*.png"))) == 5
     grids = {f.path for f in client.list_artifacts(out["model"]["run_id"], "grids")}
     assert len(grids) == 5

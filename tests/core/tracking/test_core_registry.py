@@ -68,6 +68,27 @@ def test_registry_moves_champion_only_when_the_rule_is_beaten(store):
         register_checkpoint(uri, name, "/x", {"git_sha": "a"})
 
 
+def test_versions_carry_a_description_and_the_champion_scores_are_readable(store):
+    from ultraflux_core.tracking.registry import champion_scores, version_description
+
+    uri, name = store, "described"
+    rule = PromotionConfig(model_name=name, metric="clip_score/overall")
+    assert champion_scores(uri, rule) is None  # no registered model yet
+    run_id = _fake_eval_run(uri, 30.0)
+    tags = {"git_sha": "abc", "dvc_data_hash": "sha256:" + "d" * 64, "config_hash": "c" * 64, "eval_run_id": run_id}
+    text = version_description("release ultraflux-x: base with the transformer from stage2",
+                               client_for(uri).get_run(run_id).data.metrics, tags, "tiny")  # fmt: skip
+    version = register_checkpoint(uri, name, "/ckpt/d", tags, text)
+    info = client_for(uri).get_model_version(name, version)
+    assert info.description.startswith("release ultraflux-x: base with the transformer from stage2\n")
+    assert "clip_score 30" in info.description and "tiny random backbones" in info.description
+    assert f"data sha256:{'d' * 64}" in info.description and f"evaluation run {run_id}" in info.description
+    assert champion_scores(uri, rule) is None  # registered, but no champion yet
+    promote_if_better(uri, version, rule)
+    label, scores = champion_scores(uri, rule)
+    assert label == f"v{version}" and scores["clip_score/overall"] == 30.0
+
+
 def _promote_worker(uri: str, name: str, version: str, barrier) -> bool:
     barrier.wait()  # all workers compare at the same moment
     return promote_if_better(uri, version, PromotionConfig(model_name=name, metric="clip_score/overall")).promoted

@@ -52,6 +52,9 @@ def test_evaluation_run_logs_metrics_plots_grids_and_report(config, tmp_path):
     client = client_for(config.tracking.tracking_uri)
     logged = client.get_run(run.run_id)
     assert logged.info.status == "FINISHED" and logged.data.tags["who"] == "test"
+    # the run list says what this is: the model, every metric (not just the benchmark's name), the backbones
+    assert logged.info.run_name == ("eval tiny · 6 metrics (glcm, compression_ratio, shannon_entropy, …) · "
+                                    "aesthetic-eval-tiny · tiny backbones")  # fmt: skip
     aspects = ["1:1", "16:9", "2:1", "1:2", "2.39:1", "overall"]
     for metric in METRICS:
         for aspect in aspects:

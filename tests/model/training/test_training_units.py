@@ -120,6 +120,25 @@ def test_flatten_and_dvc_output_md5(tmp_path: Path) -> None:
     assert dvc_output_md5(Path("artifacts/data/cache"), tmp_path / "missing.lock") == "untracked"
 
 
+def test_dvc_data_hash_is_the_lock_md5_else_the_cache_index_content(tmp_path: Path) -> None:
+    import hashlib
+
+    from ultraflux_core.tracking.lineage import dvc_data_hash
+    from ultraflux_model.training.latent_cache import INDEX
+
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(f"stages:\n  cache:\n    outs:\n    - path: {tmp_path / 'tracked'}\n      md5: abc.dir\n")
+    assert dvc_data_hash(tmp_path / "tracked", INDEX, lock) == "abc.dir"  # the `dvc repro` path
+    cache = tmp_path / "cache"
+    assert dvc_data_hash(cache, INDEX, lock) == "none"  # no data at all
+    cache.mkdir()
+    (cache / INDEX).write_bytes(b"index v1")
+    first = dvc_data_hash(cache, INDEX, lock)  # the Prefect path: no dvc.lock entry, the index's content
+    assert first == "sha256:" + hashlib.sha256(b"index v1").hexdigest()
+    (cache / INDEX).write_bytes(b"index v2")
+    assert dvc_data_hash(cache, INDEX, lock) != first  # changes with the data
+
+
 def test_numpy_and_python_rng_survive_a_weights_only_round_trip(tmp_path: Path) -> None:
     import random
 

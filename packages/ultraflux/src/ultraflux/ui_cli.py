@@ -39,7 +39,9 @@ def ui(
 
     studio = Studio(cfg.ui.model, out=cfg.ui.out, limits=cfg.serve, compare=cfg.ui.compare,
                     transformer=cfg.ui.transformer, lora=cfg.ui.lora)  # fmt: skip
-    # Load once, before serving: a missing or broken model fails here with one line, not on the first request.
+    # Resolve every model first (a typo fails in seconds, before any weights load), then load once, before
+    # serving: a missing or broken model fails here with one line, not on the first request.
+    studio.resolve_models(every=True)
     for side, slot in studio.slots():
         typer.echo(f"loaded {side}: {studio.load(side, second=slot.ref if side == 'compare' else None).label}")
     demo = build_app(studio, default_steps=cfg.ui.steps, queue_size=cfg.ui.queue_size, session_jobs=cfg.ui.session_jobs)
@@ -52,4 +54,18 @@ def ui(
         ssr_mode=False,
         theme=theme(),
         css=CSS,
+        quiet=True,  # Gradio's own banner tells users to edit launch(); ours names the flag
+        prevent_thread_lock=True,
     )
+    typer.echo(launch_banner(demo.local_url, demo.share_url))
+    demo.block_thread()
+
+
+def launch_banner(local_url: str | None, share_url: str | None) -> str:
+    """What ``ultraflux ui`` prints once the page is up: where to open it, and how to share it."""
+    lines = [f"UltraFlux Studio: open {local_url}"]
+    if share_url:
+        lines.append(f"public link (temporary): {share_url}")
+    else:
+        lines.append("to get a public link, start it again with `ultraflux ui --share`")
+    return "\n".join(lines)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from ultraflux_core.files import file_sha256
+
 
 def git_sha(repo: Path = Path(".")) -> str:
     """``HEAD`` of the repository at ``repo`` (``unknown`` outside a git checkout)."""
@@ -28,9 +30,16 @@ def config_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def dvc_data_hash(lock_file: Path = Path("dvc.lock")) -> str:
-    """sha256 of ``dvc.lock`` — it pins the md5 of every tracked data output (``none`` without DVC state)."""
-    return hashlib.sha256(lock_file.read_bytes()).hexdigest() if lock_file.is_file() else "none"
+def dvc_data_hash(data_path: Path, index: str, lock_file: Path = Path("dvc.lock")) -> str:
+    """The content hash of the data a run used, the one value training runs, evaluation runs and registered versions
+    carry as ``dvc_data_hash``: the md5 that ``dvc.lock`` records for ``data_path`` (the ``dvc repro`` path), else
+    ``sha256:<hex>`` of its committed index file ``data_path/index`` (the Prefect path, where no ``dvc.lock``
+    entry exists; the index lists every entry, so it changes with the data), else ``none`` (no data at all)."""
+    recorded = dvc_output_md5(data_path, lock_file)
+    if recorded != "untracked":
+        return recorded
+    index_file = Path(data_path) / index
+    return f"sha256:{file_sha256(index_file)}" if index_file.is_file() else "none"
 
 
 def dvc_output_md5(data_path: Path, lock_file: Path = Path("dvc.lock")) -> str:

@@ -51,7 +51,7 @@ def default_lock_path(uri: str, model_name: str) -> Path:
     return Path.home() / ".ultraflux" / f"registry-{model_name}.lock"
 
 
-def register_checkpoint(uri: str, model_name: str, source: str, tags: dict[str, str]) -> str:
+def register_checkpoint(uri: str, model_name: str, source: str, tags: dict[str, str], description: str = "") -> str:
     """Create a model version for the model at ``source`` (a logged model ``models:/<model_id>``, or any model
     URI); returns its version.
 
@@ -75,8 +75,37 @@ def register_checkpoint(uri: str, model_name: str, source: str, tags: dict[str, 
         # ``models:/<model_id>`` source against the process-global tracking URI, not this client's
         source = client.get_logged_model(model_id).artifact_location
     version = client.create_model_version(model_name, source=str(source), run_id=tags["eval_run_id"], tags=tags,
-                                          model_id=model_id)
+                                          model_id=model_id, description=description or None)
     return str(version.version)
+
+
+def champion_scores(uri: str, rule: PromotionConfig) -> tuple[str, dict[str, float]] | None:
+    """``("v<N>", metrics of its latest evaluation run)`` for the version holding ``rule.alias``, or ``None`` when
+    there is no registry entry or no champion yet (the report's champion column)."""
+    from mlflow.exceptions import MlflowException
+
+    client = client_for(uri)
+    holder = _alias_holder(client, rule.model_name, rule.alias)
+    if holder is None:
+        return None
+    try:
+        info = client.get_model_version(rule.model_name, holder)
+        run_id = (info.tags or {}).get("eval_run_id") or info.run_id
+        return f"v{holder}", dict(client.get_run(run_id).data.metrics)
+    except MlflowException:
+        return None
+
+
+def version_description(changes: str, scores: dict[str, float], tags: dict[str, str], backbones: str) -> str:
+    """A registered version's description: what changed, its overall scores, and its lineage."""
+    overall = ", ".join(f"{k.removesuffix('/overall')} {v:.4g}" for k, v in sorted(scores.items())
+                        if k.endswith("/overall") and not k.startswith("n_images"))  # fmt: skip
+    note = " (tiny random backbones: not comparable with real scores)" if backbones == "tiny" else ""
+    return (
+        f"{changes}\n\nScores (overall, {backbones} backbones{note}): {overall or 'none'}\n\n"
+        f"Lineage: git {tags.get('git_sha', '?')}, data {tags.get('dvc_data_hash', '?')}, "
+        f"config {tags.get('config_hash', '?')[:16]}, evaluation run {tags.get('eval_run_id', '?')}"
+    )
 
 
 

@@ -20,6 +20,7 @@ import torch
 from ultraflux_core.errors import UltraFluxError
 
 from ultraflux_model.checkpoint.layout import fingerprint
+from ultraflux_model.checkpoint.resolve import resolve_checkpoint
 from ultraflux_model.config import (
     AccelConfig,
     CacheMode,
@@ -90,6 +91,12 @@ class ModelSlot:
 def hide_paths(text: str) -> str:
     """``text`` with every absolute server path replaced by ``<server path>`` (what the page and API clients see)."""
     return _ABSOLUTE_PATH.sub("<server path>", text)
+
+
+def shown(text: str) -> str:
+    """``text`` for the page itself: each absolute server path cut to its last component (the page, its
+    screenshots and shared links show no machine paths; the operator who started the server knows them)."""
+    return _ABSOLUTE_PATH.sub(lambda m: Path(m.group(0)).name or "<server path>", text)
 
 
 def friendly_error(err: BaseException) -> str:
@@ -241,6 +248,16 @@ class Studio:
         run.mkdir(parents=True)
         return run
 
+    def _drop_empty(self, run: Path) -> None:
+        """Remove ``run`` and its parents up to ``out`` while they are empty (a cancelled or failed request)."""
+        run = Path(run)
+        while run != self.out and run.is_relative_to(self.out):
+            try:
+                run.rmdir()  # only an empty directory goes; anything written stays
+            except OSError:
+                return
+            run = run.parent
+
     def generate(
         self,
         request: Request,
@@ -267,28 +284,33 @@ class Studio:
 
         name, scale = check_lora(self.adapters, request.lora, request.lora_scale)
         adapters = [(self.adapters[name], scale)] if name and side == "model" else []
-        with self._device_lock:
-            accel = self.accel_for(request)
-            slot = self.load(side, request.dtype, request.offload, second, accel)
-            return generate(
-                slot.ref,
-                [request.prompt],
-                [(request.width, request.height)] * request.images,
-                steps=request.steps,
-                guidance=request.guidance,
-                seed=request.seed,
-                dtype=request.dtype,
-                offload=request.offload,
-                vae_decode=request.vae_decode,
-                out_dir=run_dir or self.new_run_dir(),
-                pipe=slot.pipe,
-                progress=False,
-                callback=on_step,
-                transformer=slot.transformer,
-                limits=self.limits,
-                lora=adapters,
-                accel=accel,
-            )
+        run = run_dir or self.new_run_dir()
+        try:
+            with self._device_lock:
+                accel = self.accel_for(request)
+                slot = self.load(side, request.dtype, request.offload, second, accel)
+                return generate(
+                    slot.ref,
+                    [request.prompt],
+                    [(request.width, request.height)] * request.images,
+                    steps=request.steps,
+                    guidance=request.guidance,
+                    seed=request.seed,
+                    dtype=request.dtype,
+                    offload=request.offload,
+                    vae_decode=request.vae_decode,
+                    out_dir=run,
+                    pipe=slot.pipe,
+                    progress=False,
+                    callback=on_step,
+                    transformer=slot.transformer,
+                    limits=self.limits,
+                    lora=adapters,
+                    accel=accel,
+                )
+        except BaseException:
+            self._drop_empty(run)  # a cancelled or failed job leaves no empty run folder behind
+            raise
 
     def compare(
         self,
@@ -303,16 +325,57 @@ class Studio:
         self.slot("compare", second)  # refuse an unknown model before writing anything
         single = Request(**{**request.__dict__, "images": 1})
         self.check(single)
+        self.load_both(single, second)  # a broken second model fails now, not after the first image
         run = self.new_run_dir()
         results: dict[str, tuple[GeneratedImage, dict[str, Any]]] = {}
-        for side in SIDES:
-            image = self.generate(single, side=side, session=session, progress=progress, run_dir=run / side,
-                                  second=second)[0]  # fmt: skip
-            label = self.slot(side, second).label
-            sidecar = {**image.sidecar, "side": side, "model_label": label, "scores": scores(image.path)}
-            image.path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
-            results[side] = (image, sidecar)
+        try:
+            for side in SIDES:
+                image = self.generate(single, side=side, session=session, progress=progress, run_dir=run / side,
+                                      second=second)[0]  # fmt: skip
+                label = self.slot(side, second).label
+                sidecar = {**image.sidecar, "side": side, "model_label": label, "scores": scores(image.path)}
+                image.path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
+                results[side] = (image, sidecar)
+        except BaseException:
+            self._drop_empty(run)
+            raise
         return results
+
+    def resolve_models(self, second: str | None = None, *, every: bool = False) -> None:
+        """Resolve the main model and the second one (``second``, or every second model when ``every``) to local
+        checkpoints before anything is loaded or generated: a typo in either fails at once, with one line naming
+        the side. Resolved folders are verified copies in the model cache, so the load that follows reuses them."""
+        seconds = list(self.seconds.values()) if every else [self.slot("compare", second)]
+        pending = [("main", self.main)] + [("second", slot) for slot in seconds]
+        for name, slot in pending:
+            if slot.pipe is not None:
+                continue
+            try:
+                resolve_checkpoint(slot.ref)
+            except UltraFluxError as err:
+                raise UltraFluxError(f"{name} model: {err}") from None
+
+    def load_both(self, request: Request, second: str | None = None) -> None:
+        """Resolve both models of a comparison, then load them, before anything is generated."""
+        self.resolve_models(second)
+        with self._device_lock:
+            for side in SIDES:
+                self.load(side, request.dtype, request.offload, second, self.accel_for(request))
+
+
+def request_from_sidecar(sidecar: dict[str, Any], default_dtype: Dtype = "fp32") -> Request:
+    """The request that made a gallery image (same prompt, size, steps, guidance, seed, dtype, decode), for one
+    image: pressing Generate with it makes that image again. ``UltraFluxError`` when the sidecar lacks a field."""
+    try:
+        return Request(
+            prompt=str(sidecar["prompt"]), width=int(sidecar["width"]), height=int(sidecar["height"]),
+            steps=int(sidecar["steps"]), guidance=float(sidecar["guidance"]), seed=int(sidecar["seed"]), images=1,
+            dtype=sidecar.get("dtype", default_dtype), offload=sidecar.get("offload", "none"),
+            vae_decode=sidecar.get("vae_decode", "tiled"),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError) as err:
+        raise UltraFluxError(f"this image has no usable settings sidecar (missing or bad {err}): pick one made "
+                             "here") from None
 
 
 def scores(path: Path) -> dict[str, float]:

@@ -10,6 +10,7 @@ ASPECTS: dict[str, tuple[int, int]] = {
     "2:1": (2, 1), "1:2": (1, 2), "2.39:1": (239, 100),
 }  # fmt: skip
 FAMILIES: dict[str, str] = {"1K": "1k", "2K": "2k", "4K": "4k"}
+CUSTOM = "custom"  # what the aspect and size controls show for a typed size that is no preset
 
 
 def preset_size(aspect: str, family: str) -> tuple[int, int]:
@@ -17,6 +18,15 @@ def preset_size(aspect: str, family: str) -> tuple[int, int]:
     w, h = ASPECTS[aspect]
     bucket = assign_bucket(w, h, FAMILIES[family])
     return bucket.width, bucket.height
+
+
+def controls_for(width: float | None, height: float | None) -> tuple[str, str]:
+    """``(aspect, family)`` the controls show for a typed size: the preset it equals, else ``CUSTOM`` for both."""
+    for family in FAMILIES:
+        for aspect in ASPECTS:
+            if preset_size(aspect, family) == (width, height):
+                return aspect, family
+    return CUSTOM, CUSTOM
 
 
 def size_note(width: float | None, height: float | None, max_pixels: int) -> str:

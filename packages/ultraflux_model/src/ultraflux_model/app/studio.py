@@ -19,14 +19,24 @@ from typing import Any
 
 import gradio as gr
 
-from ultraflux_model.app.engine import Request, Studio, friendly_error, hide_paths, list_outputs, read_sidecar
-from ultraflux_model.app.sizes import ASPECTS, FAMILIES, preset_size, size_note
+from ultraflux_model.app.engine import (
+    Request,
+    Studio,
+    friendly_error,
+    hide_paths,
+    list_outputs,
+    read_sidecar,
+    request_from_sidecar,
+    shown,
+)
+from ultraflux_model.app.sizes import ASPECTS, CUSTOM, FAMILIES, controls_for, preset_size, size_note
 from ultraflux_model.config import MAX_LORA_SCALE
+from ultraflux_model.inference.limits import whole_number
 from ultraflux_model.inference.pipeline import StepCallback
 
 DEVICE = "device"  # the concurrency id every event that runs a model shares
-CSS = "#size-note p {margin: 0} footer {display: none !important}"
 NO_LORA = "none"  # the LoRA picker's first entry
+CSS = "#size-note p {margin: 0} footer {display: none !important}"
 
 
 def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -88,13 +98,19 @@ def _progress(progress: gr.Progress, steps: int, images: int) -> StepCallback:
     return callback
 
 
+def status_line(state: str, detail: str = "") -> str:
+    """The one-line job state under the buttons (``#status``): running, done, cancelled or failed."""
+    icons = {"running": "⏳", "done": "✓", "cancelled": "⏹", "failed": "⚠"}
+    return f"{icons[state]} **{state}**" + (f" · {detail}" if detail else "")
+
+
 def _caption(sidecar: dict[str, Any]) -> str:
     return f"{sidecar.get('width')}×{sidecar.get('height')} · seed {sidecar.get('seed')} · {sidecar.get('prompt', '')[:60]}"
 
 
 def _label(sidecar: dict[str, Any]) -> str:
     return (
-        f"**{sidecar.get('side', '')}** `{sidecar.get('model')}` · sha256 `{str(sidecar.get('model_hash', ''))[:12]}`  \n"
+        f"**{sidecar.get('side', '')}** `{shown(str(sidecar.get('model')))}` · sha256 `{str(sidecar.get('model_hash', ''))[:12]}`  \n"
         + " · ".join(f"{k} {v}" for k, v in sidecar.get("scores", {}).items())
     )
 
@@ -124,14 +140,18 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
 
     def request_of(prompt, width, height, steps, guidance, seed, images=1, dtype=None, offload="none", decode="tiled",
                    cache="none", compile_="none", quantize="none", lora=None, lora_scale=1.0):  # fmt: skip
-        if width is None or height is None or seed is None:
-            raise gr.Error("width, height and seed must be numbers", print_exception=False)
-        return Request(
-            prompt=prompt or "", width=int(width), height=int(height), steps=int(steps), guidance=float(guidance),
-            seed=int(seed), images=int(images), dtype=dtype or studio.default_dtype, offload=offload, vae_decode=decode,
-            cache=cache, compile=compile_, quantize=quantize,
-            lora=None if lora in (None, "", NO_LORA) else lora, lora_scale=1.0 if lora_scale is None else lora_scale,
-        )  # fmt: skip
+        # Raw values (the events skip Gradio's preprocessing): each is named when it is not a number; its range is the
+        # engine's guard (which names it too).
+        numbers = {k: whole_number(k, v) for k, v in
+                   {"width": width, "height": height, "steps": steps, "seed": seed, "images": images}.items()}
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+            raise gr.Error(f"guidance must be a number, got {guidance!r}", print_exception=False)
+        if lora_scale is not None and (isinstance(lora_scale, bool) or not isinstance(lora_scale, (int, float))):
+            raise gr.Error(f"lora_scale must be a number, got {lora_scale!r}", print_exception=False)
+        return Request(prompt=prompt or "", guidance=float(guidance), dtype=dtype or studio.default_dtype,
+                       offload=offload, vae_decode=decode, cache=cache, compile=compile_, quantize=quantize,
+                       lora=None if lora in (None, "", NO_LORA) else lora,
+                       lora_scale=1.0 if lora_scale is None else float(lora_scale), **numbers)  # fmt: skip
 
     @_user_errors
     def run_generate(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode, cache, compile_,
@@ -140,7 +160,8 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
                          quantize, lora, lora_scale)  # fmt: skip
         made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, req.images))
         _notices(made)
-        return [(str(g.path), _caption(g.sidecar)) for g in made], [g.sidecar for g in made]
+        done = status_line("done", f"{len(made)} image(s) · seed {req.seed} · {req.width}×{req.height}")
+        return [(str(g.path), _caption(g.sidecar)) for g in made], [g.sidecar for g in made], done
 
     @_user_errors
     def api_generate(prompt, width, height, steps, guidance, seed, request: gr.Request, progress=gr.Progress()):
@@ -170,33 +191,55 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         (a, meta_a), (b, meta_b) = pair["model"], pair["compare"]
         return str(a.path), str(b.path), _label(meta_a), _label(meta_b), {"model": meta_a, "compare": meta_b}
 
+    def run_compare_page(prompt, width, height, steps, guidance, seed, second, dtype, offload, decode, cache, compile_,
+                         quantize, lora, lora_scale, request: gr.Request, progress=gr.Progress()):  # noqa: B008  # fmt: skip
+        # Gradio injects the request and progress by signature: spelled out here, not *args
+        a, b, label_a, label_b, meta = run_compare(prompt, width, height, steps, guidance, seed, second, dtype,
+                                                   offload, decode, cache, compile_, quantize, lora, lora_scale,
+                                                   request=request, progress=progress)  # fmt: skip
+        return a, b, (a, b), label_a, label_b, meta, status_line("done", "A/B on the same prompt and seed")
+
     def api_compare(prompt, width, height, steps, guidance, seed, second=None, request: gr.Request = None,
                     progress=gr.Progress()):  # fmt: skip
-        a, b, _, _, meta = run_compare(prompt, width, height, steps, guidance, seed, second, None, "none", "tiled",
-                                       request=request, progress=progress)  # fmt: skip
+        a, b, *_, meta = run_compare(prompt, width, height, steps, guidance, seed, second, None, "none", "tiled",
+                                     request=request, progress=progress)  # fmt: skip
         return a, b, meta
 
     def on_size(w, h):
         return size_note(w, h, studio.limits.max_pixels)
 
     def on_preset(aspect, family):
+        if CUSTOM in (aspect, family):  # "custom" keeps the typed size; a preset choice replaces it
+            return gr.skip(), gr.skip(), gr.skip()
         w, h = preset_size(aspect, family)
         return w, h, on_size(w, h)
+
+    def on_typed_size(w, h):
+        # The aspect and size controls follow a typed size: the preset it is, else "custom" (never a stale value).
+        a, f = controls_for(w, h)
+        return a, f, on_size(w, h)
+
+    def reuse(sidecar):
+        req = request_from_sidecar(sidecar or {}, studio.default_dtype)
+        a, f = controls_for(req.width, req.height)
+        return (req.prompt, req.width, req.height, req.steps, req.guidance, req.seed, 1, req.dtype, req.offload,
+                req.vae_decode, a, f, on_size(req.width, req.height),
+                status_line("done", f"settings and seed {req.seed} of the picked image loaded: press Generate"))
 
     w0, h0 = preset_size("1:1", "1K")
     with gr.Blocks(title="UltraFlux Studio") as demo:
         gr.Markdown(
-            f"## UltraFlux Studio\nModel: `{studio.main.label}`"
-            + (f" · compare with `{studio.slot('compare').label}`" if choices else "")
-            + f" · device `{studio.device}` · output `{studio.out}`"
+            f"## UltraFlux Studio\nModel: `{shown(studio.main.label)}`"
+            + (f" · compare with `{shown(studio.slot('compare').label)}`" if choices else "")
+            + f" · device `{studio.device}` · output `{shown(str(studio.out))}`"
         )
         with gr.Row():
             with gr.Column(scale=2):
                 prompt = gr.Textbox(label="Prompt", lines=3, placeholder="a red fox in fresh snow, golden hour",
                                     elem_id="prompt")  # fmt: skip
                 with gr.Row():
-                    aspect = gr.Dropdown(list(ASPECTS), value="1:1", label="Aspect ratio", elem_id="aspect")
-                    family = gr.Radio(list(FAMILIES), value="1K", label="Size", elem_id="family")
+                    aspect = gr.Dropdown([*ASPECTS, CUSTOM], value="1:1", label="Aspect ratio", elem_id="aspect")
+                    family = gr.Radio([*FAMILIES, CUSTOM], value="1K", label="Size", elem_id="family")
                 with gr.Row():
                     width = gr.Number(w0, label="Width", precision=0, elem_id="width")
                     height = gr.Number(h0, label="Height", precision=0, elem_id="height")
@@ -228,6 +271,7 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
                     go = gr.Button("Generate", variant="primary", elem_id="generate")
                     cmp_go = gr.Button("Compare", elem_id="compare")
                     stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                status = gr.Markdown("", elem_id="status")
             with gr.Column(scale=3):
                 with gr.Tab("Result"):
                     result = gr.Gallery(label="Result", columns=2, height=520, elem_id="result")
@@ -238,6 +282,10 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
                                          # checked by the engine, which refuses any other value without echoing it
                                          allow_custom_value=True,
                                          elem_id="second")  # fmt: skip
+                    # A over B with a draggable divider; fullscreen shows the 4K pair at full size, zoom follows.
+                    slider = gr.ImageSlider(label="A/B: drag the divider (fullscreen for 4K detail)", type="filepath",
+                                            format="png", buttons=["fullscreen", "download"], max_height=720,
+                                            elem_id="compare-slider")  # fmt: skip
                     with gr.Row():
                         img_a = gr.Image(label="model", type="filepath", elem_id="compare-a")
                         img_b = gr.Image(label="compare", type="filepath", elem_id="compare-b")
@@ -246,10 +294,11 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
                     cmp_meta = gr.JSON(label="Both sidecars")
                 with gr.Tab("Gallery"):
                     refresh = gr.Button("Refresh", size="sm")
-                    gallery = gr.Gallery(label=f"Everything in {studio.out}, newest first", columns=4, height=480,
-                                         elem_id="gallery")  # fmt: skip
+                    gallery = gr.Gallery(label=f"Everything in {shown(str(studio.out))}, newest first", columns=4,
+                                         height=480, elem_id="gallery")  # fmt: skip
                     with gr.Row():
                         picked = gr.JSON(label="Sidecar")
+                        reuse_go = gr.Button("Reuse these settings and seed", size="sm", elem_id="reuse")
                         downloads = gr.File(label="Download PNG + JSON", file_count="multiple", elem_id="downloads")
         paths = gr.State([])
         # Hidden outputs of the API endpoints (scripts get the file and the sidecar; the page shows its own).
@@ -259,11 +308,25 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
 
         base = [prompt, width, height, steps, guidance, seed]
         advanced = [dtype, offload, decode, cache, compile_, quantize, lora, lora_scale]
-        device = {"concurrency_limit": 1, "concurrency_id": DEVICE, "validator": session_limit(demo, session_jobs)}
-        gen = go.click(run_generate, base + [images] + advanced, [result, result_meta], api_visibility="private",
-                       **device)  # fmt: skip
-        cmp = cmp_go.click(run_compare, base + [second] + advanced, [img_a, img_b, label_a, label_b, cmp_meta],
-                           api_visibility="private", **device)  # fmt: skip
+        # preprocess=False: the raw values reach ``request_of`` and the one request guard, whose errors name the
+        # setting ("steps must be between 1 and 200 (serve.max_steps), got 0"), instead of Gradio's slider check
+        # ("Value 0 is less than minimum value 1.", no name).
+        device = {"concurrency_limit": 1, "concurrency_id": DEVICE, "validator": session_limit(demo, session_jobs),
+                  "preprocess": False}  # fmt: skip
+        cancelled_by: set[str] = set()  # sessions whose job ended by their Cancel (Gradio reports it as a failure)
+
+        def started(request: gr.Request) -> str:
+            cancelled_by.discard(request.session_hash or "")  # a Cancel pressed before this job is not for it
+            return status_line("running", "press Cancel to stop at the next step")
+
+        running = {"fn": started, "inputs": None, "outputs": status, "queue": False, "api_visibility": "private"}
+        go.click(**running)
+        cmp_go.click(**running)
+        gen = go.click(run_generate, base + [images] + advanced, [result, result_meta, status],
+                       api_visibility="private", show_progress_on=[result], **device)  # fmt: skip
+        cmp = cmp_go.click(run_compare_page, base + [second] + advanced,
+                           [img_a, img_b, slider, label_a, label_b, cmp_meta, status], api_visibility="private",
+                           show_progress_on=[img_a, img_b, slider], **device)  # fmt: skip
         api_go.click(api_generate, base, [api_image, api_meta], api_name="generate", **device)
         api_lora.click(api_generate_lora, base + [lora, lora_scale], [api_image, api_meta], api_name="generate_lora",
                        **device)  # fmt: skip
@@ -271,18 +334,37 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         for event in (gen, cmp):
             event.then(refresh_gallery, None, [gallery, paths], queue=False, api_visibility="private")
 
-        def cancel(request: gr.Request) -> None:
+        cancelled = status_line("cancelled", "stopped at the next step; nothing of the unfinished image was kept")
+
+        def cancel(request: gr.Request) -> str:
+            cancelled_by.add(request.session_hash or "")
             studio.cancel(request.session_hash or "")
+            return cancelled
+
+        def ended_badly(request: gr.Request) -> str:
+            if request.session_hash in cancelled_by:
+                cancelled_by.discard(request.session_hash)
+                return cancelled
+            return status_line("failed", "see the message above")
 
         # Also an API endpoint: a script stops its own session's job (never another session's).
-        stop.click(cancel, None, None, cancels=[gen, cmp], queue=False, api_name="cancel")
+        stop.click(cancel, None, status, cancels=[gen, cmp], queue=False, api_name="cancel")
+        for event in (gen, cmp):  # a failed job says so beside the buttons as well as in its pop-up
+            event.failure(ended_badly, None, status, queue=False, api_visibility="private")
         randomise.click(lambda: secrets.randbelow(2**31), None, seed, queue=False, api_visibility="private")
-        for trigger in (aspect.change, family.change):
+        # .input: the user's own edits only, so a preset filling the size (or the size naming its preset) does not
+        # bounce back as another edit.
+        for trigger in (aspect.input, family.input):
             trigger(on_preset, [aspect, family], [width, height, note], queue=False, api_visibility="private")
+        for trigger in (width.input, height.input):
+            trigger(on_typed_size, [width, height], [aspect, family, note], queue=False, api_visibility="private")
         for trigger in (width.change, height.change):
             trigger(on_size, [width, height], note, queue=False, api_visibility="private")
         refresh.click(refresh_gallery, None, [gallery, paths], queue=False, api_visibility="private")
         gallery.select(show_selected, paths, [picked, downloads], queue=False, api_visibility="private")
+        filled = [prompt, width, height, steps, guidance, seed, images, dtype, offload, decode, aspect, family, note,
+                  status]  # fmt: skip
+        reuse_go.click(_user_errors(reuse), picked, filled, queue=False, api_visibility="private")
         demo.load(refresh_gallery, None, [gallery, paths], queue=False, api_visibility="private")
     # max_size: jobs waiting beyond it are refused ("queue is full") instead of piling up without end.
     demo.queue(max_size=queue_size, default_concurrency_limit=1)

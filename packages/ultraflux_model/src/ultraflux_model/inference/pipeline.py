@@ -53,6 +53,7 @@ from ultraflux_model.inference.accel import (
     set_cache,
 )
 from ultraflux_model.inference.limits import check_prompts, check_settings, check_sizes
+from ultraflux_model.inference.png_info import png_info
 from ultraflux_model.inference.stop import check_stop
 from ultraflux_model.lora.apply import Adapter, read_specs, use_adapters
 from ultraflux_model.modules.text_encoders import encode_prompts, load_text_encoders
@@ -431,7 +432,7 @@ def generate(
         }
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.png")
-        image.save(tmp)
+        image.save(tmp, pnginfo=png_info(sidecar))  # the settings travel inside the PNG too
         tmp.replace(path)  # atomic: a killed run never leaves a half-written PNG under the final name
         path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")
         results.append(

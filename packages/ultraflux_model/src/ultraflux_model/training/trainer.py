@@ -32,7 +32,7 @@ from ultraflux_core.config import dump_config
 from ultraflux_core.errors import UltraFluxError
 from ultraflux_core.locks import exclusive
 from ultraflux_core.tracking.config import TrackingConfig
-from ultraflux_core.tracking.lineage import dvc_output_md5, git_sha
+from ultraflux_core.tracking.lineage import dvc_data_hash, git_sha
 from ultraflux_core.tracking.runs import Tracker, flatten
 from ultraflux_core.tracking.uri import check_tracking_reachable
 
@@ -398,9 +398,11 @@ def _tracker_for(cfg: RunConfig, plan: StagePlan, dist: DistInfo, resume: bool) 
     tracker = Tracker(uri, cfg.tracking.experiment, active=dist.is_main, artifact_dir=run_dir / "mlartifacts")
     id_file = plan.dir / "mlflow_run_id"
     previous = id_file.read_text().strip() if resume and id_file.is_file() and dist.is_main else None
+    from ultraflux_model.training.latent_cache import INDEX
+
     tags = {
         "git_sha": git_sha(Path.cwd()),
-        "dvc_data_hash": dvc_output_md5(Path(cfg.train.cache_dir)),
+        "dvc_data_hash": dvc_data_hash(Path(cfg.train.cache_dir), INDEX),
         "stage": plan.stage.name,
         "run_dir": str(run_dir.resolve()),
     }
