@@ -40,6 +40,7 @@ SAME: Padding = (1, 1, 1, 1)
 OFFICIAL_PARTITIONED: Padding = (2, 0, 2, 0)
 
 
+SUBPIXEL_DTYPES = (torch.float32, torch.float64)  # where merging taps rounds below the 1e-5 parity (not bf16/fp16)
 STRIPE_CHANNELS = 32  # a stripe holds about tile_pixels × 32 elements, whatever the layer's channel count
 
 
@@ -83,7 +84,7 @@ class Moments:
 
 
 def group_stats(stripes: Iterable[torch.Tensor], norm: nn.GroupNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """Whole-tensor statistics for ``norm`` of the tensor the ``stripes`` make up, in one pass (see :class:`Moments`)."""
+    """Whole-tensor statistics for ``norm`` of the tensor ``stripes`` make up, in one pass (see :class:`Moments`)."""
     moments = Moments(norm.num_groups, norm.eps)
     for stripe in stripes:
         moments.add(stripe)
@@ -125,33 +126,31 @@ def convolved(
     """Stripes of ``conv2d(pad(x), weight, bias)`` (stride 1, ``k×k`` kernel) from the stripes of ``x``.
 
     The last ``k − 1`` input rows of each stripe are carried to the next one (a rolling window), so every
-    output row is computed once; the top and bottom padding rows are zeros prepended and appended to the
-    stream. An input stripe shorter than the window is held until the window fills. Output stripes are new
-    tensors of ``rows + carried − k + 1`` rows, ``H + top + bottom − k + 1`` rows in all.
+    output row is computed once; the top and bottom padding rows are zeros put around the first and the last
+    stripe (one stripe is read ahead to know which is the last, so the bottom costs no extra conv call). An
+    input stripe shorter than the window is held until the window fills. Output stripes are new tensors,
+    ``H + top + bottom − k + 1`` rows in all.
     """
     left, right, top, bottom = padding
     k = weight.shape[2]
-    carry: torch.Tensor | None = None
-
-    def conv(window: torch.Tensor) -> torch.Tensor:
-        if left == right:
-            return F.conv2d(window, weight, bias, padding=(0, left))
-        return F.conv2d(F.pad(window, (left, right, 0, 0)), weight, bias)
-
-    for stripe in stripes:
-        if carry is None:
-            carry = stripe.new_zeros(*stripe.shape[:2], top, stripe.shape[3])
-        window = torch.cat([carry, stripe], dim=2)  # a copy: the carry never aliases the input
-        if window.shape[2] < k:
-            carry = window
-            continue
-        yield conv(window)
-        carry = window[:, :, window.shape[2] - (k - 1) :]
-    if carry is None:
+    stripes = iter(stripes)
+    stripe = next(stripes, None)
+    if stripe is None:
         return
-    window = torch.cat([carry, carry.new_zeros(*carry.shape[:2], bottom, carry.shape[3])], dim=2)
-    if window.shape[2] >= k:
-        yield conv(window)
+    carry = stripe.new_zeros(*stripe.shape[:2], top, stripe.shape[3])
+    while stripe is not None:
+        ahead = next(stripes, None)
+        parts = [carry, stripe]
+        if ahead is None:
+            parts.append(stripe.new_zeros(*stripe.shape[:2], bottom, stripe.shape[3]))
+        window = torch.cat(parts, dim=2)  # a copy: the carry never aliases the input
+        if window.shape[2] >= k:
+            if left == right:
+                yield F.conv2d(window, weight, bias, padding=(0, left))
+            else:
+                yield F.conv2d(F.pad(window, (left, right, 0, 0)), weight, bias)
+            window = window[:, :, window.shape[2] - (k - 1) :]
+        carry, stripe = window, ahead
 
 
 # Nearest ×2 then a 3-tap "same" filter, per output phase p (even/odd position): the two input taps each phase
@@ -170,21 +169,22 @@ def subpixel_kernels(weight: torch.Tensor) -> torch.Tensor:
     return phases.reshape(4 * weight.shape[0], *weight.shape[1:2], 2, 2).to(weight.dtype)
 
 
-def upsampled_conv(conv: nn.Conv2d, stripes: Stripes) -> Stripes:
+def upsampled_conv(conv: nn.Conv2d, stripes: Stripes, phases: torch.Tensor | None = None) -> Stripes:
     """Stripes of ``conv(nearest×2(x))`` (a diffusers ``Upsample2D``'s conv, 3×3, padding 1) from stripes of ``x``.
 
     In float32/float64 the sub-pixel form: one 2×2 conv of ``x`` padded by one on each side with the four phase
-    kernels of :func:`subpixel_kernels` gives ``Y [B, 4·O, H + 1, W + 1]``; output pixel ``(2i + p, 2j + q)`` is
-    ``Y[phase (p, q), i + p, j + q]``. Output row pair ``i`` needs ``Y`` rows ``i`` and ``i + 1``, so the last
-    ``Y`` row is carried to the next stripe. Other dtypes run the plain ×2 and 3×3 conv (the full decode's ops).
+    kernels of :func:`subpixel_kernels` (``phases``, computed when not given) gives ``Y [B, 4·O, H + 1, W + 1]``;
+    output pixel ``(2i + p, 2j + q)`` is ``Y[phase (p, q), i + p, j + q]``. Output row pair ``i`` needs ``Y``
+    rows ``i`` and ``i + 1``, so the last ``Y`` row is carried to the next stripe. Other dtypes run the plain
+    ×2 and 3×3 conv (the full decode's ops: a merged bf16 weight would be rounded differently).
     """
-    if conv.weight.dtype not in (torch.float32, torch.float64):
+    if conv.weight.dtype not in SUBPIXEL_DTYPES:
         yield from convolved(conv.weight, conv.bias, upsampled(stripes))
         return
     out_ch = conv.out_channels
     bias = None if conv.bias is None else conv.bias.repeat(4)
     carry: torch.Tensor | None = None
-    for y in convolved(subpixel_kernels(conv.weight), bias, stripes, (1, 1, 1, 1)):
+    for y in convolved(subpixel_kernels(conv.weight) if phases is None else phases, bias, stripes, (1, 1, 1, 1)):
         y = y if carry is None else torch.cat([carry, y], dim=2)
         pairs, width = y.shape[2] - 1, y.shape[3] - 1
         carry = y[:, :, pairs:]
@@ -253,6 +253,8 @@ class Source:
 
     def __init__(self, stored: torch.Tensor, upsampler: nn.Module | None = None) -> None:
         self.stored, self.upsampler = stored, upsampler
+        exact_dtype = upsampler is not None and upsampler.conv.weight.dtype in SUBPIXEL_DTYPES
+        self._phases = subpixel_kernels(upsampler.conv.weight) if exact_dtype else None  # once, for every sweep
         b, c, h, w = stored.shape
         scale = 1 if upsampler is None else 2
         self.shape = (b, c if upsampler is None else upsampler.conv.out_channels, h * scale, w * scale)
@@ -262,7 +264,7 @@ class Source:
         rows = _rows_for(max(channels, self.shape[1]), self.shape[3], tile_pixels)
         if self.upsampler is None:
             return stripes_of(self.stored, rows)
-        return upsampled_conv(self.upsampler.conv, stripes_of(self.stored, max(1, rows // 2)))
+        return upsampled_conv(self.upsampler.conv, stripes_of(self.stored, max(1, rows // 2)), self._phases)
 
 
 def _resnet(block: nn.Module, x: Source, tile_pixels: int, *, keep_mid: bool) -> torch.Tensor:
@@ -303,7 +305,8 @@ def _resnet(block: nn.Module, x: Source, tile_pixels: int, *, keep_mid: bool) ->
         return write_rows(out_of(mid_stripes), out, residual, block.output_scale_factor)
     stats2 = group_stats(mid_of(x.stripes(widest, tile_pixels)), block.norm2)
     trail = Trail(x.stripes(widest, tile_pixels))
-    return write_rows(out_of(mid_of(iter(trail))), out, lambda a, b: shortcut(trail.rows(a, b)), block.output_scale_factor)
+    residual = lambda a, b: shortcut(trail.rows(a, b))  # noqa: E731
+    return write_rows(out_of(mid_of(iter(trail))), out, residual, block.output_scale_factor)
 
 
 def _also_written(stripes: Stripes, out: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> Stripes:
