@@ -111,6 +111,7 @@ def normed(stripes: Stripes, norm: nn.GroupNorm, stats: tuple[torch.Tensor, torc
     """``act(norm(x))`` per stripe; every output stripe is a new tensor (the input may be overwritten later)."""
     for stripe in stripes:
         y = group_norm_rows(stripe, norm, stats)
+        del stripe  # not held while suspended: a computed input stripe is freed as soon as its consumer drops it
         yield F.silu(y, inplace=True) if isinstance(act, nn.SiLU) else act(y)
 
 
@@ -140,17 +141,18 @@ def convolved(
     carry = stripe.new_zeros(*stripe.shape[:2], top, stripe.shape[3])
     while stripe is not None:
         ahead = next(stripes, None)
-        parts = [carry, stripe]
-        if ahead is None:
-            parts.append(stripe.new_zeros(*stripe.shape[:2], bottom, stripe.shape[3]))
-        window = torch.cat(parts, dim=2)  # a copy: the carry never aliases the input
-        if window.shape[2] >= k:
-            if left == right:
-                yield F.conv2d(window, weight, bias, padding=(0, left))
-            else:
-                yield F.conv2d(F.pad(window, (left, right, 0, 0)), weight, bias)
-            window = window[:, :, window.shape[2] - (k - 1) :]
-        carry, stripe = window, ahead
+        tail = [] if ahead is not None else [stripe.new_zeros(*stripe.shape[:2], bottom, stripe.shape[3])]
+        window = torch.cat([carry, stripe, *tail], dim=2)  # a copy: the carry never aliases the input
+        stripe = ahead
+        if window.shape[2] < k:
+            carry = window
+            continue
+        # the carry is cloned so that the window (and nothing else) is held while this generator is suspended
+        carry = window[:, :, window.shape[2] - (k - 1) :].clone()
+        window = F.conv2d(window if left == right else F.pad(window, (left, right, 0, 0)), weight, bias,
+                          padding=(0, left) if left == right else 0)  # fmt: skip
+        yield window
+        del window
 
 
 # Nearest ×2 then a 3-tap "same" filter, per output phase p (even/odd position): the two input taps each phase
@@ -187,7 +189,7 @@ def upsampled_conv(conv: nn.Conv2d, stripes: Stripes, phases: torch.Tensor | Non
     for y in convolved(subpixel_kernels(conv.weight) if phases is None else phases, bias, stripes, (1, 1, 1, 1)):
         y = y if carry is None else torch.cat([carry, y], dim=2)
         pairs, width = y.shape[2] - 1, y.shape[3] - 1
-        carry = y[:, :, pairs:]
+        carry = y[:, :, pairs:].clone()  # one row, not a view holding all of ``y``
         if pairs == 0:
             continue
         out = y.new_empty(y.shape[0], out_ch, 2 * pairs, 2 * width)
@@ -195,7 +197,9 @@ def upsampled_conv(conv: nn.Conv2d, stripes: Stripes, phases: torch.Tensor | Non
             for q in (0, 1):
                 block = (2 * p + q) * out_ch
                 out[:, :, p::2, q::2] = y[:, block : block + out_ch, p : p + pairs, q : q + width]
+        del y
         yield out
+        del out
 
 
 class Trail:
@@ -236,6 +240,7 @@ def write_rows(
         if residual is not None:
             y = (residual(r0, r1) + y) / divisor
         out[:, :, r0:r1] = y
+        del y  # freed before the next stripe is computed
         r0 = r1
     if r0 != out.shape[2]:
         raise RuntimeError(f"a stream wrote {r0} of {out.shape[2]} rows")  # a bug, not input
@@ -316,6 +321,7 @@ def _also_written(stripes: Stripes, out: torch.Tensor, fn: Callable[[torch.Tenso
         out[:, :, r0 : r0 + stripe.shape[2]] = fn(stripe)
         r0 += stripe.shape[2]
         yield stripe
+        del stripe
 
 
 @torch.no_grad()
