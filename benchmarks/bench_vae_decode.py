@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions per (size, mode)")
+    parser.add_argument("--reps", type=int, default=1, help="interleaved repetitions per (size, mode)")
     parser.add_argument("--merge", action="store_true", help="keep earlier rows this run does not re-measure")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "SIZE"), help=argparse.SUPPRESS)
     parser.add_argument("--save", help=argparse.SUPPRESS)
