@@ -111,12 +111,21 @@ def group_norm_rows(x: torch.Tensor, norm: nn.GroupNorm, stats: tuple[torch.Tens
     return torch.addcmul(shift.to(x.dtype).view(b, c, 1, 1), x, scale.to(x.dtype).view(b, c, 1, 1))
 
 
+Stats = tuple[torch.Tensor, torch.Tensor]  # a GroupNorm's (mean, 1/std), float64 [B, G]
+
+
+def _prepared(x: torch.Tensor, norm: nn.GroupNorm, stats: Stats, act: nn.Module) -> torch.Tensor:
+    """``act(norm(x))`` of a stripe, as a new tensor."""
+    y = group_norm_rows(x, norm, stats)
+    return F.silu(y, inplace=True) if isinstance(act, nn.SiLU) else act(y)
+
+
 def normed(stripes: Stripes, norm: nn.GroupNorm, stats: tuple[torch.Tensor, torch.Tensor], act: nn.Module) -> Stripes:
     """``act(norm(x))`` per stripe; every output stripe is a new tensor (the input may be overwritten later)."""
     for stripe in stripes:
-        y = group_norm_rows(stripe, norm, stats)
+        y = _prepared(stripe, norm, stats, act)
         del stripe  # not held while suspended: a computed input stripe is freed as soon as its consumer drops it
-        yield F.silu(y, inplace=True) if isinstance(act, nn.SiLU) else act(y)
+        yield y
 
 
 def upsampled(stripes: Stripes) -> Stripes:
@@ -157,6 +166,27 @@ def convolved(
                           padding=(0, left) if left == right else 0)  # fmt: skip
         yield window
         del window
+
+
+def convolved_stored(
+    conv: nn.Conv2d, x: torch.Tensor, rows: int, prepare: Callable[[torch.Tensor], torch.Tensor]
+) -> Stripes:
+    """Stripes of ``conv(prepare(x))`` (3×3, "same" padding) over a stored ``x``: no carried rows needed.
+
+    Each stripe's window is ``prepare`` of the stored rows with its halo rows (``prepare`` is elementwise, e.g.
+    norm + SiLU, so recomputing it on the halo costs next to nothing); inner stripes are convolved without
+    vertical padding, the first and last with the conv's own (dropping the one output row the other edge gives).
+    Nothing is copied to assemble a window.
+    """
+    height, pad = x.shape[2], conv.padding[0]
+    for r0 in range(0, height, rows):
+        r1 = min(height, r0 + rows)
+        a, b = max(r0 - pad, 0), min(r1 + pad, height)
+        p = pad if a == 0 or b == height else 0
+        y = F.conv2d(prepare(x[:, :, a:b]), conv.weight, conv.bias, padding=(p, conv.padding[1]))
+        start = r0 - a - (pad - p)
+        yield y if y.shape[2] == r1 - r0 else y[:, :, start : start + r1 - r0]
+        del y
 
 
 # Nearest ×2 then a 3-tap "same" filter, per output phase p (even/odd position): the two input taps each phase
@@ -319,18 +349,21 @@ def _resnet(
     out = x.stored if in_place else x.stored.new_empty(x.shape[0], c_out, *x.shape[2:])
     if keep_mid:
         mid = x.stored.new_empty(x.shape[0], c_mid, *x.shape[2:])
-        source: Stripes = x.stripes(widest, tile_pixels)
-        if x.upsampler is not None:
-            source = _also_written(source, out, shortcut)
         moments = Moments(block.norm2.num_groups, block.norm2.eps)
-        write_rows(mid_of(source), mid, moments=moments)
+        if x.upsampler is not None:
+            conv1 = mid_of(_also_written(x.stripes(widest, tile_pixels), out, shortcut))
+        else:
+            rows = _rows_for(widest, x.shape[3], tile_pixels)
+            conv1 = convolved_stored(block.conv1, x.stored, rows, lambda t: _prepared(t, block.norm1, stats1, act))
+        write_rows(conv1, mid, moments=moments)
         stats2 = moments.stats()
         if x.upsampler is not None:
             residual = lambda a, b: out[:, :, a:b]  # noqa: E731  (holds the shortcut already)
         else:
             residual = lambda a, b: shortcut(x.stored[:, :, a:b])  # noqa: E731
-        mid_stripes = stripes_of(mid, _rows_for(widest, mid.shape[3], tile_pixels))
-        write_rows(out_of(mid_stripes), out, residual, block.output_scale_factor, after)
+        mid_rows = _rows_for(widest, mid.shape[3], tile_pixels)
+        conv2 = convolved_stored(block.conv2, mid, mid_rows, lambda t: _prepared(t, block.norm2, stats2, act))
+        write_rows(conv2, out, residual, block.output_scale_factor, after)
         return out, after and after.stats()
     stats2 = group_stats(mid_of(x.stripes(widest, tile_pixels)), block.norm2)
     trail = Trail(x.stripes(widest, tile_pixels))
