@@ -129,7 +129,8 @@ def measure(size: int, modes: list[str], args: argparse.Namespace) -> list[dict]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[1024, 2048, 4096],
+                        help="none with --merge: only recompute the ratios and the table of the earlier results")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -146,11 +147,13 @@ def main() -> None:
     if args.merge and (RESULTS / "vae_decode.json").is_file():
         key = lambda r: (r["mode"], r["size"], r["device"], r["dtype"])  # noqa: E731
         measured = {key(r) for r in rows if r["status"].startswith("ok")}
-        earlier = [
-            {**r, "status": "ok (earlier run)" if r["status"].startswith("ok") else r["status"]}
-            for r in json.loads((RESULTS / "vae_decode.json").read_text())
-            if key(r) not in measured
-        ]
+        def earlier_row(r: dict) -> dict:
+            keep = not rows or not r["status"].startswith("ok") or "earlier run" in r["status"]
+            r = {k: v for k, v in r.items() if k != "time_vs_full"}  # the one-repetition format's ratio column
+            return {**r, "status": r["status"] if keep else "ok (earlier run)"}
+
+        results = json.loads((RESULTS / "vae_decode.json").read_text())
+        earlier = [earlier_row(r) for r in results if key(r) not in measured]
         kept = {key(r) for r in earlier}
         rows = sorted(earlier + [r for r in rows if key(r) not in kept or r["status"].startswith("ok")],
                       key=lambda r: (r["size"], MODES.index(r["mode"])))
@@ -167,7 +170,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "vae_decode.json").write_text(json.dumps(rows, indent=2) + "\n")
     with (RESULTS / "vae_decode.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
     fmt = lambda v: "-" if v is None else f"{v:.3g}" if isinstance(v, float) and abs(v) < 1e-3 else f"{v}"  # noqa: E731
