@@ -4,10 +4,11 @@ A 4096² decode holds several full-resolution activations at once (a 128-channel
 Overlapping spatial tiles would not reproduce the full decode, because every GroupNorm normalises over the
 whole image and the mid block attends globally. Instead each resnet runs as a few top-to-bottom *sweeps*
 over horizontal stripes. A sweep is a chain of stripe streams (norm + SiLU, 3×3 conv, nearest ×2 + conv);
-each 3×3 conv carries the last two rows of its input forward to the next stripe (a rolling window), so no
-row is computed twice within a sweep. GroupNorm needs its input's statistics before it can normalise the
-first stripe, so each norm's input is either stored (its statistics are one read pass) or computed twice:
-once for its statistics (float64 moments merged stripe by stripe) and once to be consumed.
+a 3×3 conv over a stored tensor reads its halo rows in place (:func:`convolved_stored`), one over a computed
+stream carries the last two rows of its input forward to the next stripe (a rolling window, :func:`convolved`),
+so no row is computed twice within a sweep. GroupNorm needs its input's statistics before it can normalise the
+first stripe, so each norm's input is either stored (its statistics gathered as it is written) or computed
+twice: once for its statistics (float64 moments merged stripe by stripe) and once to be consumed.
 
 What is held at full size is chosen so the peak stays near one activation of the last up block:
 * an upsampler's output (4× its input) is never stored: the next resnet streams it from the stored input;
