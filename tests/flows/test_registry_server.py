@@ -56,7 +56,7 @@ def _generate_champion(tmp_path: Path, uri: str, cwd: Path, cache: str) -> Image
     _run([sys.executable, "-c", "from ultraflux.cli import main; main()", "generate", "--model", "models:/ultraflux@champion",
           "--prompt", "a red fox in snow", "--width", "96", "--height", "64", "--steps", "2", "--dtype", "fp32",
           "--out", str(out)], cwd, env)
-    (png,) = out.glob("*.png")
+    (png,) = out.rglob("*.png")  # each run writes into a new folder under --out
     sidecar = json.loads(png.with_suffix(".json").read_text())
     assert sidecar["model"] == "models:/ultraflux@champion"
     return Image.open(png)

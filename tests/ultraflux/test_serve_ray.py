@@ -130,7 +130,7 @@ def test_the_request_guard_refuses_before_anything_is_queued(server, path):
     assert status == 400, body
     assert body == {"error_code": "INVALID_PARAMETER_VALUE",
                     "message": "row 0: 128x64 is 0.0 MP, over the limit of 0.0 MP per image (serve.max_pixels); "
-                               "choose a smaller size"}  # fmt: skip
+                               "choose a smaller size, e.g. 64x32 at the same aspect ratio"}  # fmt: skip
     status, body, _ = server.call("POST", path, {"dataframe_records": [{**SMALL, "steps": MAX_STEPS + 1}]})
     assert status == 400 and "serve.max_steps" in body["message"]
     status, body, _ = server.call("POST", path, b"{not json")

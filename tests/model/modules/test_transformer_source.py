@@ -52,7 +52,7 @@ def test_cli_generate_takes_transformer(tiny_checkpoint, other, tmp_path):
                                       "-p", "a fox", "--width", "64", "--height", "64", "--steps", "1",
                                       "--dtype", "fp32", "--out", str(tmp_path)])  # fmt: skip
     assert result.exit_code == 0, result.output
-    (sidecar,) = tmp_path.glob("*.json")
+    (sidecar,) = tmp_path.rglob("*.json")  # each run writes into a new folder under --out
     assert '"transformer_hash"' in sidecar.read_text()
 
 

@@ -109,9 +109,11 @@ def test_requests_take_the_release_defaults_and_respect_the_ceilings():
                             ServeConfig(max_pixels=96 * 96, max_images=3))
     frame = pd.DataFrame({"prompt": ["a", "b"], "width": [96, None], "seed": [7, None], "cache": ["first_block", None]})
     assert parse_requests(frame, config) == [
-        {"prompt": "a", "width": 96, "height": 96, "steps": 3, "guidance": 4.0, "seed": 7, "cache": "first_block"},
+        {"prompt": "a", "width": 96, "height": 96, "steps": 3, "guidance": 4.0, "seed": 7, "lora": None,
+         "lora_scale": 1.0, "cache": "first_block"},
         # seed + row, as generate; the cache of the release's generate.accel
-        {"prompt": "b", "width": 64, "height": 96, "steps": 3, "guidance": 4.0, "seed": 6, "cache": "none"},
+        {"prompt": "b", "width": 64, "height": 96, "steps": 3, "guidance": 4.0, "seed": 6, "lora": None,
+         "lora_scale": 1.0, "cache": "none"},
     ]
     with pytest.raises(UltraFluxError, match=r"row 0: cache must be one of \['none', 'first_block', 'taylorseer'\]"):
         parse_requests(pd.DataFrame({"prompt": ["a"], "cache": ["fast"]}), config)

@@ -16,6 +16,8 @@ from tests.servers import free_port
 
 @pytest.fixture
 def one_rank():
+    if dist.is_initialized():  # left by an earlier test of this worker process: this test needs its own one rank
+        dist.destroy_process_group()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
