@@ -3,10 +3,8 @@ covers the adapters only, kill-and-resume is exact, stage 2 starts from stage 1'
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +19,8 @@ from ultraflux_model.training.distributed import free_port
 from ultraflux_model.training.trainer import _build_model, lora_base_dtype, train_stage
 
 from tests.model.training.test_training_trainer import (
-    PAUSE_AFTER_FIRST_CHECKPOINT,
     clean_env,
+    kill_after_first_checkpoint,
     make_cfg,
     metrics_rows,
     stage_dict,
@@ -106,19 +104,7 @@ def test_killed_lora_run_resumes_exactly(lora_run, tmp_path: Path) -> None:
     cfg = lora_cfg(Path(cfg.train.model), cfg.train.cache_dir, run_dir)
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(dump_config(cfg))
-    marker, log = tmp_path / "first-checkpoint-saved", tmp_path / "train.log"
-    with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_FIRST_CHECKPOINT, str(marker), "train", "--config",
-                                 str(config_file), "--stage", "stage1"], env=clean_env(), stdout=sink,
-                                stderr=subprocess.STDOUT)
-        try:  # the child waits to be killed once its first checkpoint is complete; the loop only bounds a hang
-            deadline = time.monotonic() + 600
-            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.wait(timeout=60)
-    assert marker.exists() and proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    kill_after_first_checkpoint(config_file, tmp_path, "--stage", "stage1")
     resumed = train_stage(cfg, "stage1", resume=True)
     assert resumed.resumed_from == 2 and resumed.steps == [3, 4]
     rows = metrics_rows(run_dir / "stage1" / "metrics.jsonl")

@@ -255,6 +255,29 @@ runpy.run_module("ultraflux.train_cli", run_name="__main__")
 """
 
 
+def kill_after_first_checkpoint(config_file: Path, tmp_path: Path, *cli_args: str) -> None:
+    """Run ``train --config config_file *cli_args`` in a child and SIGKILL it right after its first checkpoint.
+
+    The event: the child writes the marker once its first checkpoint is complete, then waits to be killed, so the
+    kill lands at the same step however slow the machine is (the loop only bounds a hung child; it never decides
+    which step the kill hits). The log is a file, not a pipe: a child blocked on a full pipe would never checkpoint.
+    """
+    marker, log = tmp_path / "first-checkpoint-saved", tmp_path / "train.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_FIRST_CHECKPOINT, str(marker), "train", "--config",
+                                 str(config_file), *cli_args], env=clean_env(), stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+    assert marker.exists() and proc.returncode == -signal.SIGKILL, (
+        f"no checkpoint before the kill:\n{log.read_text()[-3000:]}"
+    )
+
+
 @pytest.fixture(scope="module")
 def one_rank(tiny_checkpoint: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """Stage 1 on one process with ZeRO-3 from the CPU DeepSpeed JSON in infra/ (6 steps, 2 micro batches)."""
@@ -326,24 +349,7 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(one_rank, tmp_path: Path
     config_file = tmp_path / "cfg.yaml"
     config_file.write_text(dump_config(cfg))
     latest = run_dir / "stage1" / "checkpoints" / "latest"
-    marker = tmp_path / "first-checkpoint-saved"
-    log = tmp_path / "train.log"  # a file, not a pipe: a child blocked on a full pipe would never checkpoint
-    with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, "-c", PAUSE_AFTER_FIRST_CHECKPOINT, str(marker), "train", "--config",
-                                 str(config_file)], env=clean_env(), stdout=sink, stderr=subprocess.STDOUT)
-        try:
-            # The event: the child writes the marker once its first checkpoint is complete, then waits to be
-            # killed, so the kill lands at the same step however slow the machine is (the loop only bounds a hung
-            # child; it never decides which step the kill hits).
-            deadline = time.monotonic() + 600
-            while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.wait(timeout=60)
-    assert marker.exists() and proc.returncode == -signal.SIGKILL, (
-        f"no checkpoint before the kill:\n{log.read_text()[-3000:]}"
-    )
+    kill_after_first_checkpoint(config_file, tmp_path)
     killed_at = int(latest.read_text().strip().removeprefix("step-"))
     assert killed_at == 2 and not (run_dir / "stage1" / "DONE").exists()
 
