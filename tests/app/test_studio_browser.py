@@ -88,7 +88,10 @@ def test_page_generates_an_image_and_lists_it(browser, studio_app, tmp_path):
     field.send_keys("200", Keys.TAB)
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
     wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "running"))
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#result .progress-text, #result .progress-level"))
+    # The job has started in the engine once its run folder exists (the engine makes it after taking the session's
+    # earlier Cancel presses off the books): only then is a Cancel this job's. The page's progress text shows sooner,
+    # while the job still waits for a worker thread, and a Cancel pressed then was not for it.
+    wait.until(lambda d: {p for p in studio_app.out.iterdir()} - runs_before)
     browser.find_element(By.CSS_SELECTOR, "#cancel").click()
     wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "cancelled"))
     wait.until(lambda d: {p for p in studio_app.out.iterdir()} == runs_before)  # the job's folder is gone
