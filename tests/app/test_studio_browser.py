@@ -86,6 +86,9 @@ def test_page_generates_an_image_and_lists_it(browser, studio_app, tmp_path):
     field = browser.find_element(By.CSS_SELECTOR, "#steps input[type=number]")
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys("200", Keys.TAB)
+    # 200 steps at 384x256 end in about a second on the tiny model: at 1024x1024 the job still runs when Cancel lands
+    set_number(browser, "width", 1024)
+    set_number(browser, "height", 1024)
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
     wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "running"))
     # The job has started in the engine once its run folder exists (the engine makes it after taking the session's
