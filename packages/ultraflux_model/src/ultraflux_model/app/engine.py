@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +30,9 @@ from ultraflux_model.config import (
     VaeDecodeMode,
 )
 from ultraflux_model.inference.accel import check_accel
-from ultraflux_model.inference.limits import check_lora, check_request, check_settings
+from ultraflux_model.inference.limits import check_lora, check_prompts, check_request, check_settings
 from ultraflux_model.inference.pipeline import GeneratedImage, StepCallback, UltraFluxPipeline, generate, load_pipeline
+from ultraflux_model.inference.runs import new_run_dir
 from ultraflux_model.lora.apply import Adapter, base_fingerprints, check_base, read_adapter
 
 SIDES = ("model", "compare")
@@ -227,8 +226,7 @@ class Studio:
     # -- generation -------------------------------------------------------------------------------------
     def check(self, request: Request) -> None:
         """The shared request guard (sizes, ceilings, steps, guidance, seeds) plus the prompt."""
-        if not request.prompt.strip():
-            raise UltraFluxError("the prompt is empty: describe the image to generate")
+        check_prompts([request.prompt])
         check_request(self.limits, [(request.width, request.height)], images=request.images)
         check_settings(self.limits, steps=request.steps, guidance=request.guidance, seed=request.seed,
                        images=request.images)  # fmt: skip
@@ -244,8 +242,8 @@ class Studio:
 
     def new_run_dir(self) -> Path:
         """A fresh directory under ``out`` per request, so requests never overwrite each other's files."""
-        run = self.out / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        run.mkdir(parents=True)
+        run = new_run_dir(self.out)
+        run.mkdir(parents=True)  # at once: Cancel and failures remove it only while it is empty
         return run
 
     def _drop_empty(self, run: Path) -> None:
