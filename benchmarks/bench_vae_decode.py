@@ -5,7 +5,7 @@ subprocess so that peak memory is that decode's alone: on CUDA ``max_memory_allo
 the process' peak RSS over its size just before decoding. The modes of one size alternate within each
 repetition (full first, then tiled first, ...), so that the ratios against ``full`` compare decodes measured
 side by side on a shared machine; the table gives the min and the median over the repetitions and the ratios
-of both, and ``max_abs_vs_full`` (the largest |mode − full| over the image, from the first repetition). A mode
+of both, ``macs_vs_full`` (multiply-adds counted on the meta device) and ``max_abs_vs_full`` (the largest |mode − full| over the image, from the first repetition). A mode
 whose predicted footprint exceeds the available memory is recorded as skipped with the prediction, rather than
 taking the machine down.
 
@@ -77,6 +77,18 @@ def run_one(mode: str, size: int, device: str, dtype: str, save: str | None = No
         torch.save(out.cpu(), save)
     return {"mode": mode, "size": size, "device": device, "dtype": dtype, "seconds": round(seconds, 3),
             "peak_extra_gb": round((peak - base) / (1 << 30), 3), "status": "ok"}
+
+
+def counted_macs(mode: str, size: int) -> int:
+    """Multiply-adds of one decode at ``size`` (``FlopCounterMode`` over meta tensors: counted, not timed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from ultraflux_model.vae.autoencoder import UltraFluxAutoencoderKL
+
+    with torch.device("meta"):
+        vae = UltraFluxAutoencoderKL(**REAL_VAE).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        vae.decode(torch.empty(1, 16, size // 16, size // 16, device="meta"), mode=mode)
+    return counter.get_total_flops() // 2
 
 
 def _child(mode: str, size: int, args: argparse.Namespace, save: Path | None) -> dict:
@@ -166,6 +178,8 @@ def main() -> None:
         row["time_vs_full_median"] = round(row["seconds_median"] / ref["seconds_median"], 3) if medians else None
         memory = ok and ref["peak_extra_gb"]
         row["memory_vs_full"] = round(row["peak_extra_gb"] / ref["peak_extra_gb"], 3) if memory else None
+        # what the decode computes, beside what it costs: a time ratio above the multiply-add ratio is overhead
+        row["macs_vs_full"] = round(counted_macs(row["mode"], row["size"]) / counted_macs("full", row["size"]), 3)
 
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "vae_decode.json").write_text(json.dumps(rows, indent=2) + "\n")
@@ -175,13 +189,13 @@ def main() -> None:
         writer.writerows(rows)
     fmt = lambda v: "-" if v is None else f"{v:.3g}" if isinstance(v, float) and abs(v) < 1e-3 else f"{v}"  # noqa: E731
     header = (f"{'size':>6} {'mode':>9} {'reps':>4} {'s min':>9} {'s median':>9} {'peak GB':>8} {'t/full min':>10} "
-              f"{'t/full med':>10} {'mem/full':>8} {'max|d|':>8}  status")
+              f"{'t/full med':>10} {'mem/full':>8} {'MAC/full':>8} {'max|d|':>8}  status")
     print(header)
     for r in rows:
         print(f"{r['size']:>6} {r['mode']:>9} {fmt(r.get('reps')):>4} {fmt(r['seconds']):>9} "
               f"{fmt(r.get('seconds_median')):>9} "
               f"{fmt(r['peak_extra_gb']):>8} {fmt(r['time_vs_full_min']):>10} {fmt(r['time_vs_full_median']):>10} "
-              f"{fmt(r['memory_vs_full']):>8} {fmt(r.get('max_abs_vs_full')):>8}  {r['status']}")
+              f"{fmt(r['memory_vs_full']):>8} {fmt(r['macs_vs_full']):>8} {fmt(r.get('max_abs_vs_full')):>8}  {r['status']}")
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -15,6 +16,8 @@ from ultraflux_model.app.sizes import ASPECTS, FAMILIES, preset_size, size_note
 from ultraflux_model.buckets import BUCKETS, BUCKETS_4K
 from ultraflux_model.config import MAX_4K_BUCKET_PIXELS, ServeConfig
 from ultraflux_model.inference.limits import check_request
+
+from tests.app.conftest import free_port
 
 
 def test_default_pixel_ceiling_is_the_largest_4k_bucket():
@@ -108,8 +111,51 @@ def test_cancel_stops_at_the_next_step_and_writes_nothing(studio):
         studio.generate(Request("a fox", 64, 64, steps=5), session="session-a", progress=press_cancel, run_dir=run)
     assert seen == [1] and not run.exists()  # no image, and no empty run folder left behind
     assert not [p for p in studio.out.rglob("*") if p.is_dir() and not any(p.iterdir())]
-    studio.cancel("session-b")  # another session's cancel does not touch this job, and a stale one is cleared
+    studio.cancel("session-b")  # another session's cancel does not touch this job, and session-a's is behind it
     assert len(studio.generate(Request("a fox", 64, 64, steps=1), session="session-a")) == 1
+
+
+def test_a_cancel_stops_a_job_submitted_before_it_even_one_that_reaches_the_engine_after_it(studio, tiny_checkpoint,
+                                                                                             tmp_path):  # fmt: skip
+    submitted = time.monotonic()
+    studio.cancel("session-c")  # pressed while the job's thread was still on its way to the engine
+    run = studio.new_run_dir()
+    with pytest.raises(Cancelled):
+        studio.generate(Request("a fox", 64, 64, steps=3), session="session-c", since=submitted, run_dir=run)
+    assert not run.exists()
+    # the same Cancel does not stop the session's jobs submitted after it
+    assert len(studio.generate(Request("a fox", 64, 64, steps=1), session="session-c")) == 1
+    pair = Studio(str(tiny_checkpoint), out=tmp_path / "o", compare=str(tiny_checkpoint), device="cpu")
+    pair.cancel("session-c")
+    with pytest.raises(Cancelled):  # a compare submitted before it stops too, leaving nothing behind
+        pair.compare(Request("a fox", 64, 64, steps=1), session="session-c", since=submitted)
+    assert not list((tmp_path / "o").rglob("*.png"))
+    assert set(pair.compare(Request("a fox", 64, 64, steps=1), session="session-c")) == {"model", "compare"}
+
+
+def test_the_page_hands_the_engine_each_jobs_submission_time(studio):
+    """Through a real Gradio queue: the validator stamps the job at submission and the job finds its stamp."""
+    from gradio_client import Client
+    from ultraflux_model.app.studio import build_app
+
+    class Recording(Studio):
+        def generate(self, request, **kwargs):
+            seen.append((kwargs.get("since"), time.monotonic()))
+            return super().generate(request, **kwargs)
+
+    seen: list[tuple[float | None, float]] = []
+    app = Recording(str(studio.main.ref), out=studio.out, device="cpu")
+    demo = build_app(app, default_steps=1)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False)
+    try:
+        before = time.monotonic()
+        Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False).predict(
+            "a fox", 64, 64, 1, 4.0, 3, api_name="/generate")  # fmt: skip
+    finally:
+        demo.close()
+    [(since, started)] = seen
+    assert since is not None and before <= since <= started
 
 
 def test_missing_model_and_missing_compare_fail_clearly(tmp_path):

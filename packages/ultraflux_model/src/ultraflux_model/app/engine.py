@@ -7,8 +7,10 @@ Kept apart from the Gradio layout (``studio.py``) so every behaviour is a plain 
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,9 @@ from ultraflux_model.lora.apply import Adapter, base_fingerprints, check_base, r
 SIDES = ("model", "compare")
 # An absolute path in a message ("/etc/…", "'/root/x'"), but not "models:/…", "1/steps" or a URL's "//".
 _ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])/[^\s'\"(),;]+")
+
+
+CANCEL_MEMORY_S = 86_400.0  # how long a session's Cancel is remembered
 
 
 class Cancelled(UltraFluxError):
@@ -154,7 +159,10 @@ class Studio:
         # Gradio's concurrency limit stops a second job from starting, but a cancelled job's thread runs on
         # until its next step; this lock keeps the device to one job even then.
         self._device_lock = threading.Lock()
-        self._cancelled: set[str] = set()
+        # session → time.monotonic() of its latest Cancel. A Cancel stops the session's jobs submitted before it,
+        # whenever they reach the engine (a time, not a flag a starting job clears: a job's thread may start
+        # after the Cancel that was meant for it).
+        self._cancelled_at: dict[str, float] = {}
         self._cancel_lock = threading.Lock()
 
     # -- models -----------------------------------------------------------------------------------------
@@ -213,14 +221,17 @@ class Studio:
 
     # -- cancellation -----------------------------------------------------------------------------------
     def cancel(self, session: str) -> None:
-        """Ask the job of ``session`` to stop at its next denoising step."""
+        """Stop the jobs of ``session`` submitted until now at their next denoising step (see ``since`` of
+        :meth:`generate`); later jobs of the session are not touched."""
+        now = time.monotonic()
         with self._cancel_lock:
-            self._cancelled.add(session)
+            # a day-old Cancel can only concern a job submitted a day ago: forgotten, so the table stays small
+            self._cancelled_at = {s: t for s, t in self._cancelled_at.items() if now - t < CANCEL_MEMORY_S}
+            self._cancelled_at[session] = now
 
-    def _check_cancel(self, session: str) -> None:
+    def _check_cancel(self, session: str, since: float) -> None:
         with self._cancel_lock:
-            if session in self._cancelled:
-                self._cancelled.discard(session)
+            if self._cancelled_at.get(session, -math.inf) >= since:
                 raise Cancelled("cancelled")
 
     # -- generation -------------------------------------------------------------------------------------
@@ -265,18 +276,19 @@ class Studio:
         progress: StepCallback | None = None,
         run_dir: Path | None = None,
         second: str | None = None,
+        since: float | None = None,
     ) -> list[GeneratedImage]:
         """Generate ``request.images`` images (seeds ``seed … seed+images-1``) with one model (``second`` picks the
         compare side's model, see :meth:`slot`).
 
-        ``progress(phase, done, total)`` sees every step; a Cancel from ``session`` stops the job.
+        ``progress(phase, done, total)`` sees every step. ``since``: when the job was submitted
+        (``time.monotonic()``; default: now); a Cancel from ``session`` from then on stops it at its next step.
         """
+        since = time.monotonic() if since is None else since
         self.check(request)
-        with self._cancel_lock:
-            self._cancelled.discard(session)  # a Cancel pressed before this job started is not for it
 
         def on_step(phase: str, done: int, total: int) -> None:
-            self._check_cancel(session)
+            self._check_cancel(session, since)
             if progress is not None:
                 progress(phase, done, total)
 
@@ -317,9 +329,12 @@ class Studio:
         session: str = "",
         progress: StepCallback | None = None,
         second: str | None = None,
+        since: float | None = None,
     ) -> dict[str, tuple[GeneratedImage, dict[str, Any]]]:
         """The same prompt and seed on the main model and ``second`` (one of :attr:`compare_choices`, default the
-        first); each image's sidecar gains its side, label and scores."""
+        first); each image's sidecar gains its side, label and scores. ``since`` as in :meth:`generate`: one
+        Cancel stops the pair."""
+        since = time.monotonic() if since is None else since
         self.slot("compare", second)  # refuse an unknown model before writing anything
         single = Request(**{**request.__dict__, "images": 1})
         self.check(single)
@@ -329,7 +344,7 @@ class Studio:
         try:
             for side in SIDES:
                 image = self.generate(single, side=side, session=session, progress=progress, run_dir=run / side,
-                                      second=second)[0]  # fmt: skip
+                                      second=second, since=since)[0]  # fmt: skip
                 label = self.slot(side, second).label
                 sidecar = {**image.sidecar, "side": side, "model_label": label, "scores": scores(image.path)}
                 image.path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2) + "\n")

@@ -3,8 +3,8 @@
 Left: the prompt and settings. Right: the result with its sidecar, the side-by-side comparison of two models,
 and the gallery of everything in ``--out``. API endpoints for scripts: ``/generate`` (prompt, width, height, steps,
 guidance, seed → image file, metadata JSON), ``/compare`` (same inputs, plus optionally the second model, one of the
-app's ``--compare`` models → two images and both sides' metadata) and ``/cancel`` (stops the caller's own running job
-at its next step). Every generation event shares one concurrency slot: one job on the device at a time. The queue
+app's ``--compare`` models → two images and both sides' metadata) and ``/cancel`` (stops the caller's own jobs
+submitted before it, each at its next step). Every generation event shares one concurrency slot: one job on the device at a time. The queue
 holds at most ``queue_size`` waiting jobs and one session at most ``session_jobs`` (checked when a job is submitted,
 so one client cannot fill the queue); errors shown to clients are one line with no server path.
 """
@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import functools
 import secrets
+import threading
+import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,8 +57,34 @@ def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def session_limit(demo: gr.Blocks, session_jobs: int) -> Callable[..., Any]:
-    """A Gradio validator that refuses a job while its session already has ``session_jobs`` jobs queued or running.
+class Submissions:
+    """When each accepted job was submitted, so that a Cancel stops exactly the session's jobs submitted before it
+    (``since`` of :meth:`Studio.generate`), even one whose thread starts after the Cancel.
+
+    Keyed by the job's HTTP request: Gradio hands the validator (run at submission) and the job the same request
+    object. Weak keys: an entry goes with its request.
+    """
+
+    def __init__(self) -> None:
+        self._at: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
+
+    def stamp(self, request: gr.Request) -> None:
+        if request.request is not None:
+            with self._lock:
+                self._at[request.request] = time.monotonic()
+
+    def since(self, request: gr.Request | None) -> float | None:
+        """The job's submission time; ``None`` (the engine then takes the job's start) when it was not stamped."""
+        if request is None or request.request is None:
+            return None
+        with self._lock:
+            return self._at.get(request.request)
+
+
+def session_limit(demo: gr.Blocks, session_jobs: int, submissions: Submissions) -> Callable[..., Any]:
+    """A Gradio validator that refuses a job while its session already has ``session_jobs`` jobs queued or running,
+    and stamps the jobs it accepts in ``submissions``.
 
     Validators run when a job is submitted, before it joins the queue; the count is the queue's own record of the
     session's unfinished events (so a cancelled or finished job frees its place without bookkeeping of ours).
@@ -68,6 +97,8 @@ def session_limit(demo: gr.Blocks, session_jobs: int) -> Callable[..., Any]:
         if len(pending) >= session_jobs:
             verdicts[0] = gr.validate(False, f"this session already has {len(pending)} job(s) queued or running (the "
                                              f"limit is {session_jobs}, ui.session_jobs): wait for one to finish")
+        else:
+            submissions.stamp(request)
         return verdicts
 
     return validator
@@ -131,6 +162,7 @@ def selected_item(paths: list[str], index: int) -> tuple[dict[str, Any], list[st
 def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, session_jobs: int = 1) -> gr.Blocks:
     """The page with its queue; ``studio`` holds the loaded models and the output directory."""
     choices = studio.compare_choices
+    submissions = Submissions()
 
     def refresh_gallery() -> tuple[list[tuple[str, str]], list[str]]:
         return gallery_items(studio.out)
@@ -158,7 +190,8 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
                      quantize, lora, lora_scale, request: gr.Request, progress=gr.Progress()):  # fmt: skip
         req = request_of(prompt, width, height, steps, guidance, seed, images, dtype, offload, decode, cache, compile_,
                          quantize, lora, lora_scale)  # fmt: skip
-        made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, req.images))
+        made = studio.generate(req, session=request.session_hash or "", since=submissions.since(request),
+                               progress=_progress(progress, req.steps, req.images))  # fmt: skip
         _notices(made)
         done = status_line("done", f"{len(made)} image(s) · seed {req.seed} · {req.width}×{req.height}")
         return [(str(g.path), _caption(g.sidecar)) for g in made], [g.sidecar for g in made], done
@@ -166,7 +199,8 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
     @_user_errors
     def api_generate(prompt, width, height, steps, guidance, seed, request: gr.Request, progress=gr.Progress()):
         req = request_of(prompt, width, height, steps, guidance, seed)
-        made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, 1))
+        made = studio.generate(req, session=request.session_hash or "", since=submissions.since(request),
+                               progress=_progress(progress, req.steps, 1))  # fmt: skip
         _notices(made)
         return str(made[0].path), {**made[0].sidecar, "image_path": str(made[0].path)}
 
@@ -174,7 +208,8 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
     def api_generate_lora(prompt, width, height, steps, guidance, seed, lora, lora_scale, request: gr.Request,
                           progress=gr.Progress()):  # fmt: skip
         req = request_of(prompt, width, height, steps, guidance, seed, lora=lora, lora_scale=lora_scale)
-        made = studio.generate(req, session=request.session_hash or "", progress=_progress(progress, req.steps, 1))
+        made = studio.generate(req, session=request.session_hash or "", since=submissions.since(request),
+                               progress=_progress(progress, req.steps, 1))  # fmt: skip
         _notices(made)
         return str(made[0].path), {**made[0].sidecar, "image_path": str(made[0].path)}
 
@@ -187,7 +222,7 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         req = request_of(prompt, width, height, steps, guidance, seed, 1, dtype, offload, decode, cache, compile_,
                          quantize, lora, lora_scale)  # fmt: skip
         pair = studio.compare(req, session=request.session_hash or "", progress=_progress(progress, req.steps, 2),
-                              second=second or None)  # fmt: skip
+                              second=second or None, since=submissions.since(request))  # fmt: skip
         (a, meta_a), (b, meta_b) = pair["model"], pair["compare"]
         return str(a.path), str(b.path), _label(meta_a), _label(meta_b), {"model": meta_a, "compare": meta_b}
 
@@ -311,8 +346,8 @@ def build_app(studio: Studio, *, default_steps: int = 28, queue_size: int = 16, 
         # preprocess=False: the raw values reach ``request_of`` and the one request guard, whose errors name the
         # setting ("steps must be between 1 and 200 (serve.max_steps), got 0"), instead of Gradio's slider check
         # ("Value 0 is less than minimum value 1.", no name).
-        device = {"concurrency_limit": 1, "concurrency_id": DEVICE, "validator": session_limit(demo, session_jobs),
-                  "preprocess": False}  # fmt: skip
+        device = {"concurrency_limit": 1, "concurrency_id": DEVICE,
+                  "validator": session_limit(demo, session_jobs, submissions), "preprocess": False}  # fmt: skip
         cancelled_by: set[str] = set()  # sessions whose job ended by their Cancel (Gradio reports it as a failure)
 
         def started(request: gr.Request) -> str:
