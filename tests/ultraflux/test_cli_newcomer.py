@@ -97,3 +97,17 @@ def test_a_lookup_without_a_store_names_the_demo_store_and_writes_nothing(tmp_pa
     assert result.exit_code != 0
     assert f"no MLflow store at {Path('artifacts/mlflow.db').resolve()}: run `make demo` first" in str(result.exception)
     assert [p.name for p in tmp_path.iterdir()] == []  # no stray ./mlflow.db, mlruns/ or artifacts/
+
+
+def test_loading_the_model_stack_prints_nothing_with_the_demos_settings():
+    """The demo's first lines are ours: importing the generation stack (diffusers, which imports torchao) under the
+    demo's environment (Makefile: DIFFUSERS_VERBOSITY=error ...) writes nothing to the terminal."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DIFFUSERS_VERBOSITY": "error", "TRANSFORMERS_VERBOSITY": "error"}
+    done = subprocess.run([sys.executable, "-c", "import ultraflux_model.inference.pipeline"], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == done.stdout == ""

@@ -6,7 +6,13 @@ not pay for importing diffusers.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
+
+# torchao (imported by diffusers' quantizers whenever diffusers loads a model) registers two Enums with torch's pytree,
+# and torch 2.14 logs a deprecation line for each at import: a note between those two libraries that no user of ours
+# can act on, printed before every command's own output. Only that message is dropped; the logger stays as it was.
+logging.getLogger("torch.utils._pytree").addFilter(lambda record: "is an Enum subclass" not in record.getMessage())
 
 __all__ = ["UltraFluxAutoencoderKL", "UltraFluxTransformer2DModel"]
 
