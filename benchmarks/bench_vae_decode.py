@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import resource
 import statistics
@@ -79,6 +80,7 @@ def run_one(mode: str, size: int, device: str, dtype: str, save: str | None = No
             "peak_extra_gb": round((peak - base) / (1 << 30), 3), "status": "ok"}
 
 
+@functools.cache  # one count per (mode, size): every row's ratio reads the full decode's again
 def counted_macs(mode: str, size: int) -> int:
     """Multiply-adds of one decode at ``size`` (``FlopCounterMode`` over meta tensors: counted, not timed)."""
     from torch.utils.flop_counter import FlopCounterMode

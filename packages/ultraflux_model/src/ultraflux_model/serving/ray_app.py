@@ -85,6 +85,11 @@ def error(status: int, code: str, message: str, headers: dict[str, str] | None =
     return JSONResponse({"error_code": code, "message": message}, status_code=status, headers=headers)
 
 
+def no_job(job_id: str) -> JSONResponse:
+    """A job route's answer for an id that names no job (never made, or expired)."""
+    return error(404, "RESOURCE_DOES_NOT_EXIST", f"no job {job_id} (unknown or expired)")
+
+
 def busy(max_queued: int) -> JSONResponse:
     return error(429, "RESOURCE_EXHAUSTED",
                  f"the server is busy: every replica is generating and {max_queued} requests already wait "
@@ -300,16 +305,14 @@ class Api:
 
     @api.get("/jobs/{job_id}")
     async def status(self, job_id: str) -> JSONResponse:
-        job = await self._job(job_id)
-        if job is None:
-            return error(404, "RESOURCE_DOES_NOT_EXIST", f"no job {job_id} (unknown or expired)")
+        if (job := await self._job(job_id)) is None:
+            return no_job(job_id)
         return JSONResponse({"job_id": job_id, **await job.status.remote()})
 
     @api.get("/jobs/{job_id}/result")
     async def result(self, job_id: str) -> JSONResponse:
-        job = await self._job(job_id)
-        if job is None:
-            return error(404, "RESOURCE_DOES_NOT_EXIST", f"no job {job_id} (unknown or expired)")
+        if (job := await self._job(job_id)) is None:
+            return no_job(job_id)
         info = await job.status.remote()
         if info["state"] == "done":
             return JSONResponse({"predictions": await job.result.remote()})
@@ -320,9 +323,8 @@ class Api:
 
     @api.delete("/jobs/{job_id}")
     async def cancel(self, job_id: str) -> JSONResponse:
-        job = await self._job(job_id)
-        if job is None:
-            return error(404, "RESOURCE_DOES_NOT_EXIST", f"no job {job_id} (unknown or expired)")
+        if (job := await self._job(job_id)) is None:
+            return no_job(job_id)
         info = await job.cancel.remote()
         if info["state"] == "queued" and job_id in self.running:
             self.running[job_id].cancel()  # still in the queue: leave it now rather than when a replica frees
